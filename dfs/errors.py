@@ -1,0 +1,75 @@
+"""One error vocabulary for the wire, the CLI and the mount."""
+
+from __future__ import annotations
+
+import enum
+import errno
+
+
+class Code(enum.StrEnum):
+    ENOENT = "ENOENT"
+    EEXIST = "EEXIST"
+    ENOTEMPTY = "ENOTEMPTY"
+    ENOTDIR = "ENOTDIR"
+    EISDIR = "EISDIR"
+    EINVAL = "EINVAL"
+    ENAMETOOLONG = "ENAMETOOLONG"
+    ENOSPC = "ENOSPC"
+    EPERM = "EPERM"
+    ENODATA = "ENODATA"
+    ESTALE = "ESTALE"
+    CONFLICT = "CONFLICT"
+    UNAVAILABLE = "UNAVAILABLE"
+    BAD_REQUEST = "BAD_REQUEST"
+    AUTH = "AUTH"
+    CHECKSUM = "CHECKSUM"
+    TOO_BIG = "TOO_BIG"
+    INTERNAL = "INTERNAL"
+
+
+ERRNO: dict[Code, int] = {
+    Code.ENOENT: errno.ENOENT,
+    Code.EEXIST: errno.EEXIST,
+    Code.ENOTEMPTY: errno.ENOTEMPTY,
+    Code.ENOTDIR: errno.ENOTDIR,
+    Code.EISDIR: errno.EISDIR,
+    Code.EINVAL: errno.EINVAL,
+    Code.ENAMETOOLONG: errno.ENAMETOOLONG,
+    Code.ENOSPC: errno.ENOSPC,
+    Code.EPERM: errno.EPERM,
+    Code.ENODATA: errno.ENODATA,
+    Code.ESTALE: errno.ESTALE,
+    Code.CONFLICT: errno.EBUSY,
+    Code.UNAVAILABLE: errno.EIO,
+    Code.BAD_REQUEST: errno.EINVAL,
+    Code.AUTH: errno.EACCES,
+    Code.CHECKSUM: errno.EIO,
+    Code.TOO_BIG: errno.EFBIG,
+    Code.INTERNAL: errno.EIO,
+}
+
+
+class DfsError(Exception):
+    """An error with a wire code; what every layer raises and every boundary converts."""
+
+    def __init__(self, code: Code | str, msg: str = "") -> None:
+        try:
+            self.code = Code(code)
+        except ValueError:
+            self.code = Code.INTERNAL
+        self.msg = msg or self.code.value
+        super().__init__(f"{self.code.value}: {self.msg}")
+
+    @property
+    def errno(self) -> int:
+        return ERRNO[self.code]
+
+    def to_reply(self) -> dict:
+        return {"ok": False, "error": self.code.value, "msg": self.msg}
+
+
+def raise_for_reply(reply: dict) -> dict:
+    """Return a successful reply unchanged, raise DfsError for an error reply."""
+    if reply.get("ok"):
+        return reply
+    raise DfsError(reply.get("error", "INTERNAL"), str(reply.get("msg", "")))

@@ -1,0 +1,57 @@
+"""Failpoints (DESIGN.md §8): named places where tests make a process crash, fail or stall.
+
+DFS_FAILPOINTS="name=crash|error|delay:MS,..." arms them at import. With none armed a
+failpoint costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from dfs.errors import Code, DfsError
+
+log = logging.getLogger(__name__)
+
+NAMES = frozenset(
+    {
+        "coordinator.before_prepare",
+        "coordinator.before_decision",
+        "coordinator.after_decision",
+        "coordinator.mid_commit",
+        "node.after_stage",
+        "node.before_vote",
+        "node.before_commit_ack",
+    }
+)
+
+_armed: dict[str, str] = {}
+
+
+def arm(spec: str) -> None:
+    """Parse a DFS_FAILPOINTS value and arm what it names (replacing what was armed)."""
+    _armed.clear()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, action = item.partition("=")
+        if name not in NAMES:
+            raise ValueError(f"unknown failpoint {name!r}")
+        if action not in ("crash", "error") and not action.startswith("delay:"):
+            raise ValueError(f"bad failpoint action {action!r} for {name}")
+        _armed[name] = action
+
+
+async def failpoint(name: str) -> None:
+    action = _armed.get(name)
+    if action is None:
+        return
+    log.warning("failpoint %s fires: %s", name, action)
+    if action == "crash":
+        os._exit(137)
+    if action == "error":
+        raise DfsError(Code.INTERNAL, f"failpoint {name}")
+    await trio.sleep(int(action.split(":", 1)[1]) / 1000)
+
+
+arm(os.environ.get("DFS_FAILPOINTS", ""))

@@ -1,0 +1,400 @@
+"""Request/reply over frames: the authenticated handshake, a server loop and client pools.
+
+Handshake (DESIGN.md §4), both sides proving the cluster secret with HMAC-SHA256:
+  client -> {"op": "hello", "proto": 1, "nonce": Nc}
+  server <- {"ok": true, "proto": 1, "cluster": C, "nonce": Ns, "mac": H(K, "srv"|Nc|Ns|C)}
+  client -> {"op": "auth", "mac": H(K, "cli"|Ns|Nc|C)}
+  server <- {"ok": true}          (or AUTH, and the connection is closed)
+A connection carries one request at a time; a client keeps a pool of them per peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dfs.errors import Code, DfsError, raise_for_reply
+from dfs.wire import ConnectionClosed, FrameStream, FrameTooBig
+
+log = logging.getLogger(__name__)
+
+PROTO = 1
+HANDSHAKE_TIMEOUT = 5.0
+_OP = re.compile(r"^[a-z][a-z_]{0,39}$")
+
+
+def load_secret(path: str | Path | None) -> bytes:
+    if path is None:
+        raise DfsError(Code.AUTH, "no cluster secret: pass --secret-file or set DFS_SECRET_FILE")
+    try:
+        data = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise DfsError(Code.AUTH, f"cannot read secret file {path}: {e.strerror}") from None
+    if len(data) < 32:
+        raise DfsError(Code.AUTH, f"secret file {path} holds fewer than 32 bytes")
+    return data
+
+
+def _mac(secret: bytes, label: bytes, a: bytes, b: bytes, cluster: str) -> bytes:
+    return hmac.new(secret, label + a + b + cluster.encode(), hashlib.sha256).digest()
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise DfsError(Code.EINVAL, f"bad address {addr!r}: want HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Request:
+    """A decoded request with typed accessors: a missing or mistyped field is BAD_REQUEST."""
+
+    __slots__ = ("msg", "op", "peer")
+
+    def __init__(self, msg: dict[str, Any], peer: str) -> None:
+        self.msg = msg
+        self.op = msg.get("op")
+        self.peer = peer
+
+    def _get(self, key: str, types: tuple[type, ...], default: Any, required: bool) -> Any:
+        if key not in self.msg or self.msg[key] is None:
+            if required:
+                raise DfsError(Code.BAD_REQUEST, f"{self.op}: missing field {key!r}")
+            return default
+        value = self.msg[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise DfsError(Code.BAD_REQUEST, f"{self.op}: field {key!r} has the wrong type")
+        return value
+
+    def int(self, key: str, default: int | None = None, *, required: bool = True) -> Any:
+        value = self._get(key, (int,), default, required and default is None)
+        if value is not None and value < 0:
+            raise DfsError(Code.BAD_REQUEST, f"{self.op}: field {key!r} must not be negative")
+        return value
+
+    def opt_int(self, key: str) -> int | None:
+        return self.int(key, required=False)
+
+    def str(self, key: str, default: str | None = None, *, required: bool = True) -> Any:
+        return self._get(key, (str,), default, required and default is None)
+
+    def bytes(self, key: str, default: bytes | None = None, *, required: bool = True) -> Any:
+        return self._get(key, (bytes,), default, required and default is None)
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        return self._get(key, (bool,), default, False)
+
+    def list(self, key: str, default: list | None = None, *, required: bool = True) -> Any:
+        return self._get(key, (list,), default, required and default is None)
+
+    def dict(self, key: str, default: dict | None = None, *, required: bool = True) -> Any:
+        return self._get(key, (dict,), default, required and default is None)
+
+    def name(self, key: str = "name") -> bytes:
+        """A directory entry name (DESIGN.md §3): 1-255 bytes, no '/', no NUL, not . or .."""
+        value = self._get(key, (bytes, str), None, True)
+        raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+        if len(raw) > 255:
+            raise DfsError(Code.ENAMETOOLONG, f"name of {len(raw)} bytes (limit 255)")
+        if not raw or b"/" in raw or b"\0" in raw or raw in (b".", b".."):
+            raise DfsError(Code.EINVAL, f"invalid name {raw!r}")
+        return raw
+
+
+Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]
+
+
+class Service:
+    """Base of a server's request handlers: op "x" is served by method `op_x`."""
+
+    async def dispatch(self, req: Request) -> dict[str, Any] | None:
+        op = req.op
+        if not isinstance(op, str) or not _OP.match(op):
+            raise DfsError(Code.BAD_REQUEST, "missing or malformed op")
+        method = getattr(self, "op_" + op, None)
+        if method is None:
+            raise DfsError(Code.BAD_REQUEST, f"unknown op {op!r}")
+        return await method(req)
+
+
+# ---------------------------------------------------------------- server
+
+
+async def serve_connection(
+    stream: trio.abc.Stream,
+    service: Service,
+    secret: bytes,
+    cluster: Callable[[], str],
+    peer: str = "?",
+) -> None:
+    """Authenticate one connection, then answer its requests until it closes."""
+    frames = FrameStream(stream)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            if not await _server_handshake(frames, secret, cluster()):
+                return
+        while True:
+            try:
+                body = await frames.receive_body()
+            except FrameTooBig as e:
+                await frames.send({"id": None, **e.to_reply()})
+                return
+            reply = await _answer(body, service, peer)
+            await frames.send(reply)
+    except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    except trio.TooSlowError:
+        log.info("handshake from %s timed out", peer)
+    finally:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await frames.aclose()
+            except (trio.BrokenResourceError, OSError):
+                pass
+
+
+async def _answer(body: bytes, service: Service, peer: str) -> dict[str, Any]:
+    from dfs.wire import decode
+
+    rid = None
+    try:
+        msg = decode(body)
+        rid = msg.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            rid = None
+        result = await service.dispatch(Request(msg, peer))
+        reply = {"ok": True}
+        if result:
+            reply.update(result)
+    except DfsError as e:
+        reply = e.to_reply()
+    except Exception:
+        log.exception("internal error serving a request from %s", peer)
+        reply = DfsError(Code.INTERNAL, "internal error (see the server's log)").to_reply()
+    reply["id"] = rid
+    return reply
+
+
+async def _server_handshake(frames: FrameStream, secret: bytes, cluster: str) -> bool:
+    try:
+        hello = await frames.receive()
+    except DfsError as e:
+        await frames.send(e.to_reply())
+        return False
+    if hello.get("op") != "hello" or not isinstance(hello.get("nonce"), bytes):
+        await frames.send(DfsError(Code.BAD_REQUEST, "expected hello").to_reply())
+        return False
+    if hello.get("proto") != PROTO:
+        await frames.send(
+            DfsError(Code.BAD_REQUEST, f"protocol {hello.get('proto')!r}, want {PROTO}").to_reply()
+        )
+        return False
+    nonce = os.urandom(16)
+    mac = _mac(secret, b"srv", hello["nonce"], nonce, cluster)
+    await frames.send({"ok": True, "proto": PROTO, "cluster": cluster, "nonce": nonce, "mac": mac})
+    try:
+        auth = await frames.receive()
+    except DfsError as e:
+        await frames.send(e.to_reply())
+        return False
+    want = _mac(secret, b"cli", nonce, hello["nonce"], cluster)
+    got = auth.get("mac")
+    if auth.get("op") != "auth" or not isinstance(got, bytes) or not hmac.compare_digest(got, want):
+        await frames.send(DfsError(Code.AUTH, "authentication failed").to_reply())
+        return False
+    await frames.send({"ok": True})
+    return True
+
+
+async def serve(
+    service: Service,
+    host: str,
+    port: int,
+    secret: bytes,
+    cluster: Callable[[], str],
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve forever; task_status.started() gets the listeners (to learn an OS-picked port)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            name = f"{host}:{port}"
+        except OSError:
+            name = "?"
+        await serve_connection(stream, service, secret, cluster, name)
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners)
+    await trio.serve_listeners(handle, listeners)
+
+
+# ---------------------------------------------------------------- client
+
+
+class Connection:
+    """One authenticated client connection."""
+
+    def __init__(self, frames: FrameStream, cluster: str) -> None:
+        self.frames = frames
+        self.cluster = cluster
+        self._ids = itertools.count(1)
+
+    async def call(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        rid = next(self._ids)
+        await self.frames.send({"op": op, "id": rid, **fields})
+        reply = await self.frames.receive()
+        if reply.get("id") != rid:
+            raise ConnectionClosed(f"reply id {reply.get('id')!r} for request {rid}")
+        return reply
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.frames.aclose()
+            except (trio.BrokenResourceError, OSError):
+                pass
+
+
+async def connect(
+    address: str, secret: bytes, expect_cluster: str | None = None, timeout: float = 5.0
+) -> Connection:
+    host, port = parse_address(address)
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        frames = FrameStream(stream)
+        try:
+            nonce = os.urandom(16)
+            await frames.send({"op": "hello", "proto": PROTO, "nonce": nonce})
+            hello = raise_for_reply(await frames.receive())
+            cluster = hello.get("cluster")
+            snonce = hello.get("nonce")
+            if not isinstance(cluster, str) or not isinstance(snonce, bytes):
+                raise DfsError(Code.BAD_REQUEST, "malformed handshake from server")
+            if not hmac.compare_digest(
+                _mac(secret, b"srv", nonce, snonce, cluster), hello.get("mac") or b""
+            ):
+                raise DfsError(Code.AUTH, f"{address} does not know the cluster secret")
+            if expect_cluster and cluster and cluster != expect_cluster:
+                raise DfsError(Code.AUTH, f"{address} belongs to cluster {cluster}")
+            await frames.send({"op": "auth", "mac": _mac(secret, b"cli", snonce, nonce, cluster)})
+            raise_for_reply(await frames.receive())
+        except BaseException:
+            await Connection(frames, "").aclose()
+            raise
+    return Connection(frames, cluster)
+
+
+_NETWORK_ERRORS = (
+    OSError,
+    ConnectionClosed,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
+class Peer:
+    """A pool of authenticated connections to one address."""
+
+    def __init__(
+        self,
+        address: str,
+        secret: bytes,
+        *,
+        expect_cluster: str | None = None,
+        max_connections: int = 32,
+        timeout: float = 10.0,
+    ) -> None:
+        self.address = address
+        self.secret = secret
+        self.expect_cluster = expect_cluster
+        self.timeout = timeout
+        self._idle: list[Connection] = []
+        self._slots = trio.Semaphore(max_connections)
+        self.cluster: str | None = None
+
+    async def call(
+        self,
+        op: str,
+        *,
+        timeout: float | None = None,
+        retry_for: float = 0.0,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Send one request; raise DfsError for an error reply.
+
+        A network failure or timeout is UNAVAILABLE. With retry_for > 0 (idempotent requests
+        only) network failures are retried with backoff for up to that many seconds.
+        """
+        deadline = trio.current_time() + retry_for
+        delay = 0.05
+        while True:
+            try:
+                return raise_for_reply(await self._call_once(op, fields, timeout or self.timeout))
+            except DfsError as e:
+                if e.code != Code.UNAVAILABLE or trio.current_time() + delay > deadline:
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _call_once(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
+            try:
+                with trio.fail_after(timeout):
+                    if conn is None:
+                        conn = await connect(self.address, self.secret, self.expect_cluster)
+                        self.cluster = conn.cluster
+                    reply = await conn.call(op, fields)
+            except _NETWORK_ERRORS as e:
+                if conn is not None:
+                    await conn.aclose()
+                raise DfsError(
+                    Code.UNAVAILABLE, f"{self.address}: {type(e).__name__} {e}".strip()
+                ) from None
+            except BaseException:
+                if conn is not None:
+                    await conn.aclose()
+                raise
+            self._idle.append(conn)
+            return reply
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+
+
+class Peers:
+    """Pools for every address a process talks to."""
+
+    def __init__(self, secret: bytes, **peer_options: Any) -> None:
+        self.secret = secret
+        self.options = peer_options
+        self._peers: dict[str, Peer] = {}
+
+    def __getitem__(self, address: str) -> Peer:
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = Peer(address, self.secret, **self.options)
+        return peer
+
+    async def aclose(self) -> None:
+        for peer in self._peers.values():
+            await peer.aclose()

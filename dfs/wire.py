@@ -1,0 +1,82 @@
+"""Frames on the wire (DESIGN.md §4): a 4-byte big-endian length, then one msgpack map.
+
+The length is checked against the limit before a byte of the body is read or allocated.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import trio
+
+from dfs.errors import Code, DfsError
+
+MAX_FRAME = 8 * 1024 * 1024
+_LEN = struct.Struct(">I")
+_READ_SIZE = 256 * 1024
+
+
+class FrameTooBig(DfsError):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(Code.TOO_BIG, f"frame of {size} bytes exceeds the limit of {limit}")
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the stream (cleanly, between frames, or in the middle of one)."""
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Decode one frame body; anything but a msgpack map with a str "op" or "ok" is BAD_REQUEST."""
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise DfsError(Code.BAD_REQUEST, f"undecodable frame: {type(e).__name__}") from None
+    if not isinstance(msg, dict):
+        raise DfsError(Code.BAD_REQUEST, "a frame must be a msgpack map")
+    return msg
+
+
+class FrameStream:
+    """Reads and writes frames on a trio stream, buffering what the peer sent ahead."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = MAX_FRAME) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._send_lock = trio.Lock()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        data = encode(msg)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            chunk = await self.stream.receive_some(max(_READ_SIZE, n - len(self._buf)))
+            if not chunk:
+                raise ConnectionClosed()
+            self._buf += chunk
+
+    async def receive_body(self) -> bytes:
+        """One frame's raw body. Raises FrameTooBig before reading an over-long body."""
+        await self._fill(4)
+        (size,) = _LEN.unpack_from(self._buf)
+        if size > self.max_frame:
+            raise FrameTooBig(size, self.max_frame)
+        await self._fill(4 + size)
+        body = bytes(self._buf[4 : 4 + size])
+        del self._buf[: 4 + size]
+        return body
+
+    async def receive(self) -> dict[str, Any]:
+        return decode(await self.receive_body())
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
