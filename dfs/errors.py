@@ -52,7 +52,8 @@ ERRNO: dict[Code, int] = {
 class DfsError(Exception):
     """An error with a wire code; what every layer raises and every boundary converts."""
 
-    def __init__(self, code: Code | str, msg: str = "") -> None:
+    def __init__(self, code: Code | str, msg: str = "", **details: object) -> None:
+        self.details = details
         try:
             self.code = Code(code)
         except ValueError:
@@ -65,11 +66,12 @@ class DfsError(Exception):
         return ERRNO[self.code]
 
     def to_reply(self) -> dict:
-        return {"ok": False, "error": self.code.value, "msg": self.msg}
+        return {**self.details, "ok": False, "error": self.code.value, "msg": self.msg}
 
 
 def raise_for_reply(reply: dict) -> dict:
     """Return a successful reply unchanged, raise DfsError for an error reply."""
     if reply.get("ok"):
         return reply
-    raise DfsError(reply.get("error", "INTERNAL"), str(reply.get("msg", "")))
+    details = {k: v for k, v in reply.items() if k not in ("ok", "error", "msg", "id")}
+    raise DfsError(reply.get("error", "INTERNAL"), str(reply.get("msg", "")), **details)
