@@ -1,0 +1,176 @@
+"""The frame codec, the authenticated handshake and the server's handling of bad input (I5)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from dfs import rpc
+from dfs.errors import Code, DfsError
+from dfs.wire import MAX_FRAME, ConnectionClosed, FrameStream, encode
+
+SECRET = b"s" * 40
+
+
+class Echo(rpc.Service):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def op_echo(self, req: rpc.Request) -> dict:
+        reply = {"text": req.str("text"), "n": req.int("n", 0)}
+        self.calls += 1
+        return reply
+
+    async def op_name(self, req: rpc.Request) -> dict:
+        return {"name": req.name()}
+
+    async def op_boom(self, req: rpc.Request) -> dict:
+        raise RuntimeError("a bug")
+
+
+@pytest.fixture
+async def server(nursery):
+    service = Echo()
+    listeners = await nursery.start(rpc.serve, service, "127.0.0.1", 0, SECRET, lambda: "c1")
+    port = listeners[0].socket.getsockname()[1]
+    return service, f"127.0.0.1:{port}"
+
+
+async def raw_connect(address: str) -> trio.SocketStream:
+    host, port = rpc.parse_address(address)
+    return await trio.open_tcp_stream(host, port)
+
+
+async def authed_frames(address: str) -> FrameStream:
+    """A handshaken raw connection, for sending hand-made frames after auth."""
+    conn = await rpc.connect(address, SECRET)
+    return conn.frames
+
+
+async def test_round_trip_and_cluster_id(server) -> None:
+    _, address = server
+    peer = rpc.Peer(address, SECRET)
+    assert (await peer.call("echo", text="hi", n=3))["text"] == "hi"
+    assert peer.cluster == "c1"
+    await peer.aclose()
+
+
+async def test_wrong_secret_gets_auth_and_server_keeps_serving(server) -> None:
+    _, address = server
+    with pytest.raises(DfsError) as e:
+        await rpc.connect(address, b"x" * 40)
+    assert e.value.code is Code.AUTH
+    # A client that skips verifying the server and sends a wrong MAC gets AUTH and a close.
+    frames = FrameStream(await raw_connect(address))
+    await frames.send({"op": "hello", "proto": rpc.PROTO, "nonce": b"n" * 16})
+    assert (await frames.receive())["ok"]
+    await frames.send({"op": "auth", "mac": b"\0" * 32})
+    reply = await frames.receive()
+    assert reply["error"] == "AUTH"
+    with pytest.raises((ConnectionClosed, trio.BrokenResourceError)):
+        await frames.receive()
+    peer = rpc.Peer(address, SECRET)
+    assert (await peer.call("echo", text="still up"))["text"] == "still up"
+
+
+async def test_requests_before_auth_are_refused(server) -> None:
+    service, address = server
+    frames = FrameStream(await raw_connect(address))
+    await frames.send({"op": "echo", "id": 1, "text": "sneaky"})
+    reply = await frames.receive()
+    assert not reply["ok"] and service.calls == 0
+
+
+async def test_server_refuses_wrong_protocol_version(server) -> None:
+    _, address = server
+    frames = FrameStream(await raw_connect(address))
+    await frames.send({"op": "hello", "proto": 99, "nonce": b"n" * 16})
+    reply = await frames.receive()
+    assert reply["error"] == "BAD_REQUEST" and "protocol" in reply["msg"]
+
+
+async def test_expect_cluster_mismatch_is_auth(server) -> None:
+    _, address = server
+    with pytest.raises(DfsError) as e:
+        await rpc.connect(address, SECRET, expect_cluster="other")
+    assert e.value.code is Code.AUTH
+
+
+async def test_garbage_unknown_op_missing_fields_and_bugs_get_errors(server) -> None:
+    service, address = server
+    frames = await authed_frames(address)
+    body = b"\xc1\xc1garbage"
+    await frames.stream.send_all(struct.pack(">I", len(body)) + body)
+    assert (await frames.receive())["error"] == "BAD_REQUEST"
+    await frames.stream.send_all(encode({"op": "nope", "id": 2}))
+    reply = await frames.receive()
+    assert reply == {"ok": False, "error": "BAD_REQUEST", "msg": "unknown op 'nope'", "id": 2}
+    await frames.stream.send_all(encode({"op": "echo", "id": 3}))
+    assert (await frames.receive())["error"] == "BAD_REQUEST"
+    await frames.stream.send_all(encode({"op": "echo", "id": 4, "text": 5}))
+    assert (await frames.receive())["error"] == "BAD_REQUEST"
+    await frames.stream.send_all(encode({"op": "echo", "id": 5, "text": "x", "n": -1}))
+    assert (await frames.receive())["error"] == "BAD_REQUEST"
+    body = msgpack.packb([1, 2, 3])
+    await frames.stream.send_all(struct.pack(">I", len(body)) + body)
+    assert (await frames.receive())["error"] == "BAD_REQUEST"
+    await frames.stream.send_all(encode({"op": "boom", "id": 6}))
+    reply = await frames.receive()
+    assert reply["error"] == "INTERNAL" and "a bug" not in reply["msg"]
+    await frames.stream.send_all(encode({"op": "echo", "id": 7, "text": "ok"}))
+    assert (await frames.receive())["text"] == "ok"
+    assert service.calls == 1, "only the well-formed echo was served"
+
+
+@pytest.mark.parametrize(
+    "name, code",
+    [(b"a/b", "EINVAL"), (b"a\0b", "EINVAL"), (b"..", "EINVAL"), (b".", "EINVAL"),
+     (b"", "EINVAL"), (b"x" * 256, "ENAMETOOLONG")],
+)
+async def test_bad_names_are_refused(server, name: bytes, code: str) -> None:
+    _, address = server
+    peer = rpc.Peer(address, SECRET)
+    with pytest.raises(DfsError) as e:
+        await peer.call("name", name=name)
+    assert e.value.code.value == code
+    assert (await peer.call("name", name=b"x" * 255))["name"] == b"x" * 255
+
+
+async def test_frame_over_the_limit_is_refused_before_reading_it(server) -> None:
+    _, address = server
+    frames = await authed_frames(address)
+    # Announce a huge frame but send only the header: the server must answer at once.
+    await frames.stream.send_all(struct.pack(">I", MAX_FRAME + 1))
+    with trio.fail_after(5):
+        reply = await frames.receive()
+    assert reply["error"] == "TOO_BIG"
+    with pytest.raises((ConnectionClosed, trio.BrokenResourceError)):
+        await frames.receive()
+    peer = rpc.Peer(address, SECRET)
+    assert (await peer.call("echo", text="after"))["text"] == "after"
+
+
+async def test_peer_reports_unavailable_for_a_dead_address() -> None:
+    with trio.socket.socket() as s:
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = rpc.Peer(f"127.0.0.1:{port}", SECRET, timeout=2)
+    with pytest.raises(DfsError) as e:
+        await peer.call("echo", text="x")
+    assert e.value.code is Code.UNAVAILABLE
+
+
+def test_secret_file_rules(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("abc")
+    with pytest.raises(DfsError):
+        rpc.load_secret(short)
+    with pytest.raises(DfsError):
+        rpc.load_secret(tmp_path / "missing")
+    good = tmp_path / "good"
+    good.write_text("a" * 64 + "\n")
+    assert rpc.load_secret(good) == b"a" * 64
