@@ -152,7 +152,8 @@ class CommitProtocol:
         if txn is None:
             return [ReplyError(txid, Code.UNAVAILABLE, f"transaction {txid} is unknown or aborted")]
         if txn.phase is not Phase.STAGING:
-            return [ReplyError(txid, Code.BAD_REQUEST, f"transaction {txid} is already committing")]
+            return []  # a duplicate request: the first one's reply answers it
+
         txn.phase = Phase.PREPARING
         return [SendPrepare(n, txid, size, checksum, nchunks) for n in txn.replicas]
 

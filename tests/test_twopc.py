@@ -96,11 +96,11 @@ def test_commit_of_unknown_txid_is_retryable_and_client_abort_sends_abort() -> N
     assert q.abort(7) == []
 
 
-def test_double_commit_request_is_refused() -> None:
+def test_duplicate_commit_request_changes_nothing() -> None:
     p = started()
     p.request_commit(7, 10, CK, 1)
-    reply = p.request_commit(7, 10, CK, 1)[0]
-    assert isinstance(reply, ReplyError) and reply.code is Code.BAD_REQUEST
+    assert p.request_commit(7, 10, CK, 1) == []
+    assert p.phase(7) is Phase.PREPARING
 
 
 def test_recover_resends_commit_to_unacked_replicas_only() -> None:
