@@ -131,6 +131,15 @@ class Database:
                 new_size = self.env.info()["map_size"] * 2
                 log.warning("LMDB map full; growing map to %d bytes", new_size)
                 self.env.set_mapsize(new_size)
+            except lmdb.Error as e:
+                # The outer commit failed (a full disk shows up as ENOSPC or, after a short
+                # write, EIO): nothing of the batch was written. Every request gets the error
+                # and the writer keeps serving; the environment stays usable.
+                log.error("LMDB write batch of %d failed: %s", len(batch), e)
+                for req in batch:
+                    req.result = None
+                    req.error = type(e)(*e.args)
+                return
         if any(r.durable and r.error is None for r in batch):
             self._sync()
 

@@ -309,6 +309,17 @@ _NETWORK_ERRORS = (
 )
 
 
+class PeerUnavailable(DfsError):
+    """UNAVAILABLE raised on this side: the request may or may not have reached the peer.
+
+    An error *reply* with code UNAVAILABLE is a plain DfsError; callers of a non-idempotent
+    request (a commit) need to tell the two apart to know whether to ask for the outcome.
+    """
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(Code.UNAVAILABLE, msg)
+
+
 class Peer:
     """A pool of authenticated connections to one address."""
 
@@ -365,9 +376,7 @@ class Peer:
             except _NETWORK_ERRORS as e:
                 if conn is not None:
                     await conn.aclose()
-                raise DfsError(
-                    Code.UNAVAILABLE, f"{self.address}: {type(e).__name__} {e}".strip()
-                ) from None
+                raise PeerUnavailable(f"{self.address}: {type(e).__name__} {e}".strip()) from None
             except BaseException:
                 if conn is not None:
                     await conn.aclose()

@@ -1,0 +1,121 @@
+"""The node store's on-disk layout (DESIGN.md §3), shared by the store and offline tools.
+
+- `blobs`:  blob id (u64 BE) -> msgpack {"state", "size", "checksum", "nchunks", "created"}
+- `chunks`: blob id (u64 BE) + chunk index (u32 BE) -> xxh3_64 digest (8 bytes) + chunk bytes
+- `meta`:   b"node_id" (u64 BE), b"cluster" (utf-8), b"format" (u32 BE, FORMAT_VERSION)
+
+Operators' tools and tests rely on this layout: change it only with a FORMAT_VERSION bump
+and a migration.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from dfs.db import Database
+from dfs.errors import Code, DfsError
+
+SUBDBS = ["blobs", "chunks", "meta"]
+FORMAT_VERSION = 1
+MAX_BLOB_ID = 2**64 - 1
+MAX_INDEX = 2**32 - 1
+DIGEST_LEN = 8
+CHECKSUM_LEN = 16
+
+_BLOB = struct.Struct(">Q")
+_CHUNK = struct.Struct(">QI")
+_U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+META_NODE_ID = b"node_id"
+META_CLUSTER = b"cluster"
+META_FORMAT = b"format"
+
+
+class BlobState(enum.StrEnum):
+    STAGED = "STAGED"
+    PREPARED = "PREPARED"
+    COMMITTED = "COMMITTED"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One `blobs` record; size/checksum/nchunks are None until the blob is prepared."""
+
+    blob: int
+    state: BlobState
+    size: int | None
+    checksum: bytes | None
+    nchunks: int | None
+    created: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "size": self.size,
+            "checksum": self.checksum,
+            "nchunks": self.nchunks,
+            "created": self.created,
+        }
+
+
+def blob_key(blob: int) -> bytes:
+    return _BLOB.pack(blob)
+
+
+def chunk_key(blob: int, index: int) -> bytes:
+    return _CHUNK.pack(blob, index)
+
+
+def parse_blob_key(key: bytes | memoryview) -> int:
+    return _BLOB.unpack(key)[0]
+
+
+def parse_chunk_key(key: bytes | memoryview) -> tuple[int, int]:
+    """(blob id, chunk index) of a `chunks` key."""
+    return _CHUNK.unpack(key)
+
+
+def pack_info(info: BlobInfo) -> bytes:
+    return msgpack.packb(info.to_wire(), use_bin_type=True)
+
+
+def unpack_info(blob: int, raw: bytes) -> BlobInfo:
+    rec = msgpack.unpackb(raw, raw=False)
+    return BlobInfo(
+        blob=blob,
+        state=BlobState(rec["state"]),
+        size=rec.get("size"),
+        checksum=rec.get("checksum"),
+        nchunks=rec.get("nchunks"),
+        created=float(rec.get("created") or 0.0),
+    )
+
+
+def check_blob_id(blob: int) -> None:
+    if not 0 <= blob <= MAX_BLOB_ID:
+        raise DfsError(Code.EINVAL, f"blob id {blob} out of range")
+
+
+def check_format(db: Database, readonly: bool) -> None:
+    """Refuse a data dir that holds another process's environment or a newer format."""
+    with db.env.begin() as txn:
+        names = {bytes(k).decode("utf-8", "replace") for k, _ in txn.cursor().iternext()}
+        raw = txn.get(META_FORMAT, db=db["meta"])
+    foreign = names - set(SUBDBS)
+    if foreign:
+        raise DfsError(
+            Code.EINVAL, f"{db.path} is not a node data dir (holds {', '.join(sorted(foreign))})"
+        )
+    if raw is not None:
+        version = _U32.unpack(raw)[0]
+        if version != FORMAT_VERSION:
+            raise DfsError(
+                Code.EINVAL, f"{db.path}: node store format {version}, want {FORMAT_VERSION}"
+            )
+    elif not readonly:
+        db.write_now(lambda txn: txn.put(META_FORMAT, _U32.pack(FORMAT_VERSION), db=db["meta"]))

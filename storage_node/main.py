@@ -1,0 +1,186 @@
+"""`dfs node`: options and the process entry point of a storage node.
+
+The CLI adds the global --coordinator / --secret-file options and calls `run(args)`;
+`main_node(argv)` is the same thing standalone (`python -m storage_node.main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+import lmdb
+import trio
+
+from dfs.errors import DfsError
+from dfs.rpc import load_secret, parse_address
+from storage_node.node import Node, NodeConfig
+from storage_node.store import BlobStore
+
+log = logging.getLogger("storage_node")
+
+LOCK_FILE = "node.lock"
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    """The node's own options (the CLI adds --coordinator and --secret-file globally)."""
+    parser.add_argument("--data", required=True, type=Path, help="data directory (LMDB env)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: the OS picks)"
+    )
+    parser.add_argument(
+        "--advertise", default=None, help="HOST:PORT others reach this node at (default: listen)"
+    )
+    parser.add_argument(
+        "--capacity",
+        type=_nonnegative_int,
+        default=None,
+        help="bytes this node may hold (default: what its filesystem has)",
+    )
+    parser.add_argument(
+        "--staged-timeout",
+        type=_positive_float,
+        default=300.0,
+        help="seconds after which an idle unprepared blob is dropped (default 300)",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_positive_float,
+        default=0.5,
+        help="seconds between heartbeats to the coordinator (default 0.5)",
+    )
+    parser.add_argument(
+        "--outcome-after",
+        type=_positive_float,
+        default=10.0,
+        help="seconds a prepared blob waits for its decision before asking (default 10)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """Validate options into a NodeConfig; DfsError (one line for the user) if they're wrong."""
+    parse_address(args.listen)
+    if args.advertise:
+        parse_address(args.advertise)
+    coordinator = getattr(args, "coordinator", None) or None
+    if coordinator:
+        parse_address(coordinator)
+    return NodeConfig(
+        data=Path(args.data),
+        secret=load_secret(getattr(args, "secret_file", None)),
+        listen=args.listen,
+        advertise=args.advertise,
+        coordinator=coordinator,
+        capacity=args.capacity,
+        staged_timeout=args.staged_timeout,
+        heartbeat=getattr(args, "heartbeat_interval", 0.5),
+        outcome_after=getattr(args, "outcome_after", 10.0),
+    )
+
+
+def lock_data_dir(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on the data dir for the process's life: one node per dir."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK_FILE, "ab")  # noqa: SIM115 - held until the process ends
+    except OSError as e:
+        raise DfsError("EINVAL", f"data dir {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DfsError("EINVAL", f"data dir {path} is in use by another node") from None
+    return handle
+
+
+async def run_node(config: NodeConfig) -> None:
+    """Run a node until SIGINT/SIGTERM; print the ready line once it serves."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        lock = lock_data_dir(config.data)
+        try:
+            store = await trio.to_thread.run_sync(
+                lambda: BlobStore.open(config.data, capacity=config.capacity)
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    address = await nursery.start(Node(config, store).run)
+                    print(f"dfs node listening on {address}", flush=True)
+                    async for signum in signals:
+                        log.info("%s: stopping", signal.Signals(signum).name)
+                        break
+                    nursery.cancel_scope.cancel()
+            finally:
+                store.close()
+        finally:
+            lock.close()
+
+
+def setup_logging() -> None:
+    level = os.environ.get("DFS_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _startup_error(exc: BaseException) -> BaseException | None:
+    """The one user-facing error inside exc (unwrapping nursery groups), if it is one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, DfsError | OSError | lmdb.Error):
+        return exc
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `dfs node` with parsed options; 0 after a clean stop, 1 on a startup error."""
+    setup_logging()
+    try:
+        config = config_from_args(args)
+        trio.run(run_node, config)
+    except BaseException as e:  # noqa: BLE001 - turned into one line, as §11 asks
+        err = _startup_error(e)
+        if err is None:
+            raise
+        msg = err.msg if isinstance(err, DfsError) else str(err)
+        print(f"dfs node: {msg}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main_node(argv: list[str] | None = None) -> int:
+    """Standalone entry point with the global options included."""
+    parser = argparse.ArgumentParser(prog="dfs node", description="run a dfs storage node")
+    add_node_arguments(parser)
+    parser.add_argument(
+        "--coordinator",
+        default=os.environ.get("DFS_COORDINATOR", "127.0.0.1:7700"),
+        help="coordinator HOST:PORT ('' for none)",
+    )
+    parser.add_argument("--secret-file", default=os.environ.get("DFS_SECRET_FILE"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main_node())

@@ -1,0 +1,217 @@
+"""A whole storage node: the store's writer, the server, the coordinator link and the
+participant's timers, all in one trio nursery.
+
+The node serves from the first second, with or without a coordinator: registration retries
+with backoff until the coordinator appears, and PREPARED blobs wait for their outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from dfs.errors import Code, DfsError
+from dfs.rpc import Peer, parse_address, serve
+from storage_node.participant import Participant
+from storage_node.server import NodeService
+from storage_node.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+REGISTER_BACKOFF_MAX = 5.0
+OUTCOME_TIMEOUT = 2.0
+
+
+@dataclass
+class NodeConfig:
+    data: Path
+    secret: bytes
+    listen: str = "127.0.0.1:0"
+    advertise: str | None = None
+    coordinator: str | None = None
+    capacity: int | None = None
+    staged_timeout: float = 300.0
+    heartbeat: float = 0.5
+    outcome_after: float = 10.0
+
+    @property
+    def tick(self) -> float:
+        """How often timeouts are checked: often enough for short test timeouts."""
+        return min(1.0, max(0.05, self.staged_timeout / 4))
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class CoordinatorLink:
+    """Registration, heartbeats every `heartbeat` seconds, and OUTCOME queries."""
+
+    def __init__(
+        self, peer: Peer, store: BlobStore, advertise: str, *, heartbeat: float = 0.5
+    ) -> None:
+        self.peer = peer
+        self.store = store
+        self.advertise = advertise
+        self.heartbeat = heartbeat
+        self.registered = trio.Event()
+        self._reachable: bool | None = None
+        self._last_error: Code | None = None
+
+    async def run(self) -> None:
+        """Register (again whenever the coordinator forgets us), then heartbeat, forever."""
+        delay = 0.1
+        while True:
+            try:
+                await self.register()
+            except DfsError as e:
+                self._note(False, e)
+            else:
+                if await self._heartbeat_until_refused():
+                    delay = 0.1  # it worked for a while: not a refusal loop
+            await trio.sleep(delay)
+            delay = min(delay * 2, REGISTER_BACKOFF_MAX)
+
+    async def register(self) -> None:
+        reply = await self.peer.call(
+            "register",
+            node_id=self.store.node_id,
+            address=self.advertise,
+            capacity=self.store.capacity(),
+            used=self.store.used(),
+            timeout=5.0,
+        )
+        node_id, cluster = reply.get("node_id"), reply.get("cluster")
+        if not isinstance(node_id, int) or node_id <= 0 or not isinstance(cluster, str):
+            raise DfsError(Code.BAD_REQUEST, f"malformed register reply {reply!r}")
+        if self.store.cluster and cluster != self.store.cluster:
+            raise DfsError(
+                Code.AUTH,
+                f"coordinator runs cluster {cluster}; this node is of {self.store.cluster}",
+            )
+        if (node_id, cluster) != (self.store.node_id, self.store.cluster):
+            await self.store.set_identity(node_id, cluster)
+        self.peer.expect_cluster = cluster
+        self._note(True)
+        log.info(
+            "registered as node %d of cluster %s (address %s)", node_id, cluster, self.advertise
+        )
+        self.registered.set()
+
+    async def _heartbeat_until_refused(self) -> bool:
+        """Beat until the coordinator answers with an error (it forgot or removed us).
+
+        Returns whether any beat was accepted first.
+        """
+        accepted = False
+        while True:
+            await trio.sleep(self.heartbeat)
+            try:
+                await self.peer.call(
+                    "heartbeat",
+                    node_id=self.store.node_id,
+                    capacity=self.store.capacity(),
+                    used=self.store.used(),
+                    timeout=max(2.0, 4 * self.heartbeat),
+                )
+            except DfsError as e:
+                if e.code == Code.UNAVAILABLE:
+                    self._note(False, e)
+                    continue
+                log.warning("heartbeat refused (%s); registering again", e)
+                return accepted
+            accepted = True
+            self._note(True)
+
+    async def outcome(self, txid: int) -> str:
+        reply = await self.peer.call("outcome", txid=txid, timeout=OUTCOME_TIMEOUT)
+        state = reply.get("state")
+        if not isinstance(state, str):
+            raise DfsError(Code.BAD_REQUEST, f"malformed outcome reply {reply!r}")
+        return state
+
+    def _note(self, reachable: bool, error: DfsError | None = None) -> None:
+        """Log changes of the coordinator's reachability, not every failed beat."""
+        code = error.code if error else None
+        if reachable == self._reachable and code == self._last_error:
+            return
+        self._reachable, self._last_error = reachable, code
+        if reachable:
+            log.info("coordinator %s reachable", self.peer.address)
+        else:
+            log.warning("coordinator %s unreachable: %s (retrying)", self.peer.address, error)
+
+
+class Node:
+    """Runs a storage node over an open BlobStore until cancelled."""
+
+    def __init__(self, config: NodeConfig, store: BlobStore) -> None:
+        self.config = config
+        self.store = store
+        self.participant = Participant(
+            staged_timeout=config.staged_timeout, outcome_after=config.outcome_after
+        )
+        self.service = NodeService(store, self.participant)
+        self.link: CoordinatorLink | None = None
+        self.address: str | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve; task_status.started() gets the bound HOST:PORT."""
+        peer: Peer | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.store.db.run_writer)
+                await self.service.restore()
+                host, port = parse_address(self.config.listen)
+                try:
+                    listeners = await nursery.start(
+                        partial(serve, self.service, host, port, self.config.secret, self._cluster)
+                    )
+                except OSError as e:
+                    raise DfsError(
+                        Code.EINVAL, f"cannot listen on {self.config.listen}: {e.strerror or e}"
+                    ) from None
+                port = listeners[0].socket.getsockname()[1]
+                self.address = join_address(host, port)
+                if self.config.coordinator:
+                    peer = Peer(
+                        self.config.coordinator,
+                        self.config.secret,
+                        expect_cluster=self.store.cluster or None,
+                        timeout=5.0,
+                    )
+                    advertise = self.config.advertise or self._default_advertise(host, port)
+                    self.link = CoordinatorLink(
+                        peer, self.store, advertise, heartbeat=self.config.heartbeat
+                    )
+                    nursery.start_soon(self.link.run)
+                nursery.start_soon(self._maintenance)
+                log.info("node listening on %s (data %s)", self.address, self.config.data)
+                task_status.started(self.address)
+        finally:
+            if peer is not None:
+                with trio.CancelScope(shield=True):
+                    await peer.aclose()
+
+    def _cluster(self) -> str:
+        return self.store.cluster
+
+    async def _maintenance(self) -> None:
+        ask = self.link.outcome if self.link else None
+        while True:
+            await self.service.maintain(ask)
+            await trio.sleep(self.config.tick)
+
+    def _default_advertise(self, host: str, port: int) -> str:
+        if host in ("0.0.0.0", "::", ""):
+            name = socket.gethostname()
+            log.warning(
+                "listening on all interfaces; advertising %s:%d (set --advertise)", name, port
+            )
+            return join_address(name, port)
+        return join_address(host, port)

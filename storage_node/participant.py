@@ -1,0 +1,262 @@
+"""The participant side of presumed-abort 2PC (DESIGN.md §5, rules 2, 4 and 5), sans-IO.
+
+A plain class in the style of h11: no sockets, clock or disk. The driver (storage_node.server)
+feeds it events and carries out the actions it returns against the BlobStore.
+
+Durable state (STAGED / PREPARED / COMMITTED) lives in the store, and the driver passes what
+the store holds (`stored`) with every event, so the two can never disagree. The participant
+keeps what the store doesn't: which txids were aborted (so a late PREPARE votes NO and a late
+STAGE is refused), when each STAGED txid was last active (to drop abandoned ones), which txid
+is being prepared right now, and when to ask the coordinator about a PREPARED txid whose
+outcome hasn't arrived (after a restart at once; otherwise after `outcome_after` seconds).
+COMMITTED is final and needs no memory: the store answers for it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from dfs.errors import Code, DfsError
+
+
+class TxState(enum.StrEnum):
+    STAGED = "STAGED"
+    PREPARED = "PREPARED"
+    COMMITTED = "COMMITTED"
+    ABORTED = "ABORTED"
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer ok: a YES vote, a commit/abort ack, a stored chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer with an error (for PREPARE: vote NO)."""
+
+    code: Code
+    msg: str
+
+    def error(self) -> DfsError:
+        return DfsError(self.code, self.msg)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreChunk:
+    """Write the chunk (unforced), then report `on_staged`."""
+
+    txid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForcePrepared:
+    """Verify the chunks and force PREPARED, then report `on_prepared` / `on_prepare_failed`."""
+
+    txid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForceCommitted:
+    """Force COMMITTED, then report `on_committed` (and ack, if a COMMIT asked for it)."""
+
+    txid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Delete the STAGED/PREPARED blob and its chunks (the store refuses COMMITTED ones)."""
+
+    txid: int
+
+
+@dataclass(frozen=True, slots=True)
+class AskOutcome:
+    """Ask the coordinator OUTCOME(txid), then report `on_outcome` / `on_outcome_failed`."""
+
+    txid: int
+
+
+Action = Reply | Refuse | StoreChunk | ForcePrepared | ForceCommitted | Drop | AskOutcome
+
+OUTCOMES = ("committed", "aborted", "inflight")
+
+
+@dataclass(slots=True)
+class _Tx:
+    state: TxState  # STAGED or PREPARED
+    active: float  # STAGED: last stage; PREPARED: when it became prepared
+    preparing: bool = False
+    next_ask: float = float("inf")
+    retry: float = 0.0
+
+
+class Participant:
+    """Per-txid decisions of one storage node."""
+
+    def __init__(
+        self,
+        *,
+        staged_timeout: float = 300.0,
+        outcome_after: float = 10.0,
+        outcome_retry_max: float = 10.0,
+        remember_aborted: int = 100_000,
+    ) -> None:
+        self.staged_timeout = staged_timeout
+        self.outcome_after = outcome_after
+        self.outcome_retry_max = outcome_retry_max
+        self.remember_aborted = remember_aborted
+        self._txns: dict[int, _Tx] = {}
+        self._aborted: OrderedDict[int, None] = OrderedDict()
+
+    # ------------------------------------------------------------ views
+
+    def state(self, txid: int) -> TxState | None:
+        """What this participant remembers of txid (None: nothing; ask the store)."""
+        if txid in self._aborted:
+            return TxState.ABORTED
+        tx = self._txns.get(txid)
+        return tx.state if tx else None
+
+    def in_flight(self) -> dict[int, TxState]:
+        return {txid: tx.state for txid, tx in self._txns.items()}
+
+    # ------------------------------------------------------------ restart
+
+    def restore(self, txid: int, stored: str, created: float, now: float) -> None:
+        """A blob found in the store at start: STAGED ages from `created`; PREPARED is asked
+        about at once (rule 4)."""
+        if stored == TxState.STAGED:
+            self._txns[txid] = _Tx(TxState.STAGED, active=created)
+        elif stored == TxState.PREPARED:
+            self._txns[txid] = _Tx(TxState.PREPARED, active=now, next_ask=now, retry=0.5)
+
+    # ------------------------------------------------------------ STAGE
+
+    def on_stage(self, txid: int, stored: str | None, now: float) -> StoreChunk | Refuse:
+        if txid in self._aborted:
+            return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
+        if stored in (TxState.PREPARED, TxState.COMMITTED):
+            return Refuse(Code.CONFLICT, f"blob {txid} is {stored}; staging refused")
+        tx = self._txns.get(txid)
+        if tx is None:
+            self._txns[txid] = _Tx(TxState.STAGED, active=now)
+        elif tx.preparing:
+            return Refuse(Code.CONFLICT, f"blob {txid} is being prepared; staging refused")
+        else:
+            tx.active = now
+        return StoreChunk(txid)
+
+    def on_staged(self, txid: int) -> Drop | None:
+        """The chunk is stored. An ABORT that overtook the write means it must go again."""
+        return Drop(txid) if txid in self._aborted else None
+
+    # ------------------------------------------------------------ PREPARE
+
+    def on_prepare(self, txid: int, stored: str | None, nchunks: int) -> ForcePrepared | Refuse:
+        """YES again for PREPARED/COMMITTED (the store checks the content matches); NO for
+        aborted or unknown txids (an empty blob, nchunks 0, needs nothing staged)."""
+        if stored in (TxState.PREPARED, TxState.COMMITTED):
+            return ForcePrepared(txid)
+        if txid in self._aborted:
+            return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
+        if stored is None and nchunks:
+            return Refuse(Code.ENOENT, f"blob {txid}: nothing staged")
+        tx = self._txns.setdefault(txid, _Tx(TxState.STAGED, active=0.0))
+        tx.preparing = True
+        return ForcePrepared(txid)
+
+    def on_prepared(self, txid: int, now: float) -> Reply:
+        """PREPARED is forced: vote YES, and ask the coordinator later if no decision comes."""
+        tx = self._txns.get(txid)
+        if tx is not None:
+            tx.preparing = False
+            if tx.state == TxState.STAGED:
+                tx.state = TxState.PREPARED
+                tx.active = now
+                tx.next_ask = now + self.outcome_after
+                tx.retry = 1.0
+        return Reply()
+
+    def on_prepare_failed(self, txid: int, now: float) -> None:
+        tx = self._txns.get(txid)
+        if tx is not None and tx.preparing:
+            tx.preparing = False
+            tx.active = now
+
+    # ------------------------------------------------------------ COMMIT
+
+    def on_commit(self, txid: int, stored: str | None) -> Reply | ForceCommitted | Refuse:
+        if stored == TxState.PREPARED:
+            return ForceCommitted(txid)
+        if stored == TxState.STAGED:
+            return Refuse(Code.CONFLICT, f"blob {txid} is not prepared")
+        if stored is None and txid in self._aborted:
+            return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
+        # COMMITTED, or unknown: committed long ago and since deleted by GC; ack again.
+        self._txns.pop(txid, None)
+        return Reply()
+
+    def on_committed(self, txid: int) -> Reply:
+        self._txns.pop(txid, None)
+        return Reply()
+
+    # ------------------------------------------------------------ ABORT
+
+    def on_abort(self, txid: int, stored: str | None) -> Drop | Refuse:
+        """Drop STAGED/PREPARED and remember the abort; never touch a COMMITTED blob."""
+        if stored == TxState.COMMITTED:
+            return Refuse(Code.CONFLICT, f"blob {txid} is committed; abort refused")
+        self._forget_as_aborted(txid)
+        return Drop(txid)
+
+    def on_deleted(self, txid: int) -> None:
+        """The blob was deleted (GC): nothing left to time out or ask about."""
+        self._txns.pop(txid, None)
+
+    # ------------------------------------------------------------ time and recovery
+
+    def on_tick(self, now: float) -> list[Drop | AskOutcome]:
+        """Drop STAGED txids idle for staged_timeout; ask about PREPARED ones that are due."""
+        actions: list[Drop | AskOutcome] = []
+        for txid, tx in list(self._txns.items()):
+            if tx.state == TxState.STAGED:
+                if not tx.preparing and now - tx.active > self.staged_timeout:
+                    self._forget_as_aborted(txid)
+                    actions.append(Drop(txid))
+            elif now >= tx.next_ask:
+                tx.next_ask = float("inf")  # until the answer (or its failure) is reported
+                actions.append(AskOutcome(txid))
+        return actions
+
+    def on_outcome(self, txid: int, outcome: str, now: float) -> ForceCommitted | Drop | None:
+        """The coordinator's answer: committed -> commit; aborted -> drop; else ask later."""
+        tx = self._txns.get(txid)
+        if tx is None or tx.state != TxState.PREPARED:
+            return None  # resolved meanwhile by a COMMIT or ABORT
+        if outcome == "committed":
+            return ForceCommitted(txid)
+        if outcome == "aborted":
+            self._forget_as_aborted(txid)
+            return Drop(txid)
+        self.on_outcome_failed(txid, now)
+        return None
+
+    def on_outcome_failed(self, txid: int, now: float) -> None:
+        """No answer (coordinator unreachable) or still in flight: ask again later."""
+        tx = self._txns.get(txid)
+        if tx is not None and tx.state == TxState.PREPARED:
+            tx.next_ask = now + tx.retry
+            tx.retry = min(max(tx.retry, 0.25) * 2, self.outcome_retry_max)
+
+    def _forget_as_aborted(self, txid: int) -> None:
+        self._txns.pop(txid, None)
+        self._aborted[txid] = None
+        self._aborted.move_to_end(txid)
+        while len(self._aborted) > self.remember_aborted:
+            self._aborted.popitem(last=False)

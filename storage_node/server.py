@@ -1,0 +1,255 @@
+"""The storage node's request handlers (docs/protocol.md, "Storage node ops").
+
+NodeService drives the sans-IO Participant: every control op reads the blob's stored state,
+asks the participant what to do, and carries the action out against the BlobStore. PREPARE,
+COMMIT, ABORT and the participant's own drops/outcome resolutions for one txid are
+serialized by a per-txid lock; STAGE is not (a client streams a blob's chunks in parallel) and
+is kept safe by the store instead (a staged chunk never changes; staging stops at PREPARED).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from dfs.chunks import CHUNK_SIZE
+from dfs.errors import Code, DfsError
+from dfs.failpoints import failpoint
+from dfs.rpc import Request, Service
+from storage_node.layout import CHECKSUM_LEN, MAX_BLOB_ID, MAX_INDEX, BlobState
+from storage_node.participant import (
+    OUTCOMES,
+    AskOutcome,
+    Drop,
+    ForceCommitted,
+    Participant,
+    Refuse,
+)
+from storage_node.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+MAX_IDS_PER_REQUEST = 10_000
+MAX_LIST = 10_000
+
+OutcomeAsker = Callable[[int], Awaitable[str]]
+
+
+def _blob_id(req: Request, key: str) -> int:
+    value = req.int(key)
+    if value > MAX_BLOB_ID:
+        raise DfsError(Code.BAD_REQUEST, f"{req.op}: field {key!r} exceeds 64 bits")
+    return value
+
+
+def _blob_ids(req: Request, key: str) -> list[int]:
+    values = req.list(key)
+    if len(values) > MAX_IDS_PER_REQUEST:
+        raise DfsError(Code.BAD_REQUEST, f"{req.op}: more than {MAX_IDS_PER_REQUEST} ids")
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_BLOB_ID:
+            raise DfsError(Code.BAD_REQUEST, f"{req.op}: {key!r} must hold blob ids")
+    return values
+
+
+class NodeService(Service):
+    """Op `x` -> `op_x`. `clock` is wall-clock seconds (blob `created` stamps are unix time)."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        participant: Participant,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.participant = participant
+        self.clock = clock
+        self._locks: dict[int, tuple[trio.Lock, list[int]]] = {}
+
+    @asynccontextmanager
+    async def _txn_lock(self, txid: int) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(txid, (trio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[txid]
+
+    def _stored(self, txid: int) -> str | None:
+        info = self.store.stat(txid)
+        return info.state.value if info else None
+
+    # ------------------------------------------------------------ 2PC ops
+
+    async def op_stage(self, req: Request) -> dict[str, Any]:
+        txid = _blob_id(req, "txid")
+        index = req.int("index")
+        data = req.bytes("data")
+        if index > MAX_INDEX:
+            raise DfsError(Code.BAD_REQUEST, "stage: index exceeds 32 bits")
+        if len(data) > CHUNK_SIZE:
+            raise DfsError(Code.BAD_REQUEST, f"stage: chunk larger than {CHUNK_SIZE} bytes")
+        action = self.participant.on_stage(txid, self._stored(txid), self.clock())
+        if isinstance(action, Refuse):
+            raise action.error()
+        await self.store.stage(txid, index, data)
+        if self.participant.on_staged(txid) is not None:
+            await self.drop(txid)
+            raise DfsError(Code.CONFLICT, f"transaction {txid} was aborted")
+        await failpoint("node.after_stage")
+        return {}
+
+    async def op_prepare(self, req: Request) -> dict[str, Any]:
+        txid = _blob_id(req, "txid")
+        size = req.int("size")
+        checksum = req.bytes("checksum")
+        nchunks = req.int("nchunks")
+        if len(checksum) != CHECKSUM_LEN:
+            raise DfsError(Code.BAD_REQUEST, f"prepare: checksum must be {CHECKSUM_LEN} bytes")
+        async with self._txn_lock(txid):
+            action = self.participant.on_prepare(txid, self._stored(txid), nchunks)
+            if isinstance(action, Refuse):
+                log.info("prepare %d: vote NO (%s)", txid, action.msg)
+                raise action.error()
+            try:
+                await self.store.prepare(txid, size, checksum, nchunks)
+            except BaseException as e:
+                self.participant.on_prepare_failed(txid, self.clock())
+                if isinstance(e, DfsError):
+                    log.info("prepare %d: vote NO (%s)", txid, e)
+                raise
+            self.participant.on_prepared(txid, self.clock())
+        await failpoint("node.before_vote")
+        return {}
+
+    async def op_commit(self, req: Request) -> dict[str, Any]:
+        txid = _blob_id(req, "txid")
+        async with self._txn_lock(txid):
+            action = self.participant.on_commit(txid, self._stored(txid))
+            if isinstance(action, Refuse):
+                raise action.error()
+            if isinstance(action, ForceCommitted):
+                await self.store.commit(txid)
+                self.participant.on_committed(txid)
+        await failpoint("node.before_commit_ack")
+        return {}
+
+    async def op_abort(self, req: Request) -> dict[str, Any]:
+        txid = _blob_id(req, "txid")
+        async with self._txn_lock(txid):
+            action = self.participant.on_abort(txid, self._stored(txid))
+            if isinstance(action, Refuse):
+                raise action.error()
+            await self.store.abort(txid)
+        return {}
+
+    # ------------------------------------------------------------ data and admin ops
+
+    async def op_read(self, req: Request) -> dict[str, Any]:
+        blob = _blob_id(req, "blob")
+        index = req.int("index")
+        if index > MAX_INDEX:
+            raise DfsError(Code.BAD_REQUEST, "read: index exceeds 32 bits")
+        data, digest = self.store.read_chunk(blob, index)
+        return {"data": data, "digest": digest}
+
+    async def op_stat(self, req: Request) -> dict[str, Any]:
+        out: dict[int, Any] = {}
+        for blob in _blob_ids(req, "blobs"):
+            info = self.store.stat(blob)
+            out[blob] = info.to_wire() if info else None
+        return {"blobs": out}
+
+    async def op_list(self, req: Request) -> dict[str, Any]:
+        after = min(req.int("after", 0), MAX_BLOB_ID)
+        limit = min(req.int("limit", 1000), MAX_LIST)
+        infos = self.store.list(after, limit)
+        return {"blobs": [[i.blob, i.state.value, i.size, i.checksum] for i in infos]}
+
+    async def op_delete(self, req: Request) -> dict[str, Any]:
+        blobs = _blob_ids(req, "blobs")
+        deleted = await self.store.delete(blobs)
+        for blob in blobs:
+            self.participant.on_deleted(blob)
+        return {"deleted": deleted}
+
+    async def op_node_info(self, req: Request) -> dict[str, Any]:
+        return {
+            "node_id": self.store.node_id,
+            "cluster": self.store.cluster,
+            "capacity": self.store.capacity(),
+            "used": self.store.used(),
+            "blobs": self.store.count(),
+        }
+
+    # ------------------------------------------------------------ recovery and timeouts
+
+    async def restore(self) -> int:
+        """Feed the participant every STAGED/PREPARED blob in the store (at start-up)."""
+        pending = await trio.to_thread.run_sync(self.store.pending)
+        now = self.clock()
+        for info in pending:
+            self.participant.restore(info.blob, info.state.value, info.created, now)
+        prepared = sum(1 for i in pending if i.state == BlobState.PREPARED)
+        if pending:
+            log.info("recovery: %d prepared, %d staged blobs", prepared, len(pending) - prepared)
+        return len(pending)
+
+    async def drop(self, txid: int) -> None:
+        """Carry out a participant's Drop (never drops a COMMITTED blob: the store refuses)."""
+        try:
+            async with self._txn_lock(txid):
+                await self.store.abort(txid)
+        except DfsError as e:
+            log.warning("dropping blob %d: %s", txid, e)
+
+    async def resolve(self, txid: int, outcome: str) -> None:
+        """The coordinator told us txid's outcome; commit or drop as the participant says."""
+        async with self._txn_lock(txid):
+            action = self.participant.on_outcome(txid, outcome, self.clock())
+            if isinstance(action, ForceCommitted):
+                await self.store.commit(txid)
+                self.participant.on_committed(txid)
+                log.info("recovery: blob %d committed", txid)
+            elif isinstance(action, Drop):
+                await self.store.abort(txid)
+                log.info("recovery: blob %d aborted, dropped", txid)
+
+    async def maintain(self, ask_outcome: OutcomeAsker | None) -> None:
+        """One round of timeouts: drop idle STAGED blobs, ask about unresolved PREPARED ones.
+
+        ask_outcome(txid) returns the coordinator's "committed"/"aborted"/"inflight" or
+        raises DfsError; None means there is no coordinator to ask.
+        """
+        reachable = ask_outcome is not None
+        for action in self.participant.on_tick(self.clock()):
+            if isinstance(action, Drop):
+                log.info("blob %d staged but idle too long: dropped", action.txid)
+                await self.drop(action.txid)
+            elif isinstance(action, AskOutcome):
+                txid = action.txid
+                if reachable and ask_outcome is not None:
+                    try:
+                        outcome = await ask_outcome(txid)
+                    except DfsError as e:
+                        log.info("outcome of %d unknown: %s", txid, e)
+                        reachable = e.code != Code.UNAVAILABLE  # don't wait on the rest
+                    else:
+                        if outcome in OUTCOMES:
+                            try:
+                                await self.resolve(txid, outcome)
+                                continue
+                            except DfsError as e:
+                                log.error("resolving %d as %s failed: %s", txid, outcome, e)
+                        else:
+                            log.warning("coordinator sent outcome %r for %d", outcome, txid)
+                self.participant.on_outcome_failed(txid, self.clock())

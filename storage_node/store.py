@@ -1,0 +1,424 @@
+"""The storage node's blob store: one LMDB environment in the layout of DESIGN.md §3
+(storage_node/layout.py spells it out).
+
+Every write goes through `Database.write` (the single group-committing writer task), so the
+store's write methods need `db.run_writer` running in the caller's nursery.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import trio
+
+from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest
+from dfs.chunks import nchunks as chunk_count
+from dfs.db import Database
+from dfs.errors import Code, DfsError
+from storage_node.layout import (
+    CHECKSUM_LEN,
+    DIGEST_LEN,
+    MAX_BLOB_ID,
+    MAX_INDEX,
+    META_CLUSTER,
+    META_NODE_ID,
+    SUBDBS,
+    U64,
+    BlobInfo,
+    BlobState,
+    blob_key,
+    check_blob_id,
+    check_format,
+    chunk_key,
+    pack_info,
+    parse_blob_key,
+    parse_chunk_key,
+    unpack_info,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Slack below which an LMDB write error counts as a full disk (LMDB reports a short write as EIO).
+_FULL_SLACK = 16 * 1024 * 1024
+# Blobs up to this size are verified on the trio thread at prepare.
+INLINE_VERIFY_MAX = 256 * 1024
+
+
+def default_map_size(path: Path) -> int:
+    """Size of the whole filesystem (at least 1 GiB): the map then never has to grow.
+
+    Growing the map (set_mapsize) is unsafe while another thread holds a read transaction,
+    and a node's prepares hash blobs in read transactions on worker threads.
+    """
+    probe = path if path.exists() else path.parent
+    try:
+        st = os.statvfs(probe)
+        total = st.f_blocks * st.f_frsize
+    except OSError:
+        total = 0
+    return max(1 << 30, -(-total // (1 << 30)) * (1 << 30))
+
+
+class BlobStore:
+    """Blobs of one storage node: stage, prepare, commit, abort, read, list, delete."""
+
+    def __init__(self, db: Database, *, capacity: int | None = None) -> None:
+        self.db = db
+        self.capacity_override = capacity
+        self._reserved = 0  # bytes of stages between their capacity check and their commit
+        self._node_id, self._cluster = self._read_identity()
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        capacity: int | None = None,
+        readonly: bool = False,
+        map_size: int | None = None,
+    ) -> BlobStore:
+        """Open (or, unless readonly, create) the store at path; DfsError(EINVAL) if unusable."""
+        path = Path(path)
+        if readonly and not (path / "data.mdb").is_file():
+            raise DfsError(Code.EINVAL, f"{path}: no node store here (no data.mdb)")
+        try:
+            db = Database(
+                path, SUBDBS, map_size=map_size or default_map_size(path), readonly=readonly
+            )
+        except (lmdb.Error, OSError) as e:
+            raise DfsError(Code.EINVAL, f"cannot open node store at {path}: {e}") from None
+        try:
+            check_format(db, readonly)
+        except BaseException:
+            db.close()
+            raise
+        return cls(db, capacity=capacity)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ identity (meta)
+
+    def _read_identity(self) -> tuple[int, str]:
+        def fn(txn: lmdb.Transaction) -> tuple[bytes | None, bytes | None]:
+            return (
+                txn.get(META_NODE_ID, db=self.db["meta"]),
+                txn.get(META_CLUSTER, db=self.db["meta"]),
+            )
+
+        raw_id, raw_cluster = self.db.read(fn)
+        node_id = U64.unpack(raw_id)[0] if raw_id else 0
+        return node_id, raw_cluster.decode() if raw_cluster else ""
+
+    @property
+    def node_id(self) -> int:
+        """The id the coordinator assigned at registration (0 before the first one)."""
+        return self._node_id
+
+    @property
+    def cluster(self) -> str:
+        """The cluster this node belongs to ("" before the first registration)."""
+        return self._cluster
+
+    async def set_identity(self, node_id: int, cluster: str) -> None:
+        def fn(txn: lmdb.Transaction) -> None:
+            txn.put(META_NODE_ID, U64.pack(node_id), db=self.db["meta"])
+            txn.put(META_CLUSTER, cluster.encode(), db=self.db["meta"])
+
+        await self._write(fn, durable=True)
+        self._node_id, self._cluster = node_id, cluster
+
+    # ------------------------------------------------------------ space
+
+    def used(self) -> int:
+        """Bytes of LMDB pages holding blobs, chunks and meta (freed pages don't count)."""
+
+        def fn(txn: lmdb.Transaction) -> int:
+            total = 0
+            for name in SUBDBS:
+                st = txn.stat(self.db[name])
+                pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+                total += pages * st["psize"]
+            return total
+
+        return self.db.read(fn)
+
+    def capacity(self) -> int:
+        """The --capacity override, or what is used plus what the filesystem has free."""
+        if self.capacity_override is not None:
+            return self.capacity_override
+        st = os.statvfs(self.db.path)
+        return self.used() + st.f_bavail * st.f_frsize
+
+    def count(self) -> int:
+        return self.db.read(lambda txn: txn.stat(self.db["blobs"])["entries"])
+
+    # ------------------------------------------------------------ writes
+
+    async def stage(self, blob: int, index: int, data: bytes) -> None:
+        """Store one chunk unforced. Re-staging identical bytes is a no-op; other bytes conflict."""
+        check_blob_id(blob)
+        if not 0 <= index <= MAX_INDEX:
+            raise DfsError(Code.EINVAL, f"chunk index {index} out of range")
+        if len(data) > CHUNK_SIZE:
+            raise DfsError(Code.EINVAL, f"chunk of {len(data)} bytes exceeds {CHUNK_SIZE}")
+        need = len(data) + DIGEST_LEN
+        if self.capacity_override is not None:
+            if self.used() + self._reserved + need > self.capacity_override:
+                raise DfsError(Code.ENOSPC, f"node full (capacity {self.capacity_override} bytes)")
+        bkey, ckey = blob_key(blob), chunk_key(blob, index)
+
+        def fn(txn: lmdb.Transaction) -> None:
+            raw = txn.get(bkey, db=self.db["blobs"])
+            if raw is None:
+                info = BlobInfo(blob, BlobState.STAGED, None, None, None, time.time())
+                txn.put(bkey, pack_info(info), db=self.db["blobs"])
+            elif (state := unpack_info(blob, raw).state) != BlobState.STAGED:
+                raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; staging refused")
+            value = chunk_digest(data) + data
+            old = txn.get(ckey, db=self.db["chunks"])
+            if old is None:
+                txn.put(ckey, value, db=self.db["chunks"])
+            elif old != value:
+                raise DfsError(
+                    Code.CONFLICT, f"chunk {index} of blob {blob} staged with other bytes"
+                )
+
+        self._reserved += need
+        try:
+            await self._write(fn, durable=False, need=need)
+        finally:
+            self._reserved -= need
+
+    async def prepare(self, blob: int, size: int, checksum: bytes, nchunks: int) -> BlobInfo:
+        """Verify every chunk and the whole-blob checksum, then force PREPARED (the YES vote).
+
+        Raises ENOENT (missing chunks), CHECKSUM (bad bytes), EINVAL (chunks that don't fit
+        size/nchunks) or CONFLICT (prepared with other content). Idempotent.
+        """
+        check_blob_id(blob)
+        if len(checksum) != CHECKSUM_LEN:
+            raise DfsError(Code.EINVAL, f"checksum must be {CHECKSUM_LEN} bytes")
+        if nchunks != chunk_count(size):
+            raise DfsError(Code.EINVAL, f"{nchunks} chunks cannot hold {size} bytes")
+        info = self.stat(blob)
+        if info is not None and info.state != BlobState.STAGED:
+            return _same_content(info, size, checksum, nchunks)
+        if info is None and nchunks:
+            raise DfsError(Code.ENOENT, f"blob {blob}: nothing staged")
+        if size <= INLINE_VERIFY_MAX:  # microseconds of hashing: cheaper than a thread hop
+            created = self._verify(blob, size, checksum, nchunks)
+        else:  # reading and hashing a large blob is long work: off the trio thread
+            created = await trio.to_thread.run_sync(self._verify, blob, size, checksum, nchunks)
+        now = time.time()
+
+        def fn(txn: lmdb.Transaction) -> BlobInfo:
+            raw = txn.get(blob_key(blob), db=self.db["blobs"])
+            if raw is None:
+                if nchunks:
+                    raise DfsError(Code.CONFLICT, f"blob {blob} was dropped while preparing")
+                start = now
+            else:
+                cur = unpack_info(blob, raw)
+                if cur.state != BlobState.STAGED:
+                    return _same_content(cur, size, checksum, nchunks)
+                # Chunks never change once staged and go only with their record; the same
+                # record (same created stamp) therefore still holds the bytes just verified.
+                if cur.created != created:
+                    raise DfsError(Code.CONFLICT, f"blob {blob} was re-staged while preparing")
+                start = cur.created
+            new = BlobInfo(blob, BlobState.PREPARED, size, checksum, nchunks, start)
+            txn.put(blob_key(blob), pack_info(new), db=self.db["blobs"])
+            return new
+
+        return await self._write(fn, durable=True)
+
+    def _verify(self, blob: int, size: int, checksum: bytes, nchunks: int) -> float | None:
+        """Check chunk digests, sizes and the xxh3_128 of the whole blob in one snapshot."""
+        prefix = blob_key(blob)
+        with self.db.env.begin(buffers=True) as txn:
+            raw = txn.get(prefix, db=self.db["blobs"])
+            created = unpack_info(blob, bytes(raw)).created if raw is not None else None
+            hasher = FileHasher()
+            expected = 0
+            cursor = txn.cursor(db=self.db["chunks"])
+            if cursor.set_range(prefix):
+                for key, value in cursor.iternext():
+                    if key[:8] != prefix:
+                        break
+                    index = parse_chunk_key(key)[1]
+                    if index != expected:
+                        raise DfsError(Code.ENOENT, f"blob {blob}: chunk {expected} missing")
+                    if index >= nchunks:
+                        raise DfsError(Code.EINVAL, f"blob {blob}: chunk {index} beyond {nchunks}")
+                    data = value[DIGEST_LEN:]
+                    want = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+                    if len(data) != want:
+                        raise DfsError(
+                            Code.EINVAL,
+                            f"blob {blob}: chunk {index} has {len(data)} bytes, want {want}",
+                        )
+                    if chunk_digest(data) != value[:DIGEST_LEN]:
+                        raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is corrupt")
+                    hasher.update(data)
+                    expected += 1
+            if expected != nchunks:
+                raise DfsError(Code.ENOENT, f"blob {blob}: chunk {expected} missing")
+            if hasher.size != size or hasher.digest() != checksum:
+                raise DfsError(Code.CHECKSUM, f"blob {blob}: checksum mismatch")
+        return created
+
+    async def commit(self, blob: int) -> BlobInfo:
+        """Force COMMITTED. Idempotent; a blob that was never prepared is CONFLICT."""
+
+        def fn(txn: lmdb.Transaction) -> BlobInfo:
+            raw = txn.get(blob_key(blob), db=self.db["blobs"])
+            if raw is None:
+                raise DfsError(Code.ENOENT, f"blob {blob} not here")
+            info = unpack_info(blob, raw)
+            if info.state == BlobState.STAGED:
+                raise DfsError(Code.CONFLICT, f"blob {blob} is not prepared")
+            if info.state == BlobState.PREPARED:
+                info = BlobInfo(
+                    blob, BlobState.COMMITTED, info.size, info.checksum, info.nchunks, info.created
+                )
+                txn.put(blob_key(blob), pack_info(info), db=self.db["blobs"])
+            return info
+
+        return await self._write(fn, durable=True)
+
+    async def abort(self, blob: int) -> bool:
+        """Drop a STAGED or PREPARED blob (unforced: presumed abort). Never a COMMITTED one."""
+
+        def fn(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(blob_key(blob), db=self.db["blobs"])
+            if raw is not None and unpack_info(blob, raw).state == BlobState.COMMITTED:
+                raise DfsError(Code.CONFLICT, f"blob {blob} is committed; abort refused")
+            return self._drop(txn, blob)
+
+        return await self._write(fn, durable=False)
+
+    async def delete(self, blobs: list[int]) -> int:
+        """Delete blobs in any state (GC of superseded versions); returns how many existed."""
+        for blob in blobs:
+            check_blob_id(blob)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            return sum(self._drop(txn, blob) for blob in blobs)
+
+        return await self._write(fn, durable=True)
+
+    def _drop(self, txn: lmdb.Transaction, blob: int) -> bool:
+        prefix = blob_key(blob)
+        existed = txn.delete(prefix, db=self.db["blobs"])
+        cursor = txn.cursor(db=self.db["chunks"])
+        if cursor.set_range(prefix):
+            while cursor.key()[:8] == prefix:
+                existed = True
+                if not cursor.delete():
+                    break
+        return existed
+
+    async def _write(
+        self, fn: Callable[[lmdb.Transaction], T], *, durable: bool, need: int = 0
+    ) -> T:
+        try:
+            return await self.db.write(fn, durable=durable)
+        except (lmdb.Error, OSError) as e:
+            if self._disk_full(e, need):
+                raise DfsError(Code.ENOSPC, f"disk full: {e}") from None
+            log.error("storage write failed: %s", e)
+            raise DfsError(Code.INTERNAL, f"storage error: {e}") from None
+
+    def _disk_full(self, e: BaseException, need: int) -> bool:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left" in text or "quota" in text.lower():
+            return True
+        try:
+            st = os.statvfs(self.db.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < need + _FULL_SLACK
+
+    # ------------------------------------------------------------ reads
+
+    def stat(self, blob: int) -> BlobInfo | None:
+        check_blob_id(blob)
+        raw = self.db.read(lambda txn: txn.get(blob_key(blob), db=self.db["blobs"]))
+        return unpack_info(blob, raw) if raw is not None else None
+
+    def read_chunk(self, blob: int, index: int) -> tuple[bytes, bytes]:
+        """(data, digest) of a prepared or committed blob's chunk, verified.
+
+        ENOENT: no such blob (deleted by GC: the client turns it into ESTALE) or not prepared;
+        EINVAL: index out of range; CHECKSUM: the stored bytes don't match their digest.
+        """
+        check_blob_id(blob)
+        if not 0 <= index <= MAX_INDEX:
+            raise DfsError(Code.EINVAL, f"chunk index {index} out of range")
+        with self.db.env.begin(buffers=True) as txn:
+            raw = txn.get(blob_key(blob), db=self.db["blobs"])
+            if raw is None:
+                raise DfsError(Code.ENOENT, f"blob {blob} not here")
+            info = unpack_info(blob, bytes(raw))
+            if info.state == BlobState.STAGED:
+                raise DfsError(Code.ENOENT, f"blob {blob} is not prepared")
+            if index >= (info.nchunks or 0):
+                raise DfsError(
+                    Code.EINVAL, f"blob {blob} has {info.nchunks} chunks, not {index + 1}"
+                )
+            value = txn.get(chunk_key(blob, index), db=self.db["chunks"])
+            if value is None or len(value) < DIGEST_LEN:
+                raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is missing")
+            digest, data = bytes(value[:DIGEST_LEN]), bytes(value[DIGEST_LEN:])
+        if chunk_digest(data) != digest:
+            log.error("blob %d chunk %d fails its checksum", blob, index)
+            raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is corrupt")
+        return data, digest
+
+    def list(self, after: int = 0, limit: int = 1000) -> list[BlobInfo]:
+        """Blobs with id > after, in id order, at most limit."""
+
+        def fn(txn: lmdb.Transaction) -> list[BlobInfo]:
+            out: list[BlobInfo] = []
+            if limit <= 0 or after >= MAX_BLOB_ID:
+                return out
+            cursor = txn.cursor(db=self.db["blobs"])
+            if not cursor.set_range(blob_key(after + 1)):
+                return out
+            for key, raw in cursor.iternext():
+                out.append(unpack_info(parse_blob_key(key), raw))
+                if len(out) >= limit:
+                    break
+            return out
+
+        return self.db.read(fn)
+
+    def pending(self) -> list[BlobInfo]:
+        """Every STAGED or PREPARED blob (a full scan: at start-up, on a worker thread)."""
+
+        def fn(txn: lmdb.Transaction) -> list[BlobInfo]:
+            out = []
+            for key, raw in txn.cursor(db=self.db["blobs"]).iternext():
+                info = unpack_info(parse_blob_key(key), raw)
+                if info.state != BlobState.COMMITTED:
+                    out.append(info)
+            return out
+
+        return self.db.read(fn)
+
+
+def _same_content(info: BlobInfo, size: int, checksum: bytes, nchunks: int) -> BlobInfo:
+    if (info.size, info.checksum, info.nchunks) != (size, checksum, nchunks):
+        raise DfsError(Code.CONFLICT, f"blob {info.blob} is {info.state} with other content")
+    return info
