@@ -109,39 +109,42 @@ class Database:
                         batch.append(self._recv.receive_nowait())
                     except trio.WouldBlock:
                         break
-                await trio.to_thread.run_sync(self._run_batch, batch)
+                while not await trio.to_thread.run_sync(self._run_batch, batch):
+                    # Grown here, on the trio thread between batches, where no read
+                    # transaction of this process is open (py-lmdb's rule for set_mapsize).
+                    new_size = self.env.info()["map_size"] * 2
+                    log.warning("LMDB map full; growing map to %d bytes", new_size)
+                    self.env.set_mapsize(new_size)
                 for req in batch:
                     req.done.set()
 
-    def _run_batch(self, batch: list[_Request]) -> None:
-        while True:
-            try:
-                with self.env.begin(write=True) as outer:
-                    for req in batch:
-                        req.error = None
-                        try:
-                            with self.env.begin(write=True, parent=outer) as inner:
-                                req.result = req.fn(inner)
-                        except lmdb.MapFullError:
-                            raise
-                        except Exception as e:  # noqa: BLE001 - handed back to the caller
-                            req.error = e
-                break
-            except lmdb.MapFullError:
-                new_size = self.env.info()["map_size"] * 2
-                log.warning("LMDB map full; growing map to %d bytes", new_size)
-                self.env.set_mapsize(new_size)
-            except lmdb.Error as e:
-                # The outer commit failed (a full disk shows up as ENOSPC or, after a short
-                # write, EIO): nothing of the batch was written. Every request gets the error
-                # and the writer keeps serving; the environment stays usable.
-                log.error("LMDB write batch of %d failed: %s", len(batch), e)
+    def _run_batch(self, batch: list[_Request]) -> bool:
+        """Write one batch; False when the map is full (nothing written; grow and retry)."""
+        try:
+            with self.env.begin(write=True) as outer:
                 for req in batch:
-                    req.result = None
-                    req.error = type(e)(*e.args)
-                return
+                    req.error = None
+                    try:
+                        with self.env.begin(write=True, parent=outer) as inner:
+                            req.result = req.fn(inner)
+                    except lmdb.MapFullError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - handed back to the caller
+                        req.error = e
+        except lmdb.MapFullError:
+            return False
+        except lmdb.Error as e:
+            # The outer commit failed (a full disk shows up as ENOSPC or, after a short
+            # write, EIO): nothing of the batch was written. Every request gets the error
+            # and the writer keeps serving; the environment stays usable.
+            log.error("LMDB write batch of %d failed: %s", len(batch), e)
+            for req in batch:
+                req.result = None
+                req.error = type(e)(*e.args)
+            return True
         if any(r.durable and r.error is None for r in batch):
             self._sync()
+        return True
 
     def _sync(self) -> None:
         try:

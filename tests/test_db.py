@@ -24,7 +24,7 @@ async def test_concurrent_writes_share_batches_and_all_land(db: Database, monkey
 
     def counting(batch):
         batches.append(len(batch))
-        real(batch)
+        return real(batch)
 
     monkeypatch.setattr(db, "_run_batch", counting)
 
