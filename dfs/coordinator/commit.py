@@ -1,0 +1,276 @@
+"""The 2PC driver: runs `dfs.twopc.CommitProtocol` against real nodes and the real log.
+
+It feeds the protocol events (BEGIN, COMMIT request, votes, acks, timeouts) and carries out
+the actions it returns: PREPARE/COMMIT/ABORT RPCs to the replicas (concurrently, each with a
+timeout), the forced decision write (the COMMITTED record and the inode switch in ONE
+`db.write`, so concurrent decisions share an fsync), the reply, and the lazy ENDED write.
+COMMIT delivery after the decision, redelivery until every replica acked (also after a
+restart), and aborting expired transactions live in `delivery.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lmdb
+import trio
+
+from dfs.chunks import nchunks as expected_nchunks
+from dfs.errors import Code, DfsError
+from dfs.failpoints import failpoint
+from dfs.meta import MetaStore, TxnRecord, TxnState
+from dfs.rpc import Peers
+from dfs.twopc import (
+    Action,
+    CommitProtocol,
+    Phase,
+    ReplyError,
+    ReplyOk,
+    SendAbort,
+    SendCommit,
+    SendPrepare,
+    WriteDecision,
+    WriteEnd,
+)
+
+from .config import CoordinatorConfig
+from .delivery import Delivery
+from .membership import Membership
+from .transactions import OpenTxn, TxidAllocator
+
+log = logging.getLogger(__name__)
+
+
+class CommitDriver(Delivery):
+    def __init__(self, store: MetaStore, membership: Membership, peers: Peers,
+                 config: CoordinatorConfig) -> None:
+        self.store = store
+        self.membership = membership
+        self.peers = peers
+        self.config = config
+        self.protocol = CommitProtocol()
+        self.open: dict[int, OpenTxn] = {}
+        self.txids = TxidAllocator(store, config.txid_block)
+        self._nursery: trio.Nursery | None = None
+        self._delivering: set[int] = set()
+        self._sends = trio.CapacityLimiter(128)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Recover owed COMMITs from the log, then run redelivery and expiry forever."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.recover()
+            nursery.start_soon(self.redeliver_loop)
+            nursery.start_soon(self.expiry_loop)
+            task_status.started()
+
+    def spawn(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None, "CommitDriver.run is not running"
+        self._nursery.start_soon(fn, *args)
+
+    # ------------------------------------------------------------ client requests
+
+    async def begin(self, ino: int, base_version: int | None, if_version: bool,
+                    exclude: list[int]) -> dict[str, Any]:
+        if if_version and base_version is None:
+            raise DfsError(Code.BAD_REQUEST, "begin: if_version needs base_version")
+        self._check_writable(self.store.db.read(lambda txn: self.store.namespace.inodes.get(
+            txn, ino)))
+        nodes = self.membership.place(self.store.replicas, exclude)
+        txid = await self.txids.allocate()
+        ids = [n.id for n in nodes]
+        self._apply_now(self.protocol.begin(txid, ids))
+        self.open[txid] = OpenTxn(txid, ino, base_version, if_version, ids)
+        return {"txid": txid, "replicas": [{"id": n.id, "address": n.address} for n in nodes]}
+
+    async def commit(self, txid: int, size: int, checksum: bytes, nchunks: int,
+                     mtime_ns: int | None) -> dict[str, Any]:
+        """Returns the new attr once the decision is durable; a retried COMMIT of the same
+        txid gets the same answer (it waits for the first, or finds the record)."""
+        txn = self.open.get(txid)
+        if txn is None:
+            record = self.store.db.read(lambda t: self.store.txnlog.get(t, txid))
+            if record is not None:
+                ns = self.store.namespace
+                return {"attr": self.store.db.read(lambda t: ns.getattr(t, record.ino))}
+            raise DfsError(Code.UNAVAILABLE, f"transaction {txid} is unknown or was aborted")
+        txn.touch()
+        if not txn.committing:
+            if len(checksum) != 16:
+                raise DfsError(Code.BAD_REQUEST, "commit: checksum must be 16 bytes (xxh3_128)")
+            if nchunks != expected_nchunks(size):
+                raise DfsError(Code.BAD_REQUEST,
+                               f"commit: {size} bytes are {expected_nchunks(size)} chunks, "
+                               f"not {nchunks}")
+            txn.size, txn.checksum, txn.nchunks, txn.mtime_ns = size, checksum, nchunks, mtime_ns
+            txn.committing = True
+            self.spawn(self._run_commit, txn)
+        return await txn.wait()
+
+    async def abort(self, txid: int) -> None:
+        txn = self.open.get(txid)
+        if txn is None or txn.committing:
+            return  # already settled, or too late: the commit's own outcome stands
+        self.open.pop(txid, None)
+        txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txid} was aborted by the client"))
+        await self._apply(self.protocol.abort(txid, "aborted by the client"))
+
+    def outcome(self, txid: int) -> str:
+        """Rule 4: the log first (committed), then this incarnation's memory (inflight), else
+        presumed abort. In that order: the record is durable before the protocol forgets the
+        txid is in flight, so no moment answers 'aborted' for a committing txid."""
+        if self.store.db.read(lambda txn: self.store.txnlog.get(txn, txid)) is not None:
+            return "committed"
+        if self.protocol.is_in_flight(txid):
+            return "inflight"
+        return "aborted"
+
+    # ------------------------------------------------------------ the commit
+
+    async def _run_commit(self, txn: OpenTxn) -> None:
+        try:
+            # Fail fast, before any PREPARE, when the namespace already says no.
+            inode = self.store.db.read(
+                lambda t: self.store.namespace.inodes.find(t, txn.ino))
+            if inode is None:
+                raise DfsError(Code.ENOENT, f"file {txn.ino} was deleted during the write")
+            self._check_writable(inode)
+            if txn.if_version and inode.version != txn.base_version:
+                raise DfsError(Code.CONFLICT, f"file {txn.ino} is at version {inode.version}, "
+                                              f"the write was based on {txn.base_version}")
+            await failpoint("coordinator.before_prepare")
+        except DfsError as e:
+            self.open.pop(txn.txid, None)
+            txn.settle(e)
+            await self._apply(self.protocol.abort(txn.txid, e.msg))
+            return
+        await self._apply(
+            self.protocol.request_commit(txn.txid, txn.size, txn.checksum, txn.nchunks))
+
+    async def _prepare_all(self, prepares: list[SendPrepare]) -> None:
+        async with trio.open_nursery() as nursery:
+            for action in prepares:
+                nursery.start_soon(self._prepare_one, action, nursery.cancel_scope)
+
+    async def _prepare_one(self, action: SendPrepare, scope: trio.CancelScope) -> None:
+        address = self.membership.address(action.node)
+        try:
+            if address is None:
+                raise DfsError(Code.UNAVAILABLE, f"node {action.node} is unknown")
+            await self.peers[address].call(
+                "prepare", timeout=self.config.vote_timeout, txid=action.txid, size=action.size,
+                checksum=action.checksum, nchunks=action.nchunks)
+        except DfsError as e:
+            await self._apply(self.protocol.vote(action.txid, action.node, False, e.code, e.msg))
+            if self.protocol.phase(action.txid) is None:
+                scope.cancel()  # aborted: the other votes no longer matter
+            return
+        await self._apply(self.protocol.vote(action.txid, action.node, True))
+
+    async def _decide(self, txid: int) -> None:
+        txn = self.open[txid]
+        try:
+            await failpoint("coordinator.before_decision")
+            now = time.time_ns()
+            record = TxnRecord(txid, TxnState.COMMITTED, txn.ino, txn.replicas, txn.size,
+                               txn.checksum, txn.base_version, decided_ns=now)
+            attr = await self.store.db.write(lambda t: self._write_decision(t, txn, record, now))
+        except DfsError as e:
+            await self._apply(self.protocol.decision_refused(txid, e.code, e.msg))
+            return
+        except Exception as e:  # a bug in the decision write: it rolled back, so abort
+            log.exception("decision write for txid %d failed", txid)
+            await self._apply(self.protocol.decision_refused(txid, Code.INTERNAL, repr(e)))
+            return
+        # The commit point has passed (rule 1). From here the write is never undone.
+        actions = self.protocol.decision_written(txid)
+        self.open.pop(txid, None)
+        nodes = [a.node for a in actions if isinstance(a, SendCommit)]
+        self._delivering.add(txid)
+        try:
+            await failpoint("coordinator.after_decision")
+            txn.settle({"attr": attr})
+        except DfsError as e:
+            txn.settle(e)  # like a lost reply: the write is durable all the same
+        self.spawn(self.deliver, txid, nodes, True)
+
+    def _write_decision(self, t: lmdb.Transaction, txn: OpenTxn, record: TxnRecord,
+                        now_ns: int) -> dict[str, Any]:
+        attr = self.store.namespace.install_version(
+            t, txn.ino, txn.txid, base_version=txn.base_version, if_version=txn.if_version,
+            size=txn.size, checksum=txn.checksum, replicas=txn.replicas,
+            mtime_ns=txn.mtime_ns, now_ns=now_ns)
+        self.store.txnlog.record_commit(t, record)
+        return attr
+
+    # ------------------------------------------------------------ actions
+
+    def _apply_now(self, actions: list[Action]) -> None:
+        if actions:
+            raise AssertionError(f"unexpected actions {actions}")
+
+    async def _apply(self, actions: list[Action]) -> None:
+        """Carry out the protocol's actions in order; sends that nobody waits for are spawned."""
+        prepares: list[SendPrepare] = []
+        commits: dict[int, list[int]] = {}
+        for action in actions:
+            if isinstance(action, SendPrepare):
+                prepares.append(action)
+            elif isinstance(action, SendCommit):
+                commits.setdefault(action.txid, []).append(action.node)
+            elif isinstance(action, SendAbort):
+                self.spawn(self.send_abort, action.node, action.txid)
+            elif isinstance(action, WriteDecision):
+                await self._decide(action.txid)
+            elif isinstance(action, WriteEnd):
+                await self.write_end(action.txid)
+            elif isinstance(action, ReplyError):
+                txn = self.open.pop(action.txid, None)
+                if txn is not None:
+                    # `failed` lets the client retry with those replicas excluded.
+                    txn.settle(DfsError(action.code, action.msg, failed=list(action.failed)))
+            elif isinstance(action, ReplyOk):
+                raise AssertionError("ReplyOk is handled by _decide")
+        for txid, nodes in commits.items():
+            if txid not in self._delivering:
+                self.spawn(self.deliver, txid, nodes, False)
+        if prepares:
+            await self._prepare_all(prepares)
+
+    @staticmethod
+    def _check_writable(inode: Any) -> None:
+        if not inode.is_reg:
+            raise DfsError(Code.EISDIR if inode.is_dir else Code.EINVAL,
+                           f"inode {inode.ino} is not a regular file")
+
+    # ------------------------------------------------------------ reporting
+
+    def committing_count(self) -> int:
+        return sum(1 for _, phase, _, _ in self.protocol.transactions()
+                   if phase in (Phase.COMMITTING, Phase.ENDING))
+
+    def txn_list(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        out: list[dict[str, Any]] = []
+        for txn in sorted(self.open.values(), key=lambda t: t.txid):
+            phase = self.protocol.phase(txn.txid)
+            out.append({"txid": txn.txid, "ino": txn.ino,
+                        "state": phase.value if phase else "aborted",
+                        "replicas": txn.replicas, "acked": [],
+                        "age_s": round(now - txn.begun, 3)})
+        # Committed, not ended: the protocol knows them all (recovery loaded the log's), so
+        # this costs point reads, not a scan of the ENDED records kept for retention.
+        now_ns = time.time_ns()
+        txnlog = self.store.txnlog
+        for txid, phase, replicas, acked in sorted(self.protocol.transactions()):
+            if phase not in (Phase.COMMITTING, Phase.ENDING):
+                continue
+            record = self.store.db.read(lambda t, txid=txid: txnlog.get(t, txid))
+            out.append({"txid": txid, "ino": record.ino if record else None,
+                        "state": "committed", "replicas": list(replicas),
+                        "acked": [n for n in replicas if n in acked],
+                        "age_s": round((now_ns - record.decided_ns) / 1e9, 3) if record else 0})
+        return out

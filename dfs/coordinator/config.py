@@ -1,0 +1,89 @@
+"""`dfs coordinator` options (DESIGN.md §11, docs/protocol.md timing defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dfs.rpc import parse_address
+
+DEFAULT_LISTEN = "127.0.0.1:7700"
+
+
+@dataclass
+class CoordinatorConfig:
+    """Every knob of a coordinator; tests shorten the timeouts."""
+
+    data: Path
+    listen: str = DEFAULT_LISTEN
+    replicas: int = 3  # used at first start only; then the stored R wins
+    node_timeout: float = 3.0  # no heartbeat this long: the node is down
+    vote_timeout: float = 5.0  # a PREPARE not answered this long is a NO
+    gc_grace: float = 60.0  # a superseded blob lives this long for readers still on it
+    txn_timeout: float = 120.0  # an open transaction whose client went silent is aborted
+    commit_retry_interval: float = 1.0  # re-send owed COMMITs this often
+    gc_interval: float = 1.0  # look for due GC entries this often
+    txn_retention: float = 60.0  # keep ENDED records this long, then purge
+    rpc_timeout: float = 10.0  # COMMIT, ABORT, delete calls to nodes
+    txid_block: int = 1024  # txids leased per forced write
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_address(self.listen)
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
+    return number
+
+
+def _replicas(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"replicas must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def _address(value: str) -> str:
+    try:
+        parse_address(value)
+    except Exception as e:  # DfsError with a readable message
+        raise argparse.ArgumentTypeError(str(getattr(e, "msg", e))) from None
+    return value
+
+
+def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dfs coordinator`; the CLI adds --secret-file globally."""
+    parser.add_argument("--data", required=True, type=Path, metavar="DIR",
+                        help="directory of the coordinator's LMDB environment")
+    parser.add_argument("--listen", type=_address, metavar="HOST:PORT",
+                        default=os.environ.get("DFS_COORDINATOR") or DEFAULT_LISTEN,
+                        help="address to serve on (default: $DFS_COORDINATOR or %(default)s)")
+    parser.add_argument("--replicas", type=_replicas, default=3, metavar="N",
+                        help="replicas per file, fixed at the cluster's first start")
+    parser.add_argument("--node-timeout", type=_positive, default=3.0, metavar="S",
+                        help="seconds without a heartbeat before a node is down")
+    parser.add_argument("--vote-timeout", type=_positive, default=5.0, metavar="S",
+                        help="seconds to wait for a PREPARE vote")
+    parser.add_argument("--gc-grace", type=_positive, default=60.0, metavar="S",
+                        help="seconds a superseded blob stays readable before deletion")
+    parser.add_argument("--txn-timeout", type=_positive, default=120.0, metavar="S",
+                        help="seconds of client silence before an open transaction aborts")
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        data=Path(args.data),
+        listen=args.listen,
+        replicas=args.replicas,
+        node_timeout=args.node_timeout,
+        vote_timeout=args.vote_timeout,
+        gc_grace=args.gc_grace,
+        txn_timeout=args.txn_timeout,
+    )

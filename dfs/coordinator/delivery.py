@@ -1,0 +1,193 @@
+"""After the decision: COMMIT delivery until every replica acked (rules 3 and 5), ABORTs, and
+the expiry of transactions whose client went silent. Mixed into CommitDriver."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from dfs.errors import Code, DfsError
+from dfs.failpoints import failpoint
+from dfs.meta import NodeState
+from dfs.twopc import Phase, SendCommit, WriteEnd
+
+if TYPE_CHECKING:
+    from .commit import CommitDriver
+    from .transactions import OpenTxn
+
+log = logging.getLogger(__name__)
+
+# Errors a later COMMIT/ABORT can get past; any other refusal is final.
+RETRYABLE = frozenset({Code.UNAVAILABLE, Code.INTERNAL})
+ABORT_ATTEMPTS = 3
+PROBE_TIMEOUT = 5.0
+
+
+class Delivery:
+    async def deliver(self: CommitDriver, txid: int, nodes: list[int], first_alone: bool
+                      ) -> None:
+        """Send COMMIT to `nodes`. After a fresh decision the first replica goes alone, then
+        the `coordinator.mid_commit` failpoint, then the others together."""
+        self._delivering.add(txid)
+        try:
+            rest = nodes
+            if first_alone and nodes:
+                await self._commit_one(txid, nodes[0])
+                rest = nodes[1:]
+                try:
+                    await failpoint("coordinator.mid_commit")
+                except DfsError:
+                    return  # the rest is left to redelivery
+            async with trio.open_nursery() as nursery:
+                for node in rest:
+                    nursery.start_soon(self._commit_one, txid, node)
+        finally:
+            self._delivering.discard(txid)
+        await self._persist_acks(txid)
+
+    async def _commit_one(self: CommitDriver, txid: int, node: int) -> None:
+        address = self.membership.address(node)
+        if address is None:
+            return
+        async with self._sends:
+            try:
+                await self.peers[address].call("commit", timeout=self.config.rpc_timeout,
+                                               txid=txid)
+            except DfsError as e:
+                if e.code in RETRYABLE:
+                    log.debug("COMMIT %d to node %d failed, will retry: %s", txid, node, e)
+                    return
+                # Retrying cannot help; the checker finds and repairs the replica.
+                log.error("node %d refused COMMIT of txid %d (%s); counting it as delivered",
+                          node, txid, e)
+        await self._apply(self.protocol.commit_acked(txid, node))
+
+    async def write_end(self: CommitDriver, txid: int) -> None:
+        """Every replica acked: ENDED, unforced (a lost ENDED only means COMMIT is re-sent)."""
+        log_ = self.store.txnlog
+        await self.store.db.write(lambda t: log_.end(t, txid, time.time_ns()), durable=False)
+        await self._apply(self.protocol.end_written(txid))
+
+    async def _persist_acks(self: CommitDriver, txid: int) -> None:
+        """Remember partial acks so a restart does not re-send to those replicas."""
+        if self.protocol.phase(txid) is not Phase.COMMITTING:
+            return
+        unacked = self.protocol.unacked(txid)
+        acked = [n for n in self.protocol.replicas(txid) if n not in unacked]
+        if acked:
+            log_ = self.store.txnlog
+            await self.store.db.write(lambda t: log_.ack(t, txid, acked, time.time_ns()),
+                                      durable=False)
+
+    async def send_abort(self: CommitDriver, node: int, txid: int) -> None:
+        """Best effort: a replica that misses the ABORT drops a STAGED blob on its own timeout
+        and asks OUTCOME about a PREPARED one (rule 4)."""
+        delay = 0.5
+        for attempt in range(ABORT_ATTEMPTS):
+            address = self.membership.address(node)
+            if address is None:
+                return
+            try:
+                async with self._sends:
+                    await self.peers[address].call("abort", timeout=self.config.rpc_timeout,
+                                                   txid=txid)
+                return
+            except DfsError as e:
+                if e.code not in RETRYABLE or attempt == ABORT_ATTEMPTS - 1:
+                    log.info("ABORT %d to node %d not delivered: %s", txid, node, e)
+                    return
+            await trio.sleep(delay)
+            delay *= 2
+
+    async def redeliver_loop(self: CommitDriver) -> None:
+        """Re-send owed COMMITs to replicas that are live again, until they ack (rule 3)."""
+        while True:
+            await trio.sleep(self.config.commit_retry_interval)
+            for txid, phase, _, _ in self.protocol.transactions():
+                if phase is not Phase.COMMITTING or txid in self._delivering:
+                    continue
+                nodes = [a.node for a in self.protocol.commit_retry(txid)
+                         if isinstance(a, SendCommit) and self.membership.is_live(a.node)]
+                if nodes:
+                    self.spawn(self.deliver, txid, nodes, False)
+
+    async def recover(self: CommitDriver) -> None:
+        """At start: every COMMITTED-not-ENDED record owes COMMITs; the redelivery loop sends
+        them as the replicas are heard from."""
+        records = self.store.db.read(self.store.txnlog.pending)
+        for record in records:
+            actions = self.protocol.recover(record.txid, record.replicas, record.acked)
+            await self._apply([a for a in actions if isinstance(a, WriteEnd)])
+        for node_id, node in self.membership.nodes.items():
+            if node.state is NodeState.REMOVED:
+                await self.forget_node(node_id)
+        if records:
+            log.info("recovery: %d committed transactions still owe COMMITs", len(records))
+
+    async def forget_node(self: CommitDriver, node_id: int) -> None:
+        """A removed node will never ack: count its COMMITs as delivered (re-replication of
+        its files is the checker's job)."""
+        for txid, phase, replicas, acked in self.protocol.transactions():
+            if phase is Phase.COMMITTING and node_id in replicas and node_id not in acked:
+                log.warning("txid %d: node %d was removed; not waiting for its COMMIT ack",
+                            txid, node_id)
+                await self._apply(self.protocol.commit_acked(txid, node_id))
+
+    # ------------------------------------------------------------ expiry
+
+    async def expiry_loop(self: CommitDriver) -> None:
+        interval = min(1.0, self.config.txn_timeout / 4)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for txn in list(self.open.values()):
+                if (not txn.committing and not txn.probing
+                        and now - txn.last_active > self.config.txn_timeout):
+                    txn.probing = True
+                    self.spawn(self._expire, txn)
+
+    async def _expire(self: CommitDriver, txn: OpenTxn) -> None:
+        """A client streaming a big file talks only to the nodes, so before aborting ask them
+        whether its blob grew since the last look; if it did, the client is alive."""
+        try:
+            progress = await self._probe(txn)
+        finally:
+            txn.probing = False
+        if progress is not None and progress != txn.progress:
+            txn.progress = progress
+            txn.touch()
+            return
+        if txn.committing or self.open.get(txn.txid) is not txn:
+            return
+        reason = f"client silent for {self.config.txn_timeout:g} s"
+        log.warning("transaction %d (ino %d) aborted: %s", txn.txid, txn.ino, reason)
+        self.open.pop(txn.txid, None)
+        txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txn.txid} expired: {reason}"))
+        await self._apply(self.protocol.abort(txn.txid, reason))
+
+    async def _probe(self: CommitDriver, txn: OpenTxn) -> Any:
+        seen: list[tuple[int, Any, Any]] = []
+
+        async def one(node: int) -> None:
+            address = self.membership.address(node)
+            if address is None:
+                return
+            try:
+                reply = await self.peers[address].call("stat", timeout=PROBE_TIMEOUT,
+                                                       blobs=[txn.txid])
+            except DfsError:
+                return
+            blobs = reply.get("blobs")
+            info = None
+            if isinstance(blobs, dict):
+                info = blobs.get(txn.txid, blobs.get(str(txn.txid)))
+            if isinstance(info, dict):
+                seen.append((node, info.get("size"), info.get("nchunks")))
+
+        async with trio.open_nursery() as nursery:
+            for node in txn.replicas:
+                nursery.start_soon(one, node)
+        return tuple(sorted(seen)) if seen else None

@@ -1,0 +1,105 @@
+"""`dfs coordinator`: open the store, serve until SIGINT/SIGTERM (DESIGN.md §11)."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+
+import lmdb
+import trio
+
+from dfs.errors import Code, DfsError
+from dfs.meta import MetaStore
+from dfs.rpc import load_secret
+
+from .config import CoordinatorConfig, config_from_args
+from .service import CoordinatorService
+
+log = logging.getLogger("dfs.coordinator")
+
+# Failures that are the operator's to fix (bad dir, port taken, no secret): one line, exit 1.
+STARTUP_ERRORS = (DfsError, OSError, lmdb.Error, ValueError)
+
+
+def setup_logging() -> None:
+    name = os.environ.get("DFS_LOG_LEVEL", "INFO").upper()
+    level = logging.getLevelName(name)
+    logging.basicConfig(
+        level=level if isinstance(level, int) else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _startup_error(exc: BaseException) -> BaseException | None:
+    """The operator-facing error inside exc (possibly an exception group), if that is all."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_startup_error(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(leaves) else None
+    return exc if isinstance(exc, STARTUP_ERRORS) else None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, DfsError):
+        return exc.msg
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return str(exc) or type(exc).__name__
+
+
+def lock_data_dir(config: CoordinatorConfig) -> int:
+    """One coordinator per data dir: a second one on the same LMDB would fork the cluster's
+    history. The lock dies with the process, so a crash never leaves it behind."""
+    config.data.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.data / "coordinator.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DfsError(Code.EEXIST, f"another coordinator is running on {config.data}") from None
+    return fd
+
+
+async def serve(store: MetaStore, config: CoordinatorConfig, secret: bytes) -> int:
+    async with trio.open_nursery() as nursery:
+        service = CoordinatorService(store, config, secret)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            address = await nursery.start(service.run)
+            print(f"dfs coordinator listening on {address}", flush=True)
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                break
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `dfs coordinator`; returns the exit status."""
+    setup_logging()
+    try:
+        config = config_from_args(args)
+        secret = load_secret(getattr(args, "secret_file", None)
+                             or os.environ.get("DFS_SECRET_FILE"))
+        lock_data_dir(config)
+        store = MetaStore.open(config.data, replicas=config.replicas,
+                               gc_grace_ns=int(config.gc_grace * 1e9))
+    except STARTUP_ERRORS as e:
+        print(f"dfs coordinator: {_describe(e)}", file=sys.stderr)
+        return 1
+    if store.replicas != config.replicas:
+        log.warning("this cluster keeps R=%d from its first start (--replicas %d ignored)",
+                    store.replicas, config.replicas)
+    try:
+        return trio.run(serve, store, config, secret)
+    except BaseException as e:
+        cause = _startup_error(e)
+        if cause is None:
+            raise
+        print(f"dfs coordinator: {_describe(cause)}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()

@@ -1,0 +1,130 @@
+"""Namespace op handlers (docs/protocol.md): each is one LMDB transaction.
+
+Reads run on the trio thread (LMDB reads are mmap lookups); writes go through the group-
+committing writer and are forced before the reply, so an acknowledged mkdir/rename/... is
+durable. Bad input is refused by the typed request accessors and the namespace's own checks
+before anything is written (I5).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dfs.meta import MetaStore
+from dfs.rpc import Request
+
+Reply = dict[str, Any]
+
+
+class NamespaceOps:
+    store: MetaStore
+
+    async def _write(self, fn: Any) -> Any:
+        now = time.time_ns()
+        return await self.store.db.write(lambda txn: fn(txn, now))
+
+    def _read(self, fn: Any) -> Any:
+        return self.store.db.read(fn)
+
+    # ------------------------------------------------------------ reads
+
+    async def op_getattr(self, req: Request) -> Reply:
+        ino = req.int("ino")
+        return {"attr": self._read(lambda t: self.store.namespace.getattr(t, ino))}
+
+    async def op_lookup(self, req: Request) -> Reply:
+        parent, name = req.int("parent"), req.name()
+        return {"attr": self._read(lambda t: self.store.namespace.lookup(t, parent, name))}
+
+    async def op_resolve(self, req: Request) -> Reply:
+        path = req.str("path")
+        return {"attr": self._read(lambda t: self.store.namespace.resolve(t, path))}
+
+    async def op_readdir(self, req: Request) -> Reply:
+        ino, after, limit = req.int("ino"), req.int("after", 0), req.int("limit", 256)
+        return {"entries": self._read(
+            lambda t: self.store.namespace.readdir(t, ino, after, limit))}
+
+    async def op_readlink(self, req: Request) -> Reply:
+        ino = req.int("ino")
+        return {"target": self._read(lambda t: self.store.namespace.readlink(t, ino))}
+
+    async def op_getxattr(self, req: Request) -> Reply:
+        ino, name = req.int("ino"), req.bytes("name")
+        return {"value": self._read(lambda t: self.store.namespace.getxattr(t, ino, name))}
+
+    async def op_listxattr(self, req: Request) -> Reply:
+        ino = req.int("ino")
+        return {"names": self._read(lambda t: self.store.namespace.listxattr(t, ino))}
+
+    # ------------------------------------------------------------ writes
+
+    async def op_mkdir(self, req: Request) -> Reply:
+        parent, name, mode = req.int("parent"), req.name(), req.int("mode")
+        uid, gid = req.int("uid", 0), req.int("gid", 0)
+        ns = self.store.namespace
+        return {"attr": await self._write(
+            lambda t, now: ns.mkdir(t, parent, name, mode, uid, gid, now))}
+
+    async def op_create(self, req: Request) -> Reply:
+        parent, name, mode = req.int("parent"), req.name(), req.int("mode")
+        uid, gid = req.int("uid", 0), req.int("gid", 0)
+        exclusive = req.bool("exclusive", True)
+        ns = self.store.namespace
+        return {"attr": await self._write(
+            lambda t, now: ns.create(t, parent, name, mode, uid, gid, now, exclusive))}
+
+    async def op_symlink(self, req: Request) -> Reply:
+        parent, name, target = req.int("parent"), req.name(), req.bytes("target")
+        uid, gid = req.int("uid", 0), req.int("gid", 0)
+        ns = self.store.namespace
+        return {"attr": await self._write(
+            lambda t, now: ns.symlink(t, parent, name, target, uid, gid, now))}
+
+    async def op_link(self, req: Request) -> Reply:
+        ino, parent, name = req.int("ino"), req.int("parent"), req.name()
+        ns = self.store.namespace
+        return {"attr": await self._write(lambda t, now: ns.link(t, ino, parent, name, now))}
+
+    async def op_unlink(self, req: Request) -> Reply:
+        parent, name = req.int("parent"), req.name()
+        ns = self.store.namespace
+        await self._write(lambda t, now: ns.unlink(t, parent, name, now))
+        return {}
+
+    async def op_rmdir(self, req: Request) -> Reply:
+        parent, name = req.int("parent"), req.name()
+        ns = self.store.namespace
+        await self._write(lambda t, now: ns.rmdir(t, parent, name, now))
+        return {}
+
+    async def op_rename(self, req: Request) -> Reply:
+        parent, name = req.int("parent"), req.name()
+        new_parent, new_name = req.int("new_parent"), req.name("new_name")
+        flags = req.int("flags", 0)
+        ns = self.store.namespace
+        await self._write(
+            lambda t, now: ns.rename(t, parent, name, new_parent, new_name, flags, now))
+        return {}
+
+    async def op_setattr(self, req: Request) -> Reply:
+        ino = req.int("ino")
+        changes = {key: req.int(key) for key in
+                   ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size")
+                   if req.msg.get(key) is not None}
+        ns = self.store.namespace
+        return {"attr": await self._write(lambda t, now: ns.setattr(t, ino, changes, now))}
+
+    async def op_setxattr(self, req: Request) -> Reply:
+        ino, name, value = req.int("ino"), req.bytes("name"), req.bytes("value")
+        flags = req.int("flags", 0)
+        ns = self.store.namespace
+        await self._write(lambda t, now: ns.setxattr(t, ino, name, value, flags, now))
+        return {}
+
+    async def op_removexattr(self, req: Request) -> Reply:
+        ino, name = req.int("ino"), req.bytes("name")
+        ns = self.store.namespace
+        await self._write(lambda t, now: ns.removexattr(t, ino, name, now))
+        return {}

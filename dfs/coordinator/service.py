@@ -1,0 +1,151 @@
+"""CoordinatorService: every coordinator op of docs/protocol.md, and the tasks behind them.
+
+`run()` starts, in one nursery, the LMDB writer, the commit driver (recovery, COMMIT
+redelivery, expiry), the failure detector, the GC and the RPC server, then reports the
+address it listens on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import trio
+
+from dfs import rpc
+from dfs.errors import Code, DfsError
+from dfs.meta import MetaStore, NodeState
+from dfs.rpc import Peers, Request
+
+from .commit import CommitDriver
+from .config import CoordinatorConfig
+from .gc import GarbageCollector
+from .membership import Membership
+from .namespace_ops import NamespaceOps, Reply
+
+log = logging.getLogger(__name__)
+
+BAD_REPORTS_KEPT = 1000
+
+
+class CoordinatorService(NamespaceOps, rpc.Service):
+    def __init__(self, store: MetaStore, config: CoordinatorConfig, secret: bytes) -> None:
+        self.store = store
+        self.config = config
+        self.secret = secret
+        self.peers = Peers(secret, expect_cluster=store.cluster_id, timeout=config.rpc_timeout)
+        self.membership = Membership(store, config.node_timeout)
+        self.driver = CommitDriver(store, self.membership, self.peers, config)
+        self.gc = GarbageCollector(store, self.membership, self.peers, config)
+        self.bad_reports: deque[dict[str, Any]] = deque(maxlen=BAD_REPORTS_KEPT)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until cancelled; task_status.started() gets "HOST:PORT" actually bound."""
+        host, port = self.config.host_port
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.store.db.run_writer)
+                self.membership.load()
+                await nursery.start(self.driver.run)
+                nursery.start_soon(self.membership.run)
+                nursery.start_soon(self.gc.run)
+                listeners = await nursery.start(
+                    rpc.serve, self, host, port, self.secret, lambda: self.store.cluster_id)
+                bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+                address = (f"[{bound_host}]:{bound_port}" if ":" in bound_host
+                           else f"{bound_host}:{bound_port}")
+                log.info("cluster %s, R=%d, serving on %s", self.store.cluster_id,
+                         self.store.replicas, address)
+                task_status.started(address)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.peers.aclose()
+
+    # ------------------------------------------------------------ transactions
+
+    async def op_begin(self, req: Request) -> Reply:
+        ino = req.int("ino")
+        base_version = req.opt_int("base_version")
+        if_version = req.bool("if_version", False)
+        exclude = req.list("exclude", [])
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in exclude):
+            raise DfsError(Code.BAD_REQUEST, "begin: exclude must be a list of node ids")
+        return await self.driver.begin(ino, base_version, if_version, exclude)
+
+    async def op_commit(self, req: Request) -> Reply:
+        txid, size = req.int("txid"), req.int("size")
+        checksum, nchunks = req.bytes("checksum"), req.int("nchunks")
+        mtime_ns = req.opt_int("mtime_ns")
+        return await self.driver.commit(txid, size, checksum, nchunks, mtime_ns)
+
+    async def op_abort(self, req: Request) -> Reply:
+        await self.driver.abort(req.int("txid"))
+        return {}
+
+    async def op_outcome(self, req: Request) -> Reply:
+        return {"state": self.driver.outcome(req.int("txid"))}
+
+    async def op_txn_list(self, req: Request) -> Reply:
+        return {"txns": self.driver.txn_list()}
+
+    # ------------------------------------------------------------ cluster
+
+    async def op_register(self, req: Request) -> Reply:
+        node_id, address = req.int("node_id", 0), req.str("address")
+        capacity, used = req.int("capacity", 0), req.int("used", 0)
+        rpc.parse_address(address)
+        record = await self.membership.register(node_id, address, capacity, used)
+        return {"node_id": record.id, "cluster": self.store.cluster_id}
+
+    async def op_heartbeat(self, req: Request) -> Reply:
+        self.membership.heartbeat(req.int("node_id"), req.int("capacity", 0),
+                                  req.int("used", 0))
+        return {}
+
+    async def op_status(self, req: Request) -> Reply:
+        store = self.store
+        return {
+            "cluster": store.cluster_id,
+            "replicas": store.replicas,
+            "nodes": self.membership.describe(),
+            "inflight": len(self.driver.open),
+            "committing": self.driver.committing_count(),
+            "gc_pending": store.db.read(store.gc.count),
+            "bad_reports": len(self.bad_reports),
+        }
+
+    async def op_node_list(self, req: Request) -> Reply:
+        return {"nodes": self.membership.describe()}
+
+    async def op_node_drain(self, req: Request) -> Reply:
+        await self.membership.set_state(req.int("node_id"), NodeState.DRAINING)
+        return {}
+
+    async def op_node_remove(self, req: Request) -> Reply:
+        node_id = req.int("node_id")
+        await self.membership.set_state(node_id, NodeState.REMOVED)
+        await self.driver.forget_node(node_id)
+        return {}
+
+    async def op_report_bad(self, req: Request) -> Reply:
+        """A reader found a bad replica. Recorded for the checker, which repairs it."""
+        report = {"ino": req.int("ino"), "version": req.int("version"),
+                  "node_id": req.int("node_id"), "reason": req.str("reason", ""),
+                  "peer": req.peer, "time_ns": time.time_ns()}
+        self.bad_reports.append(report)
+        log.warning("bad replica reported: ino %d version %d on node %d: %s", report["ino"],
+                    report["version"], report["node_id"], report["reason"])
+        return {}
+
+    async def op_statfs(self, req: Request) -> Reply:
+        """Space as a user sees it: raw node space divided by R."""
+        store = self.store
+        nodes = [n for n in self.membership.nodes.values() if n.state is not NodeState.REMOVED]
+        r = max(store.replicas, 1)
+        capacity = sum(n.capacity for n in nodes) // r
+        used = sum(n.used for n in nodes) // r
+        return {"capacity": capacity, "used": used, "free": max(capacity - used, 0),
+                "files": store.db.read(store.namespace.inodes.count), "replicas": r}

@@ -1,0 +1,154 @@
+"""Per-inode operations of the namespace: attributes, symlink targets, xattrs, and installing
+a new committed version of a file (the namespace half of the 2PC commit point)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lmdb
+
+from dfs.errors import Code, DfsError
+from dfs.meta.inode import NAME_MAX, XATTR_VALUE_MAX, Inode, InodeTable
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+XATTR_TOTAL_MAX = 256 * 1024
+# Names the mount serves itself (user.dfs.version, ...): nobody may store them.
+RESERVED_XATTR_PREFIX = b"user.dfs."
+SETATTR_FIELDS = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"})
+
+
+def _xattr_name(name: bytes) -> bytes:
+    if not isinstance(name, bytes) or not name or b"\0" in name:
+        raise DfsError(Code.EINVAL, f"invalid xattr name {name!r}")
+    if len(name) > NAME_MAX:
+        raise DfsError(Code.ENAMETOOLONG, f"xattr name of {len(name)} bytes (limit {NAME_MAX})")
+    return name
+
+
+class AttrOps:
+    """Mixed into Namespace; everything here works on one inode."""
+
+    inodes: InodeTable
+
+    def getattr(self, txn: lmdb.Transaction, ino: int) -> dict[str, Any]:
+        return self.inodes.get(txn, ino).attr()
+
+    def readlink(self, txn: lmdb.Transaction, ino: int) -> bytes:
+        inode = self.inodes.get(txn, ino)
+        if not inode.is_symlink or inode.target is None:
+            raise DfsError(Code.EINVAL, f"inode {ino} is not a symlink")
+        return inode.target
+
+    def setattr(self, txn: lmdb.Transaction, ino: int, changes: Mapping[str, int], now_ns: int
+                ) -> dict[str, Any]:
+        """chmod/chown/utimens/truncate. Only truncation to 0 changes content: it installs a
+        new, empty version (a non-zero size needs a write transaction)."""
+        unknown = set(changes) - SETATTR_FIELDS
+        if unknown:
+            raise DfsError(Code.EINVAL, f"setattr cannot change {sorted(unknown)}")
+        inode = self.inodes.get(txn, ino)
+        if "size" in changes:
+            self._truncate(txn, inode, changes["size"], now_ns)
+        if "mode" in changes:
+            inode.mode = (inode.mode & ~0o7777) | (changes["mode"] & 0o7777)
+        for key in ("uid", "gid", "atime_ns", "mtime_ns"):
+            if key in changes:
+                setattr(inode, key, changes[key])
+        inode.ctime_ns = changes.get("ctime_ns", now_ns)
+        self.inodes.put(txn, inode)
+        return inode.attr()
+
+    def _truncate(self, txn: lmdb.Transaction, inode: Inode, size: int, now_ns: int) -> None:
+        if inode.is_dir:
+            raise DfsError(Code.EISDIR, f"inode {inode.ino} is a directory")
+        if not inode.is_reg:
+            raise DfsError(Code.EINVAL, f"inode {inode.ino} is not a regular file")
+        if size != 0:
+            raise DfsError(Code.EINVAL, "setattr truncates to 0 only; write a new version")
+        if inode.size == 0 and inode.blob is None:
+            return
+        self.inodes.retire_blob(txn, inode, now_ns)
+        inode.blob = None
+        inode.checksum = None
+        inode.replicas = []
+        inode.size = 0
+        inode.version += 1
+        inode.mtime_ns = now_ns
+
+    # ------------------------------------------------------------ versions
+
+    def install_version(self, txn: lmdb.Transaction, ino: int, txid: int, *,
+                        base_version: int | None, if_version: bool, size: int,
+                        checksum: bytes, replicas: list[int], mtime_ns: int | None,
+                        now_ns: int) -> dict[str, Any]:
+        """Switch a file to the blob `txid` (rule 1: in the decision's transaction).
+
+        Raises (and so writes nothing) if the file is gone or, under if_version, moved on
+        since base_version (rule 7). The superseded blob goes to the GC queue.
+        """
+        inode = self.inodes.find(txn, ino)
+        if inode is None:
+            raise DfsError(Code.ENOENT, f"file {ino} was deleted during the write")
+        if not inode.is_reg:
+            raise DfsError(Code.EISDIR if inode.is_dir else Code.EINVAL,
+                           f"inode {ino} is not a regular file")
+        if if_version and base_version != inode.version:
+            raise DfsError(Code.CONFLICT, f"file {ino} is at version {inode.version}, "
+                                          f"the write was based on version {base_version}")
+        self.inodes.retire_blob(txn, inode, now_ns)
+        inode.blob = txid
+        inode.size = size
+        inode.checksum = checksum
+        inode.replicas = list(replicas)
+        inode.version += 1
+        inode.mtime_ns = now_ns if mtime_ns is None else mtime_ns
+        inode.ctime_ns = now_ns
+        self.inodes.put(txn, inode)
+        return inode.attr()
+
+    # ------------------------------------------------------------ xattrs
+
+    def getxattr(self, txn: lmdb.Transaction, ino: int, name: bytes) -> bytes:
+        value = self.inodes.get(txn, ino).xattrs.get(_xattr_name(name))
+        if value is None:
+            raise DfsError(Code.ENODATA, f"no xattr {name!r}")
+        return value
+
+    def listxattr(self, txn: lmdb.Transaction, ino: int) -> list[bytes]:
+        return sorted(self.inodes.get(txn, ino).xattrs)
+
+    def setxattr(self, txn: lmdb.Transaction, ino: int, name: bytes, value: bytes, flags: int,
+                 now_ns: int) -> None:
+        _xattr_name(name)
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            raise DfsError(Code.EPERM, f"{name!r} is reserved for dfs")
+        if flags not in (0, XATTR_CREATE, XATTR_REPLACE):
+            raise DfsError(Code.EINVAL, f"bad xattr flags {flags}")
+        if not isinstance(value, bytes):
+            raise DfsError(Code.EINVAL, "an xattr value must be bytes")
+        if len(value) > XATTR_VALUE_MAX:
+            raise DfsError(Code.ENOSPC, f"xattr value of {len(value)} bytes "
+                                        f"(limit {XATTR_VALUE_MAX})")
+        inode = self.inodes.get(txn, ino)
+        exists = name in inode.xattrs
+        if flags == XATTR_CREATE and exists:
+            raise DfsError(Code.EEXIST, f"xattr {name!r} exists")
+        if flags == XATTR_REPLACE and not exists:
+            raise DfsError(Code.ENODATA, f"no xattr {name!r}")
+        inode.xattrs[name] = value
+        if sum(len(k) + len(v) for k, v in inode.xattrs.items()) > XATTR_TOTAL_MAX:
+            raise DfsError(Code.ENOSPC, f"xattrs of inode {ino} over {XATTR_TOTAL_MAX} bytes")
+        inode.ctime_ns = now_ns
+        self.inodes.put(txn, inode)
+
+    def removexattr(self, txn: lmdb.Transaction, ino: int, name: bytes, now_ns: int) -> None:
+        _xattr_name(name)
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            raise DfsError(Code.EPERM, f"{name!r} is reserved for dfs")
+        inode = self.inodes.get(txn, ino)
+        if inode.xattrs.pop(name, None) is None:
+            raise DfsError(Code.ENODATA, f"no xattr {name!r}")
+        inode.ctime_ns = now_ns
+        self.inodes.put(txn, inode)

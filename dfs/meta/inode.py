@@ -1,0 +1,169 @@
+"""Inodes: the record, name rules, and the table that stores, allocates and frees them.
+
+Inode numbers are never reused (a counter in `meta`), so `generation` is constant and a
+stale (ino, version) can never name another file's content.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import lmdb
+
+from dfs.db import Database
+from dfs.errors import Code, DfsError
+from dfs.meta.cluster import NEXT_INO, ClusterMeta
+from dfs.meta.codec import k64, pack, unpack
+from dfs.meta.gcqueue import GcQueue
+
+ROOT_INO = 1
+NAME_MAX = 255
+SYMLINK_MAX = 4096
+XATTR_VALUE_MAX = 64 * 1024
+# The first readdir cookie of a directory; 1 and 2 stay free for a client's "." and "..".
+FIRST_COOKIE = 3
+
+
+def validate_name(name: bytes) -> bytes:
+    """A directory entry name (DESIGN.md §3): 1-255 bytes, no '/', no NUL, not '.' or '..'."""
+    if not isinstance(name, bytes):
+        raise DfsError(Code.EINVAL, f"a name must be bytes, not {type(name).__name__}")
+    if len(name) > NAME_MAX:
+        raise DfsError(Code.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise DfsError(Code.EINVAL, f"invalid name {name!r}")
+    return name
+
+
+@dataclass(slots=True)
+class Inode:
+    """One inode record. Directories also carry `parent` and `next_cookie`."""
+
+    ino: int
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    version: int = 0
+    blob: int | None = None
+    checksum: bytes | None = None
+    replicas: list[int] = field(default_factory=list)
+    target: bytes | None = None
+    generation: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    parent: int = 0
+    next_cookie: int = FIRST_COOKIE
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    def attr(self) -> dict[str, Any]:
+        """The wire `attr` map (docs/protocol.md), without xattrs or directory bookkeeping."""
+        return {
+            "ino": self.ino,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "nlink": self.nlink,
+            "size": self.size,
+            "atime_ns": self.atime_ns,
+            "mtime_ns": self.mtime_ns,
+            "ctime_ns": self.ctime_ns,
+            "version": self.version,
+            "blob": self.blob,
+            "checksum": self.checksum,
+            "replicas": list(self.replicas),
+            "target": self.target,
+            "generation": self.generation,
+        }
+
+    def encode(self) -> bytes:
+        record = {f.name: getattr(self, f.name) for f in _FIELDS if f.name != "ino"}
+        if not self.is_dir:
+            del record["parent"], record["next_cookie"]
+        return pack(record)
+
+    @classmethod
+    def decode(cls, ino: int, data: bytes) -> Inode:
+        record = unpack(data)
+        return cls(ino=ino, **{k: v for k, v in record.items() if k in _NAMES})
+
+
+_FIELDS = fields(Inode)
+_NAMES = frozenset(f.name for f in _FIELDS)
+
+
+class InodeTable:
+    """The `inodes` sub-database: ino (u64 BE) -> msgpack record."""
+
+    def __init__(self, db: Database, meta: ClusterMeta, gc: GcQueue, gc_grace_ns: int) -> None:
+        self._db = db["inodes"]
+        self._meta = meta
+        self._gc = gc
+        self.gc_grace_ns = gc_grace_ns
+
+    def find(self, txn: lmdb.Transaction, ino: int) -> Inode | None:
+        raw = txn.get(k64(ino), db=self._db)
+        return None if raw is None else Inode.decode(ino, raw)
+
+    def get(self, txn: lmdb.Transaction, ino: int) -> Inode:
+        inode = self.find(txn, ino)
+        if inode is None:
+            raise DfsError(Code.ENOENT, f"no inode {ino}")
+        return inode
+
+    def get_dir(self, txn: lmdb.Transaction, ino: int) -> Inode:
+        inode = self.get(txn, ino)
+        if not inode.is_dir:
+            raise DfsError(Code.ENOTDIR, f"inode {ino} is not a directory")
+        return inode
+
+    def put(self, txn: lmdb.Transaction, inode: Inode) -> None:
+        txn.put(k64(inode.ino), inode.encode(), db=self._db)
+
+    def allocate(self, txn: lmdb.Transaction, mode: int, uid: int, gid: int, now_ns: int,
+                 **extra: Any) -> Inode:
+        ino = self._meta.next_counter(txn, NEXT_INO, ROOT_INO + 1)
+        return Inode(ino=ino, mode=mode, uid=uid, gid=gid, atime_ns=now_ns, mtime_ns=now_ns,
+                     ctime_ns=now_ns, **extra)
+
+    def retire_blob(self, txn: lmdb.Transaction, inode: Inode, now_ns: int) -> None:
+        """Queue the inode's current blob for deletion on its replicas after the grace period.
+
+        The grace lets a reader that already holds the old attrs finish reading (DESIGN.md §6).
+        """
+        if inode.blob is not None:
+            not_before = now_ns + self.gc_grace_ns
+            for node in inode.replicas:
+                self._gc.add(txn, not_before, node, inode.blob)
+
+    def drop_link(self, txn: lmdb.Transaction, inode: Inode, now_ns: int) -> None:
+        """One name of a non-directory is gone: delete the inode with its last link."""
+        inode.nlink -= 1
+        inode.ctime_ns = now_ns
+        if inode.nlink > 0:
+            self.put(txn, inode)
+            return
+        self.retire_blob(txn, inode, now_ns)
+        txn.delete(k64(inode.ino), db=self._db)
+
+    def delete_dir(self, txn: lmdb.Transaction, inode: Inode) -> None:
+        txn.delete(k64(inode.ino), db=self._db)
+
+    def count(self, txn: lmdb.Transaction) -> int:
+        return txn.stat(self._db)["entries"]

@@ -1,0 +1,60 @@
+"""MetaStore: the coordinator's one LMDB environment behind the narrow interface.
+
+The server sees only `namespace`, `txnlog`, `nodes`, `gc` and `cluster`, each a set of methods
+over an LMDB transaction, and runs them via `db.write` / `db.read`. A replicated engine can
+later provide the same objects (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lmdb
+
+from dfs.db import Database
+from dfs.meta.cluster import ClusterMeta
+from dfs.meta.gcqueue import GcQueue
+from dfs.meta.namespace import Namespace
+from dfs.meta.nodes import NodeTable
+from dfs.meta.txnlog import TxnLog
+
+SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta"]
+DEFAULT_GC_GRACE_NS = 60 * 1_000_000_000
+
+
+class MetaStore:
+    def __init__(self, db: Database, *, gc_grace_ns: int = DEFAULT_GC_GRACE_NS) -> None:
+        self.db = db
+        self.cluster = ClusterMeta(db)
+        self.gc = GcQueue(db)
+        self.namespace = Namespace(db, self.cluster, self.gc, gc_grace_ns)
+        self.txnlog = TxnLog(db, self.cluster)
+        self.nodes = NodeTable(db, self.cluster)
+        self.cluster_id = ""
+        self.replicas = 0
+
+    @classmethod
+    def open(cls, path: Path | str, *, replicas: int = 3, gc_grace_ns: int = DEFAULT_GC_GRACE_NS,
+             map_size: int = 1 << 30) -> MetaStore:
+        """Open (creating at first start) the environment in directory `path` (path/data.mdb).
+
+        Runs before the writer task exists, hence the synchronous durable write. `replicas` is
+        used at first start only; afterwards the stored R wins.
+        """
+        store = cls(Database(path, SUBDBS, map_size=map_size), gc_grace_ns=gc_grace_ns)
+        try:
+            store.db.write_now(lambda txn: store._initialize(txn, replicas))
+        except BaseException:
+            store.db.close()
+            raise
+        return store
+
+    def _initialize(self, txn: lmdb.Transaction, replicas: int) -> None:
+        self.cluster.initialize(txn, replicas)
+        self.namespace.init_root(txn, time.time_ns())
+        self.cluster_id = self.cluster.cluster_id(txn)
+        self.replicas = self.cluster.replicas(txn)
+
+    def close(self) -> None:
+        self.db.close()
