@@ -1,0 +1,1 @@
+"""The `dfs` command line (DESIGN.md §11)."""

@@ -1,0 +1,127 @@
+"""Cluster commands: status, node list|drain|remove, txn list (DESIGN.md §11)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from dfs.cli.common import add_json, command, print_json, show, size_text, with_client
+
+if TYPE_CHECKING:
+    from dfs.client import Client
+
+STATE_STYLE = {"up": "green", "down": "red", "draining": "yellow", "removed": "dim"}
+
+
+def _nodes_table(nodes: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("id", "address", "state", "used", "capacity", "last seen"):
+        table.add_column(column, justify="right" if column in ("id", "used", "capacity") else "left")
+    for n in sorted(nodes, key=lambda n: n["id"]):
+        seen = n.get("last_seen_s")
+        table.add_row(
+            str(n["id"]),
+            n["address"],
+            f"[{STATE_STYLE.get(n['state'], '')}]{n['state']}",
+            size_text(n.get("used")),
+            size_text(n.get("capacity")),
+            "-" if seen is None else f"{seen:.1f}s ago",
+        )
+    return table
+
+
+async def status(client: Client, args: argparse.Namespace) -> int:
+    doc = await client.status()
+    if args.json:
+        print_json(doc)
+        return 0
+    nodes = doc.get("nodes", [])
+    up = sum(n["state"] == "up" for n in nodes)
+    print(
+        f"cluster {doc.get('cluster', '?')}  coordinator {client.address}  "
+        f"replicas {doc.get('replicas', '?')}  nodes up {up}/{len(nodes)}"
+    )
+    print(
+        f"in-flight transactions {doc.get('inflight', 0)}  committing {doc.get('committing', 0)}  "
+        f"gc pending {doc.get('gc_pending', 0)}  bad replica reports {doc.get('bad_reports', 0)}"
+    )
+    if nodes:
+        show(_nodes_table(nodes))
+    return 0
+
+
+async def node_list(client: Client, args: argparse.Namespace) -> int:
+    nodes = await client.node_list()
+    if args.json:
+        print_json({"nodes": nodes})
+    else:
+        show(_nodes_table(nodes))
+    return 0
+
+
+async def node_drain(client: Client, args: argparse.Namespace) -> int:
+    await client.node_drain(args.id)
+    if args.json:
+        print_json({"id": args.id, "state": "draining"})
+    return 0
+
+
+async def node_remove(client: Client, args: argparse.Namespace) -> int:
+    await client.node_remove(args.id)
+    if args.json:
+        print_json({"id": args.id, "state": "removed"})
+    return 0
+
+
+async def txn_list(client: Client, args: argparse.Namespace) -> int:
+    txns = await client.txn_list()
+    if args.json:
+        print_json({"txns": txns})
+        return 0
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("txid", "ino", "state", "replicas", "acked", "age"):
+        table.add_column(column)
+    for t in txns:
+        table.add_row(
+            str(t["txid"]), str(t.get("ino", "-")), str(t.get("state", "?")),
+            ",".join(map(str, t.get("replicas", []))), ",".join(map(str, t.get("acked", []))),
+            f"{t.get('age_s', 0):.1f}s",
+        )
+    show(table)
+    return 0
+
+
+def _node_subject(args: argparse.Namespace) -> str:
+    return f"node {args.id}"
+
+
+def add_node_admin(node_commands: argparse._SubParsersAction) -> None:
+    """`dfs node list|drain ID|remove ID`, under the `node` command (which also runs a node)."""
+    p = command(node_commands, "list", with_client(node_list), "list nodes", subject="coordinator")
+    add_json(p)
+    for name, handler, what in (
+        ("drain", node_drain, "move a node's replicas away; it gets no new ones"),
+        ("remove", node_remove, "forget a node for good (its replicas are re-made elsewhere)"),
+    ):
+        p = command(node_commands, name, with_client(handler), what, subject=_node_subject)
+        p.add_argument("id", type=int, metavar="ID", help="node id (see dfs node list)")
+        add_json(p)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = command(
+        subparsers, "status", with_client(status), "nodes, health, space, transactions",
+        subject="coordinator",
+    )
+    add_json(p)
+    txn = subparsers.add_parser("txn", help="transactions", description="transactions")
+    txn_commands = txn.add_subparsers(dest="txn_command", required=True, metavar="COMMAND")
+    p = command(
+        txn_commands, "list", with_client(txn_list), "in-flight and committing transactions",
+        subject="coordinator",
+    )
+    add_json(p)

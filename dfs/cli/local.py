@@ -1,0 +1,190 @@
+"""`dfs local up`: a whole cluster on this machine, in the foreground, for trying dfs out.
+
+DIR/secret (32 random bytes, hex), DIR/coordinator and DIR/node-1 .. DIR/node-N as data dirs,
+DIR/*.log for each child's output. Ctrl-C or SIGTERM stops every child and exits 0; a child
+that dies on its own stops the rest and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from dfs.cli.common import command
+from dfs.cli.procs import DFS, Child
+from dfs.errors import Code, DfsError
+
+READY_TIMEOUT = 30.0
+
+
+class Stop(Exception):
+    """SIGTERM (or SIGINT) asked the cluster to stop."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise Stop()
+
+
+def ensure_secret(directory: Path) -> Path:
+    path = directory / "secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def mount_available() -> bool:
+    """True once fuse_mount has a runnable mount (fuse_mount.main.run)."""
+    try:
+        module = importlib.import_module("fuse_mount.main")
+    except ImportError:
+        return False
+    return callable(getattr(module, "run", None))
+
+
+def wait_nodes_up(coordinator: str, secret_file: Path, count: int, children: list[Child]) -> None:
+    """Poll the coordinator until `count` nodes are registered and up."""
+    import trio
+
+    from dfs.client import Client
+    from dfs.rpc import load_secret
+
+    secret = load_secret(secret_file)
+
+    async def poll() -> None:
+        async with Client(coordinator, secret, retry_for=0) as client:
+            with trio.fail_after(READY_TIMEOUT):
+                while True:
+                    for child in children:
+                        if child.poll() is not None:
+                            raise DfsError(
+                                Code.UNAVAILABLE, f"{child.name} exited: {child.log_tail(3)}"
+                            )
+                    try:
+                        nodes = (await client.status()).get("nodes", [])
+                        if sum(n.get("state") == "up" for n in nodes) >= count:
+                            return
+                    except DfsError as e:
+                        if e.code is not Code.UNAVAILABLE:
+                            raise
+                    await trio.sleep(0.1)
+
+    try:
+        trio.run(poll)
+    except trio.TooSlowError:
+        raise DfsError(
+            Code.UNAVAILABLE, f"{count} nodes did not come up within {READY_TIMEOUT:.0f}s"
+        ) from None
+
+
+def _summary(args: argparse.Namespace, root: Path, secret: Path, children: list[Child]) -> str:
+    lines = [f"dfs local cluster up in {root}/ (logs: {root}/*.log)"]
+    for c in children:
+        where = c.address or (str(Path(args.mount).resolve()) if c.name == "mount" else "")
+        lines.append(f"  {c.name:<12} {where:<22} pid {c.pid}")
+    lines += [
+        "use it from another shell:",
+        f"  export DFS_COORDINATOR={args.coordinator} DFS_SECRET_FILE={secret.resolve()}",
+        "  dfs put ./some-file /some-file && dfs ls / && dfs cat /some-file && dfs status",
+        "Ctrl-C stops the cluster (its data stays in the directory).",
+    ]
+    return "\n".join(lines)
+
+
+def up(args: argparse.Namespace) -> int:
+    if args.mount and not mount_available():
+        raise DfsError(Code.UNAVAILABLE, "mount not available yet")
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    secret = ensure_secret(root)
+    common = ["--coordinator", args.coordinator, "--secret-file", str(secret.resolve())]
+    children: list[Child] = []
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        coordinator = Child(
+            "coordinator",
+            [*DFS, *common, "coordinator", "--data", str(root / "coordinator"),
+             "--listen", args.coordinator, "--replicas", str(args.replicas)],
+            root / "coordinator.log",
+        )
+        children.append(coordinator)
+        coordinator.start()
+        coordinator.wait_listening(READY_TIMEOUT)
+        nodes = [
+            Child(
+                f"node-{i}",
+                [*DFS, *common, "node", "--data", str(root / f"node-{i}"),
+                 "--listen", "127.0.0.1:0"],
+                root / f"node-{i}.log",
+            )
+            for i in range(1, args.nodes + 1)
+        ]
+        children.extend(nodes)
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.wait_listening(READY_TIMEOUT)
+        wait_nodes_up(args.coordinator, secret, args.nodes, children)
+        if args.mount:
+            mountpoint = Path(args.mount).resolve()
+            mountpoint.mkdir(parents=True, exist_ok=True)
+            mount = Child(
+                "mount", [*DFS, *common, "mount", str(mountpoint), "--foreground"],
+                root / "mount.log",
+            )
+            children.append(mount)
+            mount.start()
+            _wait_mounted(mount, mountpoint)
+        print(_summary(args, root, secret, children), flush=True)
+        while True:
+            for child in children:
+                status = child.poll()
+                if status is not None:
+                    raise DfsError(
+                        Code.UNAVAILABLE,
+                        f"{child.name} exited with status {status}: {child.log_tail(3)}",
+                    )
+            time.sleep(0.2)
+    except (Stop, KeyboardInterrupt):
+        print("\nstopping the cluster", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in reversed(children):
+            child.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _wait_mounted(mount: Child, mountpoint: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not os.path.ismount(mountpoint):
+        status = mount.poll()
+        if status is not None:
+            raise DfsError(Code.UNAVAILABLE, f"mount exited with status {status}: "
+                           f"{mount.log_tail(3)}")
+        if time.monotonic() > deadline:
+            raise DfsError(Code.UNAVAILABLE, f"{mountpoint} is not mounted after "
+                           f"{READY_TIMEOUT:.0f}s")
+        time.sleep(0.05)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    local = subparsers.add_parser("local", help="a whole cluster on this machine")
+    local_commands = local.add_subparsers(dest="local_command", required=True, metavar="COMMAND")
+    p = command(
+        local_commands, "up", up,
+        "run a coordinator and N nodes here, in the foreground (Ctrl-C stops them)",
+        subject="dir",
+    )
+    p.add_argument("--dir", default=".dfs", help="data, logs and secret (default %(default)s)")
+    p.add_argument("--nodes", type=int, default=3, help="storage nodes (default %(default)s)")
+    p.add_argument("--replicas", type=int, default=3, help="replicas R (default %(default)s)")
+    p.add_argument("--mount", metavar="DIR", help="also mount the cluster at DIR")

@@ -1,0 +1,261 @@
+"""The client library: one method per coordinator op, plus whole-file writes and reads.
+
+Used by the CLI and the FUSE mount. Metadata goes to the coordinator; file bytes go straight
+to the storage nodes (DESIGN.md §1). Idempotent requests retry on UNAVAILABLE for a bounded
+time; requests that change the namespace are sent once, since a lost reply leaves their effect
+unknown and a blind retry could apply them twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import trio
+
+from dfs.client import read, write
+from dfs.client.attr import Attr
+from dfs.errors import Code, DfsError
+from dfs.rpc import Peer, Peers
+
+Progress = Callable[[int], Any]
+# How long a node table may be reused before an unknown node id forces a refresh anyway.
+NODE_TABLE_MIN_AGE = 0.5
+
+
+def _fields(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in reply.items() if k not in ("ok", "id")}
+
+
+class Client:
+    """A connection to one cluster: `async with Client(addr, secret) as c: ...`."""
+
+    def __init__(
+        self,
+        coordinator: str,
+        secret: bytes,
+        *,
+        timeout: float = 10.0,
+        retry_for: float = 15.0,
+        commit_timeout: float = 120.0,
+        window: int = 8,
+        readahead: int = 8,
+        attempts: int = 5,
+    ) -> None:
+        self.address = coordinator
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self.commit_timeout = commit_timeout
+        self.window = window
+        self.readahead = readahead
+        self.attempts = attempts
+        self.peers = Peers(secret, timeout=timeout)
+        self.coordinator: Peer = self.peers[coordinator]
+        self._nodes: dict[int, str] = {}
+        self._nodes_at = -1e9
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.peers.aclose()
+
+    # ------------------------------------------------------------ plumbing
+
+    async def query(self, op: str, **fields: Any) -> dict[str, Any]:
+        """An idempotent coordinator request: retried on UNAVAILABLE for up to retry_for."""
+        return _fields(await self.coordinator.call(op, retry_for=self.retry_for, **fields))
+
+    async def change(self, op: str, **fields: Any) -> dict[str, Any]:
+        """A request that changes state: sent once (its effect is unknown if the reply is lost)."""
+        return _fields(await self.coordinator.call(op, **fields))
+
+    # ------------------------------------------------------------ namespace
+
+    async def getattr(self, ino: int) -> Attr:
+        return Attr.from_wire((await self.query("getattr", ino=ino))["attr"])
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return Attr.from_wire((await self.query("lookup", parent=parent, name=name))["attr"])
+
+    async def resolve(self, path: str) -> Attr:
+        return Attr.from_wire((await self.query("resolve", path=path))["attr"])
+
+    async def readdir(
+        self, ino: int, after: int = 0, limit: int = 1000
+    ) -> list[tuple[bytes, int, Attr]]:
+        """One page of (name, cookie, attr) after the cookie `after`, in cookie order."""
+        reply = await self.query("readdir", ino=ino, after=after, limit=limit)
+        return [(name, cookie, Attr.from_wire(a)) for name, cookie, a in reply["entries"]]
+
+    async def listdir(self, ino: int, page: int = 1000) -> list[tuple[bytes, Attr]]:
+        """Every entry of a directory, paging through readdir."""
+        entries: list[tuple[bytes, Attr]] = []
+        after = 0
+        while True:
+            batch = await self.readdir(ino, after, page)
+            entries.extend((name, attr) for name, _, attr in batch)
+            if len(batch) < page:
+                return entries
+            after = batch[-1][1]
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        reply = await self.change("mkdir", parent=parent, name=name, mode=mode, uid=uid, gid=gid)
+        return Attr.from_wire(reply["attr"])
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, exclusive: bool = True
+    ) -> Attr:
+        reply = await self.change(
+            "create", parent=parent, name=name, mode=mode, uid=uid, gid=gid, exclusive=exclusive
+        )
+        return Attr.from_wire(reply["attr"])
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        reply = await self.change(
+            "symlink", parent=parent, name=name, target=target, uid=uid, gid=gid
+        )
+        return Attr.from_wire(reply["attr"])
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        reply = await self.change("link", ino=ino, parent=parent, name=name)
+        return Attr.from_wire(reply["attr"])
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self.change("unlink", parent=parent, name=name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self.change("rmdir", parent=parent, name=name)
+
+    async def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        await self.change(
+            "rename", parent=parent, name=name, new_parent=new_parent, new_name=new_name,
+            flags=flags,
+        )
+
+    async def setattr(self, ino: int, **fields: int | None) -> Attr:
+        """Change any of mode, uid, gid, atime_ns, mtime_ns, ctime_ns, size (0 = truncate)."""
+        given = {k: v for k, v in fields.items() if v is not None}
+        return Attr.from_wire((await self.change("setattr", ino=ino, **given))["attr"])
+
+    async def readlink(self, ino: int) -> bytes:
+        return (await self.query("readlink", ino=ino))["target"]
+
+    async def statfs(self) -> dict[str, Any]:
+        return await self.query("statfs")
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return (await self.query("getxattr", ino=ino, name=name))["value"]
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        await self.change("setxattr", ino=ino, name=name, value=value, flags=flags)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return list((await self.query("listxattr", ino=ino))["names"])
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self.change("removexattr", ino=ino, name=name)
+
+    # ------------------------------------------------------------ transactions
+
+    async def begin(
+        self,
+        ino: int,
+        base_version: int | None = None,
+        if_version: bool = False,
+        exclude: list[int] | None = None,
+    ) -> tuple[int, list[tuple[int, str]]]:
+        """Start a write: (txid, [(node id, address)] of the R replicas to stage to)."""
+        reply = await self.change(
+            "begin", ino=ino, base_version=base_version, if_version=if_version,
+            exclude=list(exclude or ()),
+        )
+        replicas = [(r["id"], r["address"]) for r in reply["replicas"]]
+        self._nodes.update(replicas)
+        return reply["txid"], replicas
+
+    async def commit(
+        self, txid: int, size: int, checksum: bytes, nchunks: int, mtime_ns: int | None = None
+    ) -> Attr:
+        fields: dict[str, Any] = dict(txid=txid, size=size, checksum=checksum, nchunks=nchunks)
+        if mtime_ns is not None:
+            fields["mtime_ns"] = mtime_ns
+        reply = await self.coordinator.call("commit", timeout=self.commit_timeout, **fields)
+        return Attr.from_wire(reply["attr"])
+
+    async def abort(self, txid: int) -> None:
+        await self.change("abort", txid=txid)
+
+    async def outcome(self, txid: int) -> str:
+        """'committed', 'aborted' or 'inflight' (ask again later)."""
+        return (await self.query("outcome", txid=txid))["state"]
+
+    async def write_file(
+        self,
+        ino: int,
+        source: BinaryIO,
+        *,
+        base_version: int | None = None,
+        if_version: bool = False,
+        mtime_ns: int | None = None,
+        progress: Progress | None = None,
+    ) -> Attr:
+        """Replace the file's content with all of `source` (read from offset 0) atomically."""
+        return await write.write_file(
+            self, ino, source, base_version=base_version, if_version=if_version,
+            mtime_ns=mtime_ns, progress=progress,
+        )
+
+    async def read_chunk(self, attr: Attr, index: int) -> bytes:
+        """Chunk `index` of the version `attr` describes, verified; fails over between replicas."""
+        return await read.read_chunk(self, attr, index)
+
+    async def read_file(
+        self, attr: Attr, sink: BinaryIO | Callable[[bytes], Any], progress: Progress | None = None
+    ) -> int:
+        """Stream the whole version `attr` describes into `sink`; returns the bytes written."""
+        return await read.read_file(self, attr, sink, progress)
+
+    # ------------------------------------------------------------ cluster
+
+    async def status(self) -> dict[str, Any]:
+        return await self.query("status")
+
+    async def txn_list(self) -> list[dict[str, Any]]:
+        return list((await self.query("txn_list"))["txns"])
+
+    async def node_list(self) -> list[dict[str, Any]]:
+        nodes = list((await self.query("node_list"))["nodes"])
+        self._nodes = {n["id"]: n["address"] for n in nodes}
+        self._nodes_at = trio.current_time()
+        return nodes
+
+    async def node_drain(self, node_id: int) -> None:
+        await self.change("node_drain", node_id=node_id)
+
+    async def node_remove(self, node_id: int) -> None:
+        await self.change("node_remove", node_id=node_id)
+
+    async def report_bad(self, ino: int, version: int, node_id: int, reason: str) -> None:
+        await self.change("report_bad", ino=ino, version=version, node_id=node_id, reason=reason)
+
+    # ------------------------------------------------------------ storage nodes
+
+    async def refresh_nodes(self) -> None:
+        """Re-read the node table unless it was read moments ago (nodes may move ports)."""
+        if trio.current_time() - self._nodes_at >= NODE_TABLE_MIN_AGE:
+            await self.node_list()
+
+    async def node(self, node_id: int) -> Peer:
+        """The connection pool of a storage node, by id (from the cached node table)."""
+        if node_id not in self._nodes:
+            await self.refresh_nodes()
+        address = self._nodes.get(node_id)
+        if address is None:
+            raise DfsError(Code.UNAVAILABLE, f"node {node_id} is not in the node table")
+        return self.peers[address]

@@ -1,0 +1,214 @@
+"""The write transaction, client side (DESIGN.md §5): begin, stage to every replica, commit.
+
+Memory stays bounded whatever the file size: one task reads the source a chunk at a time in a
+worker thread (hashing it there too), and `window` stager tasks each carry one chunk to all R
+replicas at once, so at most about window + 1 chunks are in memory.
+
+A replica that fails while staging, or a commit refused because a replica voted NO or timed out,
+aborts this txid and starts over with a fresh placement that excludes the failed nodes. If the
+commit's reply is lost (the coordinator connection broke), the outcome is asked for instead of
+guessed: a retry of a write that did commit would, under if_version, conflict with itself.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import trio
+
+from dfs.chunks import CHUNK_SIZE, FileHasher, nchunks
+from dfs.client.attr import Attr
+from dfs.client.tasks import task_group
+from dfs.errors import Code, DfsError
+from dfs.rpc import PeerUnavailable
+
+if TYPE_CHECKING:
+    from dfs.client.client import Client
+
+log = logging.getLogger(__name__)
+
+BACKOFF = 0.1
+MAX_BACKOFF = 2.0
+OUTCOME_POLL = 0.2
+
+
+class ReplicaFailed(Exception):
+    """A replica failed while staging: abort, and place the retry elsewhere."""
+
+    def __init__(self, node_id: int, error: DfsError) -> None:
+        super().__init__(f"node {node_id}: {error.msg}")
+        self.node_id = node_id
+        self.error = error
+
+
+@dataclass
+class Staged:
+    size: int
+    checksum: bytes
+    nchunks: int
+
+
+def _read_chunk(source: BinaryIO, hasher: FileHasher) -> bytes:
+    """Read one whole chunk (or what is left), hashing it; runs in a worker thread."""
+    parts: list[bytes] = []
+    want = CHUNK_SIZE
+    while want:
+        data = source.read(want)
+        if not data:
+            break
+        parts.append(data)
+        want -= len(data)
+    chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+    hasher.update(chunk)
+    return chunk
+
+
+def _start(source: BinaryIO, hasher: FileHasher) -> tuple[int, bytes]:
+    """The source's size and first chunk, in one thread hop (small files need no more)."""
+    size = source.seek(0, io.SEEK_END)
+    source.seek(0)
+    return size, _read_chunk(source, hasher) if size else b""
+
+
+async def stage(
+    client: Client,
+    txid: int,
+    replicas: list[tuple[int, str]],
+    source: BinaryIO,
+    progress: Callable[[int], Any] | None,
+) -> Staged:
+    """Send every chunk of source to every replica; the size, checksum and count staged.
+
+    The source is read up to the size it had when staging began (or its end, if it shrank).
+    """
+    hasher = FileHasher()
+    size, first = await trio.to_thread.run_sync(_start, source, hasher)
+    count = 0
+    done = 0
+    send, receive = trio.open_memory_channel[tuple[int, bytes]](0)
+
+    async def reader() -> None:
+        nonlocal count
+        async with send:
+            for index in range(nchunks(size)):
+                if index == 0:
+                    chunk = first
+                else:
+                    chunk = await trio.to_thread.run_sync(_read_chunk, source, hasher)
+                if not chunk:
+                    return
+                await send.send((index, chunk))
+                count += 1
+                if len(chunk) < CHUNK_SIZE:
+                    return
+
+    async def to_replica(node_id: int, address: str, index: int, chunk: bytes) -> None:
+        try:
+            await client.peers[address].call("stage", txid=txid, index=index, data=chunk)
+        except DfsError as e:
+            if e.code is Code.UNAVAILABLE:
+                raise ReplicaFailed(node_id, e) from None
+            raise
+
+    async def stager(chunks: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
+        nonlocal done
+        async with chunks:
+            async for index, chunk in chunks:
+                async with task_group() as fanout:
+                    for node_id, address in replicas:
+                        fanout.start_soon(to_replica, node_id, address, index, chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done)
+
+    async with task_group() as group:
+        group.start_soon(reader)
+        async with receive:
+            for _ in range(max(1, min(client.window, nchunks(size)))):
+                group.start_soon(stager, receive.clone())
+    return Staged(hasher.size, hasher.digest(), count)
+
+
+async def _abort_quietly(client: Client, txid: int) -> None:
+    """Best effort, even while being cancelled: the coordinator expires it anyway."""
+    with trio.move_on_after(2) as scope:
+        scope.shield = True
+        try:
+            await client.abort(txid)
+        except DfsError as e:
+            log.debug("abort of txid %d failed: %s", txid, e)
+
+
+async def _settle(client: Client, txid: int) -> str:
+    """The outcome of a commit whose reply was lost: 'committed' or 'aborted'."""
+    with trio.move_on_after(client.commit_timeout):
+        while (state := await client.outcome(txid)) == "inflight":
+            await trio.sleep(OUTCOME_POLL)
+        return state
+    raise DfsError(Code.UNAVAILABLE, f"the outcome of transaction {txid} is still unknown")
+
+
+async def write_file(
+    client: Client,
+    ino: int,
+    source: BinaryIO,
+    *,
+    base_version: int | None = None,
+    if_version: bool = False,
+    mtime_ns: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> Attr:
+    """See Client.write_file."""
+    exclude: set[int] = set()
+    last: DfsError | None = None
+    for attempt in range(client.attempts):
+        if attempt:
+            await trio.sleep(min(BACKOFF * 2 ** (attempt - 1), MAX_BACKOFF))
+        try:
+            txid, replicas = await client.begin(ino, base_version, if_version, sorted(exclude))
+        except DfsError as e:
+            if e.code is not Code.UNAVAILABLE:
+                raise
+            # Maybe too few nodes are left without the excluded ones: let the coordinator
+            # place freely (its failure detector knows who is down by now).
+            last, exclude = e, set()
+            continue
+        try:
+            staged = await stage(client, txid, replicas, source, progress)
+        except ReplicaFailed as f:
+            log.info("txid %d: %s; retrying without node %d", txid, f, f.node_id)
+            await _abort_quietly(client, txid)
+            last = f.error
+            exclude.add(f.node_id)
+            continue
+        except BaseException:
+            await _abort_quietly(client, txid)
+            raise
+        try:
+            return await client.commit(
+                txid, staged.size, staged.checksum, staged.nchunks, mtime_ns
+            )
+        except PeerUnavailable as e:
+            if await _settle(client, txid) == "committed":
+                return await client.getattr(ino)
+            last = e
+        except DfsError as e:
+            failed = [int(n) for n in e.details.get("failed") or ()]
+            # A replica's NO that is about the replica (it lost or dropped the staged chunks),
+            # not about the file, is worth a retry elsewhere, as UNAVAILABLE always is.
+            if e.code is not Code.UNAVAILABLE and not (
+                failed and e.code in (Code.ENOENT, Code.CONFLICT)
+            ):
+                raise
+            log.info("txid %d: commit failed (%s); retrying without %s", txid, e, failed)
+            last = e
+            exclude.update(failed)
+    raise DfsError(
+        Code.UNAVAILABLE,
+        f"write of inode {ino} failed after {client.attempts} attempts: "
+        f"{last.msg if last else 'no attempt'}",
+    )

@@ -1,0 +1,276 @@
+"""A real cluster on loopback for tests: a coordinator and N storage nodes as `dfs` processes.
+
+Everything lives in one tmp dir (data dirs, logs, the secret). Timeouts are short so failure
+tests run in seconds. Every process is started in its own session and stopped by its pid alone,
+never by name. The harness is synchronous, so it works from plain and from trio tests alike;
+`client()` gives a library Client for async tests, `dfs(...)` runs the real command line.
+
+    c = Cluster(tmp_path).start()
+    c.kill("node-2"); c.restart("node-2", env={"DFS_FAILPOINTS": "node.before_vote=crash"})
+    c.dfs("put", "-", "/f", input=b"data")
+    async with c.client() as client: ...
+    c.stop_all()
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+import trio
+
+from dfs.cli.procs import DFS, Child
+from dfs.client import Client
+from dfs.rpc import load_secret
+
+COORDINATOR = "coordinator"
+COORDINATOR_ARGS = ("--node-timeout", "1.5", "--gc-grace", "1", "--vote-timeout", "2",
+                    "--txn-timeout", "10")
+NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "1")
+START_TIMEOUT = 30.0
+
+
+def servers_available() -> bool:
+    """True once the coordinator and the storage node can run (`run` in each package)."""
+    for module in ("dfs.coordinator", "storage_node.main"):
+        try:
+            if not hasattr(importlib.import_module(module), "run"):
+                return False
+        except ImportError:
+            return False
+    return True
+
+
+needs_servers = pytest.mark.skipif(
+    not servers_available(), reason="the coordinator or the storage node has not landed yet"
+)
+
+
+class Cluster:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        nodes: int = 3,
+        replicas: int = 3,
+        coordinator_args: Sequence[str] = COORDINATOR_ARGS,
+        node_args: Sequence[str] = NODE_ARGS,
+        env: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.nodes = nodes
+        self.replicas = replicas
+        self.coordinator_args = list(coordinator_args)
+        self.node_args = list(node_args)
+        self.env = {name: dict(e) for name, e in (env or {}).items()}
+        self.secret_file = self.root / "secret"
+        if not self.secret_file.exists():
+            self.secret_file.write_text(os.urandom(32).hex() + "\n")
+        self.secret = load_secret(self.secret_file)
+        self.procs: dict[str, Child] = {}
+        self.coordinator = ""  # HOST:PORT once started
+
+    # ------------------------------------------------------------ processes
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n for n in self.procs if n != COORDINATOR]
+
+    def _argv(self, name: str, listen: str) -> list[str]:
+        common = ["--secret-file", str(self.secret_file)]
+        if name == COORDINATOR:
+            return [*DFS, *common, "coordinator", "--data", str(self.data_dir(name)),
+                    "--listen", listen, "--replicas", str(self.replicas),
+                    *self.coordinator_args]
+        return [*DFS, *common, "--coordinator", self.coordinator, "node",
+                "--data", str(self.data_dir(name)), "--listen", listen, *self.node_args]
+
+    def _spawn(self, name: str, listen: str, env: Mapping[str, str] | None) -> str:
+        if env is not None:
+            self.env[name] = dict(env)
+        child = self.procs.get(name)
+        if child is None:
+            child = self.procs[name] = Child(name, [], self.root / f"{name}.log")
+        child.argv = self._argv(name, listen)
+        child.start({"DFS_LOG_LEVEL": "INFO", **self.env.get(name, {})})
+        return child.wait_listening(START_TIMEOUT)
+
+    def start(self) -> Cluster:
+        """Start the coordinator, then the nodes; return once every node is up."""
+        self.coordinator = self._spawn(COORDINATOR, "127.0.0.1:0", None)
+        for i in range(1, self.nodes + 1):
+            self.add_node(f"node-{i}", wait=False)
+        self.wait_nodes_up()
+        return self
+
+    def add_node(self, name: str | None = None, env: Mapping[str, str] | None = None,
+                 *, wait: bool = True) -> str:
+        """Start one more node (a new data dir); its name."""
+        name = name or f"node-{len(self.node_names) + 1}"
+        self._spawn(name, "127.0.0.1:0", env)
+        if wait:
+            self.wait_nodes_up()
+        return name
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal by pid (SIGKILL waits for the exit; SIGSTOP/SIGCONT pause/resume)."""
+        self.procs[name].kill(sig)
+
+    def stop(self, name: str) -> int | None:
+        return self.procs[name].stop()
+
+    def restart(self, name: str, env: Mapping[str, str] | None = None, *,
+                wait: bool = True) -> None:
+        """Start `name` again on the same address and data dir (stopping it first if running).
+
+        env replaces that process's extra environment (e.g. DFS_FAILPOINTS); None keeps it.
+        """
+        child = self.procs[name]
+        if child.running():
+            child.stop()
+        listen = child.address or "127.0.0.1:0"
+        address = self._spawn(name, listen, env)
+        if name == COORDINATOR:
+            self.coordinator = address
+        if wait:
+            self.wait_nodes_up()
+
+    def stop_all(self) -> None:
+        """Stop every process (nodes first), each by its own pid."""
+        for name in [*self.node_names, COORDINATOR]:
+            child = self.procs.get(name)
+            if child is not None:
+                child.kill(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+                child.stop(timeout=5)
+
+    def running(self, name: str) -> bool:
+        return self.procs[name].running()
+
+    def log(self, name: str, lines: int = 40) -> str:
+        return self.procs[name].log_tail(lines)
+
+    def logs(self, lines: int = 40) -> str:
+        return "\n".join(f"--- {n}\n{self.log(n, lines)}" for n in self.procs)
+
+    # ------------------------------------------------------------ paths and ids
+
+    def data_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def node_store_path(self, name: str) -> Path:
+        """The node's data dir: its LMDB environment is data.mdb inside (DESIGN.md §11)."""
+        return self.data_dir(name)
+
+    def corrupt_chunk(self, name: str, blob: int, index: int = 0, offset: int = 0) -> None:
+        """Flip one byte of a stored chunk, as bit rot would (stop the node first).
+
+        Uses the documented layout (DESIGN.md §3): `chunks` key = blob u64 BE + index u32 BE,
+        value = the chunk's 8-byte digest, then its bytes.
+        """
+        assert not self.running(name), "stop the node before editing its store"
+        env = lmdb.open(str(self.node_store_path(name)), max_dbs=8, subdir=True)
+        try:
+            db = env.open_db(b"chunks")
+            with env.begin(write=True, db=db) as txn:
+                key = struct.pack(">QI", blob, index)
+                value = bytearray(txn.get(key))
+                value[8 + offset] ^= 0xFF
+                txn.put(key, bytes(value))
+        finally:
+            env.close()
+
+    def node_id(self, name: str) -> int:
+        """A node's id, found in the node table by the address it listens on."""
+        address = self.procs[name].address
+        for node in self.status()["nodes"]:
+            if node["address"] == address:
+                return int(node["id"])
+        raise KeyError(f"{name} ({address}) is not in the node table")
+
+    def node_name(self, node_id: int) -> str:
+        by_address = {c.address: n for n, c in self.procs.items()}
+        for node in self.status()["nodes"]:
+            if node["id"] == node_id:
+                return by_address[node["address"]]
+        raise KeyError(node_id)
+
+    # ------------------------------------------------------------ the command line
+
+    def cli_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {**os.environ, "DFS_COORDINATOR": self.coordinator,
+                "DFS_SECRET_FILE": str(self.secret_file), **(extra or {})}
+
+    def dfs(self, *args: str | os.PathLike[str], input: bytes | None = None,
+            env: Mapping[str, str] | None = None, timeout: float = 120,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        """Run the real `dfs` command against this cluster; never raises on failure."""
+        return subprocess.run(
+            [*DFS, *map(str, args)], input=input, capture_output=True,
+            env=self.cli_env(env), timeout=timeout, cwd=cwd,
+        )
+
+    def dfs_json(self, *args: str) -> Any:
+        result = self.dfs(*args, "--json")
+        if result.returncode != 0:
+            raise AssertionError(f"dfs {' '.join(args)}: {result.stderr.decode()}")
+        return json.loads(result.stdout)
+
+    def status(self) -> dict[str, Any]:
+        return self.dfs_json("status")
+
+    def wait_nodes_up(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
+        want = len(self.node_names) if count is None else count
+
+        def enough_up() -> bool:
+            result = self.dfs("status", "--json", timeout=timeout)
+            if result.returncode != 0:
+                return False
+            nodes = json.loads(result.stdout)["nodes"]
+            return sum(n["state"] == "up" for n in nodes) >= want
+
+        self.wait_until(enough_up, timeout, message=f"{want} nodes up")
+
+    # ------------------------------------------------------------ waiting, clients
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float = 10.0,
+                   interval: float = 0.05, message: str = "") -> Any:
+        """Poll a plain predicate until truthy (its value is returned) or fail the test."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for "
+                                     f"{message or predicate}\n{self.logs(10)}")
+            time.sleep(interval)
+
+    async def await_until(self, predicate: Callable[[], Awaitable[Any] | Any],
+                          timeout: float = 10.0, interval: float = 0.05,
+                          message: str = "") -> Any:
+        """wait_until for trio tests: the predicate may be async; the event loop stays free."""
+        with trio.move_on_after(timeout):
+            while True:
+                value = predicate()
+                if isinstance(value, Awaitable):
+                    value = await value
+                if value:
+                    return value
+                await trio.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+
+    def client(self, **options: Any) -> Client:
+        """A library client of this cluster (`async with cluster.client() as c`)."""
+        options.setdefault("retry_for", 10.0)
+        return Client(self.coordinator, self.secret, **options)

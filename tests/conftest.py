@@ -1,0 +1,47 @@
+"""Shared fixtures: real clusters on loopback (tests/cluster.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster import Cluster, servers_available
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Start clusters with custom settings: `cluster_factory(nodes=4, env={...})`."""
+    if not servers_available():
+        pytest.skip("the coordinator or the storage node has not landed yet")
+    started: list[Cluster] = []
+
+    def start(**options: Any) -> Cluster:
+        cluster = Cluster(tmp_path / f"cluster-{len(started)}", **options)
+        started.append(cluster)
+        return cluster.start()
+
+    try:
+        yield start
+    finally:
+        for cluster in started:
+            cluster.stop_all()
+
+
+@pytest.fixture
+def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
+    """A fresh coordinator and 3 nodes (R=3) for one test."""
+    return cluster_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One cluster for a whole module of tests that don't break it (they use distinct paths)."""
+    if not servers_available():
+        pytest.skip("the coordinator or the storage node has not landed yet")
+    cluster = Cluster(tmp_path_factory.mktemp("shared-cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop_all()
