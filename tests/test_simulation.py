@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dfs import failpoints
 from dfs.sim.run import BUGS, simulate
 from dfs.sim.world import NO_FAULTS
 
@@ -20,7 +21,9 @@ def test_many_seeds_keep_every_invariant() -> None:
             faults[kind] = faults.get(kind, 0) + n
     # The runs must have exercised something: writes that landed, reads, and every fault kind.
     assert ok_writes > 500 and reads > 200
-    for kind in ("drop", "duplicate", "partition", "crash SimNode", "crash SimCoordinator"):
+    kinds = ["drop", "duplicate", "partition", "disk full", "crash SimNode",
+             "crash SimCoordinator", *(f"crash at {name}" for name in sorted(failpoints.NAMES))]
+    for kind in kinds:
         assert faults.get(kind, 0) > 0, f"no {kind} injected in 200 seeds"
 
 

@@ -33,6 +33,7 @@ class History:
     writes: list[Op] = field(default_factory=list)
     by_txid: dict[int, Op] = field(default_factory=dict)
     reads: int = 0
+    deletes: int = 0
     bad_reads: list[str] = field(default_factory=list)
 
 
@@ -69,8 +70,12 @@ class SimClient(Process):
         if not self.running:
             return
         ino = self.world.rng.choice(self.files)
-        if self.world.rng.random() < 0.7:
+        roll = self.world.rng.random()
+        if roll < 0.65:
             self._write(ino)
+        elif roll < 0.72:
+            self.history.deletes += 1
+            self.call("coord", {"op": "delete", "ino": ino}, lambda reply: self._done())
         else:
             self._read(ino)
 

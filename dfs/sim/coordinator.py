@@ -23,10 +23,14 @@ from dfs.twopc import (
 VOTE_TIMEOUT = 1.0
 COMMIT_RETRY = 0.5
 STAGING_TIMEOUT = 10.0
+GC_GRACE = 2.0
+GC_INTERVAL = 0.5
 
 
 class SimCoordinator(Process):
-    """Durable: ("txn", txid), ("inode", ino), ("next_txid",). Memory: the protocol machine.
+    """Durable: ("txn", txid), ("inode", ino), ("gc", node, blob) -> not_before, ("next_txid",).
+    Memory: the protocol machine. `ledger` is the world's record of every decision the
+    coordinator ever made durable (outside the process: the checker's, not the coordinator's).
 
     bug="unforced_decision" plants a bug: the decision is not forced before the client hears ok.
     """
@@ -38,6 +42,7 @@ class SimCoordinator(Process):
         self.r = replicas
         self.bug = bug
         self.disk = SimDisk()
+        self.ledger: dict[int, int] = {}  # txid -> ino, for every decision forced
         for ino in files:
             self.disk.put(("inode", ino), {"version": 0, "blob": None, "replicas": [],
                                            "size": 0, "checksum": None, "nchunks": 0})
@@ -53,6 +58,7 @@ class SimCoordinator(Process):
                 rec = self.disk.get(key)
                 self.apply(self.proto.recover(key[1], rec["replicas"], rec["acked"]))
         self.recover_timers()
+        self.after(GC_INTERVAL, self._collect)
 
     def crash(self) -> None:
         super().crash()
@@ -91,11 +97,37 @@ class SimCoordinator(Process):
         info = self.pending.setdefault(txid, {})
         info.update(client=src, rid=msg["rid"], size=msg["size"], checksum=msg["checksum"],
                     nchunks=msg["nchunks"])
+        self.crash_point("coordinator.before_prepare")
         self.apply(self.proto.request_commit(txid, msg["size"], msg["checksum"], msg["nchunks"]))
         self.after(VOTE_TIMEOUT, lambda: self.apply(self.proto.vote_timeout(txid)))
 
     def on_abort(self, src: str, msg: dict[str, Any]) -> None:
         self.apply(self.proto.abort(msg["txid"]))
+
+    def on_delete(self, src: str, msg: dict[str, Any]) -> None:
+        """Unlink, modelled as the file's content going away: a new version with no blob."""
+        inode = self.disk.get(("inode", msg["ino"]))
+        self._supersede(inode)
+        self.disk.put(("inode", msg["ino"]), {**inode, "version": inode["version"] + 1,
+                                              "blob": None, "replicas": [], "size": 0,
+                                              "checksum": None, "nchunks": 0})
+        self.disk.force()
+        self.send(src, {"re": "delete", "rid": msg["rid"], "ok": True})
+
+    def _supersede(self, inode: dict[str, Any]) -> None:
+        """Queue the old blob for deletion after the grace period (in the caller's write)."""
+        if inode["blob"] is not None:
+            for node in inode["replicas"]:
+                self.disk.put(("gc", node, inode["blob"]), self.world.now + GC_GRACE)
+
+    def _collect(self) -> None:
+        for key in self.disk.keys():
+            if key[0] == "gc" and self.disk.get(key) <= self.world.now:
+                self.send(self.nodes[key[1]], {"op": "gc_delete", "txid": key[2]})
+        self.after(GC_INTERVAL, self._collect)
+
+    def on_re_gc_delete(self, src: str, msg: dict[str, Any]) -> None:
+        self.disk.delete(("gc", msg["node"], msg["txid"]))  # unforced: a lost delete is re-sent
 
     def on_outcome(self, src: str, msg: dict[str, Any]) -> None:
         txid = msg["txid"]
@@ -127,6 +159,7 @@ class SimCoordinator(Process):
                                                "checksum": a.checksum, "nchunks": a.nchunks})
             elif isinstance(a, SendCommit):
                 self.send(self.nodes[a.node], {"op": "commit", "txid": a.txid})
+                self.crash_point("coordinator.mid_commit")
             elif isinstance(a, SendAbort):
                 self.send(self.nodes[a.node], {"op": "abort", "txid": a.txid})
             elif isinstance(a, WriteDecision):
@@ -146,7 +179,9 @@ class SimCoordinator(Process):
             msg = f"file is at version {inode['version']}, not {info['base']}"
             self.apply(self.proto.decision_refused(txid, Code.CONFLICT, msg))
             return
+        self.crash_point("coordinator.before_decision")
         replicas = list(self.proto.replicas(txid))
+        self._supersede(inode)
         self.disk.put(("txn", txid), {"state": "COMMITTED", "ino": info["ino"],
                                       "replicas": replicas, "acked": []})
         self.disk.put(("inode", info["ino"]), {
@@ -154,6 +189,8 @@ class SimCoordinator(Process):
             "size": info["size"], "checksum": info["checksum"], "nchunks": info["nchunks"]})
         if self.bug != "unforced_decision":
             self.disk.force()
+        self.ledger[txid] = info["ino"]
+        self.crash_point("coordinator.after_decision")
         self.apply(self.proto.decision_written(txid))
         self.after(COMMIT_RETRY, self._retry_commit, txid)
 

@@ -33,6 +33,7 @@ class SimNode(Process):
         self.node_id = node_id
         self.bug = bug
         self.disk = SimDisk()
+        self.full_until = 0.0  # the world fills this node's disk for a while
         self._boot()
 
     def _boot(self) -> None:
@@ -85,11 +86,14 @@ class SimNode(Process):
         if isinstance(a, Refuse):
             return self.reply(src, msg, "stage", a)
         assert isinstance(a, StoreChunk)
+        if self.world.now < self.full_until:
+            return self.reply(src, msg, "stage", Refuse(Code.ENOSPC, "disk full"))
         if self.stored(txid) is None:
             self.disk.put(("blob", txid), {"state": "STAGED", "created": self.world.now})
         self.disk.put(("chunk", txid, msg["index"]), msg["data"])
         if isinstance(self.p.on_staged(txid), Drop):
             self._drop(txid)
+        self.crash_point("node.after_stage")
         self.reply(src, msg, "stage")
 
     def on_prepare(self, src: str, msg: dict[str, Any]) -> None:
@@ -103,12 +107,16 @@ class SimNode(Process):
             self.p.on_prepare_failed(txid, self.world.now)
             return self.reply(src, msg, "prepare", problem)
         if stored not in ("PREPARED", "COMMITTED"):
+            if self.world.now < self.full_until:
+                self.p.on_prepare_failed(txid, self.world.now)
+                return self.reply(src, msg, "prepare", Refuse(Code.ENOSPC, "disk full"))
             rec = self.disk.get(("blob", txid)) or {"created": self.world.now}
             self.disk.put(("blob", txid), {**rec, "state": "PREPARED", "size": msg["size"],
                                            "checksum": msg["checksum"],
                                            "nchunks": msg["nchunks"]})
             if self.bug != "vote_before_force":
                 self.disk.force()
+        self.crash_point("node.before_vote")
         self.p.on_prepared(txid, self.world.now)
         self.reply(src, msg, "prepare")
 
@@ -133,10 +141,14 @@ class SimNode(Process):
             return self.reply(src, msg, "commit", a)
         if isinstance(a, ForceCommitted):
             self._force_committed(txid)
+            self.crash_point("node.before_commit_ack")
         self.reply(src, msg, "commit")
 
     def _force_committed(self, txid: int) -> None:
         rec = self.disk.get(("blob", txid))
+        if rec is None:  # deleted by GC meanwhile: it was committed and superseded
+            self.p.on_committed(txid)
+            return
         self.disk.put(("blob", txid), {**rec, "state": "COMMITTED"})
         self.disk.force()
         self.p.on_committed(txid)
@@ -146,9 +158,16 @@ class SimNode(Process):
         if isinstance(a, Drop):
             self._drop(msg["txid"])
 
-    def _drop(self, txid: int) -> None:
+    def on_gc_delete(self, src: str, msg: dict[str, Any]) -> None:
+        """The coordinator's GC: the blob was superseded; delete it in whatever state."""
+        self._drop(msg["txid"], committed_too=True)
+        self.disk.force()  # the coordinator forgets the deletion once acked
+        self.p.on_deleted(msg["txid"])
+        self.reply(src, msg, "gc_delete")
+
+    def _drop(self, txid: int, committed_too: bool = False) -> None:
         rec = self.disk.get(("blob", txid))
-        if rec is None or rec["state"] == "COMMITTED":
+        if rec is None or (rec["state"] == "COMMITTED" and not committed_too):
             return
         for key in self.disk.keys():
             if key[0] == "chunk" and key[1] == txid:

@@ -66,30 +66,41 @@ def simulate(seed: int, *, nodes: int = 3, replicas: int = 3, clients: int = 3,
 
 
 def check(coord: SimCoordinator, nodes: dict[int, SimNode], history: History) -> list[str]:
-    """The invariants of DESIGN.md §9 over the quiesced cluster (no GC runs in the simulation)."""
+    """The invariants of DESIGN.md §9 over the quiesced cluster."""
     v: list[str] = list(history.bad_reads)  # I1: no read returned bytes of another version
     committed = {key[1]: coord.disk.get(key) for key in coord.disk.keys() if key[0] == "txn"}
+    for txid in coord.ledger:
+        if txid not in committed:
+            v.append(f"I2: the decision to commit txid={txid} was lost (decisions never change)")
     for op in history.writes:
         if op.outcome == "ok" and op.txid not in committed:
             v.append(f"I2: write txid={op.txid} to ino={op.ino} was acknowledged but is lost")
         if op.outcome == "failed" and op.txid in committed:
             v.append(f"I1: write txid={op.txid} failed for the client but committed")
+    current = {}
+    for key in coord.disk.keys():
+        if key[0] == "inode":
+            inode = coord.disk.get(key)
+            current[inode["blob"]] = key[1]
+            if inode["blob"] is not None and inode["blob"] not in committed:
+                v.append(f"I1: ino={key[1]} points at uncommitted blob {inode['blob']}")
     for txid, rec in committed.items():
         op = history.by_txid.get(txid)
         for r in rec["replicas"]:
             state = nodes[r].stored(txid)
-            if state != "COMMITTED":
-                v.append(f"I1: committed txid={txid} is {state} on replica n{r}")
-            elif op is not None and nodes[r].content(txid) != op.content:
+            if txid in current and state != "COMMITTED":
+                v.append(f"I1: current txid={txid} of ino={rec['ino']} is {state} on n{r}")
+            elif state is not None and op is not None and nodes[r].content(txid) != op.content:
                 v.append(f"I1: committed txid={txid} has other bytes on replica n{r}")
-    for ino_key in [k for k in coord.disk.keys() if k[0] == "inode"]:
-        inode = coord.disk.get(ino_key)
-        if inode["blob"] is not None and inode["blob"] not in committed:
-            v.append(f"I1: ino={ino_key[1]} points at uncommitted blob {inode['blob']}")
+    gc_left = [key for key in coord.disk.keys() if key[0] == "gc"]
+    if gc_left:
+        v.append(f"I3: {len(gc_left)} GC deletions never delivered, e.g. {gc_left[0]}")
     for r, node in nodes.items():
         for txid, rec in node.blobs().items():
             if rec["state"] != "COMMITTED":
                 v.append(f"I3: {rec['state']} leftover txid={txid} on n{r}")
             elif txid not in committed:
                 v.append(f"I1: txid={txid} COMMITTED on n{r} but never decided")
+            elif txid not in current:
+                v.append(f"I3: superseded txid={txid} still on n{r} after GC")
     return v

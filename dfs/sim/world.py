@@ -18,16 +18,23 @@ from typing import Any
 class Faults:
     """How hostile the run is. Probabilities are per message or per step."""
 
-    drop: float = 0.05
+    drop: float = 0.02
     duplicate: float = 0.03
     max_delay: float = 0.05  # seconds; reordering comes from random delays
-    crash: float = 0.002  # per process per step of a running process
+    crash: float = 0.0005  # per process per step of a running process
+    crash_point: float = 0.01  # at a failpoint (DESIGN.md §8) inside a handler
+    disk_full: float = 0.002  # chance per step that a node's disk fills up for a while
+    disk_full_for: tuple[float, float] = (0.5, 4.0)
     restart_after: tuple[float, float] = (0.1, 3.0)
     partition: float = 0.002  # chance per step that a random link is cut for a while
     partition_for: tuple[float, float] = (0.5, 5.0)
 
 
-NO_FAULTS = Faults(drop=0, duplicate=0, crash=0, partition=0)
+NO_FAULTS = Faults(drop=0, duplicate=0, crash=0, partition=0, crash_point=0, disk_full=0)
+
+
+class Crashed(Exception):
+    """Raised at a crash point: the rest of the handler never runs."""
 
 
 class Process(abc.ABC):
@@ -51,6 +58,15 @@ class Process(abc.ABC):
 
     def send(self, dst: str, msg: dict[str, Any]) -> None:
         self.world.send(self.name, dst, msg)
+
+    def crash_point(self, name: str) -> None:
+        """A failpoint: the world may crash this process right here, mid-handler."""
+        w = self.world
+        if not w.calm and w.rng.random() < w.faults.crash_point:
+            w.count(f"crash at {name}")
+            w.log(f"CRASH {self.name} at {name}")
+            w.crash(self)
+            raise Crashed(name)
 
     def after(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
         """A timer of this incarnation: it does not fire after a crash."""
@@ -135,14 +151,24 @@ class World:
             if process.up and getattr(process, "crashable", True) and self.rng.random() < f.crash:
                 self.count(f"crash {type(process).__name__}")
                 self.log(f"CRASH {process.name}")
-                process.crash()
-                self.at(self.rng.uniform(*f.restart_after), lambda p=process: self._restart(p))
+                self.crash(process)
+        if self.rng.random() < f.disk_full:
+            nodes = [p for p in self.processes.values() if hasattr(p, "full_until")]
+            if nodes:
+                node = self.rng.choice(nodes)
+                node.full_until = self.now + self.rng.uniform(*f.disk_full_for)
+                self.count("disk full")
+                self.log(f"DISK FULL {node.name}")
         if self.rng.random() < f.partition:
             names = sorted(self.processes)
             a, b = self.rng.sample(names, 2)
             self.cut[frozenset((a, b))] = self.now + self.rng.uniform(*f.partition_for)
             self.count("partition")
             self.log(f"CUT {a}<->{b}")
+
+    def crash(self, process: Process) -> None:
+        process.crash()
+        self.at(self.rng.uniform(*self.faults.restart_after), lambda: self._restart(process))
 
     def _restart(self, process: Process) -> None:
         if not process.up:
@@ -154,6 +180,9 @@ class World:
         self.calm = True
         self.cut.clear()
         for process in self.processes.values():
+            if hasattr(process, "full_until"):
+                process.full_until = 0.0
+        for process in self.processes.values():
             self._restart(process)
 
     # ---------------------------------------------------------------- run
@@ -162,5 +191,8 @@ class World:
         while self._queue and self._queue[0].time <= t:
             event = heapq.heappop(self._queue)
             self.now = event.time
-            event.fn()
+            try:
+                event.fn()
+            except Crashed:
+                pass
         self.now = max(self.now, t)
