@@ -1,0 +1,256 @@
+"""Local read cache of committed file content (DESIGN.md §7).
+
+Every version of every file is an immutable blob (DESIGN.md §3), so a chunk cached under
+(ino, version, index) can never go stale: there is no invalidation, only eviction. Chunks are
+kept one file each under the cache directory, so eviction is an unlink and a reader that opened
+a chunk file keeps reading it even if the chunk is evicted meanwhile. The total is capped; the
+least recently used chunks go first, except the versions that must stay readable because an open
+file's name was removed or replaced (those are "kept" until the last handle is released).
+
+Sequential readers get read-ahead: when a handle reads chunk i after chunk i-1, the next few
+chunks are fetched in the background, so a cold sequential read overlaps network and disk.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from dfs.chunks import CHUNK_SIZE
+from dfs.client.attr import Attr
+from fuse_mount.spool import INLINE_IO, clear_directory
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[Attr, int], Awaitable[bytes]]
+ChunkKey = tuple[int, int, int]  # (ino, version, chunk index)
+
+
+class ReadState:
+    """Per-handle access pattern, used to decide on read-ahead."""
+
+    __slots__ = ("next_chunk",)
+
+    def __init__(self) -> None:
+        self.next_chunk = 0
+
+
+def chunk_length(attr: Attr, index: int) -> int:
+    return max(0, min(CHUNK_SIZE, attr.size - index * CHUNK_SIZE))
+
+
+class ReadCache:
+    """Chunks of committed versions on local disk, LRU-evicted beyond `capacity` bytes."""
+
+    def __init__(
+        self,
+        directory: Path,
+        capacity: int,
+        fetch: Fetch,
+        *,
+        readahead: int = 8,
+        parallel: int = 8,
+        hot_chunks: int = 8,
+    ) -> None:
+        self.directory = directory
+        self.capacity = capacity
+        self.readahead = readahead
+        self._fetch = fetch
+        self._present: collections.OrderedDict[ChunkKey, int] = collections.OrderedDict()
+        # The last few chunks in memory: the kernel splits one read() into requests of
+        # max_pages, and each would otherwise read the chunk file again.
+        self._hot: collections.OrderedDict[ChunkKey, bytes] = collections.OrderedDict()
+        self._hot_max = hot_chunks
+        self._inflight: dict[ChunkKey, trio.Event] = {}
+        self._keep: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._limiter = trio.CapacityLimiter(parallel)
+        self._nursery: trio.Nursery | None = None
+        self.total = 0
+        clear_directory(directory)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Give the cache a nursery for background fetches (read-ahead, keep-alive copies)."""
+        self._nursery = nursery
+
+    def _path(self, key: ChunkKey) -> str:
+        return os.path.join(self.directory, "{}.{}.{}".format(*key))
+
+    # ------------------------------------------------------------------ reads
+
+    async def read(
+        self, attr: Attr, offset: int, size: int, state: ReadState | None = None
+    ) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of the version `attr` names, clipped at its size."""
+        end = min(offset + size, attr.size)
+        if attr.blob is None or offset >= end:
+            return b""
+        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        if state is not None:
+            if first in (state.next_chunk, state.next_chunk - 1) or first == 0:
+                self._read_ahead(attr, last + 1)
+            state.next_chunk = last + 1
+        parts: list[bytes | memoryview] = []
+        for index in range(first, last + 1):
+            lo = max(offset, index * CHUNK_SIZE) - index * CHUNK_SIZE
+            hi = min(end, (index + 1) * CHUNK_SIZE) - index * CHUNK_SIZE
+            parts.append(await self._slice(attr, index, lo, hi - lo))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def chunk(self, attr: Attr, index: int) -> bytes:
+        """One whole chunk (for copying a version into a spool); not added to the cache."""
+        key = (attr.ino, attr.version, index)
+        event = self._inflight.get(key)
+        if event is not None:
+            await event.wait()
+        if key in self._present:
+            data = await self._load(key, 0, chunk_length(attr, index))
+            if data is not None:
+                return data
+        return await self._fetch(attr, index)
+
+    async def _slice(self, attr: Attr, index: int, lo: int, n: int) -> bytes | memoryview:
+        key = (attr.ino, attr.version, index)
+        while True:
+            data = self._hot.get(key)
+            if data is not None:
+                self._hot.move_to_end(key)
+                return memoryview(data)[lo : lo + n]
+            if key in self._present:
+                self._present.move_to_end(key)
+                if n <= INLINE_IO // 4:  # a small read of a big file: no need for all of it
+                    small = await self._load(key, lo, n)
+                    if small is not None:
+                        return small
+                    continue
+                data = await self._load(key, 0, chunk_length(attr, index))
+                if data is not None:
+                    self._make_hot(key, data)
+                    return memoryview(data)[lo : lo + n]
+            event = self._inflight.get(key)
+            if event is not None:
+                await event.wait()
+                continue
+            data = await self._fill(attr, index)
+            self._make_hot(key, data)
+            return memoryview(data)[lo : lo + n]
+
+    def _make_hot(self, key: ChunkKey, data: bytes) -> None:
+        self._hot[key] = data
+        while len(self._hot) > self._hot_max:
+            self._hot.popitem(last=False)
+
+    async def _load(self, key: ChunkKey, lo: int, n: int) -> bytes | None:
+        """Read from a cached chunk file; None if it was evicted meanwhile."""
+        try:
+            if n <= INLINE_IO:
+                return _pread_file(self._path(key), lo, n)
+            return await trio.to_thread.run_sync(_pread_file, self._path(key), lo, n)
+        except FileNotFoundError:
+            self._drop(key)
+            return None
+
+    async def _fill(self, attr: Attr, index: int) -> bytes:
+        """Fetch one chunk from the cluster and store it; concurrent callers share the fetch."""
+        key = (attr.ino, attr.version, index)
+        event = self._inflight[key] = trio.Event()
+        try:
+            data = await self._fetch(attr, index)
+            await trio.to_thread.run_sync(_write_file, self._path(key), data)
+            self._present[key] = len(data)
+            self.total += len(data)
+            self._evict()
+            return data
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    # ------------------------------------------------------------ background
+
+    def _read_ahead(self, attr: Attr, start: int) -> None:
+        if self._nursery is None:
+            return
+        stop = min(start + self.readahead, (attr.size + CHUNK_SIZE - 1) // CHUNK_SIZE)
+        for index in range(start, stop):
+            key = (attr.ino, attr.version, index)
+            if key not in self._present and key not in self._inflight:
+                self._nursery.start_soon(self._background_fill, attr, index)
+
+    async def _background_fill(self, attr: Attr, index: int) -> None:
+        key = (attr.ino, attr.version, index)
+        async with self._limiter:
+            if key in self._present or key in self._inflight:
+                return
+            try:
+                await self._fill(attr, index)
+            except Exception as e:  # a foreground read will retry and report it
+                log.debug("read-ahead of %s failed: %s", key, e)
+
+    def keep(self, attr: Attr) -> None:
+        """Keep this version readable until `release`: its name is gone, so after the
+        cluster's grace period only this cache still has the bytes. Fetches what is missing."""
+        if attr.blob is None or not attr.is_file():
+            return
+        ident = (attr.ino, attr.version)
+        self._keep[ident] += 1
+        if self._keep[ident] == 1 and self._nursery is not None:
+            for index in range((attr.size + CHUNK_SIZE - 1) // CHUNK_SIZE):
+                if (attr.ino, attr.version, index) not in self._present:
+                    self._nursery.start_soon(self._background_fill, attr, index)
+
+    def release(self, attr: Attr) -> None:
+        ident = (attr.ino, attr.version)
+        if self._keep.get(ident):
+            self._keep[ident] -= 1
+            if not self._keep[ident]:
+                del self._keep[ident]
+                self._evict()
+
+    # -------------------------------------------------------------- eviction
+
+    def _drop(self, key: ChunkKey) -> None:
+        self._hot.pop(key, None)
+        size = self._present.pop(key, None)
+        if size is not None:
+            self.total -= size
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+
+    def _evict(self) -> None:
+        if self.total <= self.capacity:
+            return
+        for key in list(self._present):
+            if self.total <= self.capacity:
+                break
+            if (key[0], key[1]) in self._keep:
+                continue
+            self._drop(key)
+
+    def close(self) -> None:
+        for key in list(self._present):
+            self._drop(key)
+
+
+def _pread_file(path: str, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
+    finally:
+        os.close(fd)

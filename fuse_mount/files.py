@@ -1,0 +1,171 @@
+"""Open files: open, create, read, write, and the commits in flush, fsync and release
+(DESIGN.md §7). A mixin of Operations, which provides the namespace side.
+
+Every handle gets `direct_io`: the kernel page cache is per inode, but here a version is per
+open (each handle reads the version it opened, or its own spool), so the kernel must not serve
+one handle's reads from pages another handle filled.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable
+
+import pyfuse3
+
+from dfs.client import Client
+from dfs.client.attr import Attr
+from dfs.errors import Code, DfsError
+from fuse_mount.cache import ReadCache
+from fuse_mount.handler import check_name, handler
+from fuse_mount.handles import FileHandle, Services
+from fuse_mount.inodes import InodeTable
+from fuse_mount.remote import Remote
+
+log = logging.getLogger(__name__)
+
+#: How recent a lookup's attributes must be for open() to use them instead of asking again.
+OPEN_FRESH = 0.05
+
+
+class FilesMixin:
+    """File handle requests for Operations (which provides everything declared here)."""
+
+    client: Client
+    remote: Remote
+    table: InodeTable
+    cache: ReadCache
+    services: Services
+    files: dict[int, FileHandle]
+    _fhs: itertools.count[int]
+    _recent: dict[int, tuple[float, Attr]]
+
+    async def fresh(self, ino: int) -> Attr:
+        raise NotImplementedError
+
+    def invalidate_later(self, ino: int) -> None:
+        raise NotImplementedError
+
+    def _owner(self, parent: int, mode: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        raise NotImplementedError
+
+    async def _made(self, parent: int, name: bytes, make: Awaitable[Attr]) -> Attr:
+        raise NotImplementedError
+
+    def _new_handle(self, ino: int, flags: int, base: Attr) -> FileHandle:
+        handle = FileHandle(next(self._fhs), ino, flags, base, self.services)
+        self.files[handle.fh] = handle
+        self.table.add_handle(handle, base)
+        return handle
+
+    def _file_info(self, handle: FileHandle) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        recent = self._recent.pop(inode, None)
+        if recent is not None and time.monotonic() - recent[0] < OPEN_FRESH:
+            attr = recent[1]
+        else:
+            attr = await self.fresh(inode)
+        if attr.is_dir():
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        node = self.table.get(inode)
+        if node is not None and node.presented is not None and node.presented != attr.version:
+            self.invalidate_later(inode)  # the kernel's size and mtime are another version's
+        handle = self._new_handle(inode, flags, attr)
+        if flags & os.O_TRUNC and handle.writable:
+            await handle.truncate(0)
+        return self._file_info(handle)
+
+    @handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        check_name(name)
+        mode, gid = self._owner(parent_inode, mode, ctx)
+        make = self.remote.call(
+            self.client.create, parent_inode, name, mode, ctx.uid, gid,
+            exclusive=bool(flags & os.O_EXCL), done_if=Code.EEXIST,
+        )
+        attr = await self._made(parent_inode, name, make)
+        handle = self._new_handle(attr.ino, flags, attr)
+        if flags & os.O_TRUNC and handle.writable and attr.size:
+            await handle.truncate(0)
+        return self._file_info(handle), self.table.looked_up(attr)
+
+    def _handle(self, fh: int) -> FileHandle:
+        handle = self.files.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        return await self._handle(fh).read(off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handle(fh).write(off, buf)
+
+    async def _commit(self, handle: FileHandle) -> None:
+        try:
+            attr = await handle.commit()
+        except DfsError as e:
+            if e.code is Code.ENOENT and await self._gone(handle.ino):
+                # Its last name was removed (here or by another client) while it was open:
+                # as on a local disk the writes succeed, and nobody can ever read them.
+                log.info("inode %d was removed while open; its last writes are dropped",
+                         handle.ino)
+                return
+            log.error("commit of inode %d failed, it keeps its previous version: %s",
+                      handle.ino, e)
+            raise pyfuse3.FUSEError(errno.ENOSPC if e.code is Code.ENOSPC else errno.EIO) from None
+        if attr is not None:
+            self.table.update(attr)
+
+    async def _gone(self, ino: int) -> bool:
+        try:
+            await self.remote.call(self.client.getattr, ino)
+        except DfsError as e:
+            return e.code is Code.ENOENT
+        return False
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        await self._commit(self._handle(fh))
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._commit(self._handle(fh))
+
+    @handler
+    async def release(self, fh: int) -> None:
+        handle = self.files.pop(fh, None)
+        if handle is None:
+            return
+        try:
+            if handle.dirty:  # written after the last flush (e.g. through a shared mapping)
+                await self._commit(handle)
+        except pyfuse3.FUSEError:
+            pass  # already logged; nobody is waiting for a release's answer
+        finally:
+            handle.close()
+            self.table.remove_handle(handle)
+
+    async def shutdown(self) -> None:
+        """Commit what open files still hold (best effort, logged), then drop local state."""
+        for handle in list(self.files.values()):
+            try:
+                if handle.dirty:
+                    await self._commit(handle)
+            except pyfuse3.FUSEError:
+                pass
+            finally:
+                handle.close()
+        self.files.clear()
+        self.cache.close()

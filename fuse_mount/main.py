@@ -1,0 +1,310 @@
+"""`dfs mount MOUNTPOINT` and `dfs umount MOUNTPOINT` (DESIGN.md §11).
+
+The CLI registers these through `add_mount_arguments` / `run` and `add_umount_arguments` /
+`umount`; the global `--coordinator` and `--secret-file` land on the same namespace.
+
+Without --foreground the command forks: the child mounts and serves, the parent waits until the
+child reports the mount ready (or failed) through a pipe, prints the same line and exits, so
+`dfs mount X && ls X` works in scripts. Either way the ready line is
+"dfs mount ready at MOUNTPOINT". SIGINT/SIGTERM end the FUSE loop, commit what open files
+still hold, and unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from dfs.client import Client
+from dfs.errors import Code, DfsError
+from dfs.rpc import load_secret
+from fuse_mount.cache import ReadCache
+from fuse_mount.operations import Operations
+from fuse_mount.spool import clear_directory
+
+log = logging.getLogger("fuse_mount")
+
+READY = "dfs mount ready at {}"
+CONNECT_TIMEOUT = 15.0
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in SIZE_UNITS and not value[-1:].isdigit() else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        return int(float(number) * SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: want e.g. 512M or 2G") from None
+
+
+def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", help="an existing empty directory")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground (default: detach once mounted)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="local read cache and write spools "
+                             "(default $XDG_CACHE_HOME/dfs/mount-<name>)")
+    parser.add_argument("--cache-size", type=parse_size, default=parse_size("1G"),
+                        help="read cache cap (default 1G)")
+    parser.add_argument("--attr-timeout", type=float, default=1.0,
+                        help="seconds the kernel caches attributes and entries (default 1)")
+    parser.add_argument("--retry-timeout", type=float, default=30.0,
+                        help="seconds to retry while the cluster is unreachable, then EIO")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="log here (default: stderr; CACHE_DIR/mount.log when detached)")
+    parser.add_argument("--debug", action="store_true", help="log every failed request")
+
+
+def add_umount_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint")
+    parser.add_argument("-z", "--lazy", action="store_true",
+                        help="detach now even if files are open")
+
+
+def default_cache_dir(mountpoint: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = str(mountpoint).strip("/").replace("/", "_") or "root"
+    return base / "dfs" / f"mount-{tag}"
+
+
+def mount_options() -> set[str]:
+    """fsname/subtype name the mount in /proc/mounts; default_permissions lets the kernel do
+    the mode checks; allow_other (other users may enter) only where it is permitted."""
+    options = set(pyfuse3.default_options) | {"fsname=dfs", "subtype=dfs", "default_permissions"}
+    if os.geteuid() == 0 or _user_allow_other():
+        options.add("allow_other")
+    return options
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dfs mount`: 0 once mounted (detached) or after a clean unmount (foreground)."""
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    if is_mounted(mountpoint):
+        raise DfsError(Code.EEXIST, f"{mountpoint} is already a mount point")
+    mountpoint = mountpoint.resolve()
+    if not mountpoint.is_dir():
+        raise DfsError(Code.ENOTDIR, f"{args.mountpoint} is not a directory")
+    secret = load_secret(getattr(args, "secret_file", None))
+    cache_dir = (args.cache_dir or default_cache_dir(mountpoint)).resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if args.foreground:
+        _setup_logging(args.log_file, args.debug)
+        return _serve(args, mountpoint, cache_dir, secret, _Notify(None))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: detach, mount, serve
+        os.close(read_end)
+        code = 1
+        try:
+            os.setsid()
+            _detach_stdio()
+            _setup_logging(args.log_file or cache_dir / "mount.log", args.debug)
+            code = _serve(args, mountpoint, cache_dir, secret, _Notify(write_end))
+        except BaseException:
+            log.exception("mount failed")
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.readline().decode(errors="replace").strip()
+    if message.startswith("ready"):
+        print(READY.format(mountpoint), flush=True)
+        return 0
+    os.waitpid(pid, 0)
+    raise DfsError(Code.UNAVAILABLE, message.removeprefix("error: ") or "the mount process died")
+
+
+class _Notify:
+    """Tells whoever waits (the terminal, or the parent through a pipe) ready or failed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def _send(self, line: str) -> None:
+        if self.fd is None:
+            print(line, flush=True)
+            return
+        try:
+            os.write(self.fd, (line + "\n").encode())
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+    def ready(self, mountpoint: Path) -> None:
+        if self.fd is None:
+            self._send(READY.format(mountpoint))
+        else:
+            self._send("ready")
+
+    def failed(self, why: str) -> None:
+        if self.fd is None:
+            print(f"dfs: mount: {why}", file=sys.stderr, flush=True)
+        else:
+            self._send(f"error: {why}")
+
+
+def _serve(
+    args: argparse.Namespace, mountpoint: Path, cache_dir: Path, secret: bytes, notify: _Notify
+) -> int:
+    try:
+        return trio.run(_amain, args, mountpoint, cache_dir, secret, notify)
+    except DfsError as e:
+        notify.failed(e.msg)
+        return 1
+
+
+async def _amain(
+    args: argparse.Namespace, mountpoint: Path, cache_dir: Path, secret: bytes, notify: _Notify
+) -> int:
+    client = Client(args.coordinator, secret, retry_for=min(args.retry_timeout, 15.0))
+    try:
+        with trio.move_on_after(CONNECT_TIMEOUT) as scope:
+            await client.getattr(pyfuse3.ROOT_INODE)
+            log.info("cluster at %s reachable", args.coordinator)
+        if scope.cancelled_caught:
+            raise DfsError(Code.UNAVAILABLE, f"no answer from the coordinator {args.coordinator}")
+        spool_dir = cache_dir / "spool"
+        clear_directory(spool_dir)
+        cache = ReadCache(cache_dir / "read", args.cache_size, client.read_chunk)
+        ops = Operations(
+            client, cache, spool_dir,
+            attr_timeout=args.attr_timeout, retry_for=args.retry_timeout,
+        )
+        try:
+            pyfuse3.init(ops, str(mountpoint), mount_options())
+        except RuntimeError as e:
+            raise DfsError(Code.UNAVAILABLE, f"cannot mount at {mountpoint}: {e}") from None
+        return await _run_mounted(ops, cache, mountpoint, notify)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, notify: _Notify) -> int:
+    stopped_by_signal = False
+    unmount = True
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                nonlocal stopped_by_signal
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting", signum)
+                        stopped_by_signal = True
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signals)
+            nursery.start_soon(ops.run_invalidator)
+            cache.start(nursery)
+            notify.ready(mountpoint)
+            await pyfuse3.main(min_tasks=4, max_tasks=128)
+            # Unmounted from outside (fusermount3 -u) unless a signal stopped the loop.
+            unmount = stopped_by_signal
+            nursery.cancel_scope.cancel()
+    except BaseException:
+        log.exception("the FUSE loop failed")
+        raise
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(60):
+            await ops.shutdown()
+        pyfuse3.close(unmount=unmount)
+        log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def _detach_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _setup_logging(path: Path | None, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    env_level = os.environ.get("DFS_LOG_LEVEL")
+    if env_level and not debug:
+        level = getattr(logging, env_level.upper(), level)
+    handler: logging.Handler
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("fuse_mount").setLevel(level)
+
+
+def is_mounted(path: Path | str) -> bool:
+    """Whether path is a mount point, by the mount table: unlike os.path.ismount this is also
+    true for a mount whose process died ("Transport endpoint is not connected")."""
+    target = os.path.abspath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = line.split()[4]
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+                if point == target:
+                    return True
+    except OSError:
+        return os.path.ismount(target)
+    return False
+
+
+def umount(args: argparse.Namespace) -> int:
+    """`dfs umount MOUNTPOINT`: fusermount3 -u (falls back to umount(8) where it is missing)."""
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not is_mounted(mountpoint):
+        raise DfsError(Code.EINVAL, f"{mountpoint} is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u"] if tool else ["umount"]
+    if getattr(args, "lazy", False):
+        cmd.append("-z" if tool else "-l")
+    result = subprocess.run([*cmd, mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        why = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        raise DfsError(Code.EINVAL, why)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fuse_mount.main MOUNTPOINT ...`: the mount without the dfs CLI."""
+    parser = argparse.ArgumentParser(prog="dfs mount")
+    parser.add_argument("--coordinator", default=os.environ.get("DFS_COORDINATOR",
+                                                                "127.0.0.1:7700"))
+    parser.add_argument("--secret-file", default=os.environ.get("DFS_SECRET_FILE"))
+    add_mount_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DfsError as e:
+        print(f"dfs: mount: {e.msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Extended attributes, including dfs's virtual read-only ones (DESIGN.md §7).
+
+`user.dfs.version`, `user.dfs.replicas` (node ids, comma-separated) and `user.dfs.checksum`
+(xxh3_128, hex) are computed from the committed attributes. They are readable by name but not
+listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them onto other files
+(where setting them must fail).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pyfuse3
+
+from dfs.client import Client
+from dfs.client.attr import Attr
+from fuse_mount.handler import handler
+from fuse_mount.inodes import InodeTable
+from fuse_mount.remote import Remote
+
+VIRTUAL = frozenset({b"user.dfs.version", b"user.dfs.replicas", b"user.dfs.checksum"})
+#: Asked by the kernel before every write to a file (to drop file capabilities); dfs has none,
+#: so answer here instead of with a round trip per write.
+CAPABILITY = b"security.capability"
+#: POSIX ACLs: without kernel ACL support (which costs a round trip per create) the kernel would
+#: pass them through as opaque values that change nothing, and `cp -a` would then skip its chmod
+#: and leave files 0600. Refusing them, as file systems without ACLs do, makes tools use chmod.
+ACL_PREFIX = b"system.posix_acl_"
+
+
+def virtual_value(attr: Attr, name: bytes) -> bytes:
+    if name == b"user.dfs.version":
+        return str(attr.version).encode()
+    if name == b"user.dfs.replicas":
+        return ",".join(str(r) for r in attr.replicas).encode()
+    if attr.checksum is None:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+    return attr.checksum.hex().encode()
+
+
+class XattrMixin:
+    """get/set/list/removexattr for Operations (which provides client, remote and fresh)."""
+
+    client: Client
+    remote: Remote
+    table: InodeTable
+
+    async def fresh(self, ino: int) -> Attr:
+        raise NotImplementedError
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == CAPABILITY or name.startswith(ACL_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name in VIRTUAL:
+            return virtual_value(await self.fresh(inode), name)
+        return await self.remote.call(self.client.getxattr, inode, name)
+
+    @handler
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if name in VIRTUAL:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if name == CAPABILITY or name.startswith(ACL_PREFIX):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        try:
+            await self.remote.call(self.client.setxattr, inode, name, value, 0)
+        finally:
+            self.table.stale(inode)  # its ctime moved
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await self.remote.call(self.client.listxattr, inode)
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name in VIRTUAL:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if name.startswith(ACL_PREFIX):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        try:
+            await self.remote.call(self.client.removexattr, inode, name)
+        finally:
+            self.table.stale(inode)
