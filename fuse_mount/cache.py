@@ -2,13 +2,16 @@
 
 Every version of every file is an immutable blob (DESIGN.md §3), so a chunk cached under
 (ino, version, index) can never go stale: there is no invalidation, only eviction. Chunks are
-kept one file each under the cache directory, so eviction is an unlink and a reader that opened
-a chunk file keeps reading it even if the chunk is evicted meanwhile. The total is capped; the
+kept one file each under the cache directory, written under a temporary name and renamed into
+place, so a reader never sees a partial chunk, eviction is an unlink, and a reader that opened a
+chunk file keeps reading it even if the chunk is evicted meanwhile. The total is capped; the
 least recently used chunks go first, except the versions that must stay readable because an open
 file's name was removed or replaced (those are "kept" until the last handle is released).
 
 Sequential readers get read-ahead: when a handle reads chunk i after chunk i-1, the next few
-chunks are fetched in the background, so a cold sequential read overlaps network and disk.
+chunks are fetched in the background, so a cold sequential read overlaps network and disk. The
+last few chunks read stay in memory too. Small files this host commits are cached from the
+writer's spool ("adopted"), so reading back what was just written needs no node.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
-from dfs.chunks import CHUNK_SIZE
+from dfs.chunks import CHUNK_SIZE, file_checksum
 from dfs.client.attr import Attr
 from fuse_mount.spool import INLINE_IO, clear_directory
 
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[Attr, int], Awaitable[bytes]]
 ChunkKey = tuple[int, int, int]  # (ino, version, chunk index)
+#: Files up to this size are cached from the writer's spool when committed here.
+ADOPT_MAX = 8 * CHUNK_SIZE
 
 
 class ReadState:
@@ -53,9 +59,9 @@ class ReadCache:
         capacity: int,
         fetch: Fetch,
         *,
-        readahead: int = 8,
-        parallel: int = 8,
-        hot_chunks: int = 8,
+        readahead: int = 2,
+        parallel: int = 4,
+        hot_chunks: int = 12,
     ) -> None:
         self.directory = directory
         self.capacity = capacity
@@ -107,6 +113,9 @@ class ReadCache:
         event = self._inflight.get(key)
         if event is not None:
             await event.wait()
+        hot = self._hot.get(key)
+        if hot is not None:
+            return hot
         if key in self._present:
             data = await self._load(key, 0, chunk_length(attr, index))
             if data is not None:
@@ -145,14 +154,18 @@ class ReadCache:
             self._hot.popitem(last=False)
 
     async def _load(self, key: ChunkKey, lo: int, n: int) -> bytes | None:
-        """Read from a cached chunk file; None if it was evicted meanwhile."""
+        """Read from a cached chunk file; None if it was evicted meanwhile (or is damaged)."""
         try:
             if n <= INLINE_IO:
-                return _pread_file(self._path(key), lo, n)
-            return await trio.to_thread.run_sync(_pread_file, self._path(key), lo, n)
+                data = _pread_file(self._path(key), lo, n)
+            else:
+                data = await trio.to_thread.run_sync(_pread_file, self._path(key), lo, n)
         except FileNotFoundError:
+            data = b""
+        if len(data) != n:
             self._drop(key)
             return None
+        return data
 
     async def _fill(self, attr: Attr, index: int) -> bytes:
         """Fetch one chunk from the cluster and store it; concurrent callers share the fetch."""
@@ -160,14 +173,28 @@ class ReadCache:
         event = self._inflight[key] = trio.Event()
         try:
             data = await self._fetch(attr, index)
-            await trio.to_thread.run_sync(_write_file, self._path(key), data)
-            self._present[key] = len(data)
-            self.total += len(data)
-            self._evict()
+            self._make_hot(key, data)
+            if self._nursery is not None:  # readers need not wait for the local disk
+                self._nursery.start_soon(self._store, key, data)
+            else:
+                await self._store(key, data)
             return data
         finally:
             del self._inflight[key]
             event.set()
+
+    async def _store(self, key: ChunkKey, data: bytes) -> None:
+        if key in self._present:
+            return
+        try:
+            await trio.to_thread.run_sync(_write_file, self._path(key), data)
+        except OSError as e:  # a full or failing cache disk costs speed, not correctness
+            log.warning("cannot cache chunk %s: %s", key, e)
+            return
+        if key not in self._present:
+            self._present[key] = len(data)
+            self.total += len(data)
+            self._evict()
 
     # ------------------------------------------------------------ background
 
@@ -189,6 +216,27 @@ class ReadCache:
                 await self._fill(attr, index)
             except Exception as e:  # a foreground read will retry and report it
                 log.debug("read-ahead of %s failed: %s", key, e)
+
+    def adopt(self, attr: Attr, fd: int) -> None:
+        """Cache a version this host has just committed, from its spool (fd, a dup this call
+        takes over): a program that writes a file and reads it back (git, compilers) gets it
+        from here. Only small files, and only if the bytes match the committed checksum."""
+        if self._nursery is None or attr.blob is None or not 0 < attr.size <= ADOPT_MAX:
+            os.close(fd)
+            return
+        self._nursery.start_soon(self._adopt, attr, fd)
+
+    async def _adopt(self, attr: Attr, fd: int) -> None:
+        try:
+            data = await trio.to_thread.run_sync(os.pread, fd, attr.size, 0)
+        finally:
+            os.close(fd)
+        if len(data) != attr.size or file_checksum(data) != attr.checksum:
+            return  # the spool moved on after the commit: not this version's bytes
+        for index in range((attr.size + CHUNK_SIZE - 1) // CHUNK_SIZE):
+            key = (attr.ino, attr.version, index)
+            if key not in self._present:
+                await self._store(key, data[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE])
 
     def keep(self, attr: Attr) -> None:
         """Keep this version readable until `release`: its name is gone, so after the
@@ -246,7 +294,10 @@ def _pread_file(path: str, offset: int, size: int) -> bytes:
 
 
 def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write a whole chunk file under a temporary name, then rename it into place: a reader
+    never sees a partial chunk, even when two stores of one chunk race."""
+    tmp = f"{path}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         done = 0
@@ -254,3 +305,4 @@ def _write_file(path: str, data: bytes) -> None:
             done += os.pwrite(fd, view[done:], done)
     finally:
         os.close(fd)
+    os.replace(tmp, path)

@@ -149,7 +149,7 @@ class FilesMixin:
         if handle is None:
             return
         try:
-            if handle.dirty:  # written after the last flush (e.g. through a shared mapping)
+            if handle.dirty:  # written after its last flush (by another holder of the fd)
                 await self._commit(handle)
         except pyfuse3.FUSEError:
             pass  # already logged; nobody is waiting for a release's answer
@@ -164,7 +164,9 @@ class FilesMixin:
                 if handle.dirty:
                     await self._commit(handle)
             except pyfuse3.FUSEError:
-                pass
+                pass  # logged by _commit
+            except Exception:
+                log.exception("commit of inode %d at unmount failed", handle.ino)
             finally:
                 handle.close()
         self.files.clear()

@@ -16,7 +16,8 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -35,6 +36,11 @@ COPY_WINDOW = 4
 _touches = itertools.count(1)
 
 
+#: Commits of multi-chunk files at once: each holds about the client's window of chunks in
+#: memory, so this bounds the mount's RSS however many big files are closed together.
+BIG_COMMITS = 6
+
+
 @dataclass
 class Services:
     """What every handle needs: the cluster, the retry policy, the cache and the spool dir."""
@@ -43,6 +49,9 @@ class Services:
     remote: Remote
     cache: ReadCache
     spool_dir: Path
+    big_commits: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(BIG_COMMITS)
+    )
 
 
 class FileHandle:
@@ -160,25 +169,34 @@ class FileHandle:
                 self.dirty = False
                 return None
             gen = self.gen
-            reader = self.spool.reader()
-            try:
-                attr = await self._s.remote.call(
-                    self._s.client.write_file,
-                    self.ino,
-                    reader,
-                    base_version=self.base.version,
-                    mtime_ns=self.mtime_ns,
-                )
-            except BaseException:
-                if self.gen == gen:
-                    self.dirty = False
-                raise
-            finally:
-                reader.close()
+            async with AsyncExitStack() as stack:
+                if self.spool.size > CHUNK_SIZE:
+                    await stack.enter_async_context(self._s.big_commits)
+                attr = await self._send(gen)
             if self.gen == gen:
                 self.dirty = False
+                self._s.cache.adopt(attr, os.dup(self.spool.fd))
             self.base = attr
             return attr
+
+    async def _send(self, gen: int) -> Attr:
+        """Stream the spool as one transaction; a failure cleans the handle (see commit)."""
+        assert self.spool is not None
+        reader = self.spool.reader()
+        try:
+            return await self._s.remote.call(
+                self._s.client.write_file,
+                self.ino,
+                reader,
+                base_version=self.base.version,
+                mtime_ns=self.mtime_ns,
+            )
+        except BaseException:
+            if self.gen == gen:
+                self.dirty = False
+            raise
+        finally:
+            reader.close()
 
     def close(self) -> None:
         if self.spool is not None:

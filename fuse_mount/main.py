@@ -231,7 +231,7 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(60):
             await ops.shutdown()
-        pyfuse3.close(unmount=unmount)
+        pyfuse3.close(unmount=unmount and is_mounted(mountpoint))
         log.info("unmounted %s", mountpoint)
     return 0
 

@@ -26,6 +26,9 @@ CAPABILITY = b"security.capability"
 #: pass them through as opaque values that change nothing, and `cp -a` would then skip its chmod
 #: and leave files 0600. Refusing them, as file systems without ACLs do, makes tools use chmod.
 ACL_PREFIX = b"system.posix_acl_"
+#: SELinux labels are not supported (as on NFSv3): `ls -l` asks for this one for every entry,
+#: and answering here saves a round trip each.
+UNSUPPORTED = frozenset({CAPABILITY, b"security.selinux"})
 
 
 def virtual_value(attr: Attr, name: bytes) -> bytes:
@@ -50,7 +53,7 @@ class XattrMixin:
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if name == CAPABILITY or name.startswith(ACL_PREFIX):
+        if name in UNSUPPORTED or name.startswith(ACL_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if name in VIRTUAL:
             return virtual_value(await self.fresh(inode), name)
@@ -62,7 +65,7 @@ class XattrMixin:
     ) -> None:
         if name in VIRTUAL:
             raise pyfuse3.FUSEError(errno.EPERM)
-        if name == CAPABILITY or name.startswith(ACL_PREFIX):
+        if name in UNSUPPORTED or name.startswith(ACL_PREFIX):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         try:
             await self.remote.call(self.client.setxattr, inode, name, value, 0)
@@ -77,7 +80,7 @@ class XattrMixin:
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name in VIRTUAL:
             raise pyfuse3.FUSEError(errno.EPERM)
-        if name.startswith(ACL_PREFIX):
+        if name in UNSUPPORTED or name.startswith(ACL_PREFIX):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         try:
             await self.remote.call(self.client.removexattr, inode, name)

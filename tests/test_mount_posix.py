@@ -9,6 +9,8 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -215,6 +217,16 @@ def rename_noreplace(d: Path) -> object:
         raise OSError(ctypes.get_errno(), "renameat2")
 
 
+def rename_exchange(d: Path) -> object:
+    libc = ctypes.CDLL(None, use_errno=True)
+    (d / "f").write_text("f")
+    (d / "sub").mkdir()
+    (d / "sub" / "inside").write_text("")
+    if libc.renameat2(-100, bytes(d / "f"), -100, bytes(d / "sub"), 2) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+    return (d / "sub").read_text(), sorted(os.listdir(d / "f"))
+
+
 def link_to_existing(d: Path) -> object:
     (d / "f").write_text("")
     os.link(d / "f", d / "f")
@@ -281,11 +293,45 @@ def xattrs(d: Path) -> object:
     return sorted(os.listxattr(p)), os.getxattr(p, "user.a"), create_error, missing
 
 
-@pytest.mark.parametrize("case", [names_and_links, metadata, xattrs])
+@pytest.mark.parametrize("case", [names_and_links, metadata, xattrs, rename_exchange])
 def test_metadata_like_local_disk(case: Case, mnt: Mount, tmp_path: Path) -> None:
     if case is metadata and os.geteuid() != 0:
         pytest.skip("chown needs root")
     same_as_local(case, mnt, tmp_path)
+
+
+def test_readdir_is_stable_under_concurrent_changes(mnt: Mount) -> None:
+    """Entries created and removed during a listing never make it skip or repeat others."""
+    d = mnt / "busy-dir"
+    d.mkdir()
+    originals = {f"orig-{i:04d}-{'x' * 40}" for i in range(400)}
+    for name in originals:
+        (d / name).write_bytes(b"")
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            (d / f"churn-{i}").write_bytes(b"")
+            if i >= 3:
+                os.unlink(d / f"churn-{i - 3}")
+            i += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        seen: list[str] = []
+        with os.scandir(d) as it:
+            for entry in it:
+                seen.append(entry.name)
+                if len(seen) % 25 == 0:
+                    time.sleep(0.01)
+    finally:
+        stop.set()
+        worker.join()
+    listed = [n for n in seen if n.startswith("orig-")]
+    assert len(listed) == len(set(listed)), "an entry was listed twice"
+    assert set(listed) == originals, "an entry was skipped"
 
 
 def test_virtual_xattrs(mnt: Mount, shared_cluster: Cluster) -> None:
