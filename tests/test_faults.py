@@ -122,3 +122,18 @@ def test_write_with_too_few_live_nodes_fails_clearly_and_changes_nothing(cluster
     assert line.count("\n") == 1 and "Traceback" not in line
     assert stat(cluster, "/h")["version"] == before["version"]
     assert cluster.dfs("cat", "/h").stdout == b"old"
+
+
+def test_a_write_staging_longer_than_the_txn_timeout_still_commits(cluster_factory) -> None:
+    """A big write streams to the nodes for longer than --txn-timeout; the client's keepalive
+    must keep the coordinator from expiring it (a 1 GiB dd through the mount hit this)."""
+    cluster = cluster_factory(
+        coordinator_args=("--node-timeout", "5", "--vote-timeout", "5", "--txn-timeout", "1.5"),
+        node_args=NODE_ARGS,
+        env={"node-1": {"DFS_FAILPOINTS": "node.after_stage=delay:400"}},
+    )
+    data = os.urandom(40 * 1024 * 1024)  # 40 chunks, 8 in flight: about 2 s of staging
+    result = cluster.dfs("put", "-", "/slow", input=data, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert stat(cluster, "/slow")["version"] == 1
+    assert cluster.dfs("cat", "/slow").stdout == data

@@ -45,6 +45,7 @@ class Client:
         self.address = coordinator
         self.timeout = timeout
         self.retry_for = retry_for
+        self.keepalive = 2.0  # seconds between `touch`es while staging; begin replies set it
         self.commit_timeout = commit_timeout
         self.window = window
         self.readahead = readahead
@@ -177,6 +178,8 @@ class Client:
         )
         replicas = [(r["id"], r["address"]) for r in reply["replicas"]]
         self._nodes.update(replicas)
+        if isinstance(reply.get("keepalive_s"), int | float) and reply["keepalive_s"] > 0:
+            self.keepalive = float(reply["keepalive_s"])
         return reply["txid"], replicas
 
     async def commit(

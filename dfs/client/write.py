@@ -36,6 +36,10 @@ MAX_BACKOFF = 2.0
 OUTCOME_POLL = 0.2
 
 
+class TransactionLost(DfsError):
+    """The coordinator no longer knows the transaction (it expired it, or restarted)."""
+
+
 class ReplicaFailed(Exception):
     """A replica failed while staging: abort, and place the retry elsewhere."""
 
@@ -125,12 +129,36 @@ async def stage(
                 if progress is not None:
                     progress(done)
 
-    async with task_group() as group:
-        group.start_soon(reader)
-        async with receive:
-            for _ in range(max(1, min(client.window, nchunks(size)))):
-                group.start_soon(stager, receive.clone())
+    async def pipeline(finished: trio.Event) -> None:
+        async with task_group() as group:
+            group.start_soon(reader)
+            async with receive:
+                for _ in range(max(1, min(client.window, nchunks(size)))):
+                    group.start_soon(stager, receive.clone())
+        finished.set()
+
+    finished = trio.Event()
+    async with task_group() as outer:
+        outer.start_soon(pipeline, finished)
+        outer.start_soon(_keepalive, client, txid, finished)
     return Staged(hasher.size, hasher.digest(), count)
+
+
+async def _keepalive(client: Client, txid: int, finished: trio.Event) -> None:
+    while True:
+        # While chunks stream to the nodes the coordinator hears nothing from us; a `touch`
+        # every quarter of its --txn-timeout (the begin reply says how often) keeps it open.
+        with trio.move_on_after(client.keepalive):
+            await finished.wait()
+            return
+        try:
+            await client.coordinator.call("touch", txid=txid)
+        except PeerUnavailable:
+            continue  # the coordinator is unreachable; the commit will tell what happened
+        except DfsError as e:
+            if e.code is Code.UNAVAILABLE:
+                raise TransactionLost(e.code, e.msg) from None
+            raise
 
 
 async def _abort_quietly(client: Client, txid: int) -> None:
@@ -179,6 +207,10 @@ async def write_file(
             continue
         try:
             staged = await stage(client, txid, replicas, source, progress)
+        except TransactionLost as e:
+            log.info("txid %d: %s; starting over", txid, e.msg)
+            last = e
+            continue
         except ReplicaFailed as f:
             log.info("txid %d: %s; retrying without node %d", txid, f, f.node_id)
             await _abort_quietly(client, txid)

@@ -84,7 +84,8 @@ class CommitDriver(Delivery):
         ids = [n.id for n in nodes]
         self._apply_now(self.protocol.begin(txid, ids))
         self.open[txid] = OpenTxn(txid, ino, base_version, if_version, ids)
-        return {"txid": txid, "replicas": [{"id": n.id, "address": n.address} for n in nodes]}
+        return {"txid": txid, "replicas": [{"id": n.id, "address": n.address} for n in nodes],
+                "keepalive_s": self.config.txn_timeout / 4}
 
     async def commit(self, txid: int, size: int, checksum: bytes, nchunks: int,
                      mtime_ns: int | None) -> dict[str, Any]:
@@ -117,6 +118,13 @@ class CommitDriver(Delivery):
         self.open.pop(txid, None)
         txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txid} was aborted by the client"))
         await self._apply(self.protocol.abort(txid, "aborted by the client"))
+
+    def touch(self, txid: int) -> None:
+        """The client's keepalive while it stages a long write straight to the nodes."""
+        txn = self.open.get(txid)
+        if txn is None:
+            raise DfsError(Code.UNAVAILABLE, f"transaction {txid} is unknown or was aborted")
+        txn.touch()
 
     def outcome(self, txid: int) -> str:
         """Rule 4: the log first (committed), then this incarnation's memory (inflight), else

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 # Errors a later COMMIT/ABORT can get past; any other refusal is final.
 RETRYABLE = frozenset({Code.UNAVAILABLE, Code.INTERNAL})
 ABORT_ATTEMPTS = 3
-PROBE_TIMEOUT = 5.0
 
 
 class Delivery:
@@ -139,55 +138,19 @@ class Delivery:
     # ------------------------------------------------------------ expiry
 
     async def expiry_loop(self: CommitDriver) -> None:
+        """Abort transactions whose client went silent: no request, and no `touch` keepalive
+        (the client sends one every few seconds while it streams chunks to the nodes)."""
         interval = min(1.0, self.config.txn_timeout / 4)
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
             for txn in list(self.open.values()):
-                if (not txn.committing and not txn.probing
-                        and now - txn.last_active > self.config.txn_timeout):
-                    txn.probing = True
-                    self.spawn(self._expire, txn)
+                if not txn.committing and now - txn.last_active > self.config.txn_timeout:
+                    await self._expire(txn)
 
     async def _expire(self: CommitDriver, txn: OpenTxn) -> None:
-        """A client streaming a big file talks only to the nodes, so before aborting ask them
-        whether its blob grew since the last look; if it did, the client is alive."""
-        try:
-            progress = await self._probe(txn)
-        finally:
-            txn.probing = False
-        if progress is not None and progress != txn.progress:
-            txn.progress = progress
-            txn.touch()
-            return
-        if txn.committing or self.open.get(txn.txid) is not txn:
-            return
         reason = f"client silent for {self.config.txn_timeout:g} s"
         log.warning("transaction %d (ino %d) aborted: %s", txn.txid, txn.ino, reason)
         self.open.pop(txn.txid, None)
         txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txn.txid} expired: {reason}"))
         await self._apply(self.protocol.abort(txn.txid, reason))
-
-    async def _probe(self: CommitDriver, txn: OpenTxn) -> Any:
-        seen: list[tuple[int, Any, Any]] = []
-
-        async def one(node: int) -> None:
-            address = self.membership.address(node)
-            if address is None:
-                return
-            try:
-                reply = await self.peers[address].call("stat", timeout=PROBE_TIMEOUT,
-                                                       blobs=[txn.txid])
-            except DfsError:
-                return
-            blobs = reply.get("blobs")
-            info = None
-            if isinstance(blobs, dict):
-                info = blobs.get(txn.txid, blobs.get(str(txn.txid)))
-            if isinstance(info, dict):
-                seen.append((node, info.get("size"), info.get("nchunks")))
-
-        async with trio.open_nursery() as nursery:
-            for node in txn.replicas:
-                nursery.start_soon(one, node)
-        return tuple(sorted(seen)) if seen else None

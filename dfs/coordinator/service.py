@@ -85,6 +85,10 @@ class CoordinatorService(NamespaceOps, rpc.Service):
         await self.driver.abort(req.int("txid"))
         return {}
 
+    async def op_touch(self, req: Request) -> Reply:
+        self.driver.touch(req.int("txid"))
+        return {}
+
     async def op_outcome(self, req: Request) -> Reply:
         return {"state": self.driver.outcome(req.int("txid"))}
 

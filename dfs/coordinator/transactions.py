@@ -36,8 +36,6 @@ class OpenTxn:
     done: trio.Event = field(default_factory=trio.Event)
     result: dict[str, Any] | DfsError | None = None
     # Expiry: a probe of the replicas is running / what it saw last time.
-    probing: bool = False
-    progress: Any = None
 
     def touch(self) -> None:
         self.last_active = trio.current_time()
