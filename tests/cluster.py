@@ -66,6 +66,7 @@ class Cluster:
         coordinator_args: Sequence[str] = COORDINATOR_ARGS,
         node_args: Sequence[str] = NODE_ARGS,
         env: Mapping[str, Mapping[str, str]] | None = None,
+        extra_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,8 @@ class Cluster:
         self.coordinator_args = list(coordinator_args)
         self.node_args = list(node_args)
         self.env = {name: dict(e) for name, e in (env or {}).items()}
+        # Per-process arguments after the common ones, e.g. {"node-3": ["--capacity", "65536"]}.
+        self.extra_args = {name: list(a) for name, a in (extra_args or {}).items()}
         self.secret_file = self.root / "secret"
         if not self.secret_file.exists():
             self.secret_file.write_text(os.urandom(32).hex() + "\n")
@@ -92,9 +95,10 @@ class Cluster:
         if name == COORDINATOR:
             return [*DFS, *common, "coordinator", "--data", str(self.data_dir(name)),
                     "--listen", listen, "--replicas", str(self.replicas),
-                    *self.coordinator_args]
+                    *self.coordinator_args, *self.extra_args.get(name, ())]
         return [*DFS, *common, "--coordinator", self.coordinator, "node",
-                "--data", str(self.data_dir(name)), "--listen", listen, *self.node_args]
+                "--data", str(self.data_dir(name)), "--listen", listen, *self.node_args,
+                *self.extra_args.get(name, ())]
 
     def _spawn(self, name: str, listen: str, env: Mapping[str, str] | None) -> str:
         if env is not None:
@@ -131,11 +135,14 @@ class Cluster:
         return self.procs[name].stop()
 
     def restart(self, name: str, env: Mapping[str, str] | None = None, *,
-                wait: bool = True) -> None:
+                wait: bool = True, args: Sequence[str] | None = None) -> None:
         """Start `name` again on the same address and data dir (stopping it first if running).
 
         env replaces that process's extra environment (e.g. DFS_FAILPOINTS); None keeps it.
+        args likewise replaces its extra command-line arguments (e.g. ["--capacity", "65536"]).
         """
+        if args is not None:
+            self.extra_args[name] = list(args)
         child = self.procs[name]
         if child.running():
             child.stop()

@@ -1,4 +1,4 @@
-"""Start a real CoordinatorService in a test, and fake storage nodes that speak the node ops.
+"""Start a real CoordinatorService in a test, and real storage nodes (in-process) next to it.
 
     async with running_coordinator(tmp_path) as coord:   # or the `coord` fixtures in tests
         await coord.call("mkdir", parent=1, name=b"d", mode=0o755)
@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import trio
 
 from dfs import rpc
 from dfs.coordinator import CoordinatorConfig, CoordinatorService
-from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore
+from storage_node.node import Node, NodeConfig
+from storage_node.store import BlobStore
 
 SECRET = b"test-secret-" + b"x" * 32
 
@@ -62,88 +64,52 @@ async def running_coordinator(data: Path, **overrides: Any) -> AsyncIterator[Coo
         store.close()
 
 
-@dataclass
-class FakeNode(rpc.Service):
-    """Enough of a storage node for the coordinator: votes as told and records what it got."""
+class RunningNode:
+    """A real storage node (`storage_node.node.Node` over a `BlobStore`) in this process."""
 
-    cluster: str
-    coordinator: str
-    node_id: int = 0
-    address: str = ""
-    vote: Code | None = None  # None = YES, else vote NO with this code
-    vote_delay: float = 0.0
-    refuse_commits: int = 0  # answer this many COMMITs with UNAVAILABLE first
-    heartbeating: bool = True
-    calls: list[tuple[str, int | list[int]]] = field(default_factory=list)
+    def __init__(self, node: Node, scope: trio.CancelScope) -> None:
+        self.node = node
+        self.scope = scope
 
-    def got(self, op: str) -> list[Any]:
-        return [arg for name, arg in self.calls if name == op]
+    @property
+    def node_id(self) -> int:
+        return self.node.store.node_id
 
-    async def op_prepare(self, req: rpc.Request) -> dict:
-        txid = req.int("txid")
-        req.int("size"), req.bytes("checksum"), req.int("nchunks")
-        self.calls.append(("prepare", txid))
-        await trio.sleep(self.vote_delay)
-        if self.vote is not None:
-            raise DfsError(self.vote, "fake node votes no")
-        return {}
+    @property
+    def address(self) -> str:
+        assert self.node.address is not None
+        return self.node.address
 
-    async def op_commit(self, req: rpc.Request) -> dict:
-        txid = req.int("txid")
-        self.calls.append(("commit", txid))
-        if self.refuse_commits > 0:
-            self.refuse_commits -= 1
-            raise DfsError(Code.UNAVAILABLE, "fake node is busy")
-        return {}
-
-    async def op_abort(self, req: rpc.Request) -> dict:
-        self.calls.append(("abort", req.int("txid")))
-        return {}
-
-    async def op_delete(self, req: rpc.Request) -> dict:
-        blobs = req.list("blobs")
-        self.calls.append(("delete", blobs))
-        return {"deleted": len(blobs)}
-
-    async def op_stat(self, req: rpc.Request) -> dict:
-        return {"blobs": {b: None for b in req.list("blobs")}}
-
-    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(rpc.serve, self, "127.0.0.1", 0, SECRET,
-                                            lambda: self.cluster)
-            self.address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-            await self.register()
-            nursery.start_soon(self._heartbeats)
-            task_status.started()
-
-    async def register(self) -> None:
-        peer = rpc.Peer(self.coordinator, SECRET)
-        try:
-            reply = await peer.call("register", node_id=self.node_id, address=self.address,
-                                    capacity=1000, used=self.node_id)
-        finally:
-            await peer.aclose()
-        self.node_id = reply["node_id"]
-
-    async def _heartbeats(self) -> None:
-        while True:
-            if self.heartbeating:
-                peer = rpc.Peer(self.coordinator, SECRET)
-                try:
-                    await peer.call("heartbeat", node_id=self.node_id, capacity=1000, used=1)
-                except DfsError as e:
-                    if e.code is Code.ENOENT:
-                        await self.register()
-                finally:
-                    await peer.aclose()
-            await trio.sleep(0.1)
+    def stop(self) -> None:
+        """Stop the node (its server, heartbeats and timers); its store is closed."""
+        self.scope.cancel()
 
 
-async def start_nodes(nursery: trio.Nursery, coord: Coordinator, count: int) -> list[FakeNode]:
+async def _serve_node(config: NodeConfig, *,
+                      task_status: trio.TaskStatus[RunningNode] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+    store = BlobStore.open(config.data, capacity=config.capacity)
+    try:
+        with trio.CancelScope() as scope:
+            node = Node(config, store)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run)
+                assert node.link is not None
+                await node.link.registered.wait()
+                task_status.started(RunningNode(node, scope))
+    finally:
+        store.close()
+
+
+async def start_nodes(nursery: trio.Nursery, coord: Coordinator, count: int,
+                      capacity: int = 1000) -> list[RunningNode]:
+    """Start `count` real storage nodes in `nursery`, registered one after another (so they get
+    ids in order), each on a fresh data dir next to the coordinator's."""
+    data = coord.service.config.data
     nodes = []
     for _ in range(count):
-        node = FakeNode(coord.store.cluster_id, coord.address)
-        await nursery.start(node.run)
-        nodes.append(node)
+        config = NodeConfig(
+            data=Path(tempfile.mkdtemp(prefix=f"{data.name}-node-", dir=data.parent)),
+            secret=SECRET, coordinator=coord.address, capacity=capacity, heartbeat=0.1)
+        nodes.append(await nursery.start(_serve_node, config))
     return nodes

@@ -176,7 +176,7 @@ async def test_register_status_drain_remove(coord: Coordinator) -> None:
         err = await fails(coord, Code.UNAVAILABLE, "begin", ino=f["ino"])
         assert "have 1" in err.msg, "draining and removed nodes take no new replicas"
         await fails(coord, Code.EPERM, "heartbeat", node_id=3)
-        nodes[0].heartbeating = False
+        nodes[0].stop()  # a silent node: no more heartbeats
         await trio.sleep(1.5)
         assert (await coord.call("node_list"))["nodes"][0]["state"] == "down"
         nursery.cancel_scope.cancel()
