@@ -35,6 +35,13 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -75,6 +82,20 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds a prepared blob waits for its decision before asking (default 10)",
     )
+    parser.add_argument(
+        "--scrub-rate",
+        type=_nonnegative_float,
+        default=8.0,
+        metavar="MB/S",
+        help="background re-verification of stored blobs, MB/s (0: off; default 8)",
+    )
+    parser.add_argument(
+        "--scrub-interval",
+        type=_positive_float,
+        default=86400.0,
+        metavar="S",
+        help="seconds between the starts of two scrub passes (default 86400)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -95,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         staged_timeout=args.staged_timeout,
         heartbeat=getattr(args, "heartbeat_interval", 0.5),
         outcome_after=getattr(args, "outcome_after", 10.0),
+        scrub_rate=getattr(args, "scrub_rate", 8.0),
+        scrub_interval=getattr(args, "scrub_interval", 86400.0),
     )
 
 

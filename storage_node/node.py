@@ -16,7 +16,8 @@ from pathlib import Path
 import trio
 
 from dfs.errors import Code, DfsError
-from dfs.rpc import Peer, parse_address, serve
+from dfs.rpc import Peer, Peers, parse_address, serve
+from storage_node.maintenance import Scrubber
 from storage_node.participant import Participant
 from storage_node.server import NodeService
 from storage_node.store import BlobStore
@@ -38,6 +39,8 @@ class NodeConfig:
     staged_timeout: float = 300.0
     heartbeat: float = 0.5
     outcome_after: float = 10.0
+    scrub_rate: float = 8.0  # MB/s of background verification; 0 turns the scrubber off
+    scrub_interval: float = 86400.0  # seconds between the starts of two scrub passes
 
     @property
     def tick(self) -> float:
@@ -135,6 +138,11 @@ class CoordinatorLink:
             raise DfsError(Code.BAD_REQUEST, f"malformed outcome reply {reply!r}")
         return state
 
+    async def report_corrupt(self, blobs: list[int], reason: str) -> None:
+        """The scrubber found these blobs rotten: the coordinator queues their repair."""
+        await self.peer.call("report_corrupt", node_id=self.store.node_id, blobs=blobs,
+                             reason=reason, timeout=5.0)
+
     def _note(self, reachable: bool, error: DfsError | None = None) -> None:
         """Log changes of the coordinator's reachability, not every failed beat."""
         code = error.code if error else None
@@ -157,7 +165,9 @@ class Node:
             staged_timeout=config.staged_timeout, outcome_after=config.outcome_after
         )
         self.service = NodeService(store, self.participant)
+        self.service.peers = Peers(config.secret, timeout=30.0)
         self.link: CoordinatorLink | None = None
+        self.scrubber: Scrubber | None = None
         self.address: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -191,12 +201,18 @@ class Node:
                     )
                     nursery.start_soon(self.link.run)
                 nursery.start_soon(self._maintenance)
+                self.scrubber = Scrubber(self.store, self.config.scrub_rate * 1e6,
+                                         self.config.scrub_interval,
+                                         self.link.report_corrupt if self.link else None)
+                nursery.start_soon(self.scrubber.run)
                 log.info("node listening on %s (data %s)", self.address, self.config.data)
                 task_status.started(self.address)
         finally:
-            if peer is not None:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                if peer is not None:
                     await peer.aclose()
+                if self.service.peers is not None:
+                    await self.service.peers.aclose()
 
     def _cluster(self) -> str:
         return self.store.cluster

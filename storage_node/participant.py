@@ -219,6 +219,12 @@ class Participant:
         """The blob was deleted (GC): nothing left to time out or ask about."""
         self._txns.pop(txid, None)
 
+    def forget(self, txid: int) -> None:
+        """Forget everything about txid, an earlier abort included: a repair is about to stage
+        this (committed) blob afresh from another replica's bytes."""
+        self._txns.pop(txid, None)
+        self._aborted.pop(txid, None)
+
     # ------------------------------------------------------------ time and recovery
 
     def on_tick(self, now: float) -> list[Drop | AskOutcome]:

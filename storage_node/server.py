@@ -22,6 +22,7 @@ from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.rpc import Request, Service
 from storage_node.layout import CHECKSUM_LEN, MAX_BLOB_ID, MAX_INDEX, BlobState
+from storage_node.maintenance import MaintenanceOps
 from storage_node.participant import (
     OUTCOMES,
     AskOutcome,
@@ -57,7 +58,7 @@ def _blob_ids(req: Request, key: str) -> list[int]:
     return values
 
 
-class NodeService(Service):
+class NodeService(MaintenanceOps, Service):
     """Op `x` -> `op_x`. `clock` is wall-clock seconds (blob `created` stamps are unix time)."""
 
     def __init__(

@@ -186,7 +186,11 @@ class Cluster:
         value = the chunk's 8-byte digest, then its bytes.
         """
         assert not self.running(name), "stop the node before editing its store"
-        env = lmdb.open(str(self.node_store_path(name)), max_dbs=8, subdir=True)
+        # Map well past the file: with lmdb's default 10 MiB map, a store bigger than that has
+        # no free page for the copy-on-write put (MDB_MAP_FULL; found by the nemesis).
+        path = self.node_store_path(name)
+        map_size = 2 * (path / "data.mdb").stat().st_size + 2**26
+        env = lmdb.open(str(path), max_dbs=8, subdir=True, map_size=map_size)
         try:
             db = env.open_db(b"chunks")
             with env.begin(write=True, db=db) as txn:

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from dfs.cli.common import add_json, command, print_json, show, size_text, with_client
+from dfs.cli.lifecycle import describe_rereplication, wait_evacuated
 
 if TYPE_CHECKING:
     from dfs.client import Client
@@ -47,6 +48,9 @@ async def status(client: Client, args: argparse.Namespace) -> int:
         f"in-flight transactions {doc.get('inflight', 0)}  committing {doc.get('committing', 0)}  "
         f"gc pending {doc.get('gc_pending', 0)}  bad replica reports {doc.get('bad_reports', 0)}"
     )
+    line = describe_rereplication(doc)
+    if line:
+        print(line)
     if nodes:
         show(_nodes_table(nodes))
     return 0
@@ -63,15 +67,17 @@ async def node_list(client: Client, args: argparse.Namespace) -> int:
 
 async def node_drain(client: Client, args: argparse.Namespace) -> int:
     await client.node_drain(args.id)
+    moved = None if args.no_wait else await wait_evacuated(client, args.id, not args.json)
     if args.json:
-        print_json({"id": args.id, "state": "draining"})
+        print_json({"id": args.id, "state": "draining", "moved": moved})
     return 0
 
 
 async def node_remove(client: Client, args: argparse.Namespace) -> int:
     await client.node_remove(args.id)
+    moved = None if args.no_wait else await wait_evacuated(client, args.id, not args.json)
     if args.json:
-        print_json({"id": args.id, "state": "removed"})
+        print_json({"id": args.id, "state": "removed", "moved": moved})
     return 0
 
 
@@ -109,6 +115,8 @@ def add_node_admin(node_commands: argparse._SubParsersAction) -> None:
     ):
         p = command(node_commands, name, with_client(handler), what, subject=_node_subject)
         p.add_argument("id", type=int, metavar="ID", help="node id (see dfs node list)")
+        p.add_argument("--no-wait", action="store_true",
+                       help="return at once; dfs status shows the re-replication progress")
         add_json(p)
 
 

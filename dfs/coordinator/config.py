@@ -28,6 +28,7 @@ class CoordinatorConfig:
     txn_retention: float = 60.0  # keep ENDED records this long, then purge
     rpc_timeout: float = 10.0  # COMMIT, ABORT, delete calls to nodes
     txid_block: int = 1024  # txids leased per forced write
+    rereplicate_after: float = 600.0  # a node down this long has its replicas re-made elsewhere
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -75,6 +76,9 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a superseded blob stays readable before deletion")
     parser.add_argument("--txn-timeout", type=_positive, default=120.0, metavar="S",
                         help="seconds of client silence before an open transaction aborts")
+    parser.add_argument("--rereplicate-after", type=_positive, default=600.0, metavar="S",
+                        help="seconds a node may be down before its replicas are re-made "
+                             "on other nodes (default 600)")
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -86,4 +90,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         vote_timeout=args.vote_timeout,
         gc_grace=args.gc_grace,
         txn_timeout=args.txn_timeout,
+        rereplicate_after=getattr(args, "rereplicate_after", 600.0),
     )

@@ -48,13 +48,13 @@ class GarbageCollector:
         """One pass over the due entries; returns how many deletions nodes confirmed."""
         now_ns = time.time_ns()
         store = self.store
-        due = store.db.read(lambda txn: store.gc.due(txn, now_ns, GC_SCAN_LIMIT))
-        if not due:
+        due, relisted = store.db.read(lambda txn: self._due(txn, now_ns))
+        if not due and not relisted:
             return 0
         by_node: dict[int, list[GcEntry]] = defaultdict(list)
         for entry in due:
             by_node[entry.node].append(entry)
-        gone: list[GcEntry] = []
+        gone: list[GcEntry] = relisted
         later: list[GcEntry] = []
         live: dict[int, list[GcEntry]] = {}
         for node, entries in by_node.items():
@@ -81,6 +81,20 @@ class GarbageCollector:
             # Unforced: an entry that reappears after a crash is deleted again, harmlessly.
             await store.db.write(lambda txn: store.gc.remove(txn, confirmed), durable=False)
         return len(confirmed)
+
+    def _due(self, txn: lmdb.Transaction, now_ns: int) -> tuple[list[GcEntry], list[GcEntry]]:
+        """Due entries, split off those whose inode lists that node for that blob again (a
+        replica re-made where an old entry still waits): those are dropped, never delivered."""
+        due: list[GcEntry] = []
+        relisted: list[GcEntry] = []
+        inodes = self.store.namespace.inodes
+        for entry in self.store.gc.due(txn, now_ns, GC_SCAN_LIMIT):
+            inode = inodes.find(txn, entry.ino) if entry.ino else None
+            if inode is not None and inode.blob == entry.blob and entry.node in inode.replicas:
+                relisted.append(entry)
+            else:
+                due.append(entry)
+        return due, relisted
 
     async def _delete_on(self, node: int, entries: list[GcEntry], confirmed: list[GcEntry]
                          ) -> None:

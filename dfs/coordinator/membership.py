@@ -46,6 +46,12 @@ class Membership:
         return (record is not None and record.state is not NodeState.REMOVED
                 and heard is not None and trio.current_time() - heard <= self.node_timeout)
 
+    def silent_for(self, node_id: int, since: float) -> float:
+        """Seconds since the node was last heard from (since `since` if never, in this
+        incarnation: after a restart a dead node's clock starts at the restart)."""
+        heard = self._heard.get(node_id)
+        return trio.current_time() - (since if heard is None else max(heard, since))
+
     def state(self, node_id: int) -> NodeState:
         """The state to report: removed and draining as stored, else up or down by liveness."""
         record = self.nodes[node_id]

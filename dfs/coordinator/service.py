@@ -19,18 +19,22 @@ from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore, NodeState
 from dfs.rpc import Peers, Request
 
+from .check_ops import CheckOps
 from .commit import CommitDriver
 from .config import CoordinatorConfig
 from .gc import GarbageCollector
 from .membership import Membership
 from .namespace_ops import NamespaceOps, Reply
+from .readrepair import RepairWorker
+from .replicate import Replicator
+from .rereplicate import ReReplicator
 
 log = logging.getLogger(__name__)
 
 BAD_REPORTS_KEPT = 1000
 
 
-class CoordinatorService(NamespaceOps, rpc.Service):
+class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
     def __init__(self, store: MetaStore, config: CoordinatorConfig, secret: bytes) -> None:
         self.store = store
         self.config = config
@@ -40,6 +44,10 @@ class CoordinatorService(NamespaceOps, rpc.Service):
         self.driver = CommitDriver(store, self.membership, self.peers, config)
         self.gc = GarbageCollector(store, self.membership, self.peers, config)
         self.bad_reports: deque[dict[str, Any]] = deque(maxlen=BAD_REPORTS_KEPT)
+        self.replicator = Replicator(store, self.membership, self.peers, self.driver, config)
+        self.rereplicator = ReReplicator(store, self.membership, self.replicator, config)
+        self.repair_worker = RepairWorker(store, self.membership, self.replicator)
+        self.replicator.on_suspects = self.repair_worker.suspects
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -52,6 +60,8 @@ class CoordinatorService(NamespaceOps, rpc.Service):
                 await nursery.start(self.driver.run)
                 nursery.start_soon(self.membership.run)
                 nursery.start_soon(self.gc.run)
+                nursery.start_soon(self.rereplicator.run)
+                nursery.start_soon(self.repair_worker.run)
                 listeners = await nursery.start(
                     rpc.serve, self, host, port, self.secret, lambda: self.store.cluster_id)
                 bound_host, bound_port = listeners[0].socket.getsockname()[:2]
@@ -119,6 +129,9 @@ class CoordinatorService(NamespaceOps, rpc.Service):
             "committing": self.driver.committing_count(),
             "gc_pending": store.db.read(store.gc.count),
             "bad_reports": len(self.bad_reports),
+            "repairs": {"queued": self.repair_worker.pending(),
+                        "fixed": self.repair_worker.fixed, "lost": self.repair_worker.lost},
+            "rereplication": self.rereplicator.progress.to_wire(),
         }
 
     async def op_node_list(self, req: Request) -> Reply:
@@ -126,20 +139,24 @@ class CoordinatorService(NamespaceOps, rpc.Service):
 
     async def op_node_drain(self, req: Request) -> Reply:
         await self.membership.set_state(req.int("node_id"), NodeState.DRAINING)
+        self.rereplicator.wake()
         return {}
 
     async def op_node_remove(self, req: Request) -> Reply:
         node_id = req.int("node_id")
         await self.membership.set_state(node_id, NodeState.REMOVED)
         await self.driver.forget_node(node_id)
+        self.rereplicator.wake()
         return {}
 
     async def op_report_bad(self, req: Request) -> Reply:
-        """A reader found a bad replica. Recorded for the checker, which repairs it."""
+        """A reader found a bad replica: queued (durably) for the read-repair worker."""
         report = {"ino": req.int("ino"), "version": req.int("version"),
                   "node_id": req.int("node_id"), "reason": req.str("reason", ""),
                   "peer": req.peer, "time_ns": time.time_ns()}
         self.bad_reports.append(report)
+        await self.repair_worker.report_client(report["ino"], report["version"],
+                                               report["node_id"], report["reason"])
         log.warning("bad replica reported: ino %d version %d on node %d: %s", report["ino"],
                     report["version"], report["node_id"], report["reason"])
         return {}

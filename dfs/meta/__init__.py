@@ -7,6 +7,7 @@ from dfs.meta.gcqueue import GcEntry, GcQueue
 from dfs.meta.inode import ROOT_INO, Inode, validate_name
 from dfs.meta.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from dfs.meta.nodes import NodeRecord, NodeState, NodeTable
+from dfs.meta.repairs import RepairEntry, RepairQueue
 from dfs.meta.store import SUBDBS, MetaStore
 from dfs.meta.txnlog import TxnLog, TxnRecord, TxnState
 
@@ -27,6 +28,8 @@ __all__ = [
     "NodeRecord",
     "NodeState",
     "NodeTable",
+    "RepairEntry",
+    "RepairQueue",
     "TxnLog",
     "TxnRecord",
     "TxnState",

@@ -150,7 +150,7 @@ class InodeTable:
         if inode.blob is not None:
             not_before = now_ns + self.gc_grace_ns
             for node in inode.replicas:
-                self._gc.add(txn, not_before, node, inode.blob)
+                self._gc.add(txn, not_before, node, inode.blob, inode.ino)
 
     def drop_link(self, txn: lmdb.Transaction, inode: Inode, now_ns: int) -> None:
         """One name of a non-directory is gone: delete the inode with its last link."""

@@ -17,9 +17,11 @@ from dfs.meta.cluster import ClusterMeta
 from dfs.meta.gcqueue import GcQueue
 from dfs.meta.namespace import Namespace
 from dfs.meta.nodes import NodeTable
+from dfs.meta.repairs import RepairQueue
+from dfs.meta.scan import MetaScan
 from dfs.meta.txnlog import TxnLog
 
-SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta"]
+SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta", "repairs"]
 DEFAULT_GC_GRACE_NS = 60 * 1_000_000_000
 
 
@@ -31,6 +33,8 @@ class MetaStore:
         self.namespace = Namespace(db, self.cluster, self.gc, gc_grace_ns)
         self.txnlog = TxnLog(db, self.cluster)
         self.nodes = NodeTable(db, self.cluster)
+        self.repairs = RepairQueue(db)
+        self.scan = MetaScan(db)
         self.cluster_id = ""
         self.replicas = 0
 

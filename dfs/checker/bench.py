@@ -1,0 +1,187 @@
+"""scripts/bench-check: how long `dfs check` (and --deep) take on N files, and how fast a
+removed node's replicas are re-made.
+
+A fresh local cluster (coordinator + 4 nodes, R=3, loopback) in a tmp dir; N small files
+written through the client library; then the real `dfs check --json` and `dfs check --deep
+--json` are timed; then one node is killed and `dfs node remove` (which waits until every
+replica it held has been re-made) is timed: files/s of re-replication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dfs.cli.procs import DFS, Child
+
+COORDINATOR_ARGS = ("--node-timeout", "1.5", "--gc-grace", "5")
+NODE_ARGS = ("--heartbeat-interval", "0.2", "--scrub-rate", "0")
+
+
+class LocalCluster:
+    def __init__(self, root: Path, nodes: int) -> None:
+        self.root = root
+        self.secret = root / "secret"
+        self.secret.write_text(secrets.token_hex(32) + "\n")
+        self.children: dict[str, Child] = {}
+        self.nodes = nodes
+        self.address = ""
+
+    def start(self) -> None:
+        common = ["--secret-file", str(self.secret)]
+        coordinator = Child("coordinator", [*DFS, *common, "coordinator", "--data",
+                                            str(self.root / "coordinator"), "--listen",
+                                            "127.0.0.1:0", *COORDINATOR_ARGS],
+                            self.root / "coordinator.log")
+        coordinator.start()
+        self.children["coordinator"] = coordinator
+        self.address = coordinator.wait_listening()
+        for i in range(1, self.nodes + 1):
+            child = Child(f"node-{i}", [*DFS, *common, "--coordinator", self.address, "node",
+                                        "--data", str(self.root / f"node-{i}"), *NODE_ARGS],
+                          self.root / f"node-{i}.log")
+            child.start()
+            child.wait_listening()
+            self.children[child.name] = child
+        deadline = time.monotonic() + 30
+        while sum(n["state"] == "up" for n in self.status()["nodes"]) < self.nodes:
+            if time.monotonic() > deadline:
+                raise SystemExit("nodes did not come up")
+            time.sleep(0.1)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "DFS_COORDINATOR": self.address,
+                "DFS_SECRET_FILE": str(self.secret)}
+
+    def dfs(self, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*DFS, *args], capture_output=True, env=self.env(),
+                              timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        result = self.dfs("status", "--json")
+        return json.loads(result.stdout) if result.returncode == 0 else {"nodes": []}
+
+    def stop(self) -> None:
+        for name in reversed(list(self.children)):
+            self.children[name].stop(timeout=5)
+
+
+async def write_files(cluster: LocalCluster, count: int, size: int, writers: int) -> float:
+    from dfs.client import Client
+    from dfs.rpc import load_secret
+
+    started = time.monotonic()
+    async with Client(cluster.address, load_secret(cluster.secret)) as client:
+        root = await client.resolve("/")
+        directory = await client.mkdir(root.ino, b"bench", 0o755, 0, 0)
+        todo = iter(range(count))
+
+        async def writer() -> None:
+            for i in todo:
+                attr = await client.create(directory.ino, f"f{i:06d}".encode(), 0o100644, 0, 0)
+                await client.write_file(attr.ino, io.BytesIO(os.urandom(size)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(writers):
+                nursery.start_soon(writer)
+    return time.monotonic() - started
+
+
+def timed_check(cluster: LocalCluster, *args: str) -> dict[str, Any]:
+    started = time.monotonic()
+    result = cluster.dfs("check", *args, "--json")
+    elapsed = time.monotonic() - started
+    if result.returncode not in (0, 3):
+        raise SystemExit(f"dfs check {' '.join(args)} failed: {result.stderr.decode()}")
+    doc = json.loads(result.stdout)
+    return {"wall_s": round(elapsed, 3), "check_s": doc["elapsed_s"], "exit": result.returncode,
+            "files": doc["files"], "replicas": doc["replicas"], "timings": doc["timings"],
+            "findings": len(doc["findings"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench-check", description=__doc__)
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--size", type=int, default=4096, help="bytes per file")
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--writers", type=int, default=32)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the cluster's tmp dir")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="dfs-bench-check."))
+    cluster = LocalCluster(root, args.nodes)
+    out: dict[str, Any] = {"files": args.files, "size": args.size, "nodes": args.nodes}
+    try:
+        cluster.start()
+        out["write_s"] = round(trio.run(write_files, cluster, args.files, args.size,
+                                        args.writers), 3)
+        out["check"] = timed_check(cluster)
+        out["check_deep"] = timed_check(cluster, "--deep")
+        victim = cluster.children[f"node-{args.nodes}"]
+        node_id = next(n["id"] for n in cluster.status()["nodes"]
+                       if n["address"] == victim.address)
+        victim.kill(signal.SIGKILL)
+        started = time.monotonic()
+        removed = cluster.dfs("node", "remove", str(node_id), "--json")
+        elapsed = time.monotonic() - started
+        if removed.returncode != 0:
+            raise SystemExit(f"dfs node remove failed: {removed.stderr.decode()}")
+        moved = json.loads(removed.stdout)["moved"]
+        rr = cluster.status().get("rereplication", {})
+        out["rereplication"] = {"files": moved, "wall_s": round(elapsed, 3),
+                                "files_per_s": round(moved / elapsed, 1) if elapsed else 0,
+                                "coordinator_files_per_s": rr.get("files_per_s"),
+                                "failed": rr.get("failed")}
+        out["check_after"] = timed_check(cluster, "--deep")
+    finally:
+        cluster.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _table(out)
+    return 0
+
+
+def _table(out: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dfs check on {out['files']} files of {out['size']} B, "
+                        f"{out['nodes']} nodes, R=3")
+    table.add_column("measure")
+    table.add_column("time", justify="right")
+    table.add_column("rate", justify="right")
+    table.add_column("note")
+    n = out["files"]
+    table.add_row("write (client library)", f"{out['write_s']:.2f} s",
+                  f"{n / out['write_s']:.0f} files/s", "")
+    for key, label in (("check", "dfs check"), ("check_deep", "dfs check --deep"),
+                       ("check_after", "dfs check --deep (after)")):
+        c = out[key]
+        table.add_row(label, f"{c['wall_s']:.2f} s", f"{c['files'] / c['check_s']:.0f} files/s",
+                      f"exit {c['exit']}, {c['findings']} findings, in-process "
+                      f"{c['check_s']:.2f} s")
+    rr = out["rereplication"]
+    table.add_row("re-replication (node remove)", f"{rr['wall_s']:.2f} s",
+                  f"{rr['files_per_s']:.0f} files/s", f"{rr['files']} files moved")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Gathering a check's snapshot and confirming what it suspects, in batches.
+
+The cost of a check is a few round trips per thousands of files: inodes, entries and the GC
+queue come from the coordinator in pages; each node lists its blobs in pages of 10^4 (all
+nodes at once); `--deep` asks each node to re-hash many blobs per request (in a worker thread
+on the node). No request is made per file.
+
+The pages are not one snapshot, so everything suspected is confirmed before it is reported:
+replica findings against a fresh read of those inodes and a fresh `stat` of those copies;
+unreferenced blobs with `blob_refs` (in flight? listed after all?); namespace findings with
+fresh reads and a second walk of the entries. Passes run in the order that makes those
+confirmations sufficient (docs/checker.md): inodes, then entries, then the GC queue, then
+the nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from dfs.checker.findings import BAD_COPY, Finding, Kind
+from dfs.checker.scan import (
+    PREPARED,
+    STAGED,
+    FileRow,
+    NodeView,
+    Snapshot,
+)
+from dfs.errors import DfsError
+
+if TYPE_CHECKING:
+    from dfs.client import Client
+
+ProgressFn = Callable[[str, int, int | None], None]
+PAGE = 5000
+LIST_PAGE = 10_000
+ID_BATCH = 10_000
+VERIFY_BYTES = 64 * 1024 * 1024
+VERIFY_BLOBS = 2000
+VERIFY_IN_FLIGHT = 2  # requests per node
+NODE_TIMEOUT = 60.0
+RETRY_FOR = 3.0  # node reads are idempotent: retried on network errors this long
+
+
+def _no_progress(phase: str, done: int, total: int | None) -> None:
+    pass
+
+
+class Collector:
+    def __init__(self, client: Client, progress: ProgressFn | None = None) -> None:
+        self.client = client
+        self.progress = progress or _no_progress
+        self.timings: dict[str, float] = {}
+
+    async def _timed(self, phase: str, coro: Any) -> Any:
+        start = time.monotonic()
+        try:
+            return await coro
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - start
+
+    # ------------------------------------------------------------ the coordinator
+
+    async def inodes(self, snapshot: Snapshot, total: int | None) -> None:
+        after, seen = 0, 0
+        while True:
+            reply = await self.client.query("scan_inodes", after=after, limit=PAGE)
+            for row in reply["inodes"]:
+                f = FileRow.from_wire(row)
+                snapshot.files[f.ino] = f
+            seen += len(reply["inodes"])
+            self.progress("metadata", seen, total)
+            if reply.get("last") is None:
+                return
+            after = reply["last"]
+
+    async def entries(self) -> list[tuple[int, bytes, int]]:
+        out: list[tuple[int, bytes, int]] = []
+        after = b""
+        while True:
+            reply = await self.client.query("scan_dentries", after=after, limit=PAGE)
+            out.extend((p, n, i) for p, n, i in reply["entries"])
+            if reply.get("last") is None:
+                return out
+            after = reply["last"]
+
+    async def gc(self) -> set[tuple[int, int]]:
+        out: set[tuple[int, int]] = set()
+        after = b""
+        while True:
+            reply = await self.client.query("scan_gc", after=after, limit=PAGE)
+            out.update((n, b) for n, b in reply["entries"])
+            if reply.get("last") is None:
+                return out
+            after = reply["last"]
+
+    async def fresh_inodes(self, inos: list[int]) -> dict[int, FileRow | None]:
+        out: dict[int, FileRow | None] = {}
+        for i in range(0, len(inos), ID_BATCH):
+            batch = inos[i:i + ID_BATCH]
+            rows = (await self.client.query("inodes", inos=batch))["inodes"]
+            out.update((ino, None if row is None else FileRow.from_wire(row))
+                       for ino, row in zip(batch, rows, strict=True))
+        return out
+
+    # ------------------------------------------------------------ the nodes
+
+    async def list_nodes(self, snapshot: Snapshot) -> None:
+        counted = [0]
+
+        async def one(node: NodeView) -> None:
+            blobs: dict[int, Any] = {}
+            after = 0
+            try:
+                while True:
+                    reply = await self.client.peers[node.address].call(
+                        "list", after=after, limit=LIST_PAGE, timeout=NODE_TIMEOUT, retry_for=RETRY_FOR)
+                    rows = reply["blobs"]
+                    for blob, state, size, checksum in rows:
+                        blobs[blob] = (state, size, checksum)
+                    counted[0] += len(rows)
+                    self.progress("nodes", counted[0], None)
+                    if len(rows) < LIST_PAGE:
+                        break
+                    after = rows[-1][0]
+            except DfsError as e:
+                node.note = f"not listed: {e.msg}"
+                return
+            node.blobs = blobs
+
+        async with trio.open_nursery() as nursery:
+            for node in snapshot.nodes.values():
+                if node.state in ("up", "draining"):
+                    nursery.start_soon(one, node)
+
+    async def stat_copies(self, node: NodeView, blobs: list[int]) -> dict[int, Any]:
+        out: dict[int, Any] = {}
+        for i in range(0, len(blobs), ID_BATCH):
+            reply = await self.client.peers[node.address].call(
+                "stat", blobs=blobs[i:i + ID_BATCH], timeout=NODE_TIMEOUT, retry_for=RETRY_FOR)
+            out.update(reply["blobs"])
+        return out
+
+    async def verify(self, snapshot: Snapshot, files: list[FileRow],
+                     skip: set[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+        """Every listed copy of `files` re-read and re-hashed by its node, many per request."""
+        work: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for f in files:
+            for n in dict.fromkeys(f.replicas):
+                node = snapshot.nodes.get(n)
+                copy = (node.blobs or {}).get(f.blob) if node else None
+                if copy is not None and copy[0] != STAGED and (n, f.blob) not in skip:
+                    work[n].append((f.blob, f.size))
+        total = sum(size for items in work.values() for _, size in items)
+        done = [0]
+        verdicts: dict[tuple[int, int], Any] = {}
+        self.progress("verify", 0, total)
+
+        async def batch(node: NodeView, items: list[tuple[int, int]], limit: trio.Semaphore
+                        ) -> None:
+            async with limit:
+                size = sum(s for _, s in items)
+                reply = await self.client.peers[node.address].call(
+                    "verify", blobs=[b for b, _ in items],
+                    timeout=NODE_TIMEOUT + size / 20e6, retry_for=RETRY_FOR)
+                for blob, verdict in reply["results"].items():
+                    verdicts[(node.id, int(blob))] = verdict
+                done[0] += size
+                self.progress("verify", done[0], total)
+
+        async with trio.open_nursery() as nursery:
+            for n, items in work.items():
+                node = snapshot.nodes[n]
+                limit = trio.Semaphore(VERIFY_IN_FLIGHT)
+                for group in _batches(sorted(items)):
+                    nursery.start_soon(batch, node, group, limit)
+        return verdicts
+
+    # ------------------------------------------------------------ confirmation
+
+    async def confirm_replicas(self, findings: list[Finding], snapshot: Snapshot
+                               ) -> list[Finding]:
+        """Drop findings about files that changed since they were read, and copies that
+        turned out fine on a second look (a commit or a repair was landing meanwhile)."""
+        if not findings:
+            return []
+        fresh = await self.fresh_inodes(sorted({f.ino for f in findings if f.ino}))
+        kept: list[Finding] = []
+        restat: dict[int, set[int]] = defaultdict(set)
+        for f in findings:
+            old, new = snapshot.files.get(f.ino or 0), fresh.get(f.ino or 0)
+            if old is None or new is None or (new.blob, new.version) != (old.blob, old.version):
+                continue
+            if f.node is not None and f.node not in new.replicas:
+                continue  # the copy was moved off that node meanwhile
+            if f.node is None and len(set(new.replicas)) >= snapshot.r:
+                continue
+            kept.append(f)
+            if f.kind in BAD_COPY and f.node is not None and f.kind is not Kind.CORRUPT:
+                restat[f.node].add(f.blob or 0)
+        now: dict[tuple[int, int], Any] = {}
+        for n, blobs in restat.items():
+            node = snapshot.nodes.get(n)
+            if node is None or not node.listed:
+                continue
+            try:
+                for blob, info in (await self.stat_copies(node, sorted(blobs))).items():
+                    now[(n, int(blob))] = info
+            except DfsError:
+                continue
+        out = []
+        for f in kept:
+            info = now.get((f.node or 0, f.blob or 0))
+            row = fresh[f.ino or 0]
+            if (f.kind is not Kind.CORRUPT and info is not None and row is not None
+                    and info.get("state") in ("COMMITTED", PREPARED)
+                    and info.get("size") == row.size and info.get("checksum") == row.checksum):
+                continue  # fine now
+            out.append(f)
+        return out
+
+    async def confirm_blobs(self, candidates: list[Finding]) -> list[Finding]:
+        """Keep blobs the coordinator still calls unreferenced (not in flight, not listed)."""
+        out: list[Finding] = []
+        for i in range(0, len(candidates), ID_BATCH):
+            batch = candidates[i:i + ID_BATCH]
+            refs = (await self.client.query(
+                "blob_refs", blobs=[[f.node, f.blob] for f in batch]))["refs"]
+            out.extend(f for f, ref in zip(batch, refs, strict=True) if ref == "unreferenced")
+        return out
+
+    async def confirm_namespace(self, findings: list[Finding]) -> list[Finding]:
+        if not findings:
+            return []
+        dangling = [f for f in findings if f.kind is Kind.DANGLING]
+        unlinked = [f for f in findings if f.kind is Kind.UNLINKED]
+        out: list[Finding] = []
+        if dangling:
+            inos = (await self.client.query(
+                "entries", keys=[[f.parent, f.name] for f in dangling]))["inos"]
+            still = [f for f, ino in zip(dangling, inos, strict=True) if ino == f.ino]
+            fresh = await self.fresh_inodes(
+                sorted({f.ino or 0 for f in still} | {f.parent or 0 for f in still}))
+            for f in still:
+                child, parent = fresh.get(f.ino or 0), fresh.get(f.parent or 0)
+                if child is None or parent is None or not parent.is_dir:
+                    out.append(f)
+        if unlinked:
+            fresh = await self.fresh_inodes(sorted(f.ino or 0 for f in unlinked))
+            named = {ino for _, _, ino in await self.entries()}
+            out.extend(f for f in unlinked if fresh.get(f.ino or 0) and f.ino not in named)
+        return out
+
+
+def _batches(items: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    out: list[list[tuple[int, int]]] = []
+    group: list[tuple[int, int]] = []
+    size = 0
+    for blob, s in items:
+        if group and (size + s > VERIFY_BYTES or len(group) >= VERIFY_BLOBS):
+            out.append(group)
+            group, size = [], 0
+        group.append((blob, s))
+        size += s
+    if group:
+        out.append(group)
+    return out

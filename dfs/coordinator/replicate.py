@@ -1,0 +1,301 @@
+"""The repair transaction: give one file R good replicas again (docs/checker.md).
+
+A repair is a write that keeps the content: the file's blob id and version stay, only where
+its copies live changes. Like a write it goes STAGE -> PREPARE -> decision -> COMMIT:
+
+1. plan (copyplan.py): which replicas stay, which bad copies are re-made in place, which
+   evacuated ones (removed, draining, down too long) are replaced by new nodes;
+2. STAGE: each target `fetch`es the blob from a good replica, node to node (the target keeps
+   a local copy that verifies; a bad one it drops first). An in-place copy is only started
+   after a source has been deep-verified, so a file with no good copy is never touched;
+3. PREPARE: the target verifies every chunk and the whole checksum and forces PREPARED;
+4. decision, one forced LMDB transaction: the inode still has this blob (else the file moved
+   on and the copies are aborted), its replica list switches, dropped copies go to the GC
+   queue, and the blob's txn record says COMMITTED for the targets, so a target that restarts
+   with the blob PREPARED learns "committed" (rule 4) and a coordinator restart re-sends the
+   COMMIT (rule 3);
+5. COMMIT to the targets by the ordinary delivery machinery.
+
+A crash before 4 leaves the old list (targets drop or commit an unlisted copy: an orphan the
+checker collects); after 4 the new list stands and COMMIT is re-sent. Never worse than before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import trio
+
+from dfs.chunks import nchunks
+from dfs.errors import Code, DfsError
+from dfs.failpoints import failpoint
+from dfs.meta import MetaStore, TxnRecord, TxnState
+from dfs.rpc import Peers
+from dfs.twopc import Phase
+
+from .config import CoordinatorConfig
+from .copyplan import CopyPlan, plan_copy, settle, verdict_without_source
+from .membership import Membership
+
+if TYPE_CHECKING:
+    from .commit import CommitDriver
+
+log = logging.getLogger(__name__)
+
+COPY_CONCURRENCY = 64  # repairs running at once in this coordinator
+COPY_TIMEOUT = 30.0  # plus size / COPY_MIN_RATE seconds
+COPY_MIN_RATE = 20e6
+END_WAIT = 5.0
+RETRY_FOR = 3.0  # idempotent node calls are retried on network errors this long  # wait this long at most for the blob's own txn record to finish ending
+
+
+@dataclass
+class FixResult:
+    """fixed | ok (nothing to do) | moved_on (the file changed) | lost | unavailable |
+    partial (better, not yet R good copies) | failed."""
+
+    ino: int
+    status: str
+    msg: str = ""
+    replicas: list[int] = field(default_factory=list)
+    suspects: list[int] = field(default_factory=list)  # sources whose copy proved bad
+
+    @property
+    def settled(self) -> bool:
+        return self.status in ("fixed", "ok", "moved_on")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ino": self.ino, "status": self.status, "msg": self.msg,
+                "replicas": self.replicas, "suspects": self.suspects}
+
+
+class Replicator:
+    def __init__(self, store: MetaStore, membership: Membership, peers: Peers,
+                 driver: CommitDriver, config: CoordinatorConfig) -> None:
+        self.store = store
+        self.membership = membership
+        self.peers = peers
+        self.driver = driver
+        self.config = config
+        self.active: set[int] = set()  # blobs being copied: in flight for the checker
+        self.copied = 0
+        self.copied_bytes = 0
+        self._limit = trio.CapacityLimiter(COPY_CONCURRENCY)
+        # Told about copies that proved bad while repairing another (queued for their own repair).
+        self.on_suspects: Callable[[int, int, list[int]], Awaitable[None]] | None = None
+        self._locks: dict[int, tuple[trio.Lock, list[int]]] = {}
+
+    @asynccontextmanager
+    async def _file_lock(self, ino: int) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(ino, (trio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[ino]
+
+    def node_view(self) -> tuple[dict[int, str], set[int]]:
+        nodes = self.membership.nodes
+        return ({n: str(r.state) for n, r in nodes.items()},
+                {n for n in nodes if self.membership.is_live(n)})
+
+    async def fix(self, ino: int, blob: int | None, bad: Collection[int] = (), *,
+                  evacuate_down: bool = False) -> FixResult:
+        """Repair one file (one transaction); `blob` None: whatever it holds now."""
+        async with self._file_lock(ino), self._limit:
+            try:
+                result = await self._fix(ino, blob, set(bad), evacuate_down)
+            except DfsError as e:
+                result = FixResult(ino, "failed", e.msg)
+            except Exception as e:  # a bug must cost this repair, not the coordinator
+                log.exception("repair of ino %d failed", ino)
+                result = FixResult(ino, "failed", f"internal error: {e!r}")
+        suspects = [n for n in result.suspects if n not in bad]
+        if suspects and blob is not None and self.on_suspects is not None \
+                and result.status != "lost":
+            await self.on_suspects(ino, blob, suspects)
+        return result
+
+    async def _fix(self, ino: int, blob: int | None, bad: set[int], evacuate_down: bool
+                   ) -> FixResult:
+        inode = self.store.db.read(lambda t: self.store.namespace.inodes.find(t, ino))
+        if inode is None or not inode.is_reg or inode.blob is None or (
+                blob is not None and inode.blob != blob):
+            return FixResult(ino, "moved_on", "the file changed or is gone")
+        states, live = self.node_view()
+        plan = plan_copy(inode.replicas, self.store.replicas, states, live, bad,
+                         evacuate_down=evacuate_down)
+        if plan.nothing_to_do:
+            return FixResult(ino, "ok", replicas=plan.replicas)
+        if not plan.sources:
+            return FixResult(ino, verdict_without_source(plan, live),
+                             "no live replica to copy from", plan.replicas)
+        sources, suspects = plan.sources, []
+        if plan.in_place:  # a bad copy is dropped before its re-copy: first make sure of a source
+            good, suspects = await self._verified_source(inode, plan.sources)
+            if good is None:
+                status = "lost" if len(suspects) == len(plan.sources) and \
+                    verdict_without_source(plan, live) == "lost" else "unavailable"
+                return FixResult(ino, status, "no replica verifies", plan.replicas, suspects)
+            sources = [good, *(s for s in plan.sources if s != good)]
+        new_nodes = self._place(plan.new, plan.replicas)
+        targets = plan.in_place + new_nodes
+        if not targets:
+            return FixResult(ino, "unavailable", "no live node outside the replicas to copy to",
+                             plan.replicas)
+        self.active.add(inode.blob)
+        try:
+            return await self._copy_and_decide(inode, plan, targets, new_nodes, sources,
+                                               suspects)
+        finally:
+            self.active.discard(inode.blob)
+
+    async def _copy_and_decide(self, inode: Any, plan: CopyPlan, targets: list[int],
+                               new_nodes: list[int], sources: list[int], suspects: list[int]
+                               ) -> FixResult:
+        results: dict[int, str] = {}
+        bad_sources: set[int] = set(suspects)
+        async with trio.open_nursery() as nursery:
+            for node in targets:
+                nursery.start_soon(self._copy_to, node, inode, sources, results, bad_sources)
+        ok = [t for t in targets if results.get(t) in ("staged", "have")]
+        errors = "; ".join(f"node {t}: {results[t]}" for t in targets if t not in ok)
+        for t in new_nodes:
+            if t not in ok:
+                self.driver.spawn(self.driver.send_abort, t, inode.blob)
+        if not ok:
+            return FixResult(inode.ino, "failed", errors, plan.replicas, sorted(bad_sources))
+        await failpoint("repair.before_decision")
+        replicas = settle(plan, self.store.replicas, [t for t in new_nodes if t in ok])
+        try:
+            record = await self._decide(inode, plan, replicas, ok)
+        except DfsError as e:
+            if e.code is not Code.CONFLICT:
+                raise
+            for t in ok:
+                if results[t] == "staged":
+                    self.driver.spawn(self.driver.send_abort, t, inode.blob)
+            return FixResult(inode.ino, "moved_on", e.msg)
+        await failpoint("repair.after_decision")
+        await self._deliver(record)
+        self.copied += sum(1 for t in ok if results[t] == "staged")
+        self.copied_bytes += inode.size * sum(1 for t in ok if results[t] == "staged")
+        complete = (set(plan.in_place) <= set(ok) and len(replicas) >= self.store.replicas
+                    and not set(plan.evacuate) & set(replicas))
+        # Per file at DEBUG when all went well: a re-replication round logs its own summary.
+        log.log(logging.INFO if errors else logging.DEBUG,
+                "repair of ino %d (blob %d): replicas %s -> %s%s", inode.ino, inode.blob,
+                plan.replicas, replicas, f" ({errors})" if errors else "")
+        return FixResult(inode.ino, "fixed" if complete else "partial", errors, replicas,
+                         sorted(bad_sources))
+
+    async def _copy_to(self, node: int, inode: Any, sources: list[int], results: dict[int, str],
+                       bad_sources: set[int]) -> None:
+        """STAGE (fetch) and PREPARE the blob on one target; results[node] says how it went."""
+        address = self.membership.address(node)
+        by_address = {self.membership.address(s): s for s in sources if s != node}
+        timeout = COPY_TIMEOUT + inode.size / COPY_MIN_RATE
+        fields = dict(size=inode.size, checksum=inode.checksum, nchunks=nchunks(inode.size))
+        try:
+            if address is None:
+                raise DfsError(Code.UNAVAILABLE, "unknown node")
+            # retry_for: a pooled connection may be stale (the node restarted); both ops are
+            # idempotent (fetch keeps a copy that verifies, prepare re-votes the same content).
+            reply = await self.peers[address].call(
+                "fetch", timeout=timeout, retry_for=RETRY_FOR, blob=inode.blob,
+                sources=list(by_address), **fields)
+            if reply.get("have"):
+                results[node] = "have"
+                return
+            await failpoint("repair.after_fetch")
+            await self.peers[address].call("prepare", timeout=timeout, retry_for=RETRY_FOR,
+                                           txid=inode.blob, **fields)
+            results[node] = "staged"
+        except DfsError as e:
+            results[node] = e.msg
+            for a in e.details.get("bad_sources") or ():
+                if by_address.get(a) is not None:
+                    bad_sources.add(by_address[a])
+
+    async def _verified_source(self, inode: Any, sources: list[int]
+                               ) -> tuple[int | None, list[int]]:
+        """The first source whose copy re-hashes right, and those found bad on the way."""
+        bad: list[int] = []
+        for node in sources:
+            address = self.membership.address(node)
+            if address is None:
+                continue
+            try:
+                reply = await self.peers[address].call(
+                    "verify", timeout=COPY_TIMEOUT + inode.size / COPY_MIN_RATE,
+                    retry_for=RETRY_FOR, blobs=[inode.blob])
+            except DfsError as e:
+                log.info("repair of ino %d: cannot verify node %d's copy: %s", inode.ino, node, e)
+                continue
+            results = reply.get("results") or {}
+            verdict = results.get(inode.blob) or {}
+            if (verdict.get("ok") and verdict.get("size") == inode.size
+                    and verdict.get("checksum") == inode.checksum):
+                return node, bad
+            bad.append(node)
+        return None, bad
+
+    def _place(self, count: int, exclude: list[int]) -> list[int]:
+        """Up to `count` new live up nodes outside `exclude` (fewer if the cluster has fewer)."""
+        for k in range(count, 0, -1):
+            try:
+                return [n.id for n in self.membership.place(k, exclude)]
+            except DfsError:
+                continue
+        return []
+
+    async def _decide(self, inode: Any, plan: CopyPlan, replicas: list[int], targets: list[int]
+                      ) -> TxnRecord:
+        """The commit point of the repair: the replica switch and the COMMITTED record for the
+        targets, forced in one LMDB transaction."""
+        blob, ino = inode.blob, inode.ino
+        with trio.move_on_after(END_WAIT):
+            while self.driver.protocol.phase(blob) is Phase.ENDING:
+                await trio.sleep(0.01)
+        store = self.store
+        now = time.time_ns()
+        grace = store.namespace.inodes.gc_grace_ns
+
+        def write(txn: lmdb.Transaction) -> TxnRecord:
+            current = store.namespace.inodes.find(txn, ino)
+            if current is None or current.blob != blob or \
+                    list(dict.fromkeys(current.replicas)) != plan.replicas:
+                raise DfsError(Code.CONFLICT, f"file {ino} changed during its repair")
+            dropped = [n for n in plan.replicas if n not in replicas]
+            for node in dropped:
+                store.gc.add(txn, now + grace, node, blob, ino)
+            current.replicas = list(replicas)
+            store.namespace.inodes.put(txn, current)
+            record = store.txnlog.get(txn, blob)
+            if record is not None and record.state is TxnState.COMMITTED:
+                record.replicas += [t for t in targets if t not in record.replicas]
+                record.acked = [n for n in record.replicas
+                                if (n in record.acked or n in dropped) and n not in targets]
+            else:
+                record = TxnRecord(blob, TxnState.COMMITTED, ino, list(targets), current.size,
+                                   current.checksum or b"", None, decided_ns=now)
+            store.txnlog.record_commit(txn, record)
+            return record
+
+        return await store.db.write(write)
+
+    async def _deliver(self, record: TxnRecord) -> None:
+        """Hand the blob's (new) COMMITTED record to the delivery machinery, as recovery does."""
+        protocol = self.driver.protocol
+        if protocol.phase(record.txid) is not None:
+            protocol.end_written(record.txid)
+        await self.driver._apply(protocol.recover(record.txid, record.replicas, record.acked))
