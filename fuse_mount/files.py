@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
@@ -44,17 +45,11 @@ class FilesMixin:
     _fhs: itertools.count[int]
     _recent: dict[int, tuple[float, Attr]]
 
-    async def fresh(self, ino: int) -> Attr:
-        raise NotImplementedError
-
-    def invalidate_later(self, ino: int) -> None:
-        raise NotImplementedError
-
-    def _owner(self, parent: int, mode: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
-        raise NotImplementedError
-
-    async def _made(self, parent: int, name: bytes, make: Awaitable[Attr]) -> Attr:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Operations, which mixes this class in
+        async def fresh(self, ino: int) -> Attr: ...
+        def invalidate_later(self, ino: int) -> None: ...
+        def _owner(self, parent: int, mode: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]: ...
+        async def _made(self, parent: int, name: bytes, make: Awaitable[Attr]) -> Attr: ...
 
     def _new_handle(self, ino: int, flags: int, base: Attr) -> FileHandle:
         handle = FileHandle(next(self._fhs), ino, flags, base, self.services)

@@ -9,6 +9,7 @@ listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them o
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
@@ -48,8 +49,8 @@ class XattrMixin:
     remote: Remote
     table: InodeTable
 
-    async def fresh(self, ino: int) -> Attr:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Operations, which mixes this class in
+        async def fresh(self, ino: int) -> Attr: ...
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -22,6 +22,7 @@ import trio
 
 from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest
 from dfs.errors import Code, DfsError
+from dfs.locks import KeyedLocks
 from dfs.rpc import Peers, Request
 from storage_node.layout import (
     DIGEST_LEN,
@@ -111,7 +112,7 @@ class MaintenanceOps:
     participant: Participant
     peers: Peers | None = None  # set by Node: connections to other nodes, for fetch
     clock: Callable[[], float]
-    _txn_lock: Any
+    _txn_locks: KeyedLocks
     _stored: Any
 
     async def op_verify(self, req: Request) -> dict[str, Any]:
@@ -130,7 +131,7 @@ class MaintenanceOps:
         sources = req.list("sources")
         if not all(isinstance(s, str) for s in sources):
             raise DfsError(Code.BAD_REQUEST, "fetch: sources must be addresses")
-        async with self._txn_lock(blob):
+        async with self._txn_locks.hold(blob):
             info = self.store.stat(blob)
             if info is not None and info.state != BlobState.STAGED:
                 verdict = await trio.to_thread.run_sync(verify_blob, self.store, blob)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -20,6 +19,7 @@ import trio
 from dfs.chunks import CHUNK_SIZE
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
+from dfs.locks import KeyedLocks
 from dfs.rpc import Request, Service
 from storage_node.layout import CHECKSUM_LEN, MAX_BLOB_ID, MAX_INDEX, BlobState
 from storage_node.maintenance import MaintenanceOps
@@ -71,19 +71,7 @@ class NodeService(MaintenanceOps, Service):
         self.store = store
         self.participant = participant
         self.clock = clock
-        self._locks: dict[int, tuple[trio.Lock, list[int]]] = {}
-
-    @asynccontextmanager
-    async def _txn_lock(self, txid: int) -> AsyncIterator[None]:
-        lock, users = self._locks.setdefault(txid, (trio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[txid]
+        self._txn_locks = KeyedLocks()
 
     def _stored(self, txid: int) -> str | None:
         info = self.store.stat(txid)
@@ -116,7 +104,7 @@ class NodeService(MaintenanceOps, Service):
         nchunks = req.int("nchunks")
         if len(checksum) != CHECKSUM_LEN:
             raise DfsError(Code.BAD_REQUEST, f"prepare: checksum must be {CHECKSUM_LEN} bytes")
-        async with self._txn_lock(txid):
+        async with self._txn_locks.hold(txid):
             action = self.participant.on_prepare(txid, self._stored(txid), nchunks)
             if isinstance(action, Refuse):
                 log.info("prepare %d: vote NO (%s)", txid, action.msg)
@@ -134,7 +122,7 @@ class NodeService(MaintenanceOps, Service):
 
     async def op_commit(self, req: Request) -> dict[str, Any]:
         txid = _blob_id(req, "txid")
-        async with self._txn_lock(txid):
+        async with self._txn_locks.hold(txid):
             action = self.participant.on_commit(txid, self._stored(txid))
             if isinstance(action, Refuse):
                 raise action.error()
@@ -146,7 +134,7 @@ class NodeService(MaintenanceOps, Service):
 
     async def op_abort(self, req: Request) -> dict[str, Any]:
         txid = _blob_id(req, "txid")
-        async with self._txn_lock(txid):
+        async with self._txn_locks.hold(txid):
             action = self.participant.on_abort(txid, self._stored(txid))
             if isinstance(action, Refuse):
                 raise action.error()
@@ -208,14 +196,14 @@ class NodeService(MaintenanceOps, Service):
     async def drop(self, txid: int) -> None:
         """Carry out a participant's Drop (never drops a COMMITTED blob: the store refuses)."""
         try:
-            async with self._txn_lock(txid):
+            async with self._txn_locks.hold(txid):
                 await self.store.abort(txid)
         except DfsError as e:
             log.warning("dropping blob %d: %s", txid, e)
 
     async def resolve(self, txid: int, outcome: str) -> None:
         """The coordinator told us txid's outcome; commit or drop as the participant says."""
-        async with self._txn_lock(txid):
+        async with self._txn_locks.hold(txid):
             action = self.participant.on_outcome(txid, outcome, self.clock())
             if isinstance(action, ForceCommitted):
                 await self.store.commit(txid)

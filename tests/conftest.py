@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, servers_available
+from cluster import Cluster
 
 
 @pytest.fixture
 def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """Start clusters with custom settings: `cluster_factory(nodes=4, env={...})`."""
-    if not servers_available():
-        pytest.skip("the coordinator or the storage node has not landed yet")
     started: list[Cluster] = []
 
     def start(**options: Any) -> Cluster:
@@ -38,8 +36,6 @@ def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One cluster for a whole module of tests that don't break it (they use distinct paths)."""
-    if not servers_available():
-        pytest.skip("the coordinator or the storage node has not landed yet")
     cluster = Cluster(tmp_path_factory.mktemp("shared-cluster"))
     try:
         yield cluster.start()

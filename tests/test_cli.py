@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from cluster import Cluster, needs_servers
+from cluster import Cluster
 
 from dfs.cli.procs import DFS, Child
 
@@ -204,7 +204,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_servers
 def test_local_up(tmp_path: Path) -> None:
     """`dfs local up` starts a usable cluster and SIGTERM stops every child, exit status 0."""
     address = f"127.0.0.1:{free_port()}"

@@ -20,7 +20,7 @@ from functools import partial
 
 import pytest
 import trio
-from cluster import COORDINATOR, Cluster, servers_available
+from cluster import COORDINATOR, Cluster
 
 from dfs.chunks import CHUNK_SIZE, file_checksum, nchunks
 from dfs.client import Attr, Client
@@ -169,8 +169,6 @@ async def fails(code: Code, fn, *args, **kwargs) -> DfsError:
 @pytest.fixture(scope="module")
 def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One coordinator and three nodes (R=3) for the tests that leave them healthy."""
-    if not servers_available():
-        pytest.skip("the coordinator or the storage node has not landed yet")
     cluster = Cluster(tmp_path_factory.mktemp("commit-cluster"),
                       coordinator_args=COORDINATOR_ARGS, node_args=NODE_ARGS)
     try:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ import trio
 from dfs.chunks import nchunks
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
+from dfs.locks import KeyedLocks
 from dfs.meta import MetaStore, TxnRecord, TxnState
 from dfs.rpc import Peers
 from dfs.twopc import Phase
@@ -89,19 +89,7 @@ class Replicator:
         self._limit = trio.CapacityLimiter(COPY_CONCURRENCY)
         # Told about copies that proved bad while repairing another (queued for their own repair).
         self.on_suspects: Callable[[int, int, list[int]], Awaitable[None]] | None = None
-        self._locks: dict[int, tuple[trio.Lock, list[int]]] = {}
-
-    @asynccontextmanager
-    async def _file_lock(self, ino: int) -> AsyncIterator[None]:
-        lock, users = self._locks.setdefault(ino, (trio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[ino]
+        self._file_locks = KeyedLocks()
 
     def node_view(self) -> tuple[dict[int, str], set[int]]:
         nodes = self.membership.nodes
@@ -111,7 +99,7 @@ class Replicator:
     async def fix(self, ino: int, blob: int | None, bad: Collection[int] = (), *,
                   evacuate_down: bool = False) -> FixResult:
         """Repair one file (one transaction); `blob` None: whatever it holds now."""
-        async with self._file_lock(ino), self._limit:
+        async with self._file_locks.hold(ino), self._limit:
             try:
                 result = await self._fix(ino, blob, set(bad), evacuate_down)
             except DfsError as e:
