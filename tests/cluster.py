@@ -14,7 +14,6 @@ never by name. The harness is synchronous, so it works from plain and from trio 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-import pytest
 import trio
 
 from dfs.cli.procs import DFS, Child
@@ -38,22 +36,6 @@ COORDINATOR_ARGS = ("--node-timeout", "1.5", "--gc-grace", "1", "--vote-timeout"
                     "--txn-timeout", "10")
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "1")
 START_TIMEOUT = 30.0
-
-
-def servers_available() -> bool:
-    """True once the coordinator and the storage node can run (`run` in each package)."""
-    for module in ("dfs.coordinator", "storage_node.main"):
-        try:
-            if not hasattr(importlib.import_module(module), "run"):
-                return False
-        except ImportError:
-            return False
-    return True
-
-
-needs_servers = pytest.mark.skipif(
-    not servers_available(), reason="the coordinator or the storage node has not landed yet"
-)
 
 
 class Cluster:

@@ -1,0 +1,316 @@
+"""The nemesis's cluster: real `dfs` processes on loopback, every link behind a proxy.
+
+Topology (each arrow is a `Proxy`, so the nemesis can cut or slow it):
+
+    clients   --c-clients-->  coordinator        node-i --c-node-i--> coordinator
+    mount     --c-mount---->  coordinator        anyone --n-i-------> node-i
+
+A node advertises its `n-i` proxy, so the coordinator, clients and the mount all reach it
+through that one link; cutting `n-i` and `c-node-i` isolates node-i completely. Addresses that
+processes know stay fixed across restarts (they are the proxies'); a process that comes back on
+another real port only needs its proxy retargeted.
+
+Unlike tests/cluster.py (a synchronous pytest helper), this one is driven from trio while a
+workload runs: the blocking parts (spawning, waiting for the ready line, LMDB surgery) run in
+worker threads. Every process is started in its own session and stopped by its pid alone.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import trio
+
+from dfs.cli.procs import DFS, Child
+from dfs.client import Client
+from dfs.nemesis.proxy import Proxies
+from dfs.rpc import load_secret
+
+COORDINATOR = "coordinator"
+MOUNT = "mount"
+COORDINATOR_ARGS = ("--node-timeout", "1.5", "--gc-grace", "2", "--vote-timeout", "2",
+                    "--txn-timeout", "10")
+NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "1", "--staged-timeout", "8")
+START_TIMEOUT = 30.0
+MOUNT_READY = b"dfs mount ready at"
+
+
+@dataclass
+class Proc:
+    """One server process and what it is restarted with."""
+
+    name: str
+    child: Child
+    env: dict[str, str] = field(default_factory=dict)
+    capacity: int | None = None
+    paused: bool = False
+    listen: str = "127.0.0.1:0"
+
+
+class NemesisCluster:
+    """A coordinator, `nodes` storage nodes (R=`replicas`) and one FUSE mount."""
+
+    def __init__(self, root: Path, proxies: Proxies, *, nodes: int = 4, replicas: int = 3,
+                 mount: bool = True) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proxies = proxies
+        self.nodes = [f"node-{i}" for i in range(1, nodes + 1)]
+        self.replicas = replicas
+        self.want_mount = mount
+        self.secret_file = self.root / "secret"
+        if not self.secret_file.exists():
+            self.secret_file.write_text(os.urandom(32).hex() + "\n")
+        self.secret = load_secret(self.secret_file)
+        self.procs: dict[str, Proc] = {}
+        self.mount_path = self.root / "mnt"
+        self.mount_child: Child | None = None
+        self.coordinator = ""  # the real address (admin tools only; processes use proxies)
+
+    # ------------------------------------------------------------ start-up
+
+    async def start(self) -> None:
+        await self.start_proc(COORDINATOR)
+        for name in ("c-clients", "c-mount", *(f"c-{n}" for n in self.nodes)):
+            await self.proxies.add(name, self.coordinator)
+        for node in self.nodes:
+            await self.proxies.add(f"n-{node}", "127.0.0.1:1")  # retargeted once it listens
+            await self.start_proc(node)
+        await self.wait_nodes_up(len(self.nodes))
+        if self.want_mount:
+            await self.mount_start()
+
+    def _argv(self, name: str, proc: Proc) -> list[str]:
+        common = [*DFS, "--secret-file", str(self.secret_file)]
+        data = str(self.root / name)
+        if name == COORDINATOR:
+            return [*common, "coordinator", "--data", data, "--listen", proc.listen,
+                    "--replicas", str(self.replicas), *COORDINATOR_ARGS]
+        argv = [*common, "--coordinator", self.proxies[f"c-{name}"].address, "node",
+                "--data", data, "--listen", proc.listen,
+                "--advertise", self.proxies[f"n-{name}"].address, *NODE_ARGS]
+        if proc.capacity is not None:
+            argv += ["--capacity", str(proc.capacity)]
+        return argv
+
+    async def start_proc(self, name: str, *, env: dict[str, str] | None = None,
+                         capacity: int | None = None) -> None:
+        """(Re)start a server with `env` (e.g. DFS_FAILPOINTS) and, for a node, `capacity`.
+
+        It listens on its previous real port if it had one (falling back to a fresh port if
+        that one is taken) and its proxies are pointed at wherever it listens now.
+        """
+        proc = self.procs.get(name)
+        if proc is None:
+            proc = self.procs[name] = Proc(name, Child(name, [], self.root / f"{name}.log"))
+        assert not proc.child.running(), f"{name} is running"
+        proc.env, proc.capacity, proc.paused = dict(env or {}), capacity, False
+        for listen in dict.fromkeys([proc.listen, "127.0.0.1:0"]):
+            proc.listen = listen
+            proc.child.argv = self._argv(name, proc)
+            proc.child.start({"DFS_LOG_LEVEL": "INFO", **proc.env})
+            try:
+                address = await trio.to_thread.run_sync(proc.child.wait_listening, START_TIMEOUT)
+                break
+            except Exception:
+                if proc.child.running():
+                    await self.kill(name)
+                if listen == "127.0.0.1:0":
+                    raise
+        proc.listen = address
+        if name == COORDINATOR:
+            self.coordinator = address
+            for proxy in self.proxies.by_name.values():
+                if proxy.name.startswith("c-"):
+                    proxy.retarget(address)
+        else:
+            self.proxies[f"n-{name}"].retarget(address)
+
+    # ------------------------------------------------------------ signals
+
+    def running(self, name: str) -> bool:
+        return self.procs[name].child.running()
+
+    def exit_status(self, name: str) -> int | None:
+        return self.procs[name].child.poll()
+
+    async def kill(self, name: str) -> None:
+        """kill -9 by pid, and wait for the exit (a stopped process dies too)."""
+        child = self.procs[name].child
+        await trio.to_thread.run_sync(child.kill, signal.SIGKILL)
+        self.procs[name].paused = False
+
+    async def stop(self, name: str) -> None:
+        """A clean stop (SIGCONT first: a paused process cannot act on SIGTERM)."""
+        proc = self.procs[name]
+        proc.child.send_signal(signal.SIGCONT)
+        proc.paused = False
+        await trio.to_thread.run_sync(proc.child.stop, 10.0)
+
+    def pause(self, name: str) -> None:
+        self.procs[name].child.send_signal(signal.SIGSTOP)
+        self.procs[name].paused = True
+
+    def resume(self, name: str) -> None:
+        self.procs[name].child.send_signal(signal.SIGCONT)
+        self.procs[name].paused = False
+
+    async def stop_all(self) -> None:
+        """Unmount, then stop every process (nodes first), each by its own pid."""
+        await self.mount_stop()
+        for name in [*self.nodes, COORDINATOR]:
+            if name in self.procs:
+                await self.stop(name)
+
+    # ------------------------------------------------------------ bit rot
+
+    async def corrupt_random_chunk(self, name: str, rng: random.Random, *, oldest: bool = False
+                                   ) -> tuple[int, int] | None:
+        """Flip one byte of a random chunk of a random COMMITTED blob of a stopped node.
+
+        Uses the documented store layout (DESIGN.md §3): `blobs` maps u64 BE ids to msgpack
+        records, `chunks` keys are blob u64 BE + index u32 BE, values the 8-byte digest then
+        the bytes. Returns (blob, index), or None if the node holds no committed blob.
+        """
+        assert not self.running(name), "stop the node before editing its store"
+        return await trio.to_thread.run_sync(_flip_byte, self.root / name, rng, oldest)
+
+    # ------------------------------------------------------------ clients and tools
+
+    def client(self, via: str = "c-clients", factory: type[Client] = Client,
+               **options: Any) -> Any:
+        """A library client reaching the coordinator through proxy `via` ("": directly)."""
+        options.setdefault("timeout", 5.0)
+        options.setdefault("retry_for", 10.0)
+        options.setdefault("commit_timeout", 30.0)
+        address = self.proxies[via].address if via else self.coordinator
+        return factory(address, self.secret, **options)
+
+    async def dfs(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+        """Run the real `dfs` command against the coordinator's real address."""
+        env = {**os.environ, "DFS_COORDINATOR": self.coordinator,
+               "DFS_SECRET_FILE": str(self.secret_file)}
+        with trio.fail_after(timeout):
+            return await trio.run_process([*DFS, *args], capture_stdout=True,
+                                          capture_stderr=True, check=False, env=env)
+
+    async def status(self) -> dict[str, Any]:
+        async with self.client(via="") as client:
+            return await client.status()
+
+    async def wait_nodes_up(self, count: int, timeout: float = START_TIMEOUT) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    nodes = (await self.status())["nodes"]
+                    if sum(n["state"] == "up" for n in nodes) >= count:
+                        return
+                except Exception:  # noqa: BLE001 - the coordinator may be restarting
+                    pass
+                await trio.sleep(0.2)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        if name == MOUNT:
+            return self.mount_child.log_tail(lines) if self.mount_child else ""
+        return self.procs[name].child.log_tail(lines)
+
+    # ------------------------------------------------------------ the FUSE mount
+
+    def mount_running(self) -> bool:
+        return self.mount_child is not None and self.mount_child.running()
+
+    async def mount_start(self) -> None:
+        """`dfs mount --foreground`, through its own coordinator proxy; ready when it says so."""
+        self.mount_path.mkdir(parents=True, exist_ok=True)
+        argv = [*DFS, "mount", str(self.mount_path), "--foreground",
+                "--coordinator", self.proxies["c-mount"].address,
+                "--secret-file", str(self.secret_file),
+                "--cache-dir", str(self.root / "mount-cache"), "--retry-timeout", "10"]
+        if self.mount_child is None:
+            self.mount_child = Child(MOUNT, argv, self.root / "mount.log")
+        child = self.mount_child
+        child.start({"DFS_LOG_LEVEL": "INFO"})
+        with trio.fail_after(START_TIMEOUT):
+            while not (MOUNT_READY in child.log_tail(200).encode() and _is_mounted(
+                    self.mount_path)):
+                if child.poll() is not None:
+                    raise RuntimeError(f"mount exited with {child.poll()}: {child.log_tail()}")
+                await trio.sleep(0.05)
+
+    async def mount_kill(self) -> None:
+        """The mount process dies without cleanup; the dead mount point is detached lazily."""
+        if self.mount_child is not None and self.mount_child.running():
+            await trio.to_thread.run_sync(self.mount_child.kill, signal.SIGKILL)
+        await _fusermount("-uz", self.mount_path)
+
+    async def mount_stop(self) -> None:
+        """fusermount3 -u (lazily if busy), then make sure the process is gone, by its pid."""
+        child = self.mount_child
+        if child is None:
+            return
+        child.send_signal(signal.SIGCONT)
+        for flag in ("-u", "-u", "-uz"):
+            if not _is_mounted(self.mount_path) or await _fusermount(flag, self.mount_path):
+                break
+            await trio.sleep(0.5)
+        with trio.move_on_after(15):
+            while child.running():
+                await trio.sleep(0.05)
+        if child.running():
+            await trio.to_thread.run_sync(child.stop, 5.0)
+
+
+def _is_mounted(path: Path) -> bool:
+    from fuse_mount.main import is_mounted
+
+    return is_mounted(path)
+
+
+async def _fusermount(flag: str, path: Path) -> bool:
+    if not _is_mounted(path):
+        return True
+    with trio.move_on_after(30):
+        result = await trio.run_process(["fusermount3", flag, str(path)], check=False,
+                                        capture_stdout=True, capture_stderr=True)
+        return result.returncode == 0
+    return False
+
+
+def _flip_byte(path: Path, rng: random.Random, oldest: bool) -> tuple[int, int] | None:
+    # A copy-on-write put needs free pages: map well past the file (lmdb's default of 10 MiB
+    # may be all the node's map holds already, and then the edit fails with MDB_MAP_FULL).
+    size = (path / "data.mdb").stat().st_size
+    env = lmdb.open(str(path), max_dbs=8, subdir=True, lock=True, map_size=2 * size + 2**26)
+    try:
+        blobs_db, chunks_db = env.open_db(b"blobs"), env.open_db(b"chunks")
+        with env.begin(write=True) as txn:
+            committed = []
+            for key, value in txn.cursor(db=blobs_db):
+                record = msgpack.unpackb(value, raw=False)
+                if record.get("state") == "COMMITTED" and record.get("size"):
+                    committed.append((struct.unpack(">Q", key)[0], record))
+            if not committed:
+                return None
+            # Half the time the oldest blob: a cold file's, which lives to the end of the run,
+            # so the checker's repair has something to do; else any, perhaps read in the run.
+            blob, record = min(committed, key=lambda c: c[0]) if oldest or rng.random() < 0.5 \
+                else rng.choice(committed)
+            index = rng.randrange(int(record.get("nchunks") or 1))
+            key = struct.pack(">QI", blob, index)
+            value = bytearray(txn.get(key, db=chunks_db) or b"")
+            if len(value) <= 8:
+                return None
+            value[8 + rng.randrange(len(value) - 8)] ^= 1 << rng.randrange(8)
+            txn.put(key, bytes(value), db=chunks_db)
+        return blob, index
+    finally:
+        env.close()

@@ -1,0 +1,324 @@
+"""The nemesis: random faults against a running cluster, each one healed by itself.
+
+A fault is a task: it claims its targets (so two faults never fight over one process), breaks
+something, holds it for a random while (cut short when the campaign ends), then heals it in a
+shielded scope, so even a cancelled campaign leaves no process paused, no link cut and no
+failpoint armed. At most `max_active` faults run at once; which one comes next, where and for
+how long is drawn from the campaign's seeded generator.
+
+Kinds (DESIGN.md §8 and issue 5): kill (kill -9, then restart), pause (SIGSTOP longer than
+the timeouts, then SIGCONT), partition-node and partition-coordinator (through the proxies,
+refusing or black-holing), slow (latency on a link), disk-full (a node restarted with a
+capacity it has already used up), bitflip (a byte of a stopped node's LMDB flipped), failpoint
+(a process restarted with a §8 failpoint armed: crash, error or delay), kill-mount.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import traceback
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from dfs.failpoints import NAMES as FAILPOINTS
+from dfs.nemesis.cluster import COORDINATOR, MOUNT, NemesisCluster
+from dfs.nemesis.history import History
+from dfs.nemesis.proxy import BLACKHOLE, REFUSE
+from dfs.rpc import Peer
+
+KINDS = ("kill", "pause", "partition-node", "partition-coordinator", "slow", "disk-full",
+         "bitflip", "failpoint", "kill-mount")
+WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1)
+
+
+class Nemesis:
+    def __init__(self, cluster: NemesisCluster, history: History, rng: random.Random, *,
+                 max_active: int = 2, interval: tuple[float, float] = (0.5, 3.0),
+                 kinds: tuple[str, ...] = KINDS, mount: bool = True) -> None:
+        self.cluster = cluster
+        self.history = history
+        self.rng = rng
+        self.max_active = max_active
+        self.interval = interval
+        self.kinds = [k for k in kinds if mount or k != "kill-mount"]
+        self.mount = mount
+        self.counts: Counter[str] = Counter()
+        self.details: Counter[str] = Counter()  # e.g. failpoint fired, cut modes
+        self.corrupted: list[dict[str, Any]] = []
+        self.errors: list[str] = []  # faults that could not be injected or healed
+        self.busy: set[str] = set()
+        self.active = 0
+        self._heal_now = trio.Event()
+
+    # ------------------------------------------------------------ scheduling
+
+    async def run(self, duration: float) -> None:
+        """Start faults for `duration` seconds, then end the held ones and wait for the heals."""
+        deadline = trio.current_time() + duration
+        async with trio.open_nursery() as nursery:
+            while trio.current_time() < deadline:
+                await trio.sleep(min(self.rng.uniform(*self.interval),
+                                     max(0.0, deadline - trio.current_time())))
+                if self.active >= self.max_active or trio.current_time() >= deadline:
+                    continue
+                weights = [WEIGHTS[KINDS.index(k)] for k in self.kinds]
+                kind = self.rng.choices(self.kinds, weights)[0]
+                fault = getattr(self, "_" + kind.replace("-", "_"))
+                target = self._choose(kind)
+                if target is None:
+                    continue
+                self.active += 1
+                self.busy.add(target)
+                nursery.start_soon(self._run_fault, kind, target, fault)
+            self._heal_now.set()
+
+    def _choose(self, kind: str) -> str | None:
+        nodes = list(self.cluster.nodes)
+        options: list[str] = {
+            "kill": [COORDINATOR, *nodes],
+            "pause": [COORDINATOR, *nodes, *([MOUNT] if self.mount else [])],
+            "partition-node": nodes,
+            "partition-coordinator": [COORDINATOR],
+            "slow": [COORDINATOR, *nodes],
+            "disk-full": nodes,
+            "bitflip": nodes,
+            "failpoint": [COORDINATOR, *nodes],
+            "kill-mount": [MOUNT],
+        }[kind]
+        free = [t for t in options if t not in self.busy]
+        return self.rng.choice(free) if free else None
+
+    async def _run_fault(self, kind: str, target: str,
+                         fault: Callable[[str], Awaitable[dict[str, Any]]]) -> None:
+        self.counts[kind] += 1
+        try:
+            await fault(target)
+        except Exception as e:  # noqa: BLE001 - kept; the campaign heals, judges, and fails
+            trace = "".join(traceback.format_exception(e))
+            self.errors.append(f"{kind} on {target}: {type(e).__name__}: {e}")
+            self.history.note("fault error", kind=kind, target=target, traceback=trace)
+        finally:
+            self.busy.discard(target)
+            self.active -= 1
+
+    async def _hold(self, low: float, high: float) -> None:
+        """Keep the fault for a random while, or until the campaign ends."""
+        with trio.move_on_after(self.rng.uniform(low, high)):
+            await self._heal_now.wait()
+
+    @asynccontextmanager
+    async def _recorded(self, kind: str, target: str, **details: Any) -> Any:
+        self.history.fault(kind, "start", target, **details)
+        try:
+            yield
+        finally:
+            self.history.fault(kind, "stop", target)
+
+    async def _restart_clean(self, name: str) -> None:
+        """Start a process again with no failpoint and its normal capacity."""
+        if self.cluster.running(name):
+            await self.cluster.stop(name)
+        await self.cluster.start_proc(name)
+
+    # ------------------------------------------------------------ processes
+
+    async def _kill(self, target: str) -> dict[str, Any]:
+        async with self._recorded("kill", target):
+            await self.cluster.kill(target)
+            try:
+                await self._hold(0.2, 4.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.cluster.start_proc(target)
+        return {}
+
+    async def _pause(self, target: str) -> dict[str, Any]:
+        async with self._recorded("pause", target):
+            if target == MOUNT:
+                if not self.cluster.mount_running():
+                    return {}
+                assert self.cluster.mount_child is not None
+                self.cluster.mount_child.send_signal(signal.SIGSTOP)
+                try:
+                    await self._hold(2.5, 8.0)
+                finally:
+                    self.cluster.mount_child.send_signal(signal.SIGCONT)
+                return {}
+            self.cluster.pause(target)
+            try:
+                await self._hold(2.5, 9.0)  # past node, vote and RPC timeouts
+            finally:
+                self.cluster.resume(target)
+        return {}
+
+    async def _failpoint(self, target: str) -> dict[str, Any]:
+        prefix = "coordinator." if target == COORDINATOR else "node."
+        name = self.rng.choice(sorted(n for n in FAILPOINTS if n.startswith(prefix)))
+        action = self.rng.choices(
+            ["crash", "error", f"delay:{self.rng.randrange(500, 4000)}"], [5, 2, 2])[0]
+        spec = f"{name}={action}"
+        async with self._recorded("failpoint", target, failpoint=spec):
+            self.details[f"failpoint {name}={action.split(':')[0]}"] += 1
+            await self.cluster.stop(target)
+            try:
+                await self.cluster.start_proc(target, env={"DFS_FAILPOINTS": spec})
+                with trio.move_on_after(self.rng.uniform(3.0, 10.0)):
+                    while self.cluster.running(target) and not self._heal_now.is_set():
+                        await trio.sleep(0.1)
+                if not self.cluster.running(target):
+                    self.details["failpoint fired (crash)"] += 1
+                    self.history.note("failpoint fired", target=target, failpoint=spec,
+                                      status=self.cluster.exit_status(target))
+                    await self._hold(0.1, 2.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._restart_clean(target)
+        return {}
+
+    # ------------------------------------------------------------ network
+
+    async def _partition_node(self, target: str) -> dict[str, Any]:
+        mode = self.rng.choice([REFUSE, BLACKHOLE])
+        # isolated: nobody reaches it and it reaches nobody; inbound: it still heartbeats, so
+        # the coordinator keeps placing replicas on a node no one can reach; heartbeat: only
+        # its link to the coordinator is cut, so it is declared down while clients reach it.
+        shape = self.rng.choice(["isolated", "isolated", "inbound", "heartbeat"])
+        links = {"isolated": [f"n-{target}", f"c-{target}"], "inbound": [f"n-{target}"],
+                 "heartbeat": [f"c-{target}"]}[shape]
+        self.details[f"partition-node {shape}/{mode}"] += 1
+        async with self._recorded("partition-node", target, mode=mode, shape=shape):
+            await self._cut(links, mode, 2.0, 8.0)
+        return {}
+
+    async def _partition_coordinator(self, target: str) -> dict[str, Any]:
+        mode = self.rng.choice([REFUSE, BLACKHOLE])
+        links = [p for p in self.cluster.proxies.by_name if p.startswith("c-")]
+        self.details[f"partition-coordinator/{mode}"] += 1
+        async with self._recorded("partition-coordinator", target, mode=mode):
+            await self._cut(links, mode, 2.0, 6.0)
+        return {}
+
+    async def _cut(self, links: list[str], mode: str, low: float, high: float) -> None:
+        proxies = [self.cluster.proxies[name] for name in links]
+        for proxy in proxies:
+            proxy.cut(mode)
+        try:
+            await self._hold(low, high)
+        finally:
+            for proxy in proxies:
+                proxy.heal()
+
+    async def _slow(self, target: str) -> dict[str, Any]:
+        if target == COORDINATOR:
+            links = [p for p in self.cluster.proxies.by_name if p.startswith("c-")]
+        else:
+            links = [f"n-{target}"]
+        delay = self.rng.choice([0.02, 0.1, 0.3, 0.8, 1.5])
+        async with self._recorded("slow", target, delay=delay):
+            proxies = [self.cluster.proxies[name] for name in links]
+            for proxy in proxies:
+                proxy.slow(delay)
+            try:
+                await self._hold(3.0, 10.0)
+            finally:
+                for proxy in proxies:
+                    proxy.slow(0.0)
+        return {}
+
+    # ------------------------------------------------------------ disks
+
+    async def _disk_full(self, target: str) -> dict[str, Any]:
+        used = await self._node_used(target)
+        margin = self.rng.choice([0, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024])
+        capacity = (used or 0) + margin
+        async with self._recorded("disk-full", target, capacity=capacity, used=used):
+            await self.cluster.stop(target)
+            try:
+                await self.cluster.start_proc(target, capacity=capacity)
+                await self._hold(3.0, 10.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._restart_clean(target)
+        return {}
+
+    async def _node_used(self, name: str) -> int | None:
+        peer = Peer(self.cluster.procs[name].listen, self.cluster.secret, timeout=3.0)
+        try:
+            return int((await peer.call("node_info"))["used"])
+        except Exception:  # noqa: BLE001 - unknown usage: the node fills at once
+            return None
+        finally:
+            await peer.aclose()
+
+    async def _bitflip(self, target: str) -> dict[str, Any]:
+        async with self._recorded("bitflip", target):
+            if self.rng.random() < 0.5:
+                await self.cluster.kill(target)
+            else:
+                await self.cluster.stop(target)
+            try:
+                flipped = await self.cluster.corrupt_random_chunk(target, self.rng)
+                if flipped is not None:
+                    blob, index = flipped
+                    self.corrupted.append({"node": target, "blob": blob, "index": index})
+                    self.history.note("bit flipped", target=target, blob=blob, index=index)
+                await self._hold(0.1, 2.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.cluster.start_proc(target)
+        return {}
+
+    # ------------------------------------------------------------ the mount
+
+    async def _kill_mount(self, target: str) -> dict[str, Any]:
+        async with self._recorded("kill-mount", target):
+            await self.cluster.mount_kill()
+            try:
+                await self._hold(0.5, 3.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.cluster.mount_start()
+        return {}
+
+    # ------------------------------------------------------------ the end
+
+    async def last_bitflip(self) -> None:
+        """One more flipped bit once the load has stopped, in a cold file (the oldest blob) on
+        a random node: no reader will trip over it, so `dfs check --deep --repair` must find
+        and repair it, and the final check then verifies every replica."""
+        target = self.rng.choice(self.cluster.nodes)
+        self.counts["bitflip"] += 1
+        self.details["bitflip after the load (for dfs check)"] += 1
+        async with self._recorded("bitflip", target, last=True):
+            await self.cluster.stop(target)
+            try:
+                flipped = await self.cluster.corrupt_random_chunk(target, self.rng, oldest=True)
+                if flipped is not None:
+                    blob, index = flipped
+                    self.corrupted.append({"node": target, "blob": blob, "index": index})
+                    self.history.note("bit flipped", target=target, blob=blob, index=index)
+            finally:
+                await self.cluster.start_proc(target)
+
+    async def heal_everything(self) -> list[str]:
+        """After the campaign: whatever state anything is in, make it whole. What was done."""
+        done: list[str] = []
+        self.cluster.proxies.heal_all()
+        for name in [COORDINATOR, *self.cluster.nodes]:
+            proc = self.cluster.procs[name]
+            if proc.paused:
+                self.cluster.resume(name)
+                done.append(f"resumed {name}")
+            if not self.cluster.running(name) or proc.env or proc.capacity is not None:
+                await self._restart_clean(name)
+                done.append(f"restarted {name} clean")
+        if self.mount and not self.cluster.mount_running():
+            await self.cluster.mount_kill()
+            await self.cluster.mount_start()
+            done.append("remounted")
+        return done

@@ -1,0 +1,244 @@
+"""The nemesis (issue 5): its checker on made-up histories, its proxy, and real campaigns.
+
+The checker tests feed histories with a known flaw and expect exactly that violation, so a
+campaign that reports 0 violations means something. The short campaign runs in the default
+suite (real processes, a real mount when FUSE is usable, about a minute); the long one is
+`@pytest.mark.slow` (scripts/nemesis runs the same thing from the command line).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+from mount_harness import fuse_unavailable
+
+from dfs.nemesis.campaign import Options, campaign
+from dfs.nemesis.checker import check_history
+from dfs.nemesis.cluster import NemesisCluster
+from dfs.nemesis.final import replica_problem
+from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
+from dfs.nemesis.proxy import BLACKHOLE, REFUSE, Proxies, Proxy
+
+# ---------------------------------------------------------------- the checker
+
+
+class Script:
+    """Build a history by hand: writes and reads with explicit times."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.history = History(tmp_path / "h.jsonl", seed=7)
+        self.data: dict[int, bytes] = {}
+
+    def write(self, t0: float, t1: float | None, outcome: str, *, file: str = "f",
+              size: int = 100, version: int | None = None, via: str = "lib",
+              **fields: object) -> Op:
+        content = content_for(7, self.history.peek_id(), file, size)
+        op = self.history.invoke("w", "write", file, via, size=len(content),
+                                 digest=digest(content), **fields)
+        self.data[op.id] = content
+        self.history.complete(op, outcome, version=version, version_known=version is not None)
+        op.invoke, op.complete = t0, t1
+        return op
+
+    def read(self, t0: float, t1: float, data: bytes, *, file: str = "f",
+             version: int | None = None, via: str = "lib") -> Op:
+        op = self.history.invoke("r", "read", file, via)
+        self.history.attribute(op, data)
+        self.history.complete(op, OK, version=version)
+        op.invoke, op.complete = t0, t1
+        return op
+
+    def kinds(self) -> list[str]:
+        return sorted(v.kind for v in check_history(self.history))
+
+
+def test_a_clean_history_has_no_violations(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    a = s.write(0, 1, OK, version=1)
+    s.read(0.5, 0.6, b"", version=0)  # concurrent with the write: old value is fine
+    b = s.write(2, None, INFO)  # unknown: may show up any time later, or never
+    s.read(3, 4, s.data[a.id], version=1)
+    s.read(5, 6, s.data[b.id], version=2)
+    assert s.kinds() == []
+
+
+def test_a_read_of_two_versions_is_a_mix(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    a = s.write(0, 1, OK, size=3000, version=1)
+    b = s.write(2, 3, OK, size=3000, version=2)
+    mixed = s.data[a.id][:1500] + s.data[b.id][1500:]
+    s.read(4, 5, mixed, version=2)
+    s.read(4, 5, b"garbage", version=2)
+    assert s.kinds() == ["mixed-read", "mixed-read"]
+
+
+def test_a_failed_write_must_never_be_seen(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    a = s.write(0, 1, FAIL, error="CONFLICT")
+    s.read(2, 3, s.data[a.id])
+    assert s.kinds() == ["aborted-write-visible"]
+
+
+def test_a_read_after_an_ok_write_must_not_see_older_content(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    a = s.write(0, 1, OK, version=1)
+    s.write(2, 3, OK, version=2)
+    s.read(4, 5, s.data[a.id], version=1)  # stale, by time and by version
+    s.read(4, 5, b"", version=0)  # the initial content, after two ok writes
+    assert s.kinds() == ["stale-read", "stale-read"]
+
+
+def test_mount_reads_may_lag_by_the_attribute_ttl_only(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    a = s.write(0, 1, OK, version=1)
+    s.write(2, 3, OK, version=2)
+    s.read(3.5, 4, s.data[a.id], via="mount")  # within the slack
+    s.read(30, 31, s.data[a.id], via="mount")  # far too late
+    c = s.write(40, 41, OK, via="mount")
+    s.read(41.5, 42, s.data[a.id], via="mount")  # the mount's own write is seen at once
+    assert s.kinds() == ["stale-read", "stale-read"]
+    assert c.id
+
+
+def test_one_version_cannot_hold_two_contents(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    a = s.write(0, 1, OK, version=1)
+    b = s.write(0, 1, INFO)
+    s.read(2, 3, s.data[b.id], version=1)
+    assert s.data[a.id] != s.data[b.id]
+    assert s.kinds() == ["version-conflict"]
+
+
+def test_two_conditional_writes_from_one_base_cannot_both_win(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    s.write(0, 1, OK, version=4, if_version=True, base=3)
+    s.write(0, 1, OK, if_version=True, base=3)
+    s.write(2, 3, OK, version=9, if_version=True, base=4)
+    assert s.kinds() == ["conditional-write", "conditional-write"]
+
+
+def test_a_torn_mount_write_may_show_as_a_prefix_only(tmp_path: Path) -> None:
+    s = Script(tmp_path)
+    torn = s.write(0, 5, INFO, via="mount", size=5000, torn=True)
+    whole = s.write(0, 5, INFO, via="mount", size=5000)
+    s.read(6, 7, s.data[torn.id][:3000])
+    s.read(6, 7, s.data[whole.id][:3000])
+    assert s.kinds() == ["mixed-read"]
+
+
+# ---------------------------------------------------------------- the proxy
+
+
+async def _echo_server(nursery: trio.Nursery) -> str:
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def _roundtrip(address: str, payload: bytes = b"ping") -> bytes:
+    host, port = address.split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(payload)
+        got = b""
+        while len(got) < len(payload):
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            got += data
+        return got
+
+
+async def test_the_proxy_forwards_cuts_blackholes_slows_and_heals() -> None:
+    async with trio.open_nursery() as nursery:
+        proxy = Proxy("p", await _echo_server(nursery))
+        await nursery.start(proxy.run)
+        assert await _roundtrip(proxy.address, b"x" * 300_000) == b"x" * 300_000
+
+        proxy.cut(REFUSE)
+        assert await _roundtrip(proxy.address) == b""  # closed at once
+        proxy.heal()
+        assert await _roundtrip(proxy.address) == b"ping"
+
+        proxy.cut(BLACKHOLE)
+        with trio.move_on_after(0.5) as stalled:
+            await _roundtrip(proxy.address)
+        assert stalled.cancelled_caught
+        proxy.heal()
+
+        proxy.slow(0.2)
+        start = trio.current_time()
+        assert await _roundtrip(proxy.address) == b"ping"
+        assert trio.current_time() - start >= 0.4  # both directions
+        proxy.heal()
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- campaigns
+
+def _mount_wanted() -> bool:
+    why = fuse_unavailable()
+    if why is not None and os.environ.get("DFS_REQUIRE_FUSE") == "1":
+        pytest.fail(f"DFS_REQUIRE_FUSE=1 but {why}")
+    return why is None
+
+
+def _run(tmp_path: Path, duration: float, seed: int) -> None:
+    options = Options(duration=duration, seed=seed, root=tmp_path / "nemesis",
+                      mount=_mount_wanted(), keep=True)
+    summary = trio.run(campaign, options)
+    problems = "\n".join(f"{v.kind} {v.file}: {v.msg}" for v in summary.violations[:20])
+    assert summary.error is None, f"{summary.error} (history {summary.history})"
+    assert summary.passed, f"{len(summary.violations)} violations (history " \
+                           f"{summary.history}):\n{problems}"
+    assert summary.ops[f"write lib {OK}"] > 0 and sum(summary.faults.values()) > 0
+
+
+@pytest.mark.timeout(200)
+def test_short_nemesis_campaign_finds_no_violation(tmp_path: Path) -> None:
+    _run(tmp_path, duration=35, seed=int(os.environ.get("DFS_NEMESIS_SEED", "5")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_long_nemesis_campaign_finds_no_violation(tmp_path: Path) -> None:
+    _run(tmp_path, duration=float(os.environ.get("DFS_NEMESIS_DURATION", "300")),
+         seed=int(os.environ.get("DFS_NEMESIS_SEED", "11")))
+
+
+async def test_the_final_replica_check_sees_one_flipped_bit(tmp_path: Path) -> None:
+    """The end-of-campaign replica check is not vacuous: a bit flipped on one replica (and not
+    repaired) is found on exactly that replica, through the proxies."""
+    proxies = Proxies()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxies.run)
+        cluster = NemesisCluster(tmp_path, proxies, nodes=3, mount=False)
+        try:
+            await cluster.start()
+            data = os.urandom(3 * 1024 * 1024 + 11)
+            async with cluster.client(via="") as client:
+                root = await client.resolve("/")
+                attr = await client.create(root.ino, b"f", 0o644, 0, 0)
+                attr = await client.write_file(attr.ino, io.BytesIO(data))
+                nodes = {n["id"]: n["address"] for n in await client.node_list()}
+            await cluster.stop("node-2")
+            assert await cluster.corrupt_random_chunk("node-2", random.Random(1)) is not None
+            await cluster.start_proc("node-2")
+            by_proxy = {cluster.proxies[f"n-{n}"].address: n for n in cluster.nodes}
+            problems = {by_proxy[nodes[r]]: await replica_problem(cluster, attr, nodes[r], data)
+                        for r in attr.replicas}
+            assert [n for n, p in problems.items() if p] == ["node-2"], problems
+            assert "CHECKSUM" in str(problems["node-2"])
+        finally:
+            await cluster.stop_all()
+            nursery.cancel_scope.cancel()
