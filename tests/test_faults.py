@@ -137,3 +137,23 @@ def test_a_write_staging_longer_than_the_txn_timeout_still_commits(cluster_facto
     assert result.returncode == 0, result.stderr
     assert stat(cluster, "/slow")["version"] == 1
     assert cluster.dfs("cat", "/slow").stdout == data
+
+
+def test_a_failing_or_full_replica_is_placed_around(cluster_factory) -> None:
+    """One node refuses every stage (a failing disk) and another is full: with 5 nodes and
+    R=3 every write still lands, on the healthy ones (found by the nemesis: such writes used
+    to fail with the replica's error instead of being re-placed)."""
+    cluster = cluster_factory(
+        nodes=5, node_args=NODE_ARGS,
+        env={"node-1": {"DFS_FAILPOINTS": "node.after_stage=error"}},
+        extra_args={"node-2": ["--capacity", "65536"]},
+    )
+    bad = {cluster.node_id("node-1"), cluster.node_id("node-2")}
+    for i in range(6):
+        data = os.urandom(300_000 + i)
+        result = cluster.dfs("put", "-", f"/p{i}", input=data, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert not bad & set(stat(cluster, f"/p{i}")["replicas"])
+        assert cluster.dfs("cat", f"/p{i}").stdout == data
+    assert "failpoint node.after_stage fires" in cluster.log("node-1", 400), \
+        "the failing node was never tried: the test proves nothing"

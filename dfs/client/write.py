@@ -36,6 +36,9 @@ MAX_BACKOFF = 2.0
 OUTCOME_POLL = 0.2
 
 
+REPLICA_FAULTS = frozenset({Code.UNAVAILABLE, Code.ENOSPC, Code.INTERNAL})
+
+
 class TransactionLost(DfsError):
     """The coordinator no longer knows the transaction (it expired it, or restarted)."""
 
@@ -114,7 +117,9 @@ async def stage(
         try:
             await client.peers[address].call("stage", txid=txid, index=index, data=chunk)
         except DfsError as e:
-            if e.code is Code.UNAVAILABLE:
+            # Errors about this replica (down, full, failing) are worth a placement without
+            # it; only a transaction the coordinator already aborted (CONFLICT) is not.
+            if e.code in REPLICA_FAULTS:
                 raise ReplicaFailed(node_id, e) from None
             raise
 
@@ -193,6 +198,7 @@ async def write_file(
     """See Client.write_file."""
     exclude: set[int] = set()
     last: DfsError | None = None
+    full = False  # some replica had no room: if no placement works, that is the answer
     for attempt in range(client.attempts):
         if attempt:
             await trio.sleep(min(BACKOFF * 2 ** (attempt - 1), MAX_BACKOFF))
@@ -215,6 +221,7 @@ async def write_file(
             log.info("txid %d: %s; retrying without node %d", txid, f, f.node_id)
             await _abort_quietly(client, txid)
             last = f.error
+            full = full or f.error.code is Code.ENOSPC
             exclude.add(f.node_id)
             continue
         except BaseException:
@@ -239,8 +246,10 @@ async def write_file(
             log.info("txid %d: commit failed (%s); retrying without %s", txid, e, failed)
             last = e
             exclude.update(failed)
+    # ENOSPC stays ENOSPC when no placement had room; anything else is UNAVAILABLE.
+    code = Code.ENOSPC if full else Code.UNAVAILABLE
     raise DfsError(
-        Code.UNAVAILABLE,
+        code,
         f"write of inode {ino} failed after {client.attempts} attempts: "
         f"{last.msg if last else 'no attempt'}",
     )

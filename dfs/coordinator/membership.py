@@ -79,14 +79,14 @@ class Membership:
         return out
 
     def place(self, count: int, exclude: list[int] | tuple[int, ...] = ()) -> list[NodeRecord]:
-        """`count` live, up (not draining) nodes, least used first, ties broken at random."""
+        """`count` live, up (not draining) nodes, most free space first, ties at random."""
         skip = set(exclude)
         live = [r for r in self.nodes.values()
                 if r.state is NodeState.UP and r.id not in skip and self.is_live(r.id)]
         if len(live) < count:
             note = f" (excluding {sorted(skip)})" if skip else ""
             raise DfsError(Code.UNAVAILABLE, f"need {count} live nodes, have {len(live)}{note}")
-        ranked = sorted(live, key=lambda r: (r.used, self._rng.random()))
+        ranked = sorted(live, key=lambda r: (r.used - r.capacity, self._rng.random()))
         return ranked[:count]
 
     # ------------------------------------------------------------ changes
