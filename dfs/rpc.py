@@ -309,6 +309,10 @@ _NETWORK_ERRORS = (
 )
 
 
+# What a connection closed by the peer looks like; a timeout is never taken for staleness.
+_STALE = (ConnectionClosed, trio.BrokenResourceError, ConnectionResetError, BrokenPipeError)
+
+
 class PeerUnavailable(DfsError):
     """UNAVAILABLE raised on this side: the request may or may not have reached the peer.
 
@@ -365,18 +369,31 @@ class Peer:
             delay = min(delay * 2, 1.0)
 
     async def _call_once(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One request. A pooled connection the peer closed while it sat idle (the peer
+        restarted) is not a failure of the peer: the request goes once more on a new one."""
         async with self._slots:
-            conn = self._idle.pop() if self._idle else None
             try:
                 with trio.fail_after(timeout):
-                    if conn is None:
-                        conn = await connect(self.address, self.secret, self.expect_cluster)
-                        self.cluster = conn.cluster
-                    reply = await conn.call(op, fields)
+                    return await self._exchange(op, fields)
+            except trio.TooSlowError:
+                raise PeerUnavailable(f"{self.address}: no reply in {timeout:g} s") from None
+
+    async def _exchange(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        while True:
+            conn = self._idle.pop() if self._idle else None
+            pooled = conn is not None
+            try:
+                if conn is None:
+                    conn = await connect(self.address, self.secret, self.expect_cluster)
+                    self.cluster = conn.cluster
+                reply = await conn.call(op, fields)
             except _NETWORK_ERRORS as e:
                 if conn is not None:
                     await conn.aclose()
-                raise PeerUnavailable(f"{self.address}: {type(e).__name__} {e}".strip()) from None
+                if pooled and isinstance(e, _STALE):
+                    continue
+                raise PeerUnavailable(
+                    f"{self.address}: {type(e).__name__} {e}".strip()) from None
             except BaseException:
                 if conn is not None:
                     await conn.aclose()

@@ -174,3 +174,28 @@ def test_secret_file_rules(tmp_path: Path) -> None:
     good = tmp_path / "good"
     good.write_text("a" * 64 + "\n")
     assert rpc.load_secret(good) == b"a" * 64
+
+
+async def test_a_pooled_connection_to_a_restarted_peer_is_not_a_failure() -> None:
+    """Regression (flaky vote-timeout test): after a node restarted on the same port, the
+    coordinator's idle pooled connection to it was dead, and the next PREPARE failed at once
+    as a NO vote. A request that meets a connection closed while idle goes on a new one."""
+    async with trio.open_nursery() as outer:
+        scope = trio.CancelScope()
+
+        async def server(port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await rpc.serve(Echo(), "127.0.0.1", port, SECRET, lambda: "c1",
+                                task_status=task_status)
+
+        listeners = await outer.start(server, 0)
+        port = listeners[0].socket.getsockname()[1]
+        peer = rpc.Peer(f"127.0.0.1:{port}", SECRET, timeout=5)
+        assert (await peer.call("echo", text="before"))["text"] == "before"
+        scope.cancel()  # the peer goes away; our idle connection is now closed at its end
+        await trio.sleep(0.1)
+        scope = trio.CancelScope()
+        await outer.start(server, port)
+        assert (await peer.call("echo", text="after"))["text"] == "after"
+        await peer.aclose()
+        scope.cancel()
