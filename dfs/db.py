@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import lmdb
 import trio
 
+from dfs import runtime
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -109,7 +111,7 @@ class Database:
                         batch.append(self._recv.receive_nowait())
                     except trio.WouldBlock:
                         break
-                while not await trio.to_thread.run_sync(self._run_batch, batch):
+                while not await runtime.in_thread(self._run_batch, batch):
                     # Grown here, on the trio thread between batches, where no read
                     # transaction of this process is open (py-lmdb's rule for set_mapsize).
                     new_size = self.env.info()["map_size"] * 2

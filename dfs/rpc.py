@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -238,9 +238,37 @@ async def serve(
             name = "?"
         await serve_connection(stream, service, secret, cluster, name)
 
+    if _network is not None:
+        await _network.serve(service, host, port, task_status=task_status)
+        return
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners)
     await trio.serve_listeners(handle, listeners)
+
+
+# ---------------------------------------------------------------- network
+
+
+class Network(Protocol):
+    """Where requests travel when not over TCP: the simulator's in-process network
+    (dfs/sim/network.py). It carries the same request and reply maps a frame would, to the
+    same `Service.dispatch`, with its own seeded loss, delay, duplication and partitions."""
+
+    async def serve(self, service: Service, host: str, port: int, *,
+                    task_status: trio.TaskStatus[Any]) -> None: ...
+
+    async def call(self, address: str, op: str, fields: dict[str, Any],
+                   timeout: float) -> dict[str, Any]: ...
+
+
+_network: Network | None = None
+
+
+def install_network(network: Network | None) -> Network | None:
+    """Route every `serve` and `Peer.call` of this process through `network` (None: TCP)."""
+    global _network
+    previous, _network = _network, network
+    return previous
 
 
 # ---------------------------------------------------------------- client
@@ -372,6 +400,8 @@ class Peer:
         """One request. A pooled connection the peer closed while it sat idle (the peer
         restarted) is not a failure of the peer: the request goes once more on a new one."""
         async with self._slots:
+            if _network is not None:
+                return await _network.call(self.address, op, fields, timeout)
             try:
                 with trio.fail_after(timeout):
                     return await self._exchange(op, fields)

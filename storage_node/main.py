@@ -18,6 +18,7 @@ from typing import IO
 import lmdb
 import trio
 
+from dfs import runtime
 from dfs.errors import DfsError
 from dfs.rpc import load_secret, parse_address
 from storage_node.node import Node, NodeConfig
@@ -141,7 +142,7 @@ async def run_node(config: NodeConfig) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         lock = lock_data_dir(config.data)
         try:
-            store = await trio.to_thread.run_sync(
+            store = await runtime.in_thread(
                 lambda: BlobStore.open(config.data, capacity=config.capacity)
             )
             try:

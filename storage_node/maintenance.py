@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from dfs import runtime
 from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest
 from dfs.errors import Code, DfsError
 from dfs.locks import KeyedLocks
@@ -119,7 +120,7 @@ class MaintenanceOps:
         from storage_node.server import _blob_ids
 
         blobs = _blob_ids(req, "blobs")
-        verdicts = await trio.to_thread.run_sync(verify_many, self.store, blobs)
+        verdicts = await runtime.in_thread(verify_many, self.store, blobs)
         return {"results": {v.blob: v.to_wire() for v in verdicts}}
 
     async def op_fetch(self, req: Request) -> dict[str, Any]:
@@ -134,7 +135,7 @@ class MaintenanceOps:
         async with self._txn_locks.hold(blob):
             info = self.store.stat(blob)
             if info is not None and info.state != BlobState.STAGED:
-                verdict = await trio.to_thread.run_sync(verify_blob, self.store, blob)
+                verdict = await runtime.in_thread(verify_blob, self.store, blob)
                 if verdict.ok and (info.size, info.checksum) == (size, checksum):
                     return {"have": True, "state": info.state.value}
                 log.warning("blob %d: local copy is bad (%s); fetching it again", blob,
@@ -239,7 +240,7 @@ class Scrubber:
         await self._flush()
 
     async def _verify(self, blobs: list[int], size: int) -> None:
-        verdicts = await trio.to_thread.run_sync(verify_many, self.store, blobs)
+        verdicts = await runtime.in_thread(verify_many, self.store, blobs)
         for v in verdicts:
             if v.state is not None and v.state != BlobState.STAGED and not v.ok:
                 log.error("scrub: blob %d is corrupt: %s", v.blob, v.error)

@@ -14,8 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import trio
-
+from dfs import runtime
 from dfs.chunks import CHUNK_SIZE
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
@@ -184,7 +183,7 @@ class NodeService(MaintenanceOps, Service):
 
     async def restore(self) -> int:
         """Feed the participant every STAGED/PREPARED blob in the store (at start-up)."""
-        pending = await trio.to_thread.run_sync(self.store.pending)
+        pending = await runtime.in_thread(self.store.pending)
         now = self.clock()
         for info in pending:
             self.participant.restore(info.blob, info.state.value, info.created, now)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import lmdb
-import trio
 
+from dfs import runtime
 from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest
 from dfs.chunks import nchunks as chunk_count
 from dfs.db import Database
@@ -179,7 +178,7 @@ class BlobStore:
         def fn(txn: lmdb.Transaction) -> None:
             raw = txn.get(bkey, db=self.db["blobs"])
             if raw is None:
-                info = BlobInfo(blob, BlobState.STAGED, None, None, None, time.time())
+                info = BlobInfo(blob, BlobState.STAGED, None, None, None, runtime.wall())
                 txn.put(bkey, pack_info(info), db=self.db["blobs"])
             elif (state := unpack_info(blob, raw).state) != BlobState.STAGED:
                 raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; staging refused")
@@ -217,8 +216,8 @@ class BlobStore:
         if size <= INLINE_VERIFY_MAX:  # microseconds of hashing: cheaper than a thread hop
             created = self._verify(blob, size, checksum, nchunks)
         else:  # reading and hashing a large blob is long work: off the trio thread
-            created = await trio.to_thread.run_sync(self._verify, blob, size, checksum, nchunks)
-        now = time.time()
+            created = await runtime.in_thread(self._verify, blob, size, checksum, nchunks)
+        now = runtime.wall()
 
         def fn(txn: lmdb.Transaction) -> BlobInfo:
             raw = txn.get(blob_key(blob), db=self.db["blobs"])

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
 
+from dfs import runtime
 from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest, nchunks
 from dfs.client.attr import Attr
 from dfs.client.tasks import task_group
@@ -101,7 +102,7 @@ def _writer(sink: Sink, hasher: FileHasher) -> Callable[[bytes], Awaitable[None]
             file.write(data)
 
         async def to_file(data: bytes) -> None:
-            await trio.to_thread.run_sync(hash_and_write, data)
+            await runtime.in_thread(hash_and_write, data)
 
         return to_file
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
 
+from dfs import runtime
 from dfs.chunks import CHUNK_SIZE, FileHasher, nchunks
 from dfs.client.attr import Attr
 from dfs.client.tasks import task_group
@@ -93,7 +94,7 @@ async def stage(
     The source is read up to the size it had when staging began (or its end, if it shrank).
     """
     hasher = FileHasher()
-    size, first = await trio.to_thread.run_sync(_start, source, hasher)
+    size, first = await runtime.in_thread(_start, source, hasher)
     count = 0
     done = 0
     send, receive = trio.open_memory_channel[tuple[int, bytes]](0)
@@ -105,7 +106,7 @@ async def stage(
                 if index == 0:
                     chunk = first
                 else:
-                    chunk = await trio.to_thread.run_sync(_read_chunk, source, hasher)
+                    chunk = await runtime.in_thread(_read_chunk, source, hasher)
                 if not chunk:
                     return
                 await send.send((index, chunk))

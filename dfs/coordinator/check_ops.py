@@ -8,12 +8,12 @@ Nodes report what their scrub found (`report_corrupt`).
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import lmdb
 import trio
 
+from dfs import runtime
 from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore, TxnState, fsck
 from dfs.meta.scan import PAGE_MAX, inode_row
@@ -151,7 +151,7 @@ class CheckOps:
         PREPARED leftovers), each re-checked here and queued for GC in one transaction."""
         node, blobs = req.int("node_id"), _ints(req, "blobs")
         store = self.store
-        now = time.time_ns()
+        now = runtime.wall_ns()
 
         def write(txn: lmdb.Transaction) -> tuple[list[int], list[list[Any]]]:
             queued, kept = [], []
@@ -177,11 +177,11 @@ class CheckOps:
         dropped, relinked = [], []
         for parent, name in dangling:
             if await self.store.db.write(
-                    lambda t, p=parent, n=name: fsck.drop_dangling(ns, t, p, n, time.time_ns())):
+                    lambda t, p=parent, n=name: fsck.drop_dangling(ns, t, p, n, runtime.wall_ns())):
                 dropped.append([parent, name])
         for ino in unlinked:
             name = await self.store.db.write(
-                lambda t, i=ino: fsck.relink(ns, t, i, time.time_ns()))
+                lambda t, i=ino: fsck.relink(ns, t, i, runtime.wall_ns()))
             if name is not None:
                 relinked.append([ino, name])
         return {"dropped": dropped, "relinked": relinked}

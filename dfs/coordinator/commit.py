@@ -11,12 +11,12 @@ restart), and aborting expired transactions live in `delivery.py`.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import lmdb
 import trio
 
+from dfs import runtime
 from dfs.chunks import nchunks as expected_nchunks
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
@@ -182,7 +182,7 @@ class CommitDriver(Delivery):
         txn = self.open[txid]
         try:
             await failpoint("coordinator.before_decision")
-            now = time.time_ns()
+            now = runtime.wall_ns()
             record = TxnRecord(txid, TxnState.COMMITTED, txn.ino, txn.replicas, txn.size,
                                txn.checksum, txn.base_version, decided_ns=now)
             attr = await self.store.db.write(lambda t: self._write_decision(t, txn, record, now))
@@ -271,7 +271,7 @@ class CommitDriver(Delivery):
                         "age_s": round(now - txn.begun, 3)})
         # Committed, not ended: the protocol knows them all (recovery loaded the log's), so
         # this costs point reads, not a scan of the ENDED records kept for retention.
-        now_ns = time.time_ns()
+        now_ns = runtime.wall_ns()
         txnlog = self.store.txnlog
         for txid, phase, replicas, acked in sorted(self.protocol.transactions()):
             if phase not in (Phase.COMMITTING, Phase.ENDING):

@@ -4,11 +4,11 @@ the expiry of transactions whose client went silent. Mixed into CommitDriver."""
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import trio
 
+from dfs import runtime
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.meta import NodeState
@@ -67,7 +67,7 @@ class Delivery:
     async def write_end(self: CommitDriver, txid: int) -> None:
         """Every replica acked: ENDED, unforced (a lost ENDED only means COMMIT is re-sent)."""
         log_ = self.store.txnlog
-        await self.store.db.write(lambda t: log_.end(t, txid, time.time_ns()), durable=False)
+        await self.store.db.write(lambda t: log_.end(t, txid, runtime.wall_ns()), durable=False)
         await self._apply(self.protocol.end_written(txid))
 
     async def _persist_acks(self: CommitDriver, txid: int) -> None:
@@ -78,7 +78,7 @@ class Delivery:
         acked = [n for n in self.protocol.replicas(txid) if n not in unacked]
         if acked:
             log_ = self.store.txnlog
-            await self.store.db.write(lambda t: log_.ack(t, txid, acked, time.time_ns()),
+            await self.store.db.write(lambda t: log_.ack(t, txid, acked, runtime.wall_ns()),
                                       durable=False)
 
     async def send_abort(self: CommitDriver, node: int, txid: int) -> None:

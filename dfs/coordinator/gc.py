@@ -9,12 +9,12 @@ Also purges ENDED transaction records past their retention.
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 
 import lmdb
 import trio
 
+from dfs import runtime
 from dfs.errors import DfsError
 from dfs.meta import GcEntry, MetaStore, NodeState
 from dfs.rpc import Peers
@@ -46,7 +46,7 @@ class GarbageCollector:
 
     async def collect_once(self) -> int:
         """One pass over the due entries; returns how many deletions nodes confirmed."""
-        now_ns = time.time_ns()
+        now_ns = runtime.wall_ns()
         store = self.store
         due, relisted = store.db.read(lambda txn: self._due(txn, now_ns))
         if not due and not relisted:
@@ -114,7 +114,7 @@ class GarbageCollector:
             log.debug("GC: node %d deleted %d blobs", node, len(batch))
 
     async def purge_ended(self) -> int:
-        before = time.time_ns() - int(self.config.txn_retention * 1e9)
+        before = runtime.wall_ns() - int(self.config.txn_retention * 1e9)
         txnlog = self.store.txnlog
         return await self.store.db.write(
             lambda txn: txnlog.purge_ended(txn, before, PURGE_LIMIT), durable=False)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 
 import lmdb
 import trio
 
+from dfs import runtime
 from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore, NodeRecord, NodeState
 
@@ -95,7 +95,7 @@ class Membership:
                        ) -> NodeRecord:
         store = self.store
         record = await store.db.write(lambda txn: store.nodes.register(
-            txn, node_id, address, capacity, used, time.time_ns()))
+            txn, node_id, address, capacity, used, runtime.wall_ns()))
         self.nodes[record.id] = record
         self._heard[record.id] = trio.current_time()
         log.info("node %d registered at %s", record.id, address)
@@ -108,7 +108,7 @@ class Membership:
         if record.state is NodeState.REMOVED:
             raise DfsError(Code.EPERM, f"node {node_id} was removed from the cluster")
         record.capacity, record.used = capacity, used
-        record.last_seen_ns = time.time_ns()
+        record.last_seen_ns = runtime.wall_ns()
         self._heard[node_id] = trio.current_time()
         self._dirty.add(node_id)
 

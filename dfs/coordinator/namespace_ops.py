@@ -8,9 +8,9 @@ before anything is written (I5).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+from dfs import runtime
 from dfs.meta import MetaStore
 from dfs.rpc import Request
 
@@ -21,7 +21,7 @@ class NamespaceOps:
     store: MetaStore
 
     async def _write(self, fn: Any) -> Any:
-        now = time.time_ns()
+        now = runtime.wall_ns()
         return await self.store.db.write(lambda txn: fn(txn, now))
 
     def _read(self, fn: Any) -> Any:

@@ -13,10 +13,10 @@ node that is down waits for it (or for re-replication to move its replicas away)
 from __future__ import annotations
 
 import logging
-import time
 
 import trio
 
+from dfs import runtime
 from dfs.meta import MetaStore, RepairEntry
 
 from .membership import Membership
@@ -50,17 +50,17 @@ class RepairWorker:
         if inode is None or inode.version != version or inode.blob is None \
                 or node not in inode.replicas:
             return False
-        await self._add([RepairEntry(node, inode.blob, ino, reason, "client", time.time_ns())])
+        await self._add([RepairEntry(node, inode.blob, ino, reason, "client", runtime.wall_ns())])
         return True
 
     async def report_blobs(self, node: int, blobs: list[int], reason: str, source: str,
                            ino: int = 0) -> None:
-        now = time.time_ns()
+        now = runtime.wall_ns()
         await self._add([RepairEntry(node, b, ino, reason, source, now) for b in blobs])
 
     async def suspects(self, ino: int, blob: int, nodes: list[int]) -> None:
         """Copies that proved bad while another copy of the file was being repaired."""
-        now = time.time_ns()
+        now = runtime.wall_ns()
         await self._add([RepairEntry(n, blob, ino, "proved bad as a repair source", "repair",
                                      now) for n in nodes])
 
@@ -85,7 +85,7 @@ class RepairWorker:
 
     async def drain_once(self) -> int:
         """One pass over the due entries; returns how many left the queue."""
-        now = time.time_ns()
+        now = runtime.wall_ns()
         entries = [e for e in self.store.db.read(lambda t: self.store.repairs.page(t, BATCH))
                    if e.not_before_ns <= now]
         if not entries:
@@ -130,7 +130,7 @@ class RepairWorker:
             await self.store.db.write(lambda t: queue.remove(t, e.node, e.blob), durable=False)
             return 1
         if not self.membership.is_live(e.node):
-            e.not_before_ns = time.time_ns() + int(DOWN_RETRY_S * 1e9)
+            e.not_before_ns = runtime.wall_ns() + int(DOWN_RETRY_S * 1e9)
             await self.store.db.write(lambda t: queue.put(t, e), durable=False)
             return 0
         result = await self.replicator.fix(e.ino, e.blob, [e.node])
@@ -145,7 +145,7 @@ class RepairWorker:
             await self.store.db.write(lambda t: queue.remove(t, e.node, e.blob), durable=False)
             return 1
         e.attempts += 1
-        e.not_before_ns = time.time_ns() + int(min(MAX_BACKOFF_S, 2.0 ** e.attempts) * 1e9)
+        e.not_before_ns = runtime.wall_ns() + int(min(MAX_BACKOFF_S, 2.0 ** e.attempts) * 1e9)
         log.info("read repair of ino %d on node %d: %s (%s); retrying later", e.ino, e.node,
                  result.status, result.msg)
         await self.store.db.write(lambda t: queue.put(t, e), durable=False)

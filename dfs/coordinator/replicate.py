@@ -23,7 +23,6 @@ checker collects); after 4 the new list stands and COMMIT is re-sent. Never wors
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import trio
 
+from dfs import runtime
 from dfs.chunks import nchunks
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
@@ -255,7 +255,7 @@ class Replicator:
             while self.driver.protocol.phase(blob) is Phase.ENDING:
                 await trio.sleep(0.01)
         store = self.store
-        now = time.time_ns()
+        now = runtime.wall_ns()
         grace = store.namespace.inodes.gc_grace_ns
 
         def write(txn: lmdb.Transaction) -> TxnRecord:

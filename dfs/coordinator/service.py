@@ -8,13 +8,12 @@ address it listens on.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from typing import Any
 
 import trio
 
-from dfs import rpc
+from dfs import rpc, runtime
 from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore, NodeState
 from dfs.rpc import Peers, Request
@@ -153,7 +152,7 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         """A reader found a bad replica: queued (durably) for the read-repair worker."""
         report = {"ino": req.int("ino"), "version": req.int("version"),
                   "node_id": req.int("node_id"), "reason": req.str("reason", ""),
-                  "peer": req.peer, "time_ns": time.time_ns()}
+                  "peer": req.peer, "time_ns": runtime.wall_ns()}
         self.bad_reports.append(report)
         await self.repair_worker.report_client(report["ino"], report["version"],
                                                report["node_id"], report["reason"])

@@ -3,12 +3,12 @@ and the txid allocator that leases ids in blocks."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from dfs import runtime
 from dfs.errors import DfsError
 from dfs.meta import MetaStore
 
@@ -24,7 +24,7 @@ class OpenTxn:
     if_version: bool
     replicas: list[int]
     begun: float = field(default_factory=trio.current_time)
-    begun_ns: int = field(default_factory=time.time_ns)
+    begun_ns: int = field(default_factory=runtime.wall_ns)
     last_active: float = field(default_factory=trio.current_time)
     # Set by COMMIT:
     size: int = 0

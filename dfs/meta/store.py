@@ -7,11 +7,11 @@ later provide the same objects (DESIGN.md §3).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import lmdb
 
+from dfs import runtime
 from dfs.db import Database
 from dfs.meta.cluster import ClusterMeta
 from dfs.meta.gcqueue import GcQueue
@@ -56,7 +56,7 @@ class MetaStore:
 
     def _initialize(self, txn: lmdb.Transaction, replicas: int) -> None:
         self.cluster.initialize(txn, replicas)
-        self.namespace.init_root(txn, time.time_ns())
+        self.namespace.init_root(txn, runtime.wall_ns())
         self.cluster_id = self.cluster.cluster_id(txn)
         self.replicas = self.cluster.replicas(txn)
 
