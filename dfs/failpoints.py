@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -37,6 +38,14 @@ REPAIR_NAMES = frozenset(
 )
 
 _armed: dict[str, str] = {}
+# The simulator's hook (dfs/sim): called at every failpoint, armed or not, to crash the
+# simulated process right there. None in production, where a failpoint is one dict lookup.
+_hook: Callable[[str], Awaitable[None]] | None = None
+
+
+def install_hook(hook: Callable[[str], Awaitable[None]] | None) -> None:
+    global _hook
+    _hook = hook
 
 
 def arm(spec: str) -> None:
@@ -52,6 +61,8 @@ def arm(spec: str) -> None:
 
 
 async def failpoint(name: str) -> None:
+    if _hook is not None:
+        await _hook(name)
     action = _armed.get(name)
     if action is None:
         return

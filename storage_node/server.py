@@ -10,7 +10,6 @@ is kept safe by the store instead (a staged chunk never changes; staging stops a
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -65,7 +64,7 @@ class NodeService(MaintenanceOps, Service):
         store: BlobStore,
         participant: Participant,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = runtime.wall,
     ) -> None:
         self.store = store
         self.participant = participant

@@ -1,26 +1,46 @@
-"""One simulated run: build a cluster, let clients and faults loose, quiesce, check I1–I3."""
+"""One simulated run of the real servers: set up, load and faults, quiesce, judge, repair, check.
+
+`simulate(seed)` is a pure function of its arguments: the same seed gives the same trace byte
+for byte (tests/test_simulation.py holds it to that), so a failing seed replays with
+`scripts/simulate --seed S`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
-from dfs.sim.client import History, SimClient
-from dfs.sim.coordinator import SimCoordinator
-from dfs.sim.node import SimNode
-from dfs.sim.world import Faults, World
+import trio
+import trio.testing
 
-BUGS = ("unforced_decision", "vote_before_force")
+from dfs import failpoints, rpc, runtime
+from dfs.checker.run import run_check
+from dfs.client import Client
+from dfs.errors import DfsError
+from dfs.sim import bugs as planted
+from dfs.sim.disks import SimDisks
+from dfs.sim.invariants import check_history, check_state, judge
+from dfs.sim.network import SimNetwork
+from dfs.sim.processes import COORDINATOR, SECRET, SimCoordinator, SimNode, Timing
+from dfs.sim.workload import ROOT, History, SimOperator, SimUser, describe
+from dfs.sim.world import Faults, SimHost, SimProcess, World
+
+SETTLE = 20.0  # simulated seconds after the faults stop before the judge looks
+FILES = 3
 
 
 @dataclass
 class Result:
     seed: int
     violations: list[str]
-    history: History
+    history: dict[str, Any]
     faults: dict[str, int]
     trace: list[str] = field(repr=False)
     sim_seconds: float = 0.0
+    messages: int = 0
 
     @property
     def ok(self) -> bool:
@@ -29,78 +49,162 @@ class Result:
     def trace_digest(self) -> str:
         return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()
 
-    def outcomes(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for op in self.history.writes:
-            counts[op.outcome] = counts.get(op.outcome, 0) + 1
-        return counts
+
+class Tester(SimProcess):
+    """The scenario's own process: never crashed, never cut off."""
+
+    crashable = False
+    partitionable = False
+
+    async def run(self) -> None:
+        await trio.sleep_forever()
 
 
-def simulate(seed: int, *, nodes: int = 3, replicas: int = 3, clients: int = 3,
-             files: int = 2, duration: float = 20.0, faults: Faults | None = None,
-             bug: str | None = None) -> Result:
-    if bug is not None and bug not in BUGS:
-        raise ValueError(f"unknown planted bug {bug!r}")
+class _TraceHandler(logging.Handler):
+    """Server warnings and errors go into the trace, stamped with virtual time."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(logging.WARNING)
+        self.world = world
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            who = self.world.current().name
+        except LookupError:
+            who = "-"
+        self.world.log(f"{who} {record.levelname} {record.name}: {record.getMessage()}")
+
+
+def simulate(seed: int, *, duration: float = 30.0, nodes: int = 4, replicas: int = 3,
+             writers: int = 3, readers: int = 2, faults: Faults | None = None,
+             bug: str | None = None, timing: Timing | None = None) -> Result:
     world = World(seed, faults or Faults())
-    inos = list(range(2, 2 + files))
-    node_names = {i: f"n{i}" for i in range(1, nodes + 1)}
-    coord = SimCoordinator(world, node_names, replicas, inos,
-                           bug=bug if bug == "unforced_decision" else None)
-    world.add(coord)
-    sim_nodes = {i: SimNode(world, name, i, bug=bug if bug == "vote_before_force" else None)
-                 for i, name in node_names.items()}
-    for node in sim_nodes.values():
-        world.add(node)
+    with planted.planted(bug), _seams(world) as (network, disks):
+        trio.run(_scenario, world, network, disks, duration, nodes, replicas, writers,
+                 readers, timing or Timing(),
+                 clock=trio.testing.MockClock(autojump_threshold=0))
+    return Result(seed, world.violations, world.summary, dict(world.faults_injected),
+                  world.trace, world.sim_seconds, network.messages)
+
+
+class _seams:
+    """Install the simulated host, network, disks and failpoint hook; put production back."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def __enter__(self) -> tuple[SimNetwork, SimDisks]:
+        from dfs import db
+        from dfs.sim.lmdb_model import LmdbModel
+
+        self.network = SimNetwork(self.world)
+        self.model = LmdbModel(self.world.rng)
+        self.disks = SimDisks(self.model)
+        self._host = runtime.install(SimHost())
+        self._net = rpc.install_network(self.network)
+        self._envs = db.install_environments(self.model.open)
+        failpoints.install_hook(self.world.crash_point)
+        trio_run = trio._core._run
+        self._deterministic = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
+        trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
+        trio_run._r.seed(self.world.seed)
+        self._handler = _TraceHandler(self.world)
+        root = logging.getLogger()
+        self._level = root.level
+        root.addHandler(self._handler)
+        root.setLevel(logging.WARNING)
+        return self.network, self.disks
+
+    def __exit__(self, *exc: object) -> None:
+        from dfs import db
+
+        root = logging.getLogger()
+        root.removeHandler(self._handler)
+        root.setLevel(self._level)
+        trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING = self._deterministic  # type: ignore[misc]
+        failpoints.install_hook(None)
+        db.install_environments(self._envs)
+        rpc.install_network(self._net)
+        runtime.install(self._host)
+
+
+async def _scenario(world: World, network: SimNetwork, disks: SimDisks, duration: float,
+                    n_nodes: int, replicas: int, writers: int, readers: int,
+                    timing: Timing) -> None:
+    tester = Tester(world, "tester")
+    coord = SimCoordinator(world, disks, replicas, timing)
+    nodes = [SimNode(world, disks, i, timing) for i in range(1, n_nodes + 1)]
     history = History()
-    sim_clients = [SimClient(world, f"c{i}", inos, history) for i in range(1, clients + 1)]
-    for client in sim_clients:
-        world.add(client)
+    for process in (tester, coord, *nodes):
+        world.add(process)
+    world.summary = {}
+    world.sim_seconds = 0.0
 
-    world.run_until(duration)
-    for client in sim_clients:
-        client.running = False
-    world.quiesce()
-    world.run_until(duration + 60.0)  # > staged timeout: every leftover must be resolved
-    violations = check(coord, sim_nodes, history)
-    return Result(seed, violations, history, dict(world.faults_injected), world.trace, world.now)
+    async def main() -> None:
+        world.enter(tester)
+        async with Client(COORDINATOR, SECRET, timeout=2.0, retry_for=30.0) as client:
+            files = await _setup(client, n_nodes)
+            until = trio.current_time() + duration
+            users = [SimUser(world, f"w{i}", "writer", files, history, until)
+                     for i in range(writers)]
+            users += [SimUser(world, f"r{i}", "reader", files, history, until)
+                      for i in range(readers)]
+            users.append(SimUser(world, "churn", "churner", files, history, until))
+            operator = SimOperator(world, nodes, history, until,
+                                   remove_one=n_nodes > replicas)
+            for process in (*users, operator):
+                world.add(process)
+                world.spawn(process.supervise)
+            await world.chaos(nodes, until)
+            world.quiesce()
+            await trio.sleep(SETTLE)
+            first = await run_check(client, deep=True, repair=False)
+            for v in judge(first, disks.rotted):
+                world.violation(v)
+            repaired = await run_check(client, deep=True, repair=True)
+            for f in repaired.findings:
+                world.log(f"repair: {f.kind.value} ino={f.ino} node={f.node} blob={f.blob}: "
+                          f"fixed={f.fixed} {f.fix}")
+            await trio.sleep(timing.gc_grace + 4 * timing.gc_interval + 2.0)
+            for v in check_state(coord, nodes, replicas):
+                world.violation(v)
+            final = {ino: await _content(client, ino) for ino in files}
+            for v in check_history(history, final):
+                world.violation(v)
+        world.summary = describe(history)
+        world.sim_seconds = trio.current_time()
+
+    await world.run(main)
 
 
-def check(coord: SimCoordinator, nodes: dict[int, SimNode], history: History) -> list[str]:
-    """The invariants of DESIGN.md §9 over the quiesced cluster."""
-    v: list[str] = list(history.bad_reads)  # I1: no read returned bytes of another version
-    committed = {key[1]: coord.disk.get(key) for key in coord.disk.keys() if key[0] == "txn"}
-    for txid in coord.ledger:
-        if txid not in committed:
-            v.append(f"I2: the decision to commit txid={txid} was lost (decisions never change)")
-    for op in history.writes:
-        if op.outcome == "ok" and op.txid not in committed:
-            v.append(f"I2: write txid={op.txid} to ino={op.ino} was acknowledged but is lost")
-        if op.outcome == "failed" and op.txid in committed:
-            v.append(f"I1: write txid={op.txid} failed for the client but committed")
-    current = {}
-    for key in coord.disk.keys():
-        if key[0] == "inode":
-            inode = coord.disk.get(key)
-            current[inode["blob"]] = key[1]
-            if inode["blob"] is not None and inode["blob"] not in committed:
-                v.append(f"I1: ino={key[1]} points at uncommitted blob {inode['blob']}")
-    for txid, rec in committed.items():
-        op = history.by_txid.get(txid)
-        for r in rec["replicas"]:
-            state = nodes[r].stored(txid)
-            if txid in current and state != "COMMITTED":
-                v.append(f"I1: current txid={txid} of ino={rec['ino']} is {state} on n{r}")
-            elif state is not None and op is not None and nodes[r].content(txid) != op.content:
-                v.append(f"I1: committed txid={txid} has other bytes on replica n{r}")
-    gc_left = [key for key in coord.disk.keys() if key[0] == "gc"]
-    if gc_left:
-        v.append(f"I3: {len(gc_left)} GC deletions never delivered, e.g. {gc_left[0]}")
-    for r, node in nodes.items():
-        for txid, rec in node.blobs().items():
-            if rec["state"] != "COMMITTED":
-                v.append(f"I3: {rec['state']} leftover txid={txid} on n{r}")
-            elif txid not in committed:
-                v.append(f"I1: txid={txid} COMMITTED on n{r} but never decided")
-            elif txid not in current:
-                v.append(f"I3: superseded txid={txid} still on n{r} after GC")
-    return v
+async def _setup(client: Client, n_nodes: int) -> list[int]:
+    """Wait for every node to register, then create the files the writers share (retried:
+    messages are already being lost and processes crashed)."""
+    while True:
+        try:
+            if len([n for n in await client.node_list() if n["state"] == "up"]) >= n_nodes:
+                break
+        except DfsError:
+            pass
+        await trio.sleep(0.2)
+    files = []
+    for i in range(FILES):
+        name = f"f{i}".encode()
+        while True:
+            try:
+                attr = await client.create(ROOT, name, 0o100644, 0, 0, exclusive=False)
+                break
+            except DfsError:
+                await trio.sleep(0.2)
+        files.append(attr.ino)
+    return files
+
+
+async def _content(client: Client, ino: int) -> bytes:
+    try:
+        attr = await client.getattr(ino)
+        sink = io.BytesIO()
+        await client.read_file(attr, sink)
+        return sink.getvalue()
+    except DfsError as e:
+        return f"<unreadable: {e.code.value}>".encode()

@@ -1,89 +1,118 @@
-"""The simulated world: virtual time, one seeded random source, a lossy network.
+"""The simulated world: one trio run under MockClock, one seeded random source, processes that
+crash and restart, links that are cut and heal.
 
-Everything random comes from `World.rng`; events run in (time, sequence) order, so one seed gives
-one trace, byte for byte.
+Everything random comes from `World.rng` (and trio's own scheduler, seeded from it), time is
+trio's virtual clock, and nothing touches a socket or a thread, so one seed gives one trace.
+A process is the real server code (dfs/sim/processes.py) running in a cancel scope of its
+own: a crash cancels that scope at once, whatever the process was doing, and its disks keep
+only what was forced (dfs/sim/lmdb_model.py); a restart runs the same code again over what
+survived.
 """
 
 from __future__ import annotations
 
 import abc
-import heapq
+import contextvars
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+
+import trio
+
+from dfs import runtime
+
+EPOCH_NS = 1_800_000_000 * 10**9  # the simulated wall clock starts here (2027)
 
 
 @dataclass
 class Faults:
-    """How hostile the run is. Probabilities are per message or per step."""
+    """How hostile a run is: probabilities per message, per process step, or per second."""
 
-    drop: float = 0.02
-    duplicate: float = 0.03
-    max_delay: float = 0.05  # seconds; reordering comes from random delays
-    crash: float = 0.0005  # per process per step of a running process
-    crash_point: float = 0.01  # at a failpoint (DESIGN.md §8) inside a handler
-    disk_full: float = 0.002  # chance per step that a node's disk fills up for a while
+    drop: float = 0.01  # a request or reply is lost
+    duplicate: float = 0.02  # a request is delivered twice
+    max_delay: float = 0.02  # seconds one way; reordering comes from random delays
+    crash_point: float = 0.01  # at a failpoint (DESIGN.md §8), the process crashes there
+    crash_rate: float = 0.02  # per process per simulated second, a crash anywhere
+    restart_after: tuple[float, float] = (0.2, 4.0)
+    partition_rate: float = 0.02  # per second, a random link is cut...
+    partition_for: tuple[float, float] = (0.5, 6.0)  # ...for this long
+    blackhole: float = 0.5  # a cut link swallows messages (else it refuses them)
+    disk_full_rate: float = 0.01  # per second, a node's disk fills up for a while
     disk_full_for: tuple[float, float] = (0.5, 4.0)
-    restart_after: tuple[float, float] = (0.1, 3.0)
-    partition: float = 0.002  # chance per step that a random link is cut for a while
-    partition_for: tuple[float, float] = (0.5, 5.0)
+    bitrot_rate: float = 0.01  # per second, a byte of a committed chunk on a node flips
 
 
-NO_FAULTS = Faults(drop=0, duplicate=0, crash=0, partition=0, crash_point=0, disk_full=0)
+NO_FAULTS = Faults(drop=0, duplicate=0, crash_point=0, crash_rate=0, partition_rate=0,
+                   disk_full_rate=0, bitrot_rate=0)
+
+_CURRENT: contextvars.ContextVar[SimProcess] = contextvars.ContextVar("sim_process")
 
 
-class Crashed(Exception):
-    """Raised at a crash point: the rest of the handler never runs."""
+class SimProcess(abc.ABC):
+    """A simulated process. `run` is one incarnation: the real code, until cancelled."""
 
-
-class Process(abc.ABC):
-    """A simulated process: receives messages while up; a crash wipes its memory."""
+    crashable = True  # the world's chaos may crash it
+    partitionable = True  # the world's chaos may cut its links
 
     def __init__(self, world: World, name: str) -> None:
         self.world = world
         self.name = name
         self.up = True
         self.incarnation = 0
+        self._scope: trio.CancelScope | None = None
+        self._restarted = trio.Event()
 
     @abc.abstractmethod
-    def receive(self, src: str, msg: dict[str, Any]) -> None: ...
+    async def run(self) -> None: ...
+
+    def on_crash(self) -> None:
+        """Drop what was not forced (the disks); called as the incarnation is cancelled."""
+
+    async def supervise(self) -> None:
+        while True:
+            if self.up:
+                self.world.enter(self)
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    try:
+                        await self.run()
+                    except Exception as e:  # a server that dies on its own is a finding
+                        self.world.violation(f"{self.name} died: {e!r}")
+                        self.world.crash(self)
+                self._scope = None
+            if self.world.stopping:
+                return
+            await self._restarted.wait()
+            self._restarted = trio.Event()
 
     def crash(self) -> None:
+        if not self.up:
+            return
+        self.world.log(f"CRASH {self.name}")
         self.up = False
         self.incarnation += 1
+        if self._scope is not None:
+            self._scope.cancel()
+        self.on_crash()
 
     def restart(self) -> None:
+        if self.up:
+            return
+        self.world.log(f"RESTART {self.name}")
         self.up = True
-
-    def send(self, dst: str, msg: dict[str, Any]) -> None:
-        self.world.send(self.name, dst, msg)
-
-    def crash_point(self, name: str) -> None:
-        """A failpoint: the world may crash this process right here, mid-handler."""
-        w = self.world
-        if not w.calm and w.rng.random() < w.faults.crash_point:
-            w.count(f"crash at {name}")
-            w.log(f"CRASH {self.name} at {name}")
-            w.crash(self)
-            raise Crashed(name)
-
-    def after(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
-        """A timer of this incarnation: it does not fire after a crash."""
-        inc = self.incarnation
-
-        def fire() -> None:
-            if self.up and self.incarnation == inc:
-                fn(*args)
-
-        self.world.at(delay, fire)
+        self._restarted.set()
 
 
-@dataclass(order=True)
-class _Event:
-    time: float
-    seq: int
-    fn: Callable[[], None] = field(compare=False)
+class SimHost(runtime.Host):
+    """Wall time follows the virtual clock; worker threads run inline, after a checkpoint."""
+
+    def wall_ns(self) -> int:
+        return EPOCH_NS + int(trio.current_time() * 1e9)
+
+    async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        await trio.sleep(0)
+        return fn(*args)
 
 
 class World:
@@ -91,108 +120,129 @@ class World:
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults
-        self.now = 0.0
-        self._seq = 0
-        self._queue: list[_Event] = []
-        self.processes: dict[str, Process] = {}
-        self.cut: dict[frozenset[str], float] = {}  # link -> healed at
+        self.processes: dict[str, SimProcess] = {}
+        self.cut: dict[frozenset[str], tuple[float, str]] = {}  # link -> (heals at, how)
         self.trace: list[str] = []
         self.faults_injected: dict[str, int] = {}
-        self.calm = False  # once set: no new faults, cut links heal, crashed processes return
+        self.violations: list[str] = []
+        self.calm = False  # once set: no new faults; cut links heal; the crashed return
+        self.stopping = False
+        self.ready = trio.Event()  # the scenario has set the cluster up: users may start
+        self._nursery: trio.Nursery | None = None
 
-    def add(self, process: Process) -> None:
+    # ------------------------------------------------------------ processes
+
+    def add(self, process: SimProcess) -> None:
         self.processes[process.name] = process
 
-    def log(self, text: str) -> None:
-        self.trace.append(f"{self.now:10.4f} {text}")
+    def current(self) -> SimProcess:
+        return _CURRENT.get()
+
+    def enter(self, process: SimProcess) -> None:
+        """The calling task belongs to `process` from now on (and the tasks it spawns)."""
+        _CURRENT.set(process)
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """A task of the world itself (messages in transit), not of any process."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # ------------------------------------------------------------ randomness and faults
+
+    def chance(self, what: str) -> bool:
+        if self.calm:
+            return False
+        p = getattr(self.faults, what)
+        if p and self.rng.random() < p:
+            self.count(what)
+            return True
+        return False
+
+    def delay(self) -> float:
+        return self.rng.uniform(0.0002, self.faults.max_delay)
 
     def count(self, fault: str) -> None:
         self.faults_injected[fault] = self.faults_injected.get(fault, 0) + 1
 
-    def at(self, delay: float, fn: Callable[[], None]) -> None:
-        self._seq += 1
-        heapq.heappush(self._queue, _Event(self.now + delay, self._seq, fn))
+    def link_state(self, a: str, b: str) -> str:
+        """open, refuse or blackhole."""
+        cut = self.cut.get(frozenset((a, b)))
+        if cut is None:
+            return "open"
+        heals, how = cut
+        if trio.current_time() >= heals:
+            del self.cut[frozenset((a, b))]
+            return "open"
+        return how
 
-    # ---------------------------------------------------------------- network
+    def log(self, text: str) -> None:
+        self.trace.append(f"{trio.current_time():10.4f} {text}")
 
-    def send(self, src: str, dst: str, msg: dict[str, Any]) -> None:
-        what = msg.get("op") or msg.get("re")
-        link = frozenset((src, dst))
-        if link in self.cut and self.cut[link] > self.now:
-            self.log(f"cut  {src}->{dst} {what}")
+    def violation(self, text: str) -> None:
+        self.log(f"VIOLATION {text}")
+        self.violations.append(text)
+
+    async def crash_point(self, name: str) -> None:
+        """The failpoint hook: maybe crash the process that reached `name`, right there."""
+        process = _CURRENT.get(None)
+        if process is None or not process.crashable or not self.chance("crash_point"):
             return
-        if not self.calm and self.rng.random() < self.faults.drop:
-            self.count("drop")
-            self.log(f"drop {src}->{dst} {what}")
-            return
-        copies = 1
-        if not self.calm and self.rng.random() < self.faults.duplicate:
-            self.count("duplicate")
-            copies = 2
-        for _ in range(copies):
-            delay = self.rng.uniform(0.0005, self.faults.max_delay)
-            self.at(delay, lambda m=dict(msg): self._deliver(src, dst, m))
+        self.count(f"crash at {name}")
+        self.log(f"crash point {name} in {process.name}")
+        self.crash(process)
+        await trio.sleep_forever()  # the cancellation arrives here: the rest never runs
 
-    def _deliver(self, src: str, dst: str, msg: dict[str, Any]) -> None:
-        process = self.processes[dst]
-        if not process.up:
-            return
-        self.log(f"recv {src}->{dst} {msg.get('op') or msg.get('re')} {msg.get('txid', '')}")
-        process.receive(src, msg)
-        self._maybe_fault()
-
-    # ---------------------------------------------------------------- faults
-
-    def _maybe_fault(self) -> None:
-        if self.calm:
-            return
-        f = self.faults
-        for process in self.processes.values():
-            if process.up and getattr(process, "crashable", True) and self.rng.random() < f.crash:
-                self.count(f"crash {type(process).__name__}")
-                self.log(f"CRASH {process.name}")
-                self.crash(process)
-        if self.rng.random() < f.disk_full:
-            nodes = [p for p in self.processes.values() if hasattr(p, "full_until")]
-            if nodes:
-                node = self.rng.choice(nodes)
-                node.full_until = self.now + self.rng.uniform(*f.disk_full_for)
-                self.count("disk full")
-                self.log(f"DISK FULL {node.name}")
-        if self.rng.random() < f.partition:
-            names = sorted(self.processes)
-            a, b = self.rng.sample(names, 2)
-            self.cut[frozenset((a, b))] = self.now + self.rng.uniform(*f.partition_for)
-            self.count("partition")
-            self.log(f"CUT {a}<->{b}")
-
-    def crash(self, process: Process) -> None:
+    def crash(self, process: SimProcess) -> None:
         process.crash()
-        self.at(self.rng.uniform(*self.faults.restart_after), lambda: self._restart(process))
+        self.spawn(self._restart_later, process)
 
-    def _restart(self, process: Process) -> None:
-        if not process.up:
-            self.log(f"RESTART {process.name}")
-            process.restart()
+    async def _restart_later(self, process: SimProcess) -> None:
+        await trio.sleep(self.rng.uniform(*self.faults.restart_after))
+        process.restart()
+
+    # ------------------------------------------------------------ the run
+
+    async def run(self, main: Callable[[], Awaitable[None]]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for process in self.processes.values():
+                nursery.start_soon(process.supervise)
+            await main()
+            self.stopping = True
+            for process in self.processes.values():
+                process.restart()
+            nursery.cancel_scope.cancel()
+
+    async def chaos(self, nodes: list[Any], until: float) -> None:
+        """Crashes, partitions, full disks and bit rot, as Poisson arrivals, until `until`."""
+        f = self.faults
+        step = 0.1
+        while trio.current_time() < until:
+            await trio.sleep(step)
+            for process in list(self.processes.values()):
+                if process.up and process.crashable and self.rng.random() < f.crash_rate * step:
+                    self.count(f"crash {type(process).__name__}")
+                    self.crash(process)
+            if self.rng.random() < f.partition_rate * step:
+                names = sorted(n for n, p in self.processes.items() if p.partitionable)
+                a, b = self.rng.sample(names, 2)
+                how = "blackhole" if self.rng.random() < f.blackhole else "refuse"
+                self.cut[frozenset((a, b))] = (
+                    trio.current_time() + self.rng.uniform(*f.partition_for), how)
+                self.count("partition")
+                self.log(f"CUT {a}<->{b} ({how})")
+            if nodes and self.rng.random() < f.disk_full_rate * step:
+                node = self.rng.choice(nodes)
+                node.fill_disk(self.rng.uniform(*f.disk_full_for))
+                self.count("disk full")
+            if nodes and self.rng.random() < f.bitrot_rate * step:
+                node = self.rng.choice(nodes)
+                if node.rot_a_byte(self.rng):
+                    self.count("bitrot")
 
     def quiesce(self) -> None:
-        """Stop injecting faults; heal every link; bring every crashed process back."""
+        """No new faults; every link heals; every crashed process comes back."""
         self.calm = True
         self.cut.clear()
         for process in self.processes.values():
-            if hasattr(process, "full_until"):
-                process.full_until = 0.0
-        for process in self.processes.values():
-            self._restart(process)
-
-    # ---------------------------------------------------------------- run
-
-    def run_until(self, t: float) -> None:
-        while self._queue and self._queue[0].time <= t:
-            event = heapq.heappop(self._queue)
-            self.now = event.time
-            try:
-                event.fn()
-            except Crashed:
-                pass
-        self.now = max(self.now, t)
+            process.restart()
