@@ -570,11 +570,19 @@ class Transaction:
 
 
 class Cursor:
-    """A py-lmdb cursor: a position by key, so changes made through the txn never confuse it."""
+    """A py-lmdb cursor: a position by key, so changes made through the txn never confuse it.
+
+    Where an unpositioned LMDB cursor's answer depends on its hidden internal position (prev()
+    after running off the end, next() after running off the start or after a set_key miss),
+    the model raises NotImplementedError rather than guess; dfs never asks.
+    """
 
     def __init__(self, txn: Transaction, name: Name) -> None:
         self.txn, self.name = txn, name
         self._item: tuple[bytes, bytes] | None = None
+        # Unpositioned: "fresh", "end" (next() stays False), "start" (prev() stays False),
+        # "empty" (both stay False) or "lost" (a set_key miss).
+        self._off = "fresh"
 
     def __enter__(self) -> Cursor:
         return self
@@ -585,8 +593,10 @@ class Cursor:
     def close(self) -> None:
         self._item = None
 
-    def _go(self, item: tuple[bytes, bytes] | None) -> bool:
+    def _go(self, item: tuple[bytes, bytes] | None, off: str = "end") -> bool:
         self._item = item
+        if item is None:
+            self._off = off
         return item is not None
 
     def key(self) -> bytes:
@@ -600,36 +610,44 @@ class Cursor:
 
     def first(self) -> bool:
         self.txn.check()
-        return self._go(self.txn.seek(self.name, None, False))
+        return self._go(self.txn.seek(self.name, None, False), "empty")
 
     def last(self) -> bool:
         self.txn.check()
-        return self._go(self.txn.seek_back(self.name, None, False))
+        return self._go(self.txn.seek_back(self.name, None, False), "empty")
 
     def next(self) -> bool:
         self.txn.check()
-        if self._item is None:
+        if self._item is not None:
+            return self._go(self.txn.seek(self.name, self._item[0], True), "end")
+        if self._off == "fresh":
             return self.first()
-        return self._go(self.txn.seek(self.name, self._item[0], True))
+        if self._off in ("end", "empty"):
+            return False
+        raise NotImplementedError(f"next() of a cursor left {self._off}: not modelled")
 
     def prev(self) -> bool:
         self.txn.check()
-        if self._item is None:
+        if self._item is not None:
+            return self._go(self.txn.seek_back(self.name, self._item[0], True), "start")
+        if self._off == "fresh":
             return self.last()
-        return self._go(self.txn.seek_back(self.name, self._item[0], True))
+        if self._off in ("start", "empty"):
+            return False
+        raise NotImplementedError(f"prev() of a cursor left {self._off}: not modelled")
 
     def set_key(self, key: Any) -> bool:
         self.txn.check()
         key = _key(key, "mdb_cursor_get")
         value = self.txn.lookup(self.name, key)
-        return self._go((key, value) if value is not None else None)
+        return self._go((key, value) if value is not None else None, "lost")
 
     def set_range(self, key: Any) -> bool:
         self.txn.check()
         key = bytes(key)
         if not key:
             return self.first()
-        return self._go(self.txn.seek(self.name, _key(key, "mdb_cursor_get"), False))
+        return self._go(self.txn.seek(self.name, _key(key, "mdb_cursor_get"), False), "end")
 
     def get(self, key: Any, default: Any = None) -> Any:
         return self.value() if self.set_key(key) else default
@@ -648,7 +666,7 @@ class Cursor:
             return False
         key = self._item[0]
         self.txn.delete(key, db=_Db(self.name))
-        self._go(self.txn.seek(self.name, key, True))
+        self._go(self.txn.seek(self.name, key, True), "end")
         return True
 
     def iternext(self, keys: bool = True, values: bool = True) -> Iterator[Any]:
