@@ -1,17 +1,37 @@
 """The one LMDB environment of a process and its single group-committing writer.
 
 DESIGN.md §5 (LMDB rules, rule 8): every write transaction runs whole inside one
-`trio.to_thread.run_sync` call made by one writer task. Requests that queue up while a batch
-is being written go into the next batch, each in a nested transaction of one outer
-transaction, so N concurrent writers share one fsync. A batch that holds no durable request
-is committed without fsync (a storage node's STAGE, DESIGN.md §5).
+`runtime.in_thread` call made by one writer task. Requests that queue up while a batch is
+being written go into the next batch, each in a nested transaction of one outer transaction,
+so N concurrent writers share one commit and one forced flush.
+
+Power loss (issue 8 item 5). The environment is opened `sync=True, metasync=False`:
+- LMDB documents that `sync=False` (MDB_NOSYNC) lets a system crash corrupt the environment
+  unless the filesystem preserves write order, which ext4/xfs do not promise. With
+  `metasync=False` (MDB_NOMETASYNC) alone each commit fdatasyncs its data pages before writing
+  its meta page, and "a system crash may undo the last committed transaction" while
+  "database integrity" is kept (lmdb.h; py-lmdb `Environment` docs). So losing any unforced
+  write can undo transactions but never corrupt the environment.
+- A batch that holds a durable request is followed by `env.sync(True)`, which flushes its meta
+  page: a durable write returns only once it survives power loss, as before.
+- Nothing a durable batch wrote is observable before that flush: before committing it the
+  writer pins a read transaction taken on the old state, and reads on the trio thread use the
+  pin until the flush is done (worker-thread reads wait for it). Otherwise a reply could name
+  a decision, or a (ino, version) a blob, that a power cut then undoes.
+- A batch with no durable request (a node's STAGE, the coordinator's ENDED, ack and GC
+  removals) is visible unforced: its loss is harmless by design (a lost STAGE makes the
+  prepare fail, a lost ENDED or ack is redone, a lost GC removal is retried).
+
+`install_environments` replaces `lmdb.open` (the simulator runs dfs/sim/lmdb_model.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +45,20 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256
+# A worker-thread read waits at most this long for a durable batch's flush (the flush needs a
+# worker thread too: the bound keeps readers that hold every thread from stalling it forever).
+WINDOW_WAIT = 5.0
+
+Opener = Callable[..., Any]
+_opener: Opener | None = None
+
+
+def install_environments(opener: Opener | None) -> Opener | None:
+    """Open environments with opener(path, **lmdb.open kwargs) instead of `lmdb.open` (None:
+    back to LMDB); returns the previous opener to put back. The simulator installs one."""
+    global _opener
+    previous, _opener = _opener, opener
+    return previous
 
 
 @dataclass
@@ -48,16 +82,20 @@ class Database:
         readonly: bool = False,
     ) -> None:
         self.path = Path(path)
-        if not readonly:
-            self.path.mkdir(parents=True, exist_ok=True)
+        opener = _opener
+        if opener is None:
+            opener = lmdb.open
+            if not readonly:
+                self.path.mkdir(parents=True, exist_ok=True)
         self.readonly = readonly
-        # sync=False: commits write pages without fsync; durable batches call env.sync(True).
-        self.env = lmdb.open(
+        # See the module docstring: sync=True keeps the environment intact through power loss;
+        # metasync=False leaves the meta flush to the env.sync(True) of durable batches.
+        self.env = opener(
             str(self.path),
             map_size=map_size,
             max_dbs=len(subdbs) + 2,
             subdir=True,
-            sync=False,
+            sync=True,
             metasync=False,
             readonly=readonly,
             lock=not readonly,
@@ -69,6 +107,12 @@ class Database:
         for name in subdbs:
             self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
         self._send, self._recv = trio.open_memory_channel[_Request](10_000)
+        # The snapshot trio-thread reads use while a durable batch is committed but not yet
+        # flushed; only the trio thread touches it (a txn must not be used by two at once).
+        self._pinned: Any = None
+        self._window = threading.Condition()
+        self._window_open = False
+        self._loop_thread: int | None = None
 
     def __getitem__(self, name: str) -> Any:
         return self.dbs[name]
@@ -77,9 +121,32 @@ class Database:
         self.env.close()
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run fn in a read transaction. LMDB reads are mmap lookups: fine on the trio thread."""
-        with self.env.begin(buffers=False) as txn:
+        """Run fn in a read transaction. LMDB reads are mmap lookups: fine on the trio thread.
+
+        Sees only what is forced or was never meant to be (see the module docstring).
+        """
+        with self.snapshot() as txn:
             return fn(txn)
+
+    @contextmanager
+    def snapshot(self, *, buffers: bool = False) -> Iterator[Any]:
+        """A read transaction for code that reads in more than one call (db.read for the rest).
+
+        On the trio thread, during a durable batch's flush, this is the pinned pre-batch
+        snapshot (buffers=False whatever was asked); elsewhere a fresh read transaction,
+        begun on a worker thread only once no flush is pending.
+        """
+        if self._pinned is not None and threading.get_ident() == self._loop_thread:
+            yield self._pinned
+            return
+        if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+            with self._window:
+                self._window.wait_for(lambda: not self._window_open, timeout=WINDOW_WAIT)
+                txn = self.env.begin(buffers=buffers)
+        else:
+            txn = self.env.begin(buffers=buffers)
+        with txn:
+            yield txn
 
     def write_now(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """A synchronous durable write, for start-up code that runs before the writer task."""
@@ -102,6 +169,7 @@ class Database:
 
     async def run_writer(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """The single writer task; run it in the process's nursery."""
+        self._loop_thread = threading.get_ident()
         task_status.started()
         async with self._recv:
             while True:
@@ -111,17 +179,53 @@ class Database:
                         batch.append(self._recv.receive_nowait())
                     except trio.WouldBlock:
                         break
-                while not await runtime.in_thread(self._run_batch, batch):
-                    # Grown here, on the trio thread between batches, where no read
-                    # transaction of this process is open (py-lmdb's rule for set_mapsize).
-                    new_size = self.env.info()["map_size"] * 2
-                    log.warning("LMDB map full; growing map to %d bytes", new_size)
-                    self.env.set_mapsize(new_size)
+                await self._write_batch(batch)
                 for req in batch:
                     req.done.set()
 
-    def _run_batch(self, batch: list[_Request]) -> bool:
-        """Write one batch; False when the map is full (nothing written; grow and retry)."""
+    async def _write_batch(self, batch: list[_Request]) -> None:
+        """Commit a batch, then (if it holds a durable request) flush it, hidden until flushed.
+
+        Commit and flush are two worker calls: readers on the trio thread run between them
+        and must see the pinned pre-batch snapshot, not the batch.
+        """
+        pin = any(r.durable for r in batch)
+        while True:
+            if pin:
+                self._pin()
+            try:
+                committed = await runtime.in_thread(self._commit_batch, batch)
+                if committed and any(r.durable and r.error is None for r in batch):
+                    await runtime.in_thread(self._sync)
+            finally:
+                if pin:
+                    self._unpin()
+            if committed is not None:
+                return
+            # Grown here, on the trio thread between batches, where no read transaction of
+            # this process is open (py-lmdb's rule for set_mapsize): the pin is gone.
+            new_size = self.env.info()["map_size"] * 2
+            log.warning("LMDB map full; growing map to %d bytes", new_size)
+            self.env.set_mapsize(new_size)
+
+    def _pin(self) -> None:
+        self._pinned = self.env.begin(buffers=False)
+        with self._window:
+            self._window_open = True
+
+    def _unpin(self) -> None:
+        txn, self._pinned = self._pinned, None
+        with self._window:
+            self._window_open = False
+            self._window.notify_all()
+        try:
+            txn.abort()
+        except lmdb.Error:  # the environment was closed under a stopping writer
+            pass
+
+    def _commit_batch(self, batch: list[_Request]) -> bool | None:
+        """Commit one batch; None when the map is full (nothing written: grow and retry),
+        False when the commit failed (every request holds the error), True when committed."""
         try:
             with self.env.begin(write=True) as outer:
                 for req in batch:
@@ -134,7 +238,7 @@ class Database:
                     except Exception as e:  # noqa: BLE001 - handed back to the caller
                         req.error = e
         except lmdb.MapFullError:
-            return False
+            return None
         except lmdb.Error as e:
             # The outer commit failed (a full disk shows up as ENOSPC or, after a short
             # write, EIO): nothing of the batch was written. Every request gets the error
@@ -143,9 +247,7 @@ class Database:
             for req in batch:
                 req.result = None
                 req.error = type(e)(*e.args)
-            return True
-        if any(r.durable and r.error is None for r in batch):
-            self._sync()
+            return False
         return True
 
     def _sync(self) -> None:

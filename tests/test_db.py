@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import lmdb
 import pytest
 import trio
+import trio.testing
 
-from dfs.db import Database
+from dfs import runtime
+from dfs.db import Database, install_environments
+from dfs.sim.lmdb_model import SimDisks
 
 
 @pytest.fixture
@@ -20,13 +25,13 @@ async def db(tmp_path: Path, nursery):
 
 async def test_concurrent_writes_share_batches_and_all_land(db: Database, monkeypatch) -> None:
     batches: list[int] = []
-    real = db._run_batch
+    real = db._commit_batch
 
     def counting(batch):
         batches.append(len(batch))
         return real(batch)
 
-    monkeypatch.setattr(db, "_run_batch", counting)
+    monkeypatch.setattr(db, "_commit_batch", counting)
 
     async def put(i: int) -> None:
         await db.write(lambda txn: txn.put(b"k%03d" % i, b"v", db=db["kv"]))
@@ -69,3 +74,109 @@ async def test_reopened_readonly_sees_committed_data(tmp_path: Path, nursery) ->
     ro = Database(tmp_path / "env", ["kv"], readonly=True)
     assert ro.read(lambda txn: txn.get(b"k", db=ro["kv"])) == b"v"
     ro.close()
+
+
+# ---------------------------------------------------------------- power loss (simulated disk)
+
+
+class SteppedHost(runtime.Host):
+    """Worker calls run inline on the trio thread, each only when the test lets it."""
+
+    def __init__(self) -> None:
+        self.calls, self._next = trio.open_memory_channel[trio.Event](0)
+
+    async def in_thread(self, fn, *args):
+        go = trio.Event()
+        await self.calls.send(go)
+        await go.wait()
+        return fn(*args)
+
+    async def step(self) -> None:
+        """Let the next worker call (a commit, then the flush of a durable batch) run."""
+        (await self._next.receive()).set()
+
+
+@pytest.fixture
+def disks():
+    disks = SimDisks()
+    previous = install_environments(disks.open)
+    yield disks
+    install_environments(previous)
+
+
+@pytest.fixture
+def stepped():
+    host = SteppedHost()
+    previous = runtime.install(host)
+    yield host
+    runtime.install(previous)
+
+
+def sim_db(disks: SimDisks) -> Database:
+    return Database("/sim/node-1", ["kv"])
+
+
+def get(db: Database, key: bytes) -> bytes | None:
+    return db.read(lambda txn: txn.get(key, db=db["kv"]))
+
+
+async def test_a_durable_write_that_returned_survives_a_crash(disks: SimDisks, nursery) -> None:
+    db = sim_db(disks)
+    await nursery.start(db.run_writer)
+    await db.write(lambda txn: txn.put(b"k", b"forced", db=db["kv"]))
+    assert disks.crash("/sim/node-1", random.Random(1)) == 0
+    again = sim_db(disks)
+    assert get(again, b"k") == b"forced"
+
+
+async def test_an_unforced_write_may_be_lost_but_the_environment_is_intact(
+    disks: SimDisks, nursery
+) -> None:
+    db = sim_db(disks)
+    await nursery.start(db.run_writer)
+    await db.write(lambda txn: txn.put(b"a", b"1", db=db["kv"]))
+    await db.write(lambda txn: txn.put(b"b", b"2", db=db["kv"]), durable=False)
+    assert get(db, b"b") == b"2"  # non-durable writes are visible unforced, by design
+    assert disks.crash("/sim/node-1") == 1
+    again = sim_db(disks)
+    assert (get(again, b"a"), get(again, b"b")) == (b"1", None)
+    assert again.read(lambda txn: txn.stat(again["kv"])["entries"]) == 1
+    again.write_now(lambda txn: txn.put(b"c", b"3", db=again["kv"]))
+    assert get(again, b"c") == b"3"
+
+
+async def test_a_durable_batch_is_invisible_until_flushed(
+    disks: SimDisks, stepped: SteppedHost, nursery
+) -> None:
+    db = sim_db(disks)
+    db.write_now(lambda txn: txn.put(b"k", b"old", db=db["kv"]))
+    await nursery.start(db.run_writer)
+    done = trio.Event()
+
+    async def write() -> None:
+        await db.write(lambda txn: txn.put(b"k", b"new", db=db["kv"]))
+        done.set()
+
+    nursery.start_soon(write)
+    await stepped.step()  # the commit
+    await trio.testing.wait_all_tasks_blocked()
+    assert disks.unforced("/sim/node-1") == 1, "the batch is committed, not flushed"
+    assert get(db, b"k") == b"old", "a reader saw a durable write before its flush"
+    with db.snapshot() as txn:
+        assert txn.get(b"k", db=db["kv"]) == b"old"
+    assert not done.is_set()
+    await stepped.step()  # the flush
+    await done.wait()
+    assert disks.unforced("/sim/node-1") == 0, "a durable write returned unflushed"
+    assert get(db, b"k") == b"new"
+
+
+async def test_disk_full_fails_the_batch_and_keeps_serving(disks: SimDisks, nursery) -> None:
+    db = sim_db(disks)
+    await nursery.start(db.run_writer)
+    disks.set_full("/sim/node-1", True)
+    with pytest.raises(lmdb.Error, match="No space left"):
+        await db.write(lambda txn: txn.put(b"k", b"v", db=db["kv"]))
+    disks.set_full("/sim/node-1", False)
+    await db.write(lambda txn: txn.put(b"k", b"v", db=db["kv"]))
+    assert get(db, b"k") == b"v"
