@@ -1,9 +1,8 @@
-"""The simulated processes' disks: what a crash keeps, a disk that fills up, bytes that rot.
+"""The simulated processes' disks as the world sees them: a crash keeps only what was forced,
+a disk fills up for a while, a byte of a committed chunk rots at rest.
 
-The simulator hands every `Database` of a simulated process an environment of the LMDB model
-(dfs/sim/lmdb_model.py) through `db.install_environments`; this module is the world's view
-of those disks: `crash(path)` keeps only what was forced, `fill(path, until)` makes commits
-fail as a full disk does, `rot(path, rng)` flips one byte of a committed chunk at rest.
+Every `Database` of a simulated process opens an environment of the LMDB model
+(dfs/sim/lmdb_model.py) through `db.install_environments`; this is the world's handle on them.
 """
 
 from __future__ import annotations
@@ -12,42 +11,75 @@ import random
 from pathlib import Path
 
 import msgpack
+import trio
 
+from dfs.sim.lmdb_model import SimDisks
 from storage_node.layout import DIGEST_LEN, parse_blob_key, parse_chunk_key
 
 
-class SimDisks:
+class WorldDisks:
     root = Path("/sim")
 
-    def __init__(self, model: object) -> None:
-        self.model = model
+    def __init__(self, world_rng: random.Random) -> None:
+        self.model = SimDisks()
+        self.rng = world_rng
         self.rotted: set[tuple[int, int]] = set()  # (node id, blob) the world flipped a byte of
+        self._full_until: dict[str, float] = {}
 
     def crash(self, path: Path) -> None:
-        self.model.crash(path)  # type: ignore[attr-defined]
+        """Power cut: a seeded number of the unforced commits survive, the rest are lost."""
+        self.model.crash(str(path), self.rng)
 
     def fill(self, path: Path, until: float) -> None:
-        self.model.fill(path, until)  # type: ignore[attr-defined]
+        if str(path) not in self.model.disks:
+            return
+        self._full_until[str(path)] = until
+        self.model.set_full(str(path), True)
+
+    def tick(self) -> None:
+        """Give room back to disks whose full spell is over."""
+        now = trio.current_time()
+        for path, until in list(self._full_until.items()):
+            if now >= until:
+                del self._full_until[path]
+                self.model.set_full(path, False)
+
+    def heal(self) -> None:
+        for path in list(self._full_until):
+            self.model.set_full(path, False)
+        self._full_until.clear()
 
     def rot(self, path: Path, rng: random.Random) -> tuple[int, int] | None:
-        """Flip a byte of one committed chunk (data, not its digest), durably, as bit rot."""
+        """Flip one bit of one committed chunk's data (not its digest) at rest: every stored
+        version of that record changes, as a bad sector would. Returns (blob, chunk)."""
+        disk = self.model.disks.get(str(path))
+        if disk is None or b"blobs" not in disk.stores or b"chunks" not in disk.stores:
+            return None
+        blobs, chunks = disk.stores[b"blobs"], disk.stores[b"chunks"]
         committed = []
-        for key, value in self.model.items(path, "blobs"):  # type: ignore[attr-defined]
-            record = msgpack.unpackb(value, raw=False)
-            if record.get("state") == "COMMITTED" and record.get("size"):
-                committed.append(parse_blob_key(key))
+        for key in blobs.keys:
+            value = blobs.value_at(key, disk.version)
+            if value is not None:
+                record = msgpack.unpackb(value, raw=False)
+                if record.get("state") == "COMMITTED" and record.get("size"):
+                    committed.append(parse_blob_key(key))
         if not committed:
             return None
-        blob = rng.choice(sorted(committed))
-        chunks = [key for key, _ in self.model.items(path, "chunks")  # type: ignore[attr-defined]
-                  if parse_chunk_key(key)[0] == blob]
-        if not chunks:
+        blob = rng.choice(committed)
+        keys = [k for k in chunks.keys if parse_chunk_key(k)[0] == blob
+                and chunks.value_at(k, disk.version) is not None]
+        if not keys:
             return None
-        key = rng.choice(chunks)
-        value = bytearray(self.model.get(path, "chunks", key))  # type: ignore[attr-defined]
-        if len(value) <= DIGEST_LEN:
+        key = rng.choice(keys)
+        current = chunks.value_at(key, disk.version)
+        assert current is not None
+        if len(current) <= DIGEST_LEN:
             return None
-        at = rng.randrange(DIGEST_LEN, len(value))
-        value[at] ^= 1 << rng.randrange(8)
-        self.model.poke(path, "chunks", key, bytes(value))  # type: ignore[attr-defined]
+        at, bit = rng.randrange(DIGEST_LEN, len(current)), 1 << rng.randrange(8)
+        history = chunks.history[key]
+        for i, (version, value) in enumerate(history):
+            if value is not None and len(value) > at:
+                flipped = bytearray(value)
+                flipped[at] ^= bit
+                history[i] = (version, bytes(flipped))
         return blob, parse_chunk_key(key)[1]

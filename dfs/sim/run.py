@@ -21,7 +21,7 @@ from dfs.checker.run import run_check
 from dfs.client import Client
 from dfs.errors import DfsError
 from dfs.sim import bugs as planted
-from dfs.sim.disks import SimDisks
+from dfs.sim.disks import WorldDisks
 from dfs.sim.invariants import check_history, check_state, judge
 from dfs.sim.network import SimNetwork
 from dfs.sim.processes import COORDINATOR, SECRET, SimCoordinator, SimNode, Timing
@@ -93,16 +93,14 @@ class _seams:
     def __init__(self, world: World) -> None:
         self.world = world
 
-    def __enter__(self) -> tuple[SimNetwork, SimDisks]:
+    def __enter__(self) -> tuple[SimNetwork, WorldDisks]:
         from dfs import db
-        from dfs.sim.lmdb_model import LmdbModel
 
         self.network = SimNetwork(self.world)
-        self.model = LmdbModel(self.world.rng)
-        self.disks = SimDisks(self.model)
+        self.disks = WorldDisks(self.world.rng)
         self._host = runtime.install(SimHost())
         self._net = rpc.install_network(self.network)
-        self._envs = db.install_environments(self.model.open)
+        self._envs = db.install_environments(self.disks.model.open)
         failpoints.install_hook(self.world.crash_point)
         trio_run = trio._core._run
         self._deterministic = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
@@ -128,9 +126,10 @@ class _seams:
         runtime.install(self._host)
 
 
-async def _scenario(world: World, network: SimNetwork, disks: SimDisks, duration: float,
+async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, duration: float,
                     n_nodes: int, replicas: int, writers: int, readers: int,
                     timing: Timing) -> None:
+    world.disks = disks
     tester = Tester(world, "tester")
     coord = SimCoordinator(world, disks, replicas, timing)
     nodes = [SimNode(world, disks, i, timing) for i in range(1, n_nodes + 1)]

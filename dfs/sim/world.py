@@ -127,6 +127,7 @@ class World:
         self.violations: list[str] = []
         self.calm = False  # once set: no new faults; cut links heal; the crashed return
         self.stopping = False
+        self.disks: Any = None  # dfs.sim.disks.WorldDisks, set by the run
         self.ready = trio.Event()  # the scenario has set the cluster up: users may start
         self._nursery: trio.Nursery | None = None
 
@@ -219,6 +220,8 @@ class World:
         step = 0.1
         while trio.current_time() < until:
             await trio.sleep(step)
+            if self.disks is not None:
+                self.disks.tick()
             for process in list(self.processes.values()):
                 if process.up and process.crashable and self.rng.random() < f.crash_rate * step:
                     self.count(f"crash {type(process).__name__}")
@@ -244,5 +247,7 @@ class World:
         """No new faults; every link heals; every crashed process comes back."""
         self.calm = True
         self.cut.clear()
+        if self.disks is not None:
+            self.disks.heal()
         for process in self.processes.values():
             process.restart()
