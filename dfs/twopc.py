@@ -15,8 +15,29 @@ Life of a transaction:
                                                      v (gone)
 
 Presumed abort: nothing is written for an abort, so a txid the machine forgot and the log never
-recorded is aborted. The driver answers OUTCOME from the log first (committed), then
-`is_in_flight` (in flight), else aborted.
+recorded is aborted. The driver answers OUTCOME from the machine first (`is_committed`, then
+`is_in_flight`), then the log and the namespace (committed), else aborted.
+
+The one obligation of presumed abort: a commit decision lives until every replica it lists has
+durably acked COMMITTED. Nothing else ends it. A replica that refuses the COMMIT is not an ack:
+it stays owed and is no longer sent COMMIT (`MarkBad`: the driver queues its repair); only a
+later decision changes the listed set — a repair that re-makes the copy (owed again, COMMIT
+re-sent) or drops it, or the removal of the node for good (`forget_node`, whose durable record
+is the node table's REMOVED) — and then the acks of the new list end the record.
+
+A repair is a transaction of the same machine, keyed by the blob id (the txid of the write that
+made it), which keeps content and version and changes only where the copies live:
+
+    begin_repair ──> PREPARING ──repair_prepared──> DECIDING ──repair_decision_written──> merged
+                         │ no target ok               │ refused                     into COMMITTING
+                         └──> (gone: SendAbort) <─────┘
+
+The driver fetches and PREPAREs the targets itself (node to node), then reports. While the
+repair is undecided its blob is in flight; its decision is written only while the blob's own
+entry (the file's write, or an earlier repair) is not ENDING, and that entry does not start
+ENDING while a repair decision is being written, so the log's writes of the two never cross.
+The decision merges the targets into the COMMITTING entry: they owe a (new) ack, replicas the
+repair dropped owe nothing any more.
 """
 
 from __future__ import annotations
@@ -78,6 +99,26 @@ class WriteEnd:
 
 
 @dataclass(frozen=True)
+class WriteRepairDecision:
+    """Force the repair's decision: the replica switch and the blob's COMMITTED record for the
+    targets, in one transaction. The driver reports `repair_decision_written` or
+    `repair_decision_refused` (the file moved on)."""
+
+    blob: int
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MarkBad:
+    """`node` refused the COMMIT of txid: its copy is bad or gone. The driver queues its
+    repair; the decision stays, and the node stays owed until a decision re-lists or drops it."""
+
+    txid: int
+    node: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class ReplyOk:
     txid: int
 
@@ -90,7 +131,8 @@ class ReplyError:
     failed: tuple[int, ...] = ()
 
 
-Action = SendPrepare | SendCommit | SendAbort | WriteDecision | WriteEnd | ReplyOk | ReplyError
+Action = (SendPrepare | SendCommit | SendAbort | WriteDecision | WriteEnd | WriteRepairDecision
+          | MarkBad | ReplyOk | ReplyError)
 
 
 # ------------------------------------------------------------------ state
@@ -103,6 +145,18 @@ class _Txn:
     phase: Phase = Phase.STAGING
     yes: set[int] = field(default_factory=set)
     acked: set[int] = field(default_factory=set)
+    refused: set[int] = field(default_factory=set)  # owed, but COMMIT is not re-sent (MarkBad)
+
+
+@dataclass
+class _Repair:
+    blob: int
+    targets: tuple[int, ...]
+    new: frozenset[int]  # targets not listed now: their copies are aborted if they fail
+    phase: Phase = Phase.PREPARING
+    ok: tuple[int, ...] = ()
+    prepared: tuple[int, ...] = ()  # copies this repair PREPAREd (aborted if it is refused)
+    waiting: bool = False  # decided, held back while the blob's entry is ENDING
 
 
 # NO votes that say something about the node rather than the write come back as these codes.
@@ -114,6 +168,7 @@ class CommitProtocol:
 
     def __init__(self) -> None:
         self._txns: dict[int, _Txn] = {}
+        self._repairs: dict[int, _Repair] = {}
 
     # -------------------------------------------------------------- queries
 
@@ -122,8 +177,22 @@ class CommitProtocol:
         return txn.phase if txn else None
 
     def is_in_flight(self, txid: int) -> bool:
-        """Undecided and still able to commit: OUTCOME must answer 'ask again later'."""
-        return self.phase(txid) in (Phase.STAGING, Phase.PREPARING, Phase.DECIDING)
+        """Undecided and still able to commit (a write, or a repair of this blob): OUTCOME
+        must answer 'ask again later'."""
+        return self.phase(txid) in (Phase.STAGING, Phase.PREPARING, Phase.DECIDING) \
+            or txid in self._repairs
+
+    def is_committed(self, txid: int) -> bool:
+        """Decided and not yet ended (a write's or a repair's decision): COMMIT is owed."""
+        return self.phase(txid) in (Phase.COMMITTING, Phase.ENDING)
+
+    def repair_phase(self, txid: int) -> Phase | None:
+        repair = self._repairs.get(txid)
+        return repair.phase if repair else None
+
+    def refused(self, txid: int) -> tuple[int, ...]:
+        txn = self._txns.get(txid)
+        return tuple(sorted(txn.refused)) if txn else ()
 
     def replicas(self, txid: int) -> tuple[int, ...]:
         txn = self._txns.get(txid)
@@ -194,24 +263,52 @@ class CommitProtocol:
 
     def commit_acked(self, txid: int, node: int) -> list[Action]:
         txn = self._txns.get(txid)
-        if txn is None or txn.phase is not Phase.COMMITTING or node not in txn.replicas:
-            return []
+        if txn is None or txn.phase is not Phase.COMMITTING or node not in txn.replicas \
+                or node in txn.refused:
+            return []  # a refused replica owes an ack of a re-made copy, after its repair
         txn.acked.add(node)
-        if len(txn.acked) == len(txn.replicas):
-            txn.phase = Phase.ENDING
-            return [WriteEnd(txid)]
-        return []
+        return self._maybe_end(txn)
+
+    def commit_refused(self, txid: int, node: int, code: Code, msg: str = "") -> list[Action]:
+        """`node` answered COMMIT with an error retrying cannot get past: not an ack."""
+        txn = self._txns.get(txid)
+        if txn is None or txn.phase is not Phase.COMMITTING or node not in txn.replicas \
+                or node in txn.acked or node in txn.refused:
+            return []
+        txn.refused.add(node)
+        return [MarkBad(txid, node, f"refused COMMIT: {msg or code.value}")]
 
     def commit_retry(self, txid: int) -> list[Action]:
-        """Time to re-send COMMIT to replicas that have not acked (rule 3)."""
+        """Time to re-send COMMIT to replicas that have not acked (rule 3), but not to those
+        that refused it: their repair re-makes the copy and sends COMMIT again."""
         txn = self._txns.get(txid)
         if txn is None or txn.phase is not Phase.COMMITTING:
             return []
-        return [SendCommit(n, txid) for n in txn.replicas if n not in txn.acked]
+        return [SendCommit(n, txid) for n in txn.replicas
+                if n not in txn.acked and n not in txn.refused]
 
     def end_written(self, txid: int) -> list[Action]:
-        self._txns.pop(txid, None)
+        txn = self._txns.get(txid)
+        if txn is None or txn.phase is not Phase.ENDING:
+            return []
+        del self._txns[txid]
+        repair = self._repairs.get(txid)
+        if repair is not None and repair.waiting:
+            repair.waiting = False
+            return [WriteRepairDecision(txid, repair.ok)]
         return []
+
+    def forget_node(self, node: int) -> list[Action]:
+        """The node was removed for good (durably, in the node table): no decision lists it
+        any more, so it owes no ack; entries whose other replicas all acked end."""
+        actions: list[Action] = []
+        for txn in list(self._txns.values()):
+            if txn.phase is Phase.COMMITTING and node in txn.replicas \
+                    and node not in txn.acked:
+                txn.replicas = tuple(n for n in txn.replicas if n != node)
+                txn.refused.discard(node)
+                actions += self._maybe_end(txn)
+        return actions
 
     def abort(self, txid: int, reason: str = "aborted by the client") -> list[Action]:
         """The client gave up, or its transaction expired, before asking to commit."""
@@ -223,14 +320,108 @@ class CommitProtocol:
     def recover(self, txid: int, replicas: list[int] | tuple[int, ...],
                 acked: list[int] | tuple[int, ...] = ()) -> list[Action]:
         """After a restart: a COMMITTED-not-ENDED record from the log (rule 3)."""
-        txn = _Txn(txid, tuple(replicas), Phase.COMMITTING, acked=set(acked))
+        txn = _Txn(txid, tuple(replicas), Phase.COMMITTING, acked=set(acked) & set(replicas))
         self._txns[txid] = txn
-        if len(txn.acked) == len(txn.replicas):
-            txn.phase = Phase.ENDING
-            return [WriteEnd(txid)]
-        return self.commit_retry(txid)
+        return self._maybe_end(txn) or self.commit_retry(txid)
+
+    # -------------------------------------------------------------- repairs
+
+    def begin_repair(self, blob: int, targets: list[int] | tuple[int, ...],
+                     new: list[int] | tuple[int, ...] = ()) -> list[Action]:
+        """A repair of `blob` starts copying to `targets` (`new`: those not listed now)."""
+        if blob in self._repairs:
+            raise ValueError(f"blob {blob} is being repaired already")
+        if self.phase(blob) in (Phase.STAGING, Phase.PREPARING, Phase.DECIDING):
+            raise ValueError(f"blob {blob} is an undecided write, not a file's blob")
+        self._repairs[blob] = _Repair(blob, tuple(targets), frozenset(new))
+        return []
+
+    def repair_prepared(self, blob: int, prepared: list[int] | tuple[int, ...],
+                        have: list[int] | tuple[int, ...] = ()) -> list[Action]:
+        """The copies are done: `prepared` targets voted YES on a copy this repair made,
+        `have` targets already held a good one; the rest failed (new ones are aborted)."""
+        repair = self._repairs.get(blob)
+        if repair is None or repair.phase is not Phase.PREPARING:
+            return []
+        ok = tuple(n for n in repair.targets if n in prepared or n in have)
+        actions: list[Action] = [SendAbort(n, blob) for n in repair.targets
+                                 if n in repair.new and n not in ok]
+        if not ok:
+            del self._repairs[blob]
+            return actions
+        repair.phase, repair.ok = Phase.DECIDING, ok
+        repair.prepared = tuple(n for n in ok if n in prepared)
+        if self.phase(blob) is Phase.ENDING:
+            repair.waiting = True  # end_written hands it on
+            return actions
+        return [*actions, WriteRepairDecision(blob, ok)]
+
+    def repair_decision_written(self, blob: int, replicas: list[int] | tuple[int, ...]
+                                ) -> list[Action]:
+        """The repair's commit point has passed; `replicas` is the file's new list. The targets
+        join the blob's COMMITTING entry (created if the file's own record ended long ago) and
+        owe an ack; replicas no longer listed owe none. Returns the COMMITs to send."""
+        repair = self._repairs.pop(blob)
+        assert repair.phase is Phase.DECIDING and not repair.waiting
+        listed = set(replicas)
+        txn = self._txns.get(blob)
+        if txn is None:
+            txn = self._txns[blob] = _Txn(blob, repair.ok, Phase.COMMITTING)
+        else:  # COMMITTING (ENDING cannot be: its decision waited for end_written)
+            txn.phase = Phase.COMMITTING
+            txn.replicas = (*(n for n in txn.replicas if n in listed or n in repair.ok),
+                            *(n for n in repair.ok if n not in txn.replicas))
+            txn.acked = {n for n in txn.acked if n in txn.replicas and n not in repair.ok}
+            txn.refused = {n for n in txn.refused if n in txn.replicas and n not in repair.ok}
+        return [*(SendCommit(n, blob) for n in repair.ok), *self._maybe_end(txn)]
+
+    def repair_decision_refused(self, blob: int) -> list[Action]:
+        """The file moved on before the decision: drop the copies this repair prepared."""
+        repair = self._repairs.pop(blob, None)
+        if repair is None:
+            return []
+        actions: list[Action] = [SendAbort(n, blob) for n in repair.prepared]
+        txn = self._txns.get(blob)
+        if txn is not None:
+            actions += self._maybe_end(txn)  # acks that came in meanwhile may end it now
+        return actions
+
+    def repair_abandoned(self, blob: int) -> list[Action]:
+        """The repair gave up before its decision write was asked for (an error, or it waited
+        too long for the blob's entry to end): its copies are aborted as if refused."""
+        repair = self._repairs.get(blob)
+        if repair is None:
+            return []
+        if repair.phase is Phase.PREPARING:
+            del self._repairs[blob]
+            return [SendAbort(n, blob) for n in repair.targets if n in repair.new]
+        if repair.waiting:
+            repair.waiting = False
+            return self.repair_decision_refused(blob)
+        return []  # its decision is being written: that write's outcome settles it
+
+    def release(self, txid: int, node: int) -> list[Action]:
+        """The namespace no longer lists `node` for this blob (a later decision superseded the
+        blob or dropped the copy) and the node refused its COMMIT: it owes no ack any more."""
+        txn = self._txns.get(txid)
+        if txn is None or txn.phase is not Phase.COMMITTING or node not in txn.refused:
+            return []
+        txn.refused.discard(node)
+        txn.replicas = tuple(n for n in txn.replicas if n != node)
+        return self._maybe_end(txn)
 
     # -------------------------------------------------------------- helpers
+
+    def _maybe_end(self, txn: _Txn) -> list[Action]:
+        """Every listed replica acked, and no repair decision of this blob is being written
+        (it may list more replicas): the record may end."""
+        if txn.phase is not Phase.COMMITTING or any(n not in txn.acked for n in txn.replicas):
+            return []
+        repair = self._repairs.get(txn.txid)
+        if repair is not None and repair.phase is Phase.DECIDING:
+            return []  # repair_decision_written / _refused looks again
+        txn.phase = Phase.ENDING
+        return [WriteEnd(txn.txid)]
 
     def _abort(self, txn: _Txn, code: Code, msg: str, failed: tuple[int, ...],
                *, reply: bool = True) -> list[Action]:

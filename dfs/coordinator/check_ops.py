@@ -102,23 +102,28 @@ class CheckOps:
         return {"inos": self.store.db.read(read)}
 
     def _classify(self, txn: lmdb.Transaction, node: int, blob: int) -> tuple[str, int]:
-        """What the metadata says of `blob` on `node` right now, and its inode if known:
-        inflight (a write or a repair is under way, or its COMMIT is owed to the node),
-        current (a file lists it there), or unreferenced."""
+        """What the metadata says of `blob` on `node` right now, and the inode whose current
+        blob it is (0 if none): inflight (a write or a repair is under way, or its COMMIT is
+        owed to the node), current (that inode lists it there), or unreferenced.
+
+        Current comes from the namespace (the blob index), never from the absence of a txn
+        record: after retention every current blob has none."""
         driver = self.driver
-        if blob in driver.open or driver.protocol.is_in_flight(blob) \
+        protocol = driver.protocol
+        inode = self.store.namespace.inodes.current(txn, blob)
+        ino = inode.ino if inode is not None else 0
+        if blob in driver.open or protocol.is_in_flight(blob) \
                 or blob in self.replicator.active:
-            return "inflight", 0
+            return "inflight", ino
+        if protocol.is_committed(blob) and node in protocol.unacked(blob):
+            return "inflight", ino
         record = self.store.txnlog.get(txn, blob)
-        if record is None:
-            return "unreferenced", 0
-        if record.state is TxnState.COMMITTED and node in record.replicas \
-                and node not in record.acked:
-            return "inflight", record.ino
-        inode = self.store.namespace.inodes.find(txn, record.ino)
-        if inode is not None and inode.blob == blob and node in inode.replicas:
-            return "current", record.ino
-        return "unreferenced", record.ino
+        if record is not None and record.state is TxnState.COMMITTED \
+                and node in record.unacked:
+            return "inflight", ino or record.ino
+        if inode is not None and node in inode.replicas:
+            return "current", ino
+        return "unreferenced", ino
 
     async def op_blob_refs(self, req: Request) -> Reply:
         pairs = _pairs(req, "blobs", int)
@@ -158,8 +163,9 @@ class CheckOps:
             for blob in blobs:
                 verdict, ino = self._classify(txn, node, blob)
                 if verdict == "unreferenced":
-                    # With the inode known, the GC skips the entry should a repair list this
-                    # copy again before it is delivered.
+                    # Not listed by any inode (checked in this transaction). If the blob is
+                    # another node's current copy (ino known), the GC re-checks under the
+                    # file's lock before it deletes: a repair may list this copy again.
                     store.gc.add(txn, now, node, blob, ino)
                     queued.append(blob)
                 else:

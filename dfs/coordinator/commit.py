@@ -11,6 +11,7 @@ restart), and aborting expired transactions live in `delivery.py`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import lmdb
@@ -25,6 +26,7 @@ from dfs.rpc import Peers
 from dfs.twopc import (
     Action,
     CommitProtocol,
+    MarkBad,
     Phase,
     ReplyError,
     ReplyOk,
@@ -33,6 +35,7 @@ from dfs.twopc import (
     SendPrepare,
     WriteDecision,
     WriteEnd,
+    WriteRepairDecision,
 )
 
 from .config import CoordinatorConfig
@@ -56,6 +59,11 @@ class CommitDriver(Delivery):
         self._nursery: trio.Nursery | None = None
         self._delivering: set[int] = set()
         self._sends = trio.CapacityLimiter(128)
+        # Repairs waiting for the machine's go to write their decision (WriteRepairDecision).
+        self._repair_go: dict[int, trio.Event] = {}
+        # Told of a replica that refused COMMIT (MarkBad): (node, blob, ino, reason). The
+        # service points it at the read-repair queue.
+        self.on_refused: Callable[[int, int, int, str], Awaitable[None]] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -127,14 +135,23 @@ class CommitDriver(Delivery):
         txn.touch()
 
     def outcome(self, txid: int) -> str:
-        """Rule 4: the log first (committed), then this incarnation's memory (inflight), else
-        presumed abort. In that order: the record is durable before the protocol forgets the
-        txid is in flight, so no moment answers 'aborted' for a committing txid."""
-        if self.store.db.read(lambda txn: self.store.txnlog.get(txn, txid)) is not None:
+        """Rule 4, from what knows best first: the machine (a decision whose COMMITs are owed:
+        committed; a write or a repair of this blob undecided: inflight), then the log's
+        record, then the namespace (an inode whose current blob it is: committed, however long
+        ago its record was purged), else presumed abort. Point reads only, no await: no
+        decision can slip between the checks, and the record is durable (and the inode
+        switched) before the machine forgets the txid is in flight."""
+        if self.protocol.is_committed(txid):
             return "committed"
         if self.protocol.is_in_flight(txid):
             return "inflight"
-        return "aborted"
+        store = self.store
+
+        def known(txn: lmdb.Transaction) -> bool:
+            return store.txnlog.get(txn, txid) is not None or \
+                store.namespace.inodes.current(txn, txid) is not None
+
+        return "committed" if store.db.read(known) else "aborted"
 
     # ------------------------------------------------------------ the commit
 
@@ -214,6 +231,36 @@ class CommitDriver(Delivery):
         self.store.txnlog.record_commit(t, record)
         return attr
 
+    # ------------------------------------------------------------ repairs
+
+    def repair_go(self, blob: int) -> trio.Event:
+        """The event a repair waits on before writing its decision (set by the machine's
+        WriteRepairDecision, at once or once the blob's record has ended)."""
+        return self._repair_go.setdefault(blob, trio.Event())
+
+    def repair_done(self, blob: int) -> None:
+        self._repair_go.pop(blob, None)
+
+    async def mark_bad(self, txid: int, node: int, reason: str) -> None:
+        """A replica refused COMMIT: queue its repair (durably). The record stays COMMITTED
+        and owes the node's ack until a repair decision re-lists or drops it."""
+        store = self.store
+
+        def owner(t: lmdb.Transaction) -> int:
+            record = store.txnlog.get(t, txid)
+            inode = store.namespace.inodes.current(t, txid)
+            return inode.ino if inode is not None else (record.ino if record else 0)
+
+        ino = store.db.read(owner)
+        log.warning("node %d %s of txid %d (ino %d); its copy is queued for repair", node,
+                    reason, txid, ino)
+        if self.on_refused is not None:
+            await self.on_refused(node, txid, ino, reason)
+
+    async def release(self, txid: int, node: int) -> None:
+        """The namespace no longer lists node for blob txid: a refused COMMIT is owed no more."""
+        await self._apply(self.protocol.release(txid, node))
+
     # ------------------------------------------------------------ actions
 
     def _apply_now(self, actions: list[Action]) -> None:
@@ -235,6 +282,12 @@ class CommitDriver(Delivery):
                 await self._decide(action.txid)
             elif isinstance(action, WriteEnd):
                 await self.write_end(action.txid)
+            elif isinstance(action, WriteRepairDecision):
+                go = self._repair_go.get(action.blob)
+                if go is not None:
+                    go.set()  # the repair's own task writes it (it knows the new list)
+            elif isinstance(action, MarkBad):
+                self.spawn(self.mark_bad, action.txid, action.node, action.reason)
             elif isinstance(action, ReplyError):
                 txn = self.open.pop(action.txid, None)
                 if txn is not None:

@@ -1,5 +1,10 @@
 """After the decision: COMMIT delivery until every replica acked (rules 3 and 5), ABORTs, and
-the expiry of transactions whose client went silent. Mixed into CommitDriver."""
+the expiry of transactions whose client went silent. Mixed into CommitDriver.
+
+A COMMIT refused with an error retrying cannot get past (anything but UNAVAILABLE/INTERNAL)
+is not an ack: the machine keeps the decision and marks the replica bad (its repair is queued,
+`CommitDriver.mark_bad`); the repair's decision re-lists the re-made copy (COMMIT again) or
+drops it, and only then can the record end."""
 
 from __future__ import annotations
 
@@ -59,9 +64,10 @@ class Delivery:
                 if e.code in RETRYABLE:
                     log.debug("COMMIT %d to node %d failed, will retry: %s", txid, node, e)
                     return
-                # Retrying cannot help; the checker finds and repairs the replica.
-                log.error("node %d refused COMMIT of txid %d (%s); counting it as delivered",
-                          node, txid, e)
+                # Not an ack (rule 5): the decision stays and owes this replica, which the
+                # machine marks bad; its repair re-makes the copy and sends COMMIT again.
+                await self._apply(self.protocol.commit_refused(txid, node, e.code, e.msg))
+                return
         await self._apply(self.protocol.commit_acked(txid, node))
 
     async def write_end(self: CommitDriver, txid: int) -> None:
@@ -71,8 +77,11 @@ class Delivery:
         await self._apply(self.protocol.end_written(txid))
 
     async def _persist_acks(self: CommitDriver, txid: int) -> None:
-        """Remember partial acks so a restart does not re-send to those replicas."""
-        if self.protocol.phase(txid) is not Phase.COMMITTING:
+        """Remember partial acks so a restart does not re-send to those replicas. Not while a
+        repair decision of this blob is being written: it may make an acked replica owe a new
+        ack, and this write, queued behind it, would mark that replica acked again."""
+        if self.protocol.phase(txid) is not Phase.COMMITTING \
+                or self.protocol.repair_phase(txid) is Phase.DECIDING:
             return
         unacked = self.protocol.unacked(txid)
         acked = [n for n in self.protocol.replicas(txid) if n not in unacked]
@@ -127,13 +136,16 @@ class Delivery:
             log.info("recovery: %d committed transactions still owe COMMITs", len(records))
 
     async def forget_node(self: CommitDriver, node_id: int) -> None:
-        """A removed node will never ack: count its COMMITs as delivered (re-replication of
-        its files is the checker's job)."""
-        for txid, phase, replicas, acked in self.protocol.transactions():
-            if phase is Phase.COMMITTING and node_id in replicas and node_id not in acked:
-                log.warning("txid %d: node %d was removed; not waiting for its COMMIT ack",
-                            txid, node_id)
-                await self._apply(self.protocol.commit_acked(txid, node_id))
+        """A removed node will never ack. Its removal (durable in the node table, re-applied
+        here at every start) is the decision that drops it from every record's list: the
+        machine stops waiting for it, and records whose other replicas acked end.
+        Re-replication makes its files' copies elsewhere."""
+        owed = sum(1 for _, phase, replicas, acked in self.protocol.transactions()
+                   if phase is Phase.COMMITTING and node_id in replicas and node_id not in acked)
+        if owed:
+            log.warning("node %d was removed; %d records no longer wait for its COMMIT ack",
+                        node_id, owed)
+        await self._apply(self.protocol.forget_node(node_id))
 
     # ------------------------------------------------------------ expiry
 

@@ -4,10 +4,21 @@ An entry leaves the queue only once its node confirmed the delete, so a node tha
 gets its deletions when it returns (entries for it are postponed, not dropped, so they don't
 block the rest of the queue). Entries for removed nodes are dropped: nobody will ask them.
 Also purges ENDED transaction records past their retention.
+
+GC against repair: an entry whose blob is still some file's current blob (the blob index
+says which) names a copy a repair of that file may be making or listing again right now. Such
+an entry is re-checked and delivered while the collector holds that file's lock, the one
+`Replicator.fix` holds for a whole repair (plan, copies, decision, COMMIT): a repair either
+finished first (its decision lists the copy: the entry is dropped, never delivered) or starts
+after the delete (and copies afresh). Checking in a read transaction and deleting later would
+let a repair decision list the copy in between. An entry whose blob is current nowhere needs no
+lock: a superseded or unreferenced blob is never listed again (blob ids are never reused, and a
+repair's decision requires the file to still hold the blob).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 
@@ -16,6 +27,7 @@ import trio
 
 from dfs import runtime
 from dfs.errors import DfsError
+from dfs.locks import KeyedLocks
 from dfs.meta import GcEntry, MetaStore, NodeState
 from dfs.rpc import Peers
 
@@ -26,17 +38,19 @@ log = logging.getLogger(__name__)
 
 GC_SCAN_LIMIT = 4096
 DELETE_BATCH = 1000
+GUARDED_BATCH = 256  # file locks held at once by one guarded delete
 DOWN_POSTPONE_S = 10.0
 PURGE_LIMIT = 4096
 
 
 class GarbageCollector:
     def __init__(self, store: MetaStore, membership: Membership, peers: Peers,
-                 config: CoordinatorConfig) -> None:
+                 config: CoordinatorConfig, file_locks: KeyedLocks | None = None) -> None:
         self.store = store
         self.membership = membership
         self.peers = peers
         self.config = config
+        self.file_locks = file_locks or KeyedLocks()  # the Replicator's, per inode
 
     async def run(self) -> None:
         while True:
@@ -51,20 +65,20 @@ class GarbageCollector:
         due, relisted = store.db.read(lambda txn: self._due(txn, now_ns))
         if not due and not relisted:
             return 0
-        by_node: dict[int, list[GcEntry]] = defaultdict(list)
-        for entry in due:
-            by_node[entry.node].append(entry)
+        by_node: dict[int, list[tuple[GcEntry, int]]] = defaultdict(list)
+        for entry, owner in due:
+            by_node[entry.node].append((entry, owner))
         gone: list[GcEntry] = relisted
         later: list[GcEntry] = []
-        live: dict[int, list[GcEntry]] = {}
-        for node, entries in by_node.items():
+        live: dict[int, list[tuple[GcEntry, int]]] = {}
+        for node, pairs in by_node.items():
             record = self.membership.nodes.get(node)
             if record is None or record.state is NodeState.REMOVED:
-                gone.extend(entries)
+                gone.extend(e for e, _ in pairs)
             elif not self.membership.is_live(node):
-                later.extend(entries)
+                later.extend(e for e, _ in pairs)
             else:
-                live[node] = entries
+                live[node] = pairs
         if gone or later:
             postpone_to = now_ns + int(max(DOWN_POSTPONE_S, 3 * self.config.node_timeout) * 1e9)
 
@@ -75,26 +89,53 @@ class GarbageCollector:
             await store.db.write(reshuffle, durable=False)
         confirmed: list[GcEntry] = []
         async with trio.open_nursery() as nursery:
-            for node, entries in live.items():
-                nursery.start_soon(self._delete_on, node, entries, confirmed)
+            for node, pairs in live.items():
+                free = [e for e, owner in pairs if not owner]
+                guarded = [(e, owner) for e, owner in pairs if owner]
+                if free:
+                    nursery.start_soon(self._delete_on, node, free, confirmed)
+                if guarded:
+                    nursery.start_soon(self._delete_guarded, node, guarded, confirmed)
         if confirmed:
             # Unforced: an entry that reappears after a crash is deleted again, harmlessly.
             await store.db.write(lambda txn: store.gc.remove(txn, confirmed), durable=False)
         return len(confirmed)
 
-    def _due(self, txn: lmdb.Transaction, now_ns: int) -> tuple[list[GcEntry], list[GcEntry]]:
-        """Due entries, split off those whose inode lists that node for that blob again (a
-        replica re-made where an old entry still waits): those are dropped, never delivered."""
-        due: list[GcEntry] = []
+    def _due(self, txn: lmdb.Transaction, now_ns: int
+             ) -> tuple[list[tuple[GcEntry, int]], list[GcEntry]]:
+        """Due entries with the inode whose current blob theirs is (0: none), split off those
+        that inode lists on that node again (a replica re-made where an old entry still
+        waits): those are dropped, never delivered. The inode comes from the blob index, not
+        from the entry, so an entry queued without one is guarded all the same."""
+        return self._split(txn, self.store.gc.due(txn, now_ns, GC_SCAN_LIMIT))
+
+    def _split(self, txn: lmdb.Transaction, entries: list[GcEntry]
+               ) -> tuple[list[tuple[GcEntry, int]], list[GcEntry]]:
+        due: list[tuple[GcEntry, int]] = []
         relisted: list[GcEntry] = []
         inodes = self.store.namespace.inodes
-        for entry in self.store.gc.due(txn, now_ns, GC_SCAN_LIMIT):
-            inode = inodes.find(txn, entry.ino) if entry.ino else None
-            if inode is not None and inode.blob == entry.blob and entry.node in inode.replicas:
+        for entry in entries:
+            inode = inodes.current(txn, entry.blob)
+            if inode is not None and entry.node in inode.replicas:
                 relisted.append(entry)
             else:
-                due.append(entry)
+                due.append((entry, inode.ino if inode is not None else 0))
         return due, relisted
+
+    async def _delete_guarded(self, node: int, pairs: list[tuple[GcEntry, int]],
+                              confirmed: list[GcEntry]) -> None:
+        """Entries of blobs that are still current: re-checked and deleted under the files'
+        locks, so no repair decision can list the copy between the check and the delete."""
+        for i in range(0, len(pairs), GUARDED_BATCH):
+            batch = pairs[i:i + GUARDED_BATCH]
+            async with contextlib.AsyncExitStack() as stack:
+                for ino in sorted({owner for _, owner in batch}):  # one order: no deadlock
+                    await stack.enter_async_context(self.file_locks.hold(ino))
+                due, relisted = self.store.db.read(
+                    lambda t, b=batch: self._split(t, [e for e, _ in b]))
+                confirmed.extend(relisted)  # listed again: never delivered, just dropped
+                if due:
+                    await self._delete_on(node, [e for e, _ in due], confirmed)
 
     async def _delete_on(self, node: int, entries: list[GcEntry], confirmed: list[GcEntry]
                          ) -> None:

@@ -2,6 +2,9 @@
 (`report_corrupt`) are queued durably and repaired in the background, without waiting for the
 next `dfs check`.
 
+The commit driver reports here too a replica that refused its COMMIT (`refused_commit`): the
+decision keeps owing that replica's ack until the repair re-lists or drops the copy.
+
 A report is written to the `repairs` queue (forced) before it is acknowledged; the worker then
 repairs the named copy in place through `Replicator.fix`, which re-verifies it first (a false
 alarm costs a verification, nothing more). An entry leaves the queue once the copy is fixed or
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+import lmdb
 import trio
 
 from dfs import runtime
@@ -27,7 +31,6 @@ log = logging.getLogger(__name__)
 INTERVAL = 1.0
 BATCH = 1000
 CONCURRENCY = 16
-RESOLVE_PAGE = 5000
 DOWN_RETRY_S = 5.0
 MAX_BACKOFF_S = 60.0
 
@@ -57,6 +60,11 @@ class RepairWorker:
                            ino: int = 0) -> None:
         now = runtime.wall_ns()
         await self._add([RepairEntry(node, b, ino, reason, source, now) for b in blobs])
+
+    async def refused_commit(self, node: int, blob: int, ino: int, reason: str) -> None:
+        """A replica refused the COMMIT of its file's blob: its copy is bad or gone, and the
+        decision keeps owing its ack until the repair re-lists (or drops) it."""
+        await self._add([RepairEntry(node, blob, ino, reason, "commit", runtime.wall_ns())])
 
     async def suspects(self, ino: int, blob: int, nodes: list[int]) -> None:
         """Copies that proved bad while another copy of the file was being repaired."""
@@ -105,22 +113,15 @@ class RepairWorker:
         return done[0]
 
     async def _resolve(self, entries: list[RepairEntry]) -> None:
-        """Scrub reports name a blob only: find the inodes that hold them (one paged walk)."""
-        wanted = {e.blob: e for e in entries if not e.ino}
-        after = 0
-        scan = self.store.scan
-        while wanted:
-            page = self.store.db.read(lambda t, a=after: scan.inodes(t, a, RESOLVE_PAGE))
-            if not page:
-                break
-            after = page[-1].ino
-            for inode in page:
-                if inode.blob in wanted:
-                    for e in entries:
-                        if e.blob == inode.blob and not e.ino:
-                            e.ino = inode.ino
-                    wanted.pop(inode.blob, None)
-            await trio.sleep(0)
+        """Scrub reports name a blob only: the blob index names the inode that holds it."""
+        inodes = self.store.namespace.inodes
+
+        def read(txn: lmdb.Transaction) -> None:
+            for e in entries:
+                if not e.ino and (inode := inodes.current(txn, e.blob)) is not None:
+                    e.ino = inode.ino
+
+        self.store.db.read(read)
 
     async def _handle(self, e: RepairEntry) -> int:
         queue = self.store.repairs
@@ -128,6 +129,8 @@ class RepairWorker:
             lambda t: self.store.namespace.inodes.find(t, e.ino)) if e.ino else None
         if inode is None or inode.blob != e.blob or e.node not in inode.replicas:
             await self.store.db.write(lambda t: queue.remove(t, e.node, e.blob), durable=False)
+            # No longer listed (a later decision): a COMMIT the node refused is owed no more.
+            await self.replicator.driver.release(e.blob, e.node)
             return 1
         if not self.membership.is_live(e.node):
             e.not_before_ns = runtime.wall_ns() + int(DOWN_RETRY_S * 1e9)

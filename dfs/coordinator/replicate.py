@@ -11,10 +11,15 @@ its copies live changes. Like a write it goes STAGE -> PREPARE -> decision -> CO
 3. PREPARE: the target verifies every chunk and the whole checksum and forces PREPARED;
 4. decision, one forced LMDB transaction: the inode still has this blob (else the file moved
    on and the copies are aborted), its replica list switches, dropped copies go to the GC
-   queue, and the blob's txn record says COMMITTED for the targets, so a target that restarts
-   with the blob PREPARED learns "committed" (rule 4) and a coordinator restart re-sends the
-   COMMIT (rule 3);
+   queue, and the blob's txn record says COMMITTED for the targets (a coordinator restart
+   re-sends the COMMIT, rule 3);
 5. COMMIT to the targets by the ordinary delivery machinery.
+
+The repair is a transaction of the driver's 2PC machine (`dfs.twopc`, keyed by the blob id):
+from `begin_repair` until the decision OUTCOME answers "inflight" for the blob, afterwards
+"committed" (the machine holds the merged COMMITTING entry until every target acked), so a
+target that asks before its COMMIT arrives keeps its copy however long ago the file's own
+record was purged. Nothing here writes a decision the machine did not ask for.
 
 A crash before 4 leaves the old list (targets drop or commit an unlisted copy: an orphan the
 checker collects); after 4 the new list stands and COMMIT is re-sent. Never worse than before.
@@ -37,7 +42,6 @@ from dfs.failpoints import failpoint
 from dfs.locks import KeyedLocks
 from dfs.meta import MetaStore, TxnRecord, TxnState
 from dfs.rpc import Peers
-from dfs.twopc import Phase
 
 from .config import CoordinatorConfig
 from .copyplan import CopyPlan, plan_copy, settle, verdict_without_source
@@ -51,8 +55,8 @@ log = logging.getLogger(__name__)
 COPY_CONCURRENCY = 64  # repairs running at once in this coordinator
 COPY_TIMEOUT = 30.0  # plus size / COPY_MIN_RATE seconds
 COPY_MIN_RATE = 20e6
-END_WAIT = 5.0
-RETRY_FOR = 3.0  # idempotent node calls are retried on network errors this long  # wait this long at most for the blob's own txn record to finish ending
+END_WAIT = 5.0  # wait this long at most for the blob's own txn record to finish ending
+RETRY_FOR = 3.0  # idempotent node calls are retried on network errors this long
 
 
 @dataclass
@@ -89,7 +93,7 @@ class Replicator:
         self._limit = trio.CapacityLimiter(COPY_CONCURRENCY)
         # Told about copies that proved bad while repairing another (queued for their own repair).
         self.on_suspects: Callable[[int, int, list[int]], Awaitable[None]] | None = None
-        self._file_locks = KeyedLocks()
+        self.file_locks = KeyedLocks()  # one repair per file at a time; the GC takes them too
 
     def node_view(self) -> tuple[dict[int, str], set[int]]:
         nodes = self.membership.nodes
@@ -99,7 +103,7 @@ class Replicator:
     async def fix(self, ino: int, blob: int | None, bad: Collection[int] = (), *,
                   evacuate_down: bool = False) -> FixResult:
         """Repair one file (one transaction); `blob` None: whatever it holds now."""
-        async with self._file_locks.hold(ino), self._limit:
+        async with self.file_locks.hold(ino), self._limit:
             try:
                 result = await self._fix(ino, blob, set(bad), evacuate_down)
             except DfsError as e:
@@ -150,31 +154,57 @@ class Replicator:
     async def _copy_and_decide(self, inode: Any, plan: CopyPlan, targets: list[int],
                                new_nodes: list[int], sources: list[int], suspects: list[int]
                                ) -> FixResult:
+        """The repair as a transaction of the driver's 2PC machine: begin_repair, the copies
+        (fetch + PREPARE, done here), repair_prepared, the decision write when the machine
+        says go, repair_decision_written; the machine sends ABORTs and COMMITs."""
+        blob, driver = inode.blob, self.driver
+        protocol = driver.protocol
+        if protocol.is_in_flight(blob):
+            return FixResult(inode.ino, "unavailable", "the file's write is still being decided",
+                             plan.replicas)
+        protocol.begin_repair(blob, targets, new_nodes)
         results: dict[int, str] = {}
         bad_sources: set[int] = set(suspects)
-        async with trio.open_nursery() as nursery:
-            for node in targets:
-                nursery.start_soon(self._copy_to, node, inode, sources, results, bad_sources)
-        ok = [t for t in targets if results.get(t) in ("staged", "have")]
-        errors = "; ".join(f"node {t}: {results[t]}" for t in targets if t not in ok)
-        for t in new_nodes:
-            if t not in ok:
-                self.driver.spawn(self.driver.send_abort, t, inode.blob)
-        if not ok:
-            return FixResult(inode.ino, "failed", errors, plan.replicas, sorted(bad_sources))
-        await failpoint("repair.before_decision")
-        replicas = settle(plan, self.store.replicas, [t for t in new_nodes if t in ok])
+        go = driver.repair_go(blob)
         try:
-            record = await self._decide(inode, plan, replicas, ok)
-        except DfsError as e:
-            if e.code is not Code.CONFLICT:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for node in targets:
+                        nursery.start_soon(self._copy_to, node, inode, sources, results,
+                                           bad_sources)
+                await failpoint("repair.before_decision")
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await driver._apply(protocol.repair_abandoned(blob))
                 raise
-            for t in ok:
-                if results[t] == "staged":
-                    self.driver.spawn(self.driver.send_abort, t, inode.blob)
-            return FixResult(inode.ino, "moved_on", e.msg)
-        await failpoint("repair.after_decision")
-        await self._deliver(record)
+            ok = [t for t in targets if results.get(t) in ("staged", "have")]
+            errors = "; ".join(f"node {t}: {results[t]}" for t in targets if t not in ok)
+            await driver._apply(protocol.repair_prepared(
+                blob, [t for t in ok if results[t] == "staged"],
+                [t for t in ok if results[t] == "have"]))
+            if not ok:
+                return FixResult(inode.ino, "failed", errors, plan.replicas,
+                                 sorted(bad_sources))
+            with trio.move_on_after(END_WAIT):
+                await go.wait()  # at once, unless the blob's record is being ended
+            if not go.is_set():
+                await driver._apply(protocol.repair_abandoned(blob))
+                return FixResult(inode.ino, "unavailable", "the blob's record is still ending",
+                                 plan.replicas)
+            replicas = settle(plan, self.store.replicas, [t for t in new_nodes if t in ok])
+            try:
+                with trio.CancelScope(shield=True):  # the machine must hear how it went
+                    await self._decide(inode, plan, replicas, ok)
+            except BaseException as e:
+                await driver._apply(protocol.repair_decision_refused(blob))
+                if isinstance(e, DfsError) and e.code is Code.CONFLICT:
+                    return FixResult(inode.ino, "moved_on", e.msg)
+                raise
+            commits = protocol.repair_decision_written(blob, replicas)
+        finally:
+            driver.repair_done(blob)
+        await failpoint("repair.after_decision")  # an error here: redelivery sends them
+        await driver._apply(commits)
         self.copied += sum(1 for t in ok if results[t] == "staged")
         self.copied_bytes += inode.size * sum(1 for t in ok if results[t] == "staged")
         complete = (set(plan.in_place) <= set(ok) and len(replicas) >= self.store.replicas
@@ -248,12 +278,11 @@ class Replicator:
 
     async def _decide(self, inode: Any, plan: CopyPlan, replicas: list[int], targets: list[int]
                       ) -> TxnRecord:
-        """The commit point of the repair: the replica switch and the COMMITTED record for the
-        targets, forced in one LMDB transaction."""
+        """The commit point of the repair (WriteRepairDecision): the replica switch and the
+        COMMITTED record for the targets, forced in one LMDB transaction. The record merges
+        with the blob's own if it is still COMMITTED (targets owe a new ack, dropped replicas
+        none), as the machine merges their entries."""
         blob, ino = inode.blob, inode.ino
-        with trio.move_on_after(END_WAIT):
-            while self.driver.protocol.phase(blob) is Phase.ENDING:
-                await trio.sleep(0.01)
         store = self.store
         now = runtime.wall_ns()
         grace = store.namespace.inodes.gc_grace_ns
@@ -280,10 +309,3 @@ class Replicator:
             return record
 
         return await store.db.write(write)
-
-    async def _deliver(self, record: TxnRecord) -> None:
-        """Hand the blob's (new) COMMITTED record to the delivery machinery, as recovery does."""
-        protocol = self.driver.protocol
-        if protocol.phase(record.txid) is not None:
-            protocol.end_written(record.txid)
-        await self.driver._apply(protocol.recover(record.txid, record.replicas, record.acked))

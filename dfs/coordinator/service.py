@@ -47,6 +47,8 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         self.rereplicator = ReReplicator(store, self.membership, self.replicator, config)
         self.repair_worker = RepairWorker(store, self.membership, self.replicator)
         self.replicator.on_suspects = self.repair_worker.suspects
+        self.driver.on_refused = self.repair_worker.refused_commit
+        self.gc.file_locks = self.replicator.file_locks  # GC of a current blob vs its repair
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                   ) -> None:

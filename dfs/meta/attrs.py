@@ -106,6 +106,7 @@ class AttrOps:
         inode.mtime_ns = now_ns if mtime_ns is None else mtime_ns
         inode.ctime_ns = now_ns
         self.inodes.put(txn, inode)
+        self.inodes.index_blob(txn, inode)
         return inode.attr()
 
     # ------------------------------------------------------------ xattrs

@@ -15,7 +15,7 @@ import lmdb
 from dfs.db import Database
 from dfs.errors import Code, DfsError
 from dfs.meta.cluster import NEXT_INO, ClusterMeta
-from dfs.meta.codec import k64, pack, unpack
+from dfs.meta.codec import k64, pack, unk64, unpack
 from dfs.meta.gcqueue import GcQueue
 
 ROOT_INO = 1
@@ -109,10 +109,18 @@ _NAMES = frozenset(f.name for f in _FIELDS)
 
 
 class InodeTable:
-    """The `inodes` sub-database: ino (u64 BE) -> msgpack record."""
+    """The `inodes` sub-database: ino (u64 BE) -> msgpack record, and its index `blobs`:
+    blob id (u64 BE) -> the ino whose current blob it is (u64 BE).
+
+    The index answers "is this blob current, and where?" with one point read, after the
+    blob's transaction record was purged: OUTCOME, the checker's `blob_refs` and the GC ask
+    it. It changes only where an inode's blob does (install_version, retire_blob), in the same
+    transaction. A blob belongs to one inode for good (blob ids are txids, never reused).
+    """
 
     def __init__(self, db: Database, meta: ClusterMeta, gc: GcQueue, gc_grace_ns: int) -> None:
         self._db = db["inodes"]
+        self._blobs = db["blobs"]
         self._meta = meta
         self._gc = gc
         self.gc_grace_ns = gc_grace_ns
@@ -136,6 +144,30 @@ class InodeTable:
     def put(self, txn: lmdb.Transaction, inode: Inode) -> None:
         txn.put(k64(inode.ino), inode.encode(), db=self._db)
 
+    # ------------------------------------------------------------ the blob index
+
+    def current(self, txn: lmdb.Transaction, blob: int) -> Inode | None:
+        """The inode whose current blob is `blob`, if any (two point reads)."""
+        raw = txn.get(k64(blob), db=self._blobs)
+        inode = None if raw is None else self.find(txn, unk64(raw))
+        return inode if inode is not None and inode.blob == blob else None
+
+    def index_blob(self, txn: lmdb.Transaction, inode: Inode) -> None:
+        """`inode.blob` is now the inode's current blob."""
+        if inode.blob is not None:
+            txn.put(k64(inode.blob), k64(inode.ino), db=self._blobs)
+
+    def build_blob_index(self, txn: lmdb.Transaction) -> int:
+        """Index every inode's current blob (once, for metadata written before the index)."""
+        count = 0
+        with txn.cursor(db=self._db) as cur:
+            for key, value in cur:
+                inode = Inode.decode(unk64(key), value)
+                if inode.blob is not None:
+                    self.index_blob(txn, inode)
+                    count += 1
+        return count
+
     def allocate(self, txn: lmdb.Transaction, mode: int, uid: int, gid: int, now_ns: int,
                  **extra: Any) -> Inode:
         ino = self._meta.next_counter(txn, NEXT_INO, ROOT_INO + 1)
@@ -148,6 +180,7 @@ class InodeTable:
         The grace lets a reader that already holds the old attrs finish reading (DESIGN.md §6).
         """
         if inode.blob is not None:
+            txn.delete(k64(inode.blob), db=self._blobs)
             not_before = now_ns + self.gc_grace_ns
             for node in inode.replicas:
                 self._gc.add(txn, not_before, node, inode.blob, inode.ino)

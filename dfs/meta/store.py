@@ -1,6 +1,6 @@
 """MetaStore: the coordinator's one LMDB environment behind the narrow interface.
 
-The server sees only `namespace`, `txnlog`, `nodes`, `gc` and `cluster`, each a set of methods
+The server sees only `namespace` (with its blob index), `txnlog`, `nodes`, `gc` and `cluster`, each a set of methods
 over an LMDB transaction, and runs them via `db.write` / `db.read`. A replicated engine can
 later provide the same objects (DESIGN.md §3).
 """
@@ -13,7 +13,7 @@ import lmdb
 
 from dfs import runtime
 from dfs.db import Database
-from dfs.meta.cluster import ClusterMeta
+from dfs.meta.cluster import BLOB_INDEX, ClusterMeta
 from dfs.meta.gcqueue import GcQueue
 from dfs.meta.namespace import Namespace
 from dfs.meta.nodes import NodeTable
@@ -21,7 +21,7 @@ from dfs.meta.repairs import RepairQueue
 from dfs.meta.scan import MetaScan
 from dfs.meta.txnlog import TxnLog
 
-SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta", "repairs"]
+SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta", "repairs", "blobs"]
 DEFAULT_GC_GRACE_NS = 60 * 1_000_000_000
 
 
@@ -57,6 +57,9 @@ class MetaStore:
     def _initialize(self, txn: lmdb.Transaction, replicas: int) -> None:
         self.cluster.initialize(txn, replicas)
         self.namespace.init_root(txn, runtime.wall_ns())
+        if not self.cluster.get(txn, BLOB_INDEX):  # metadata from before the index
+            self.namespace.inodes.build_blob_index(txn)
+            self.cluster.put(txn, BLOB_INDEX, 1)
         self.cluster_id = self.cluster.cluster_id(txn)
         self.replicas = self.cluster.replicas(txn)
 

@@ -1,0 +1,160 @@
+"""The ways a current replica used to be lost (issue 8, items 1-4), each on a real cluster.
+
+Records are purged after a short `--txn-retention`, so every test runs in the situation that
+broke: the file's transaction record is long gone while its blob is current. Each test fails
+on the code before the fix (see the report of the change that added it).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from checker_helpers import all_stats, check, copy_ok, node_blobs, node_call, put_files, read_all
+from cluster import COORDINATOR_ARGS, Cluster
+from coord_helpers import SECRET, running_coordinator, start_nodes
+
+from dfs import failpoints
+from dfs.client import Client
+from dfs.rpc import Peer
+
+MiB = 1024 * 1024
+RETENTION = 0.3
+# Nodes ask OUTCOME about a PREPARED blob 0.2 s after preparing it (or at once after a restart).
+NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "0.2", "--scrub-rate", "0")
+SHORT_RETENTION = (*COORDINATOR_ARGS, "--txn-retention", str(RETENTION))
+
+
+def purged(cluster: Cluster) -> None:
+    """Wait past the retention (and a GC pass): the file's ENDED record is gone."""
+    time.sleep(RETENTION + 2.0)
+
+
+def coordinator_call(cluster: Cluster, op: str, **fields: Any) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        peer = Peer(cluster.coordinator, cluster.secret)
+        try:
+            return await peer.call(op, retry_for=5, **fields)
+        finally:
+            await peer.aclose()
+
+    return trio.run(go)
+
+
+def names_by_id(cluster: Cluster) -> dict[int, str]:
+    return {cluster.node_id(name): name for name in cluster.node_names}
+
+
+def test_repair_target_asking_outcome_keeps_its_copy(cluster_factory) -> None:
+    """Item 1: a repair target that asks OUTCOME before the repair's decision (the file's own
+    record purged long ago) must not hear "aborted" and drop the copy the repair then lists."""
+    cluster = cluster_factory(
+        node_args=NODE_ARGS, coordinator_args=SHORT_RETENTION,
+        env={"coordinator": {"DFS_FAILPOINTS": "repair.before_decision=delay:1500"}})
+    files = put_files(cluster, 1, big=2 * MiB)
+    st = all_stats(cluster, list(files))["/f0"]
+    purged(cluster)
+    victim = names_by_id(cluster)[st["replicas"][1]]
+    node_call(cluster, victim, "delete", blobs=[st["blob"]])
+
+    status, doc = check(cluster, "--repair")
+    assert status == 0, doc
+    assert "failpoint repair.before_decision fires" in cluster.log("coordinator", 400)
+    status, doc = check(cluster, "--deep")
+    assert status == 0 and doc["clean"], doc["findings"]
+    assert copy_ok(cluster, victim, st["blob"])
+    assert read_all(cluster, list(files)) == files
+
+
+def test_refused_commit_is_not_an_ack_the_replica_is_repaired(cluster_factory) -> None:
+    """Item 2: a replica that refuses COMMIT (here: it was told "aborted" and dropped its
+    PREPARED copy) owes its ack still; the coordinator repairs it, and only then ends."""
+    cluster = cluster_factory(
+        node_args=NODE_ARGS, coordinator_args=SHORT_RETENTION,
+        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:3000"}})
+    by_id = names_by_id(cluster)
+    files = put_files(cluster, 1, big=MiB)  # returns at the decision; COMMITs follow slowly
+    st = all_stats(cluster, list(files))["/f0"]
+    victim = by_id[st["replicas"][1]]  # the first replica gets COMMIT at once, this one later
+    node_call(cluster, victim, "abort", txid=st["blob"])
+    assert st["blob"] not in node_blobs(cluster, victim)
+
+    cluster.wait_until(lambda: node_blobs(cluster, victim).get(st["blob"]) == "COMMITTED",
+                       timeout=30, message="the refused replica re-made and committed")
+    assert copy_ok(cluster, victim, st["blob"])
+    cluster.wait_until(lambda: not coordinator_call(cluster, "txn_list")["txns"], timeout=10,
+                       message="the record ended once every replica acked")
+    status, doc = check(cluster, "--deep")
+    assert status == 0 and doc["clean"], doc["findings"]
+
+
+def test_checker_cannot_delete_a_current_copy_after_its_record_is_purged(
+        cluster_factory) -> None:
+    """Item 3: whether a copy is current comes from the namespace, not from the (purged)
+    transaction record; `forget_blobs` keeps a copy an inode lists."""
+    cluster = cluster_factory(node_args=NODE_ARGS, coordinator_args=SHORT_RETENTION)
+    files = put_files(cluster, 1)
+    st = all_stats(cluster, list(files))["/f0"]
+    purged(cluster)
+    node, blob = st["replicas"][0], st["blob"]
+    refs = coordinator_call(cluster, "blob_refs", blobs=[[node, blob]])["refs"]
+    assert refs == ["current"]
+    reply = coordinator_call(cluster, "forget_blobs", node_id=node, blobs=[blob])
+    assert reply["queued"] == [] and reply["kept"] == [[blob, "current"]]
+    time.sleep(1.5)  # a GC pass or more
+    assert blob in node_blobs(cluster, names_by_id(cluster)[node])
+    status, doc = check(cluster)
+    assert status == 0 and doc["clean"], doc["findings"]
+
+
+async def test_gc_never_deletes_a_copy_a_repair_is_listing(tmp_path: Path) -> None:
+    """Item 4: a GC entry for (node, blob) that falls due while a repair is copying the blob
+    to that node (an old entry from when the node was dropped from the list) must not delete
+    the copy the repair's decision lists."""
+    failpoints.arm("repair.before_decision=delay:1500")
+    try:
+        async with running_coordinator(tmp_path / "coord", txn_retention=RETENTION) as coord, \
+                trio.open_nursery() as nursery:
+            nodes = await start_nodes(nursery, coord, 4, capacity=1 << 30)
+            data = bytes(range(256)) * 4096
+            async with Client(coord.address, SECRET, retry_for=10.0) as client:
+                root = await client.resolve("/")
+                attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+                await client.write_file(attr.ino, io.BytesIO(data))
+                attr = await client.resolve("/f")
+            blob, listed = attr.blob, list(attr.replicas)
+            by_id = {n.node_id: n for n in nodes}
+            spare = next(n for n in by_id if n not in listed)
+            by_id[listed[2]].stop()  # its copy is to be replaced by one on the spare node
+            await trio.sleep(coord.service.config.node_timeout + 0.5)
+
+            async def repair(results: list[Any]) -> None:
+                results.append(await coord.service.replicator.fix(
+                    attr.ino, blob, [listed[2]], evacuate_down=True))
+
+            results: list[Any] = []
+            nursery.start_soon(repair, results)
+            spare_store = by_id[spare].node.store
+            with trio.fail_after(10):
+                while (info := spare_store.stat(blob)) is None or info.state.value != "PREPARED":
+                    await trio.sleep(0.02)
+            store = coord.store
+            await store.db.write(lambda t: store.gc.add(t, 0, spare, blob, attr.ino))
+            with trio.fail_after(20):
+                while not results:
+                    await trio.sleep(0.05)
+            assert results[0].status == "fixed" and spare in results[0].replicas, results[0]
+
+            def entry_left() -> bool:
+                return any(e.node == spare and e.blob == blob for e in store.db.read(store.gc.all))
+
+            with trio.fail_after(10):  # the GC had its chance; the copy is committed, intact
+                while entry_left() or (info := spare_store.stat(blob)) is None or \
+                        info.state.value != "COMMITTED":
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        failpoints.arm("")
