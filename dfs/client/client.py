@@ -195,8 +195,9 @@ class Client:
         await self.change("abort", txid=txid)
 
     async def outcome(self, txid: int) -> str:
-        """'committed', 'aborted' or 'inflight' (ask again later)."""
-        return (await self.query("outcome", txid=txid))["state"]
+        """'committed', 'aborted', 'inflight' (ask again later) or 'unknown' (the decision's
+        record expired: the writer asked later than the coordinator's txn retention)."""
+        return (await self.query("outcome", txid=txid, writer=True))["state"]
 
     async def write_file(
         self,

@@ -182,6 +182,10 @@ async def _settle(client: Client, txid: int) -> str:
     with trio.move_on_after(client.commit_timeout):
         while (state := await client.outcome(txid)) == "inflight":
             await trio.sleep(OUTCOME_POLL)
+        if state == "unknown":
+            # Neither retried nor reported as failed: it may well have landed.
+            raise DfsError(Code.UNAVAILABLE, f"the outcome of transaction {txid} is unknown: "
+                                             "its record expired before the commit reply came")
         return state
     raise DfsError(Code.UNAVAILABLE, f"the outcome of transaction {txid} is still unknown")
 

@@ -134,13 +134,14 @@ class CommitDriver(Delivery):
             raise DfsError(Code.UNAVAILABLE, f"transaction {txid} is unknown or was aborted")
         txn.touch()
 
-    def outcome(self, txid: int) -> str:
+    def outcome(self, txid: int, *, writer: bool = False) -> str:
         """Rule 4, from what knows best first: the machine (a decision whose COMMITs are owed:
         committed; a write or a repair of this blob undecided: inflight), then the log's
         record, then the namespace (an inode whose current blob it is: committed, however long
         ago its record was purged), else presumed abort. Point reads only, no await: no
         decision can slip between the checks, and the record is durable (and the inode
-        switched) before the machine forgets the txid is in flight."""
+        switched) before the machine forgets the txid is in flight. `writer`: the client that
+        sent the commit asks (see below)."""
         if self.protocol.is_committed(txid):
             return "committed"
         if self.protocol.is_in_flight(txid):
@@ -151,7 +152,15 @@ class CommitDriver(Delivery):
             return store.txnlog.get(txn, txid) is not None or \
                 store.namespace.inodes.current(txn, txid) is not None
 
-        return "committed" if store.db.read(known) else "aborted"
+        if store.db.read(known):
+            return "committed"
+        # A participant may presume abort: a record lives until every listed replica acked,
+        # so one that still asks is not listed (or the txid never committed). The writer of
+        # a commit whose reply was lost may ask after the retention: it is told "unknown"
+        # rather than a wrong "aborted" it would report as a failure.
+        if writer and store.db.read(lambda txn: store.txnlog.may_be_purged(txn, txid)):
+            return "unknown"
+        return "aborted"
 
     # ------------------------------------------------------------ the commit
 

@@ -101,7 +101,7 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         return {}
 
     async def op_outcome(self, req: Request) -> Reply:
-        return {"state": self.driver.outcome(req.int("txid"))}
+        return {"state": self.driver.outcome(req.int("txid"), writer=req.bool("writer"))}
 
     async def op_txn_list(self, req: Request) -> Reply:
         return {"txns": self.driver.txn_list()}

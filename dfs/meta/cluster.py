@@ -23,6 +23,7 @@ REPLICAS = b"replicas"
 NEXT_INO = b"next_ino"
 NEXT_NODE_ID = b"next_node_id"
 TXID_HWM = b"txid_hwm"
+PURGED_HWM = b"purged_hwm"  # the highest txid whose ENDED record was ever purged
 BLOB_INDEX = b"blob_index"  # set once the `blobs` index covers every inode
 
 

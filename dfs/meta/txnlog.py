@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import lmdb
 
 from dfs.db import Database
-from dfs.meta.cluster import TXID_HWM, ClusterMeta
+from dfs.meta.cluster import PURGED_HWM, TXID_HWM, ClusterMeta
 from dfs.meta.codec import k64, pack, unk64, unpack
 
 FIRST_TXID = 1
@@ -120,7 +120,20 @@ class TxnLog:
                 doomed.append(key)
         for key in doomed:
             txn.delete(key, db=self._db)
+        if doomed:
+            # In the same transaction as the deletions: below this mark, "no record" no
+            # longer proves an abort (see `may_be_purged`).
+            highest = max(unk64(k) for k in doomed)
+            if highest > self._meta.get(txn, PURGED_HWM, 0):
+                self._meta.put(txn, PURGED_HWM, highest)
         return len(doomed)
+
+    def may_be_purged(self, txn: lmdb.Transaction, txid: int) -> bool:
+        """Whether txid's record, had it committed, could already be purged. A writer whose
+        commit reply was lost may ask later than the retention: for it, "no record" at or
+        below this mark means "unknown", not "aborted" (presumed abort is only safe for
+        txids the log can still speak for)."""
+        return txid <= self._meta.get(txn, PURGED_HWM, 0)
 
     def count(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self._db)["entries"]

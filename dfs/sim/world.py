@@ -66,7 +66,7 @@ class SimProcess(abc.ABC):
     @abc.abstractmethod
     async def run(self) -> None: ...
 
-    def on_crash(self) -> None:
+    def on_crash(self) -> None:  # noqa: B027 - a process without disks keeps nothing
         """Drop what was not forced (the disks); called as the incarnation is cancelled."""
 
     async def supervise(self) -> None:
