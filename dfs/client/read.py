@@ -102,16 +102,18 @@ async def read_chunk(client: Client, attr: Attr, index: int) -> bytes:
 
 
 async def read_chunk_from(client: Client, attr: Attr, index: int,
-                          nodes: Sequence[int] | None = None) -> tuple[bytes, int]:
+                          nodes: Sequence[int] | None = None,
+                          retry_for: float | None = None) -> tuple[bytes, int]:
     """A verified chunk and the node it came from, trying `nodes` (default: every replica,
-    suspects last) in order. ENOENT and bad bytes are reported; ESTALE only when every node
-    tried answered ENOENT."""
+    suspects last) in order, in rounds for `retry_for` (default the client's) while they are
+    all unreachable. ENOENT and bad bytes are reported; ESTALE only when every node tried
+    answered ENOENT."""
     if attr.blob is None or not 0 <= index < nchunks(attr.size):
         raise DfsError(Code.EINVAL, f"inode {attr.ino} version {attr.version} has no chunk {index}")
     order = replica_order(client, attr) if nodes is None else list(nodes)
     if not order:
         raise DfsError(Code.UNAVAILABLE, f"inode {attr.ino} lists no replicas")
-    deadline = trio.current_time() + client.retry_for
+    deadline = trio.current_time() + (client.retry_for if retry_for is None else retry_for)
     delay = 0.05
     while True:
         errors: list[str] = []
