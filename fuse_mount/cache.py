@@ -12,6 +12,11 @@ Sequential readers get read-ahead: when a handle reads chunk i after chunk i-1, 
 chunks are fetched in the background, so a cold sequential read overlaps network and disk. The
 last few chunks read stay in memory too. Small files this host commits are cached from the
 writer's spool ("adopted"), so reading back what was just written needs no node.
+
+Nothing is served from a version before one replica's whole copy has matched the committed
+xxh3_128 (fuse_mount/verify.py): the first read of a version fetches all of it into the cache
+from one replica, failing over (and reporting) until one verifies; later fetches of its chunks
+come from that replica.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import trio
 
 from dfs.chunks import CHUNK_SIZE, file_checksum
 from dfs.client.attr import Attr
+from dfs.errors import Code, DfsError
 from fuse_mount.spool import INLINE_IO, clear_directory
+from fuse_mount.verify import ADOPTED, FetchSource, Source, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,7 @@ class ReadCache:
         self,
         directory: Path,
         capacity: int,
-        fetch: Fetch,
+        fetch: Fetch | Source,
         *,
         readahead: int = 2,
         parallel: int = 4,
@@ -66,7 +73,9 @@ class ReadCache:
         self.directory = directory
         self.capacity = capacity
         self.readahead = readahead
-        self._fetch = fetch
+        source = fetch if hasattr(fetch, "report") else FetchSource(fetch)  # type: ignore[arg-type]
+        self._source: Source = source  # type: ignore[assignment]
+        self.verifier = Verifier(self._source, self._store_verified, self._drop_version)
         self._present: collections.OrderedDict[ChunkKey, int] = collections.OrderedDict()
         # The last few chunks in memory: the kernel splits one read() into requests of
         # max_pages, and each would otherwise read the chunk file again.
@@ -95,6 +104,7 @@ class ReadCache:
         end = min(offset + size, attr.size)
         if attr.blob is None or offset >= end:
             return b""
+        await self.verifier.verified(attr)  # no byte of an unverified version goes out
         first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
         if state is not None:
             if first in (state.next_chunk, state.next_chunk - 1) or first == 0:
@@ -109,6 +119,7 @@ class ReadCache:
 
     async def chunk(self, attr: Attr, index: int) -> bytes:
         """One whole chunk (for copying a version into a spool); not added to the cache."""
+        await self.verifier.verified(attr)
         key = (attr.ino, attr.version, index)
         event = self._inflight.get(key)
         if event is not None:
@@ -120,7 +131,37 @@ class ReadCache:
             data = await self._load(key, 0, chunk_length(attr, index))
             if data is not None:
                 return data
-        return await self._fetch(attr, index)
+        return await self._fetch_chunk(attr, index)
+
+    async def _fetch_chunk(self, attr: Attr, index: int) -> bytes:
+        """A chunk from the version's verified replica; if that fails, the version is verified
+        again (from whichever replica checks out, which also refills the cache)."""
+        key = (attr.ino, attr.version, index)
+        error: DfsError | None = None
+        for attempt in range(3):
+            node = await self.verifier.verified(attr)
+            if attempt and key in self._present:
+                data = await self._load(key, 0, chunk_length(attr, index))
+                if data is not None:
+                    return data
+            if node != ADOPTED:
+                try:
+                    return await self._source.chunk(attr, index, node)
+                except DfsError as e:
+                    if e.code is Code.ESTALE:
+                        raise
+                    log.info("chunk %s from its verified node %d: %s", key, node, e)
+                    error = e
+            self.verifier.distrust(attr, node)
+        raise error or DfsError(Code.UNAVAILABLE, f"chunk {index} of inode {attr.ino}")
+
+    async def _store_verified(self, attr: Attr, index: int, data: bytes) -> None:
+        await self._store((attr.ino, attr.version, index), data)
+
+    def _drop_version(self, attr: Attr) -> None:
+        """A replica of this version proved bad: none of what it sent stays cached."""
+        for key in [k for k in (*self._present, *self._hot) if k[:2] == (attr.ino, attr.version)]:
+            self._drop(key)
 
     async def _slice(self, attr: Attr, index: int, lo: int, n: int) -> bytes | memoryview:
         key = (attr.ino, attr.version, index)
@@ -172,7 +213,7 @@ class ReadCache:
         key = (attr.ino, attr.version, index)
         event = self._inflight[key] = trio.Event()
         try:
-            data = await self._fetch(attr, index)
+            data = await self._fetch_chunk(attr, index)
             self._make_hot(key, data)
             if self._nursery is not None:  # readers need not wait for the local disk
                 self._nursery.start_soon(self._store, key, data)
@@ -237,6 +278,8 @@ class ReadCache:
             key = (attr.ino, attr.version, index)
             if key not in self._present:
                 await self._store(key, data[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE])
+        if self.verifier.good(attr) is None:
+            self.verifier.trust(attr, ADOPTED)  # checked against the checksum above
 
     def keep(self, attr: Attr) -> None:
         """Keep this version readable until `release`: its name is gone, so after the

@@ -31,6 +31,7 @@ from dfs.rpc import load_secret
 from fuse_mount.cache import ReadCache
 from fuse_mount.operations import Operations
 from fuse_mount.spool import clear_directory
+from fuse_mount.verify import ClientSource
 
 log = logging.getLogger("fuse_mount")
 
@@ -187,7 +188,7 @@ async def _amain(
             raise DfsError(Code.UNAVAILABLE, f"no answer from the coordinator {args.coordinator}")
         spool_dir = cache_dir / "spool"
         clear_directory(spool_dir)
-        cache = ReadCache(cache_dir / "read", args.cache_size, client.read_chunk)
+        cache = ReadCache(cache_dir / "read", args.cache_size, ClientSource(client))
         ops = Operations(
             client, cache, spool_dir,
             attr_timeout=args.attr_timeout, retry_for=args.retry_timeout,

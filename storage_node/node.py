@@ -53,15 +53,22 @@ def join_address(host: str, port: int) -> str:
 
 
 class CoordinatorLink:
-    """Registration, heartbeats every `heartbeat` seconds, and OUTCOME queries."""
+    """Registration, heartbeats every `heartbeat` seconds, and OUTCOME queries.
+
+    Each heartbeat names the node's idle STAGED txids (`staged`) and carries back the
+    coordinator's incarnation and which of them it does not know (`unknown`: presumed aborted,
+    dropped at once); after a new incarnation the next beat goes out without waiting.
+    """
 
     def __init__(
-        self, peer: Peer, store: BlobStore, advertise: str, *, heartbeat: float = 0.5
+        self, peer: Peer, store: BlobStore, advertise: str, *, heartbeat: float = 0.5,
+        service: NodeService | None = None,
     ) -> None:
         self.peer = peer
         self.store = store
         self.advertise = advertise
         self.heartbeat = heartbeat
+        self.service = service
         self.registered = trio.Event()
         self._reachable: bool | None = None
         self._last_error: Code | None = None
@@ -104,6 +111,8 @@ class CoordinatorLink:
         log.info(
             "registered as node %d of cluster %s (address %s)", node_id, cluster, self.advertise
         )
+        if self.service is not None:
+            await self.service.coordinator_seen(reply.get("incarnation"), [])
         self.registered.set()
 
     async def _heartbeat_until_refused(self) -> bool:
@@ -112,14 +121,19 @@ class CoordinatorLink:
         Returns whether any beat was accepted first.
         """
         accepted = False
+        hurry = True  # right after registering: name the leftovers at once
         while True:
-            await trio.sleep(self.heartbeat)
+            if not hurry:
+                await trio.sleep(self.heartbeat)
+            hurry = False
+            staged = self.service.leftovers_to_name() if self.service is not None else []
             try:
-                await self.peer.call(
+                reply = await self.peer.call(
                     "heartbeat",
                     node_id=self.store.node_id,
                     capacity=self.store.capacity(),
                     used=self.store.used(),
+                    staged=staged,
                     timeout=max(2.0, 4 * self.heartbeat),
                 )
             except DfsError as e:
@@ -130,6 +144,9 @@ class CoordinatorLink:
                 return accepted
             accepted = True
             self._note(True)
+            if self.service is not None:
+                hurry = await self.service.coordinator_seen(reply.get("incarnation"),
+                                                            reply.get("unknown"))
 
     async def outcome(self, txid: int) -> str:
         reply = await self.peer.call("outcome", txid=txid, timeout=OUTCOME_TIMEOUT)
@@ -164,7 +181,7 @@ class Node:
         self.participant = Participant(
             staged_timeout=config.staged_timeout, outcome_after=config.outcome_after
         )
-        self.service = NodeService(store, self.participant)
+        self.service = NodeService(store, self.participant, heartbeat=config.heartbeat)
         self.service.peers = Peers(config.secret, timeout=30.0)
         self.link: CoordinatorLink | None = None
         self.scrubber: Scrubber | None = None
@@ -197,7 +214,8 @@ class Node:
                     )
                     advertise = self.config.advertise or self._default_advertise(host, port)
                     self.link = CoordinatorLink(
-                        peer, self.store, advertise, heartbeat=self.config.heartbeat
+                        peer, self.store, advertise, heartbeat=self.config.heartbeat,
+                        service=self.service,
                     )
                     nursery.start_soon(self.link.run)
                 nursery.start_soon(self._maintenance)

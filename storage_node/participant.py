@@ -10,13 +10,26 @@ STAGE is refused), when each STAGED txid was last active (to drop abandoned ones
 is being prepared right now, and when to ask the coordinator about a PREPARED txid whose
 outcome hasn't arrived (after a restart at once; otherwise after `outcome_after` seconds).
 COMMITTED is final and needs no memory: the store answers for it.
+
+The participant is the only owner of the node's state rules: which stored states may take a
+chunk (STAGEABLE), be committed (COMMITTABLE) or be dropped (DROPPABLE; never COMMITTED). Its
+actions carry them, and the store only checks, inside its write transaction, that the blob is
+still in a state the action allows (the decision was taken on a read just before).
+
+Presumed abort of leftovers: a STAGED blob whose txid the coordinator no longer knows (not open,
+not being committed or repaired, no decision logged) can never commit. The node names its
+STAGED txids idle for `leftover_age` seconds (all of them, at once, after it learns that the
+coordinator restarted: a new incarnation) in its heartbeats, at most `leftover_batch` per beat;
+the txids the coordinator answers unknown are dropped right away (`on_presumed_aborted`),
+without waiting for `staged_timeout`. PREPARED blobs are asked about (OUTCOME) at once after a
+coordinator restart.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dfs.errors import Code, DfsError
 
@@ -26,6 +39,23 @@ class TxState(enum.StrEnum):
     PREPARED = "PREPARED"
     COMMITTED = "COMMITTED"
     ABORTED = "ABORTED"
+
+
+#: Stored states (None: no record yet) a chunk may be staged into: staging stops at PREPARED.
+STAGEABLE: frozenset[str | None] = frozenset({None, TxState.STAGED})
+#: Stored states a COMMIT moves to COMMITTED (a COMMITTED blob is acked again, unchanged).
+COMMITTABLE: frozenset[str | None] = frozenset({TxState.PREPARED})
+#: Stored states a drop may take. Never COMMITTED: only GC deletes a committed blob.
+DROPPABLE: frozenset[str | None] = frozenset({None, TxState.STAGED, TxState.PREPARED})
+#: A presumed-abort drop takes only a STAGED blob (a PREPARED one waits for OUTCOME).
+UNPREPARED: frozenset[str | None] = frozenset({None, TxState.STAGED})
+
+#: STAGED txids idle this long are named in heartbeats (seconds).
+LEFTOVER_AGE = 2.0
+#: At most this many txids per heartbeat.
+LEFTOVER_BATCH = 256
+#: Seconds before the same txid is named again.
+LEFTOVER_REASK = 1.0
 
 
 # ---------------------------------------------------------------- actions
@@ -49,9 +79,11 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class StoreChunk:
-    """Write the chunk (unforced), then report `on_staged`."""
+    """Write the chunk (unforced) while the blob is in one of `allowed`, then report
+    `on_staged`."""
 
     txid: int
+    allowed: frozenset[str | None] = field(default=STAGEABLE, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +95,19 @@ class ForcePrepared:
 
 @dataclass(frozen=True, slots=True)
 class ForceCommitted:
-    """Force COMMITTED, then report `on_committed` (and ack, if a COMMIT asked for it)."""
+    """Force COMMITTED (from a state in `allowed`), then report `on_committed` (and ack, if a
+    COMMIT asked for it)."""
 
     txid: int
+    allowed: frozenset[str | None] = field(default=COMMITTABLE, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """Delete the STAGED/PREPARED blob and its chunks (the store refuses COMMITTED ones)."""
+    """Delete the blob and its chunks if it is (still) in one of `allowed`."""
 
     txid: int
+    allowed: frozenset[str | None] = field(default=DROPPABLE, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +129,8 @@ class _Tx:
     preparing: bool = False
     next_ask: float = float("inf")
     retry: float = 0.0
+    suspect: bool = False  # STAGED before a coordinator restart: name it in the next beat
+    next_name: float = 0.0  # STAGED: not named in a heartbeat again before this
 
 
 class Participant:
@@ -106,13 +143,19 @@ class Participant:
         outcome_after: float = 10.0,
         outcome_retry_max: float = 10.0,
         remember_aborted: int = 100_000,
+        leftover_age: float = LEFTOVER_AGE,
+        leftover_batch: int = LEFTOVER_BATCH,
     ) -> None:
         self.staged_timeout = staged_timeout
         self.outcome_after = outcome_after
         self.outcome_retry_max = outcome_retry_max
         self.remember_aborted = remember_aborted
+        self.leftover_age = leftover_age
+        self.leftover_batch = leftover_batch
+        self.incarnation: int | None = None  # the coordinator's, as last heard
         self._txns: dict[int, _Tx] = {}
         self._aborted: OrderedDict[int, None] = OrderedDict()
+        self._named: dict[int, _Tx] = {}  # the last heartbeat's txids, as they were then
 
     # ------------------------------------------------------------ views
 
@@ -126,13 +169,26 @@ class Participant:
     def in_flight(self) -> dict[int, TxState]:
         return {txid: tx.state for txid, tx in self._txns.items()}
 
+    def idle(self, txid: int, now: float) -> float | None:
+        """Seconds since txid was last active here (STAGED: staged; PREPARED: prepared)."""
+        tx = self._txns.get(txid)
+        return None if tx is None else max(0.0, now - tx.active)
+
+    def cleanup_horizon(self, state: str, heartbeat: float) -> float:
+        """How long a leftover in `state` may be idle here, with the coordinator reachable,
+        before this participant has resolved it (the checker's "cleanup in progress")."""
+        if state == TxState.STAGED:
+            return self.leftover_age + LEFTOVER_REASK + 4 * heartbeat
+        return self.outcome_after + self.outcome_retry_max + 4 * heartbeat
+
     # ------------------------------------------------------------ restart
 
     def restore(self, txid: int, stored: str, created: float, now: float) -> None:
         """A blob found in the store at start: STAGED ages from `created`; PREPARED is asked
         about at once (rule 4)."""
         if stored == TxState.STAGED:
-            self._txns[txid] = _Tx(TxState.STAGED, active=created)
+            # Named at the first beat: the coordinator may have restarted meanwhile too.
+            self._txns[txid] = _Tx(TxState.STAGED, active=created, suspect=True)
         elif stored == TxState.PREPARED:
             self._txns[txid] = _Tx(TxState.PREPARED, active=now, next_ask=now, retry=0.5)
 
@@ -141,7 +197,7 @@ class Participant:
     def on_stage(self, txid: int, stored: str | None, now: float) -> StoreChunk | Refuse:
         if txid in self._aborted:
             return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
-        if stored in (TxState.PREPARED, TxState.COMMITTED):
+        if stored not in STAGEABLE:
             return Refuse(Code.CONFLICT, f"blob {txid} is {stored}; staging refused")
         tx = self._txns.get(txid)
         if tx is None:
@@ -192,7 +248,7 @@ class Participant:
     # ------------------------------------------------------------ COMMIT
 
     def on_commit(self, txid: int, stored: str | None) -> Reply | ForceCommitted | Refuse:
-        if stored == TxState.PREPARED:
+        if stored in COMMITTABLE:
             return ForceCommitted(txid)
         if stored == TxState.STAGED:
             return Refuse(Code.CONFLICT, f"blob {txid} is not prepared")
@@ -210,8 +266,8 @@ class Participant:
 
     def on_abort(self, txid: int, stored: str | None) -> Drop | Refuse:
         """Drop STAGED/PREPARED and remember the abort; never touch a COMMITTED blob."""
-        if stored == TxState.COMMITTED:
-            return Refuse(Code.CONFLICT, f"blob {txid} is committed; abort refused")
+        if stored not in DROPPABLE:
+            return Refuse(Code.CONFLICT, f"blob {txid} is {stored}; abort refused")
         self._forget_as_aborted(txid)
         return Drop(txid)
 
@@ -234,7 +290,7 @@ class Participant:
             if tx.state == TxState.STAGED:
                 if not tx.preparing and now - tx.active > self.staged_timeout:
                     self._forget_as_aborted(txid)
-                    actions.append(Drop(txid))
+                    actions.append(Drop(txid, UNPREPARED))
             elif now >= tx.next_ask:
                 tx.next_ask = float("inf")  # until the answer (or its failure) is reported
                 actions.append(AskOutcome(txid))
@@ -259,6 +315,48 @@ class Participant:
         if tx is not None and tx.state == TxState.PREPARED:
             tx.next_ask = now + tx.retry
             tx.retry = min(max(tx.retry, 0.25) * 2, self.outcome_retry_max)
+
+    # ------------------------------------------------------------ presumed abort of leftovers
+
+    def on_incarnation(self, incarnation: int, now: float) -> bool:
+        """The coordinator's incarnation, from a register or heartbeat reply. A new one (it
+        restarted, and forgot the transactions it had open): every STAGED txid is named in the
+        next beat and every PREPARED one asked about at once. True if it changed."""
+        if incarnation == self.incarnation:
+            return False
+        self.incarnation = incarnation
+        for tx in self._txns.values():
+            if tx.state == TxState.STAGED:
+                tx.suspect, tx.next_name = True, 0.0
+            elif tx.next_ask != float("inf"):  # not being asked right now
+                tx.next_ask, tx.retry = now, 0.5
+        return True
+
+    def leftovers_to_name(self, now: float) -> list[int]:
+        """STAGED txids for the next heartbeat (idle ones, or older than a coordinator
+        restart), at most leftover_batch; the answer goes to `on_presumed_aborted`."""
+        self._named = {}
+        for txid, tx in self._txns.items():
+            if len(self._named) >= self.leftover_batch:
+                break
+            if tx.state != TxState.STAGED or tx.preparing or now < tx.next_name:
+                continue
+            if tx.suspect or now - tx.active >= self.leftover_age:
+                tx.next_name = now + LEFTOVER_REASK
+                self._named[txid] = tx
+        return list(self._named)
+
+    def on_presumed_aborted(self, txid: int) -> Drop | None:
+        """The coordinator does not know txid (a heartbeat reply): presumed abort, drop it now.
+        Only the STAGED record that was named: one re-staged since (a repair's fetch starts
+        afresh) or being prepared is kept."""
+        tx = self._txns.get(txid)
+        if tx is None or tx is not self._named.get(txid) or tx.state != TxState.STAGED \
+                or tx.preparing:
+            return None
+        self._named.pop(txid, None)
+        self._forget_as_aborted(txid)
+        return Drop(txid, UNPREPARED)
 
     def _forget_as_aborted(self, txid: int) -> None:
         self._txns.pop(txid, None)

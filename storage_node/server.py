@@ -65,10 +65,12 @@ class NodeService(MaintenanceOps, Service):
         participant: Participant,
         *,
         clock: Callable[[], float] = runtime.wall,
+        heartbeat: float = 0.5,
     ) -> None:
         self.store = store
         self.participant = participant
         self.clock = clock
+        self.heartbeat = heartbeat  # seconds between beats: part of the cleanup horizon
         self._txn_locks = KeyedLocks()
 
     def _stored(self, txid: int) -> str | None:
@@ -88,9 +90,9 @@ class NodeService(MaintenanceOps, Service):
         action = self.participant.on_stage(txid, self._stored(txid), self.clock())
         if isinstance(action, Refuse):
             raise action.error()
-        await self.store.stage(txid, index, data)
-        if self.participant.on_staged(txid) is not None:
-            await self.drop(txid)
+        await self.store.stage(txid, index, data, allowed=action.allowed)
+        if (drop := self.participant.on_staged(txid)) is not None:
+            await self.drop(drop)
             raise DfsError(Code.CONFLICT, f"transaction {txid} was aborted")
         await failpoint("node.after_stage")
         return {}
@@ -125,7 +127,7 @@ class NodeService(MaintenanceOps, Service):
             if isinstance(action, Refuse):
                 raise action.error()
             if isinstance(action, ForceCommitted):
-                await self.store.commit(txid)
+                await self.store.commit(txid, allowed=action.allowed)
                 self.participant.on_committed(txid)
         await failpoint("node.before_commit_ack")
         return {}
@@ -136,7 +138,7 @@ class NodeService(MaintenanceOps, Service):
             action = self.participant.on_abort(txid, self._stored(txid))
             if isinstance(action, Refuse):
                 raise action.error()
-            await self.store.abort(txid)
+            await self.store.abort(txid, allowed=action.allowed)
         return {}
 
     # ------------------------------------------------------------ data and admin ops
@@ -150,10 +152,18 @@ class NodeService(MaintenanceOps, Service):
         return {"data": data, "digest": digest}
 
     async def op_stat(self, req: Request) -> dict[str, Any]:
+        """Each blob's record; a STAGED/PREPARED one also says how long it has been idle here
+        and the participant's cleanup horizon for it (docs/checker.md, cleanup in progress)."""
         out: dict[int, Any] = {}
+        now = self.clock()
         for blob in _blob_ids(req, "blobs"):
             info = self.store.stat(blob)
             out[blob] = info.to_wire() if info else None
+            if info is not None and info.state != BlobState.COMMITTED:
+                idle = self.participant.idle(blob, now)
+                out[blob]["idle_s"] = max(0.0, now - info.created) if idle is None else idle
+                out[blob]["horizon_s"] = self.participant.cleanup_horizon(
+                    info.state.value, self.heartbeat)
         return {"blobs": out}
 
     async def op_list(self, req: Request) -> dict[str, Any]:
@@ -191,24 +201,55 @@ class NodeService(MaintenanceOps, Service):
             log.info("recovery: %d prepared, %d staged blobs", prepared, len(pending) - prepared)
         return len(pending)
 
-    async def drop(self, txid: int) -> None:
-        """Carry out a participant's Drop (never drops a COMMITTED blob: the store refuses)."""
+    async def drop(self, action: Drop) -> None:
+        """Carry out a participant's Drop (only while the blob is in a state it allows)."""
         try:
-            async with self._txn_locks.hold(txid):
-                await self.store.abort(txid)
+            async with self._txn_locks.hold(action.txid):
+                await self.store.abort(action.txid, allowed=action.allowed)
         except DfsError as e:
-            log.warning("dropping blob %d: %s", txid, e)
+            log.warning("dropping blob %d: %s", action.txid, e)
+
+    # ------------------------------------------------------------ the coordinator's view
+
+    def leftovers_to_name(self) -> list[int]:
+        """STAGED txids to name in the next heartbeat (see Participant.leftovers_to_name)."""
+        return self.participant.leftovers_to_name(self.clock())
+
+    async def coordinator_seen(self, incarnation: Any, unknown: Any) -> bool:
+        """A register/heartbeat reply: the coordinator's incarnation, and which of the txids
+        named it does not know (presumed aborted: dropped now). True if it restarted."""
+        changed = False
+        if isinstance(incarnation, int) and not isinstance(incarnation, bool):
+            changed = self.participant.on_incarnation(incarnation, self.clock())
+            if changed:
+                log.info("coordinator incarnation %d: asking about leftovers", incarnation)
+        txids = unknown if isinstance(unknown, list) else []
+        for txid in txids[:MAX_IDS_PER_REQUEST]:
+            if not isinstance(txid, int) or isinstance(txid, bool):
+                continue
+            async with self._txn_locks.hold(txid):
+                action = self.participant.on_presumed_aborted(txid)
+                if action is None:
+                    continue
+                try:
+                    await self.store.abort(txid, allowed=action.allowed)
+                except DfsError as e:
+                    log.warning("dropping blob %d: %s", txid, e)
+                else:
+                    log.info("blob %d staged for a transaction the coordinator does not "
+                             "know: presumed aborted, dropped", txid)
+        return changed
 
     async def resolve(self, txid: int, outcome: str) -> None:
         """The coordinator told us txid's outcome; commit or drop as the participant says."""
         async with self._txn_locks.hold(txid):
             action = self.participant.on_outcome(txid, outcome, self.clock())
             if isinstance(action, ForceCommitted):
-                await self.store.commit(txid)
+                await self.store.commit(txid, allowed=action.allowed)
                 self.participant.on_committed(txid)
                 log.info("recovery: blob %d committed", txid)
             elif isinstance(action, Drop):
-                await self.store.abort(txid)
+                await self.store.abort(txid, allowed=action.allowed)
                 log.info("recovery: blob %d aborted, dropped", txid)
 
     async def maintain(self, ask_outcome: OutcomeAsker | None) -> None:
@@ -221,7 +262,7 @@ class NodeService(MaintenanceOps, Service):
         for action in self.participant.on_tick(self.clock()):
             if isinstance(action, Drop):
                 log.info("blob %d staged but idle too long: dropped", action.txid)
-                await self.drop(action.txid)
+                await self.drop(action)
             elif isinstance(action, AskOutcome):
                 txid = action.txid
                 if reachable and ask_outcome is not None:

@@ -3,6 +3,11 @@
 
 Every write goes through `Database.write` (the single group-committing writer task), so the
 store's write methods need `db.run_writer` running in the caller's nursery.
+
+The store does I/O and verification only. Which states may be staged into, committed or
+dropped is the participant's to decide (storage_node/participant.py); its actions name the
+states they allow (`allowed`, defaulting to the participant's own sets), and the store checks,
+inside the write transaction, that the blob is still in one of them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from storage_node.layout import (
     parse_chunk_key,
     unpack_info,
 )
+from storage_node.participant import COMMITTABLE, DROPPABLE, STAGEABLE
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +168,10 @@ class BlobStore:
 
     # ------------------------------------------------------------ writes
 
-    async def stage(self, blob: int, index: int, data: bytes) -> None:
-        """Store one chunk unforced. Re-staging identical bytes is a no-op; other bytes conflict."""
+    async def stage(self, blob: int, index: int, data: bytes, *,
+                    allowed: frozenset[str | None] = STAGEABLE) -> None:
+        """Store one chunk unforced while the blob is in one of `allowed`. Re-staging identical
+        bytes is a no-op; other bytes conflict (a staged chunk never changes)."""
         check_blob_id(blob)
         if not 0 <= index <= MAX_INDEX:
             raise DfsError(Code.EINVAL, f"chunk index {index} out of range")
@@ -177,11 +185,12 @@ class BlobStore:
 
         def fn(txn: lmdb.Transaction) -> None:
             raw = txn.get(bkey, db=self.db["blobs"])
+            state = None if raw is None else unpack_info(blob, raw).state.value
+            if state not in allowed:
+                raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; staging refused")
             if raw is None:
                 info = BlobInfo(blob, BlobState.STAGED, None, None, None, runtime.wall())
                 txn.put(bkey, pack_info(info), db=self.db["blobs"])
-            elif (state := unpack_info(blob, raw).state) != BlobState.STAGED:
-                raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; staging refused")
             value = chunk_digest(data) + data
             old = txn.get(ckey, db=self.db["chunks"])
             if old is None:
@@ -211,8 +220,6 @@ class BlobStore:
         info = self.stat(blob)
         if info is not None and info.state != BlobState.STAGED:
             return _same_content(info, size, checksum, nchunks)
-        if info is None and nchunks:
-            raise DfsError(Code.ENOENT, f"blob {blob}: nothing staged")
         if size <= INLINE_VERIFY_MAX:  # microseconds of hashing: cheaper than a thread hop
             created = self._verify(blob, size, checksum, nchunks)
         else:  # reading and hashing a large blob is long work: off the trio thread
@@ -275,32 +282,36 @@ class BlobStore:
                 raise DfsError(Code.CHECKSUM, f"blob {blob}: checksum mismatch")
         return created
 
-    async def commit(self, blob: int) -> BlobInfo:
-        """Force COMMITTED. Idempotent; a blob that was never prepared is CONFLICT."""
+    async def commit(self, blob: int, *,
+                     allowed: frozenset[str | None] = COMMITTABLE) -> BlobInfo:
+        """Force COMMITTED from a state in `allowed`; a COMMITTED blob is left as it is."""
 
         def fn(txn: lmdb.Transaction) -> BlobInfo:
             raw = txn.get(blob_key(blob), db=self.db["blobs"])
             if raw is None:
                 raise DfsError(Code.ENOENT, f"blob {blob} not here")
             info = unpack_info(blob, raw)
-            if info.state == BlobState.STAGED:
-                raise DfsError(Code.CONFLICT, f"blob {blob} is not prepared")
-            if info.state == BlobState.PREPARED:
-                info = BlobInfo(
-                    blob, BlobState.COMMITTED, info.size, info.checksum, info.nchunks, info.created
-                )
-                txn.put(blob_key(blob), pack_info(info), db=self.db["blobs"])
+            if info.state == BlobState.COMMITTED:
+                return info
+            if info.state.value not in allowed:
+                raise DfsError(Code.CONFLICT, f"blob {blob} is {info.state}, not prepared")
+            info = BlobInfo(
+                blob, BlobState.COMMITTED, info.size, info.checksum, info.nchunks, info.created
+            )
+            txn.put(blob_key(blob), pack_info(info), db=self.db["blobs"])
             return info
 
         return await self._write(fn, durable=True)
 
-    async def abort(self, blob: int) -> bool:
-        """Drop a STAGED or PREPARED blob (unforced: presumed abort). Never a COMMITTED one."""
+    async def abort(self, blob: int, *,
+                    allowed: frozenset[str | None] = DROPPABLE) -> bool:
+        """Drop a blob that is in one of `allowed` (unforced: presumed abort)."""
 
         def fn(txn: lmdb.Transaction) -> bool:
             raw = txn.get(blob_key(blob), db=self.db["blobs"])
-            if raw is not None and unpack_info(blob, raw).state == BlobState.COMMITTED:
-                raise DfsError(Code.CONFLICT, f"blob {blob} is committed; abort refused")
+            state = None if raw is None else unpack_info(blob, raw).state.value
+            if state not in allowed:
+                raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; abort refused")
             return self._drop(txn, blob)
 
         return await self._write(fn, durable=False)

@@ -62,7 +62,8 @@ def test_flipped_bytes_found_by_deep_check_and_repaired(cluster_factory) -> None
 def test_missing_replica_orphan_leftovers_and_namespace_damage_are_found_and_repaired(
     cluster_factory,
 ) -> None:
-    # --outcome-after 600: the PREPARED leftover must wait for the checker, not ask itself.
+    # --outcome-after 600: the PREPARED leftover is not asked about on a timer; the coordinator's
+    # restart below (a new incarnation) makes the node clean both leftovers itself.
     node_args = (*NODE_ARGS[:-4], "--outcome-after", "600", "--scrub-rate", "0")
     cluster = cluster_factory(node_args=node_args)
     files = put_files(cluster, 5, big=MiB)
@@ -98,13 +99,14 @@ def test_missing_replica_orphan_leftovers_and_namespace_damage_are_found_and_rep
     found = kinds(doc)
     assert ("missing_replica", "/f0", id2) in found
     assert ("orphan_blob", None, id1) in found
-    assert ("stale_prepared", None, id3) in found
-    assert ("stale_staged", None, id3) in found
+    # Leftovers of txids the restarted coordinator does not know: the node drops them itself
+    # (presumed abort); while it does they are cleanup in progress, never findings.
+    assert not {k for k, _, _ in found} & {"stale_prepared", "stale_staged"}
+    assert {c["blob"] for c in doc["cleanup_in_progress"]} <= {prepared, staged}
     assert ("dangling_entry", "/f1", None) in found
     assert ("unlinked_inode", None, None) in found
     blobs = {(f["kind"], f["node"], f["blob"]) for f in doc["findings"]}
-    assert {("orphan_blob", id1, orphan), ("stale_prepared", id3, prepared),
-            ("stale_staged", id3, staged)} <= blobs
+    assert ("orphan_blob", id1, orphan) in blobs
     assert {("orphan_blob", n, x["blob"]) for n in x["replicas"]} <= blobs, \
         "the blobs of a file whose inode vanished are orphans"
     assert [f["ino"] for f in doc["findings"] if f["kind"] == "unlinked_inode"] == [y["ino"]]

@@ -194,6 +194,59 @@ def test_outcome_after_resolution_is_ignored() -> None:
     assert p.on_outcome(1, "aborted", 1.0) is None  # a stale answer never drops a commit
 
 
+def test_leftovers_are_named_when_idle_and_dropped_when_unknown() -> None:
+    p = Participant(leftover_age=2.0)
+    p.on_stage(1, None, 0.0)
+    p.on_stage(2, None, 0.0)
+    p.incarnation = 7
+    assert p.leftovers_to_name(1.0) == []  # busy: not yet named
+    p.on_stage(2, STAGED, 1.5)
+    assert p.leftovers_to_name(2.5) == [1]
+    assert p.on_presumed_aborted(2) is None  # not named in that beat: kept
+    drop = p.on_presumed_aborted(1)
+    assert drop == Drop(1) and drop.allowed == frozenset({None, STAGED})
+    assert p.state(1) == TxState.ABORTED  # a late STAGE is refused
+    assert isinstance(p.on_stage(1, None, 3.0), Refuse)
+    assert p.state(2) == TxState.STAGED
+    assert p.leftovers_to_name(3.6) == [2]
+    assert p.leftovers_to_name(3.7) == []  # named once a second at most
+
+
+def test_a_coordinator_restart_names_every_staged_and_asks_every_prepared() -> None:
+    p = Participant(leftover_age=60.0, outcome_after=100.0)
+    prepared(p, 1)
+    p.on_stage(2, None, 0.0)
+    assert p.on_incarnation(1, 0.5)  # first heard: counts as a change
+    assert p.leftovers_to_name(0.5) == [2]
+    p.on_incarnation(1, 0.6)
+    assert not p.on_incarnation(1, 0.7)
+    assert p.on_incarnation(2, 1.0)  # restarted
+    assert p.on_tick(1.0) == [AskOutcome(1)]  # not after outcome_after: at once
+    assert p.leftovers_to_name(2.0) == [2]
+
+
+def test_presumed_abort_spares_a_re_staged_or_preparing_blob() -> None:
+    p = Participant(leftover_age=1.0)
+    p.on_stage(1, None, 0.0)
+    p.on_stage(2, None, 0.0)
+    assert p.leftovers_to_name(5.0) == [1, 2]
+    p.forget(1)  # a repair fetches blob 1 afresh meanwhile
+    p.on_stage(1, None, 5.1)
+    assert p.on_prepare(2, STAGED, 1) == ForcePrepared(2)  # a PREPARE raced the answer
+    assert p.on_presumed_aborted(1) is None and p.on_presumed_aborted(2) is None
+    assert p.state(1) == TxState.STAGED
+
+
+def test_actions_name_the_states_the_store_may_change() -> None:
+    p = Participant(staged_timeout=1.0)
+    assert p.on_stage(1, None, 0.0).allowed == frozenset({None, STAGED})
+    prepared(p, 2)
+    assert p.on_commit(2, PREPARED).allowed == frozenset({PREPARED})
+    assert COMMITTED not in p.on_abort(3, STAGED).allowed
+    (drop,) = p.on_tick(5.0)
+    assert drop == Drop(1) and PREPARED not in drop.allowed  # a timeout takes no PREPARED blob
+
+
 def test_aborted_memory_is_bounded() -> None:
     p = Participant(remember_aborted=100)
     for txid in range(1000):

@@ -223,14 +223,46 @@ class Collector:
             out.append(f)
         return out
 
-    async def confirm_blobs(self, candidates: list[Finding]) -> list[Finding]:
-        """Keep blobs the coordinator still calls unreferenced (not in flight, not listed)."""
+    async def confirm_blobs(self, candidates: list[Finding]
+                            ) -> tuple[list[Finding], list[Finding]]:
+        """Split blobs into those the coordinator still calls unreferenced (not in flight, not
+        listed) and those it has in flight; listed ones are dropped."""
         out: list[Finding] = []
+        inflight: list[Finding] = []
         for i in range(0, len(candidates), ID_BATCH):
             batch = candidates[i:i + ID_BATCH]
             refs = (await self.client.query(
                 "blob_refs", blobs=[[f.node, f.blob] for f in batch]))["refs"]
-            out.extend(f for f, ref in zip(batch, refs, strict=True) if ref == "unreferenced")
+            for f, ref in zip(batch, refs, strict=True):
+                if ref == "unreferenced":
+                    out.append(f)
+                elif ref == "inflight":
+                    inflight.append(f)
+        return out, inflight
+
+    async def leftover_ages(self, snapshot: Snapshot, leftovers: list[Finding]
+                            ) -> dict[tuple[int, int], dict[str, Any]]:
+        """Each STAGED/PREPARED leftover's record on its node, with how long it has been idle
+        there and the node's cleanup horizon for it (absent: gone meanwhile)."""
+        by_node: dict[int, list[int]] = defaultdict(list)
+        for f in leftovers:
+            if f.node is not None and f.blob is not None:
+                by_node[f.node].append(f.blob)
+        out: dict[tuple[int, int], dict[str, Any]] = {}
+
+        async def one(node: NodeView, blobs: list[int]) -> None:
+            try:
+                infos = await self.stat_copies(node, blobs)
+            except DfsError as e:
+                node.note = node.note or f"leftovers not stated: {e.msg}"
+                return
+            out.update(((node.id, b), info) for b, info in infos.items() if info is not None)
+
+        async with trio.open_nursery() as nursery:
+            for node_id, blobs in by_node.items():
+                node = snapshot.nodes.get(node_id)
+                if node is not None:
+                    nursery.start_soon(one, node, blobs)
         return out
 
     async def confirm_namespace(self, findings: list[Finding]) -> list[Finding]:

@@ -31,6 +31,8 @@ class Report:
     verified_bytes: int = 0
     nodes: list[dict[str, Any]] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    # STAGED/PREPARED leftovers being cleaned up by their node: info, not findings.
+    cleanup: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -50,7 +52,8 @@ class Report:
             "files": self.files, "replicas": self.replicas,
             "verified_bytes": self.verified_bytes, "nodes": self.nodes,
             "clean": self.clean, "ok": self.ok, "summary": scan.summary(self.findings),
-            "findings": [f.to_json() for f in self.findings], "notes": self.notes,
+            "findings": [f.to_json() for f in self.findings],
+            "cleanup_in_progress": self.cleanup, "notes": self.notes,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "elapsed_s": round(self.elapsed_s, 3),
         }
@@ -89,7 +92,15 @@ async def run_check(client: Client, *, path: str = "/", deep: bool = False,
         if candidates and trio.current_time() - meta_started > float(info["retention_s"]) / 2:
             candidates = await _recheck_references(collector, snapshot, candidates)
             report.notes.append("slow scan: unreferenced blobs checked against a second pass")
-        findings += await collector._timed("confirm", collector.confirm_blobs(candidates))
+        unreferenced, inflight = await collector._timed("confirm",
+                                                        collector.confirm_blobs(candidates))
+        leftovers = [f for f in unreferenced if f.kind in scan.LEFTOVER_KINDS]
+        ages = await collector._timed("confirm", collector.leftover_ages(snapshot, leftovers))
+        blob_findings, report.cleanup = scan.split_cleanup(unreferenced, inflight, ages)
+        findings += blob_findings
+        if report.cleanup:
+            report.notes.append(f"{len(report.cleanup)} STAGED/PREPARED leftovers are being "
+                                "cleaned up by their nodes (not findings; --json lists them)")
         ns = scan.check_namespace(snapshot.files, snapshot.entries)
         findings += await collector._timed("confirm", collector.confirm_namespace(ns))
     else:

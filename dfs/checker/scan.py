@@ -166,6 +166,45 @@ def unreferenced(snapshot: Snapshot) -> list[Finding]:
     return out
 
 
+LEFTOVER_KINDS = (Kind.STAGED, Kind.PREPARED)
+
+
+def split_cleanup(unreferenced: Iterable[Finding], inflight: Iterable[Finding],
+                  ages: Mapping[tuple[int, int], Mapping[str, Any]]
+                  ) -> tuple[list[Finding], list[dict[str, Any]]]:
+    """Real findings, and STAGED/PREPARED leftovers whose cleanup is in progress (info only):
+    those of a txid the coordinator has in flight, and those idle on their node for less than
+    the node's cleanup horizon (its participant resolves them in that time). A leftover gone
+    from its node meanwhile is neither."""
+    findings: list[Finding] = []
+    cleaning: list[dict[str, Any]] = []
+
+    def info(f: Finding, why: str, record: Mapping[str, Any] | None) -> dict[str, Any]:
+        record = record or {}
+        return {"kind": f.kind.value, "node": f.node, "blob": f.blob, "why": why,
+                "idle_s": record.get("idle_s"), "horizon_s": record.get("horizon_s")}
+
+    for f in inflight:
+        if f.kind in LEFTOVER_KINDS:
+            cleaning.append(info(f, "in flight at the coordinator", None))
+    for f in unreferenced:
+        if f.kind not in LEFTOVER_KINDS:
+            findings.append(f)
+            continue
+        record = ages.get((f.node or 0, f.blob or 0))
+        if record is None:
+            continue  # dropped meanwhile
+        idle, horizon = record.get("idle_s"), record.get("horizon_s")
+        if record.get("state") in (STAGED, PREPARED) and isinstance(idle, int | float) \
+                and isinstance(horizon, int | float) and idle < horizon:
+            cleaning.append(info(f, "younger than the node's cleanup horizon", record))
+        else:
+            if isinstance(idle, int | float):
+                f.detail += f"; idle {idle:.0f} s"
+            findings.append(f)
+    return findings, cleaning
+
+
 def check_namespace(files: Mapping[int, FileRow], entries: Iterable[tuple[int, bytes, int]]
                     ) -> list[Finding]:
     """Entries naming missing inodes (or sitting in a missing directory); inodes unnamed."""

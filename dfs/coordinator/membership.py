@@ -33,10 +33,17 @@ class Membership:
         self._was_live: set[int] = set()
         self._dirty: set[int] = set()
         self._rng = rng or random.Random()
+        self.incarnation = 0  # this start's number, sent in every register/heartbeat reply
 
     def load(self) -> None:
         db = self.store.db
         self.nodes = {r.id: r for r in db.read(self.store.nodes.all)}
+
+    async def start(self) -> None:
+        """Load the node table and count this start (forced before the first reply, so two
+        starts never share an incarnation)."""
+        self.load()
+        self.incarnation = await self.store.db.write(self.store.cluster.next_incarnation)
 
     # ------------------------------------------------------------ queries
 

@@ -31,6 +31,8 @@ from .rereplicate import ReReplicator
 log = logging.getLogger(__name__)
 
 BAD_REPORTS_KEPT = 1000
+#: At most this many STAGED txids judged per heartbeat (the node names up to 256).
+HEARTBEAT_STAGED_MAX = 1000
 
 
 class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
@@ -57,7 +59,7 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.store.db.run_writer)
-                self.membership.load()
+                await self.membership.start()
                 await nursery.start(self.driver.run)
                 nursery.start_soon(self.membership.run)
                 nursery.start_soon(self.gc.run)
@@ -113,12 +115,31 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         capacity, used = req.int("capacity", 0), req.int("used", 0)
         rpc.parse_address(address)
         record = await self.membership.register(node_id, address, capacity, used)
-        return {"node_id": record.id, "cluster": self.store.cluster_id}
+        return {"node_id": record.id, "cluster": self.store.cluster_id,
+                "incarnation": self.membership.incarnation}
 
     async def op_heartbeat(self, req: Request) -> Reply:
+        """Liveness and usage; the incarnation; which of the node's STAGED txids (`staged`)
+        this coordinator does not know: presumed aborted, the node drops them."""
+        staged = req.list("staged", [])
+        if len(staged) > HEARTBEAT_STAGED_MAX or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in staged):
+            raise DfsError(Code.BAD_REQUEST,
+                           f"heartbeat: staged must be up to {HEARTBEAT_STAGED_MAX} txids")
         self.membership.heartbeat(req.int("node_id"), req.int("capacity", 0),
                                   req.int("used", 0))
-        return {}
+        return {"incarnation": self.membership.incarnation, "unknown": self._unknown(staged)}
+
+    def _unknown(self, txids: list[int]) -> list[int]:
+        """Txids no open write, commit, repair or logged decision of this coordinator names."""
+        if not txids:
+            return []
+        driver, log_ = self.driver, self.store.txnlog
+        maybe = [t for t in txids if t not in driver.open and driver.protocol.phase(t) is None
+                 and t not in self.replicator.active]
+        logged = set(self.store.db.read(
+            lambda txn: [t for t in maybe if log_.get(txn, t) is not None]))
+        return [t for t in maybe if t not in logged]
 
     async def op_status(self, req: Request) -> Reply:
         store = self.store

@@ -1,4 +1,5 @@
-"""The `meta` sub-database: cluster identity, format version, R and the id counters.
+"""The `meta` sub-database: cluster identity, format version, R, the id counters and the
+coordinator's incarnation (starts counted).
 
 Counters (next ino, next node id, the txid high-water mark) live here so that every allocation
 is part of the same LMDB transaction as the record it allocates for.
@@ -25,6 +26,7 @@ NEXT_NODE_ID = b"next_node_id"
 TXID_HWM = b"txid_hwm"
 PURGED_HWM = b"purged_hwm"  # the highest txid whose ENDED record was ever purged
 BLOB_INDEX = b"blob_index"  # set once the `blobs` index covers every inode
+INCARNATION = b"incarnation"
 
 
 class ClusterMeta:
@@ -66,6 +68,13 @@ class ClusterMeta:
         self.put(txn, FORMAT, FORMAT_VERSION)
         self.put(txn, REPLICAS, replicas)
         return True
+
+    def next_incarnation(self, txn: lmdb.Transaction) -> int:
+        """Count one more start of the coordinator (1 at the first): nodes compare it across
+        heartbeats to learn that the coordinator restarted and forgot its open transactions."""
+        value = self.get(txn, INCARNATION, 0) + 1
+        self.put(txn, INCARNATION, value)
+        return value
 
     def cluster_id(self, txn: lmdb.Transaction) -> str:
         return self.get(txn, CLUSTER_ID)
