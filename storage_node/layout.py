@@ -11,6 +11,7 @@ and a migration.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ U64 = struct.Struct(">Q")
 META_NODE_ID = b"node_id"
 META_CLUSTER = b"cluster"
 META_FORMAT = b"format"
+META_TOKEN = b"token"  # random, made at creation: registration is idempotent by it
 
 
 class BlobState(enum.StrEnum):
@@ -119,3 +121,9 @@ def check_format(db: Database, readonly: bool) -> None:
             )
     elif not readonly:
         db.write_now(lambda txn: txn.put(META_FORMAT, _U32.pack(FORMAT_VERSION), db=db["meta"]))
+    if not readonly:
+        with db.env.begin() as txn:
+            has_token = txn.get(META_TOKEN, db=db["meta"]) is not None
+        if not has_token:
+            token = os.urandom(16)
+            db.write_now(lambda txn: txn.put(META_TOKEN, token, db=db["meta"]))

@@ -91,6 +91,7 @@ class CoordinatorLink:
         reply = await self.peer.call(
             "register",
             node_id=self.store.node_id,
+            token=self.store.token,
             address=self.advertise,
             capacity=self.store.capacity(),
             used=self.store.used(),

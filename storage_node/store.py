@@ -33,6 +33,7 @@ from storage_node.layout import (
     MAX_INDEX,
     META_CLUSTER,
     META_NODE_ID,
+    META_TOKEN,
     SUBDBS,
     U64,
     BlobInfo,
@@ -122,6 +123,13 @@ class BlobStore:
         raw_id, raw_cluster = self.db.read(fn)
         node_id = U64.unpack(raw_id)[0] if raw_id else 0
         return node_id, raw_cluster.decode() if raw_cluster else ""
+
+    @property
+    def token(self) -> str:
+        """This store's own random identity, made when it was created: a register whose reply
+        was lost is sent again with it, and the coordinator answers with the same id."""
+        raw = self.db.read(lambda txn: txn.get(META_TOKEN, db=self.db["meta"]))
+        return bytes(raw).hex() if raw else ""
 
     @property
     def node_id(self) -> int:

@@ -43,3 +43,17 @@ async def test_a_writer_asking_after_the_retention_hears_unknown_not_aborted(
             never = await driver.txids.allocate()  # above the mark: certainly no commit
             assert await client.outcome(never) == "aborted"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_register_sent_again_after_a_lost_reply_keeps_one_id(tmp_path: Path) -> None:
+    """A node whose first `register` reply was lost sent it again with node_id 0 and got a
+    second id; the ghost id stayed in the node table, was placed replicas while it looked up,
+    and kept GC entries nobody could deliver. The store's token makes the retry idempotent."""
+    async with running_coordinator(tmp_path / "coord") as coord:
+        fields = dict(node_id=0, address="127.0.0.1:9", capacity=1 << 30, used=0,
+                      token="ab" * 16)
+        first = await coord.call("register", **fields)
+        again = await coord.call("register", **fields)
+        other = await coord.call("register", **{**fields, "token": "cd" * 16})
+        assert again["node_id"] == first["node_id"] != other["node_id"]
+        assert len(coord.service.membership.nodes) == 2

@@ -98,11 +98,11 @@ class Membership:
 
     # ------------------------------------------------------------ changes
 
-    async def register(self, node_id: int, address: str, capacity: int, used: int
-                       ) -> NodeRecord:
+    async def register(self, node_id: int, address: str, capacity: int, used: int,
+                       token: str = "") -> NodeRecord:
         store = self.store
         record = await store.db.write(lambda txn: store.nodes.register(
-            txn, node_id, address, capacity, used, runtime.wall_ns()))
+            txn, node_id, address, capacity, used, runtime.wall_ns(), token))
         self.nodes[record.id] = record
         self._heard[record.id] = trio.current_time()
         log.info("node %d registered at %s", record.id, address)

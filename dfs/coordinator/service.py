@@ -113,8 +113,11 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
     async def op_register(self, req: Request) -> Reply:
         node_id, address = req.int("node_id", 0), req.str("address")
         capacity, used = req.int("capacity", 0), req.int("used", 0)
+        token = req.str("token", "")
+        if len(token) > 64:
+            raise DfsError(Code.BAD_REQUEST, "register: token longer than 64 characters")
         rpc.parse_address(address)
-        record = await self.membership.register(node_id, address, capacity, used)
+        record = await self.membership.register(node_id, address, capacity, used, token)
         return {"node_id": record.id, "cluster": self.store.cluster_id,
                 "incarnation": self.membership.incarnation}
 

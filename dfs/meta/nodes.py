@@ -35,6 +35,7 @@ class NodeRecord:
     capacity: int = 0
     used: int = 0
     last_seen_ns: int = 0
+    token: str = ""  # the node store's own random identity (storage_node/layout.py)
 
     def encode(self) -> bytes:
         record = asdict(self)
@@ -55,9 +56,16 @@ class NodeTable:
         self._meta = meta
 
     def register(self, txn: lmdb.Transaction, node_id: int, address: str, capacity: int,
-                 used: int, now_ns: int) -> NodeRecord:
+                 used: int, now_ns: int, token: str = "") -> NodeRecord:
         """A node (re)joins. Id 0 asks for a new id; a known id keeps it (its address may have
-        changed); an unknown non-zero id is adopted so a node outlives a lost node table."""
+        changed); an unknown non-zero id is adopted so a node outlives a lost node table.
+        Id 0 with a token already on record is a register whose reply was lost: the same id
+        again (without it, one node held two ids, and the ghost one got placements)."""
+        known = next((r for r in self.all(txn) if token and r.token == token), None)
+        if node_id == 0 and known is not None:
+            if known.state is NodeState.REMOVED:
+                raise DfsError(Code.EPERM, f"node {known.id} was removed from the cluster")
+            node_id = known.id
         if node_id == 0:
             node_id = self._meta.next_counter(txn, NEXT_NODE_ID, FIRST_NODE_ID)
             record = NodeRecord(node_id, address)
@@ -69,6 +77,7 @@ class NodeTable:
             if self._meta.get(txn, NEXT_NODE_ID, FIRST_NODE_ID) <= node_id:
                 self._meta.put(txn, NEXT_NODE_ID, node_id + 1)
         record.address = address
+        record.token = token or record.token
         record.capacity = capacity
         record.used = used
         record.last_seen_ns = now_ns
