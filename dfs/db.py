@@ -73,6 +73,9 @@ class _Request:
 class Database:
     """An LMDB environment with named sub-databases (DESIGN.md §3)."""
 
+    # False plants the simulator's bug "a decision readable before it is forced" (no pin).
+    hide_unforced: bool = True
+
     def __init__(
         self,
         path: Path | str,
@@ -189,7 +192,7 @@ class Database:
         Commit and flush are two worker calls: readers on the trio thread run between them
         and must see the pinned pre-batch snapshot, not the batch.
         """
-        pin = any(r.durable for r in batch)
+        pin = self.hide_unforced and any(r.durable for r in batch)
         while True:
             if pin:
                 self._pin()
@@ -220,7 +223,7 @@ class Database:
             self._window.notify_all()
         try:
             txn.abort()
-        except lmdb.Error:  # the environment was closed under a stopping writer
+        except lmdb.Error:  # the environment was closed (or crashed) under a stopping writer
             pass
 
     def _commit_batch(self, batch: list[_Request]) -> bool | None:
