@@ -99,16 +99,27 @@ class SteppedHost(runtime.Host):
         (await self._next.receive()).set()
 
 
+class InlineHost(runtime.Host):
+    """The simulator's way: worker calls run on the trio thread, after a checkpoint."""
+
+    async def in_thread(self, fn, *args):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+
 @pytest.fixture
 def disks():
+    """The simulated engine, with worker calls inline (the model is not thread-safe)."""
     disks = SimDisks()
     previous = install_environments(disks.open)
+    host = runtime.install(InlineHost())
     yield disks
+    runtime.install(host)
     install_environments(previous)
 
 
 @pytest.fixture
-def stepped():
+def stepped(disks):
     host = SteppedHost()
     previous = runtime.install(host)
     yield host

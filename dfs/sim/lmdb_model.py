@@ -144,6 +144,7 @@ class SimDisk:
             # Real LMDB with sync=True fdatasyncs each commit's pages, which also flushes the
             # previous commit's meta page; metasync=True flushes this commit's meta too.
             self.forced = max(self.forced, version if metasync else version - 1)
+            self.prune()
 
     def force(self) -> None:
         self.forced = self.version
