@@ -11,7 +11,8 @@ Power loss (issue 8 item 5). The environment is opened `sync=True, metasync=Fals
   `metasync=False` (MDB_NOMETASYNC) alone each commit fdatasyncs its data pages before writing
   its meta page, and "a system crash may undo the last committed transaction" while
   "database integrity" is kept (lmdb.h; py-lmdb `Environment` docs). So losing any unforced
-  write can undo transactions but never corrupt the environment.
+  write can undo transactions but never corrupt the environment. The price: every commit
+  fdatasyncs (a STAGE batch too) and a durable batch fdatasyncs twice.
 - A batch that holds a durable request is followed by `env.sync(True)`, which flushes its meta
   page: a durable write returns only once it survives power loss, as before.
 - Nothing a durable batch wrote is observable before that flush: before committing it the

@@ -8,7 +8,7 @@ then runs on a `SimEnvironment` instead of a real LMDB environment. What the mod
   only themselves; keys ordered bytewise; named sub-databases listed in the main database.
 - A disk per path that outlives the processes using it. `env.sync(True)` forces: everything
   committed so far survives a crash. `SimDisks.crash(path, rng)` is a power cut of that
-  machine: every commit after the last force is lost, or, given a `random.Random`, all but a
+  machine: every commit after the last force is lost, or, given a `random.Random`, a seeded
   random suffix of them (LMDB with `metasync=False` may keep some unforced commits). The next
   open of the path starts from what survived.
 - `SimDisks.set_full(path, True)`: a full disk; top-level commits then fail like LMDB's on
