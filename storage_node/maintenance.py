@@ -64,7 +64,7 @@ class Verdict:
 def verify_blob(store: BlobStore, blob: int) -> Verdict:
     """Re-hash every chunk of a prepared/committed blob against its digest and the whole blob
     against its recorded xxh3_128; names every bad chunk, not just the first. Blocking."""
-    with store.db.env.begin(buffers=True) as txn:
+    with store.db.snapshot(buffers=True) as txn:
         raw = txn.get(blob_key(blob), db=store.db["blobs"])
         if raw is None:
             return Verdict(blob, None, False, error="not on this node")

@@ -258,7 +258,7 @@ class BlobStore:
     def _verify(self, blob: int, size: int, checksum: bytes, nchunks: int) -> float | None:
         """Check chunk digests, sizes and the xxh3_128 of the whole blob in one snapshot."""
         prefix = blob_key(blob)
-        with self.db.env.begin(buffers=True) as txn:
+        with self.db.snapshot(buffers=True) as txn:
             raw = txn.get(prefix, db=self.db["blobs"])
             created = unpack_info(blob, bytes(raw)).created if raw is not None else None
             hasher = FileHasher()
@@ -384,7 +384,7 @@ class BlobStore:
         check_blob_id(blob)
         if not 0 <= index <= MAX_INDEX:
             raise DfsError(Code.EINVAL, f"chunk index {index} out of range")
-        with self.db.env.begin(buffers=True) as txn:
+        with self.db.snapshot(buffers=True) as txn:
             raw = txn.get(blob_key(blob), db=self.db["blobs"])
             if raw is None:
                 raise DfsError(Code.ENOENT, f"blob {blob} not here")

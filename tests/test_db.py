@@ -82,13 +82,16 @@ async def test_reopened_readonly_sees_committed_data(tmp_path: Path, nursery) ->
 class SteppedHost(runtime.Host):
     """Worker calls run inline on the trio thread, each only when the test lets it."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: bool = False) -> None:
         self.calls, self._next = trio.open_memory_channel[trio.Event](0)
+        self.threads = threads
 
     async def in_thread(self, fn, *args):
         go = trio.Event()
         await self.calls.send(go)
         await go.wait()
+        if self.threads:
+            return await trio.to_thread.run_sync(fn, *args)
         return fn(*args)
 
     async def step(self) -> None:
@@ -96,16 +99,27 @@ class SteppedHost(runtime.Host):
         (await self._next.receive()).set()
 
 
+class InlineHost(runtime.Host):
+    """The simulator's way: worker calls run on the trio thread, after a checkpoint."""
+
+    async def in_thread(self, fn, *args):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+
 @pytest.fixture
 def disks():
+    """The simulated engine, with worker calls inline (the model is not thread-safe)."""
     disks = SimDisks()
     previous = install_environments(disks.open)
+    host = runtime.install(InlineHost())
     yield disks
+    runtime.install(host)
     install_environments(previous)
 
 
 @pytest.fixture
-def stepped():
+def stepped(disks):
     host = SteppedHost()
     previous = runtime.install(host)
     yield host
@@ -171,6 +185,22 @@ async def test_a_durable_batch_is_invisible_until_flushed(
     assert get(db, b"k") == b"new"
 
 
+async def test_the_planted_bug_shows_a_write_before_its_flush(
+    disks: SimDisks, stepped: SteppedHost, nursery, monkeypatch
+) -> None:
+    """The simulator's planted bug (hide_unforced=False) is what the test above catches."""
+    monkeypatch.setattr(Database, "hide_unforced", False)
+    db = sim_db(disks)
+    db.write_now(lambda txn: txn.put(b"k", b"old", db=db["kv"]))
+    await nursery.start(db.run_writer)
+    nursery.start_soon(db.write, lambda txn: txn.put(b"k", b"new", db=db["kv"]))
+    await stepped.step()  # the commit
+    await trio.testing.wait_all_tasks_blocked()
+    assert get(db, b"k") == b"new"
+    assert disks.crash("/sim/node-1") == 1
+    assert get(sim_db(disks), b"k") == b"old", "what was read is gone after the power cut"
+
+
 async def test_disk_full_fails_the_batch_and_keeps_serving(disks: SimDisks, nursery) -> None:
     db = sim_db(disks)
     await nursery.start(db.run_writer)
@@ -180,3 +210,39 @@ async def test_disk_full_fails_the_batch_and_keeps_serving(disks: SimDisks, nurs
     disks.set_full("/sim/node-1", False)
     await db.write(lambda txn: txn.put(b"k", b"v", db=db["kv"]))
     assert get(db, b"k") == b"v"
+
+
+async def test_on_real_lmdb_readers_in_the_window_see_the_old_state(tmp_path: Path, nursery) -> None:
+    """Real threads: a trio-thread read uses the pin; a worker-thread read waits for the flush."""
+    host = SteppedHost(threads=True)
+    previous = runtime.install(host)
+    try:
+        db = Database(tmp_path / "env", ["kv"])
+        db.write_now(lambda txn: txn.put(b"k", b"old", db=db["kv"]))
+        await nursery.start(db.run_writer)
+        done = trio.Event()
+
+        async def write() -> None:
+            await db.write(lambda txn: txn.put(b"k", b"new", db=db["kv"]))
+            done.set()
+
+        worker_saw: list[bytes | None] = []
+
+        async def worker_read() -> None:
+            worker_saw.append(await trio.to_thread.run_sync(get, db, b"k"))
+
+        nursery.start_soon(write)
+        await host.step()  # the commit
+        await trio.testing.wait_all_tasks_blocked()
+        assert get(db, b"k") == b"old"
+        nursery.start_soon(worker_read)
+        await trio.sleep(0.2)
+        assert worker_saw == [], "a worker-thread read ran inside the window"
+        await host.step()  # the flush
+        await done.wait()
+        while not worker_saw:
+            await trio.sleep(0.01)
+        assert worker_saw == [b"new"] and get(db, b"k") == b"new"
+        db.close()
+    finally:
+        runtime.install(previous)

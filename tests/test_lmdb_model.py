@@ -215,3 +215,18 @@ def test_disk_full_fails_the_commit_and_writes_nothing() -> None:
         txn.put(b"k", b"v", db=db)
     with env.begin() as txn:
         assert txn.get(b"k", db=db) == b"v"
+
+
+def test_lmdb_mode_loses_at_most_the_last_commit() -> None:
+    """strict=False follows LMDB: with sync=True each commit forces the one before it."""
+    disks = SimDisks(strict=False)
+    env = disks.open("/sim/x", max_dbs=4, sync=True, metasync=False)
+    db = env.open_db(b"kv")
+    for i in range(3):
+        with env.begin(write=True) as txn:
+            txn.put(b"k%d" % i, b"v", db=db)
+    assert disks.unforced("/sim/x") == 1
+    assert disks.crash("/sim/x") == 1
+    env = disks.open("/sim/x", max_dbs=4)
+    with env.begin() as txn:
+        assert [bytes(k) for k, _ in txn.cursor(db=env.open_db(b"kv"))] == [b"k0", b"k1"]
