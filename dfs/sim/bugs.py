@@ -1,17 +1,92 @@
-"""Planted bugs: known-wrong versions of the real drivers, to prove the simulator finds them.
+"""Planted bugs: the real classes with one rule broken, swapped in for the length of a run.
 
-Each is the real class with one rule broken, swapped in for the length of a run, so what is
-proven is that the simulator would catch that bug in the code that runs, not in a model.
+What tests/test_simulation.py proves with them is that the simulator catches each bug in the
+code that runs (the real coordinator, node, machine and database), not in a model of it:
+- refused_commit_acked: a replica's refused COMMIT counts as its ack (rule 5 broken), so the
+  decision ends while that replica holds no committed copy;
+- outcome_forgets_repairs: OUTCOME consults only the log and the writes in flight, as it once
+  did, so a repair target whose blob's record was purged hears "aborted" and drops its copy;
+- vote_before_force: a node votes YES with PREPARED written but not forced (rule 2 broken);
+- decision_visible_unforced: a durable batch is readable before its fsync (issue 8 item 5).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
+from typing import Any
 
-_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {}
+from dfs.coordinator.commit import CommitDriver
+from dfs.db import Database
+from dfs.twopc import CommitProtocol, Phase
+from storage_node.store import BlobStore
 
-BUGS: tuple[str, ...] = ()
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    original = owner.__dict__[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _refused_commit_acked() -> contextlib.AbstractContextManager[None]:
+    def commit_refused(self: CommitProtocol, txid: int, node: int, code: Any,
+                       msg: str = "") -> list[Any]:
+        return CommitProtocol.commit_acked(self, txid, node)
+
+    return _patched(CommitProtocol, "commit_refused", commit_refused)
+
+
+def _outcome_forgets_repairs() -> contextlib.AbstractContextManager[None]:
+    def outcome(self: CommitDriver, txid: int, *, writer: bool = False) -> str:
+        if self.store.db.read(lambda t: self.store.txnlog.get(t, txid)) is not None:
+            return "committed"
+        if self.protocol.phase(txid) in (Phase.STAGING, Phase.PREPARING, Phase.DECIDING):
+            return "inflight"
+        return "aborted"
+
+    return _patched(CommitDriver, "outcome", outcome)
+
+
+_in_prepare: contextvars.ContextVar[bool] = contextvars.ContextVar("in_prepare", default=False)
+
+
+@contextlib.contextmanager
+def _vote_before_force() -> Iterator[None]:
+    write, prepare = BlobStore._write, BlobStore.prepare
+
+    async def unforced_write(self: BlobStore, fn: Callable[..., Any], *, durable: bool,
+                             need: int = 0) -> Any:
+        return await write(self, fn, durable=durable and not _in_prepare.get(), need=need)
+
+    async def unforced_prepare(self: BlobStore, *args: Any, **kwargs: Any) -> Any:
+        token = _in_prepare.set(True)
+        try:
+            return await prepare(self, *args, **kwargs)
+        finally:
+            _in_prepare.reset(token)
+
+    with _patched(BlobStore, "_write", unforced_write), \
+            _patched(BlobStore, "prepare", unforced_prepare):
+        yield
+
+
+def _decision_visible_unforced() -> contextlib.AbstractContextManager[None]:
+    return _patched(Database, "hide_unforced", False)
+
+
+_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "refused_commit_acked": _refused_commit_acked,
+    "outcome_forgets_repairs": _outcome_forgets_repairs,
+    "vote_before_force": _vote_before_force,
+    "decision_visible_unforced": _decision_visible_unforced,
+}
+
+BUGS: tuple[str, ...] = tuple(_BUGS)
 
 
 @contextlib.contextmanager
@@ -20,6 +95,6 @@ def planted(bug: str | None) -> Iterator[None]:
         yield
         return
     if bug not in _BUGS:
-        raise ValueError(f"unknown planted bug {bug!r} (known: {', '.join(sorted(_BUGS))})")
+        raise ValueError(f"unknown planted bug {bug!r} (known: {', '.join(BUGS)})")
     with _BUGS[bug]():
         yield
