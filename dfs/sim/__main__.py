@@ -32,8 +32,8 @@ def _one(args: tuple[int, float, str | None]) -> dict[str, Any]:
             "messages": result.messages, "history": result.history, "faults": result.faults}
 
 
-def _replay(seed: int, duration: float, bug: str | None, as_json: bool) -> int:
-    result = simulate(seed, duration=duration, bug=bug)
+def _replay(seed: int, duration: float, bug: str | None, as_json: bool, verbose: bool) -> int:
+    result = simulate(seed, duration=duration, bug=bug, verbose=verbose)
     if as_json:
         print(json.dumps({"seed": seed, "ok": result.ok, "violations": result.violations,
                           "history": result.history, "faults": result.faults,
@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
     parser.add_argument("--bug", choices=BUGS, help="plant a bug (to see the simulator find it)")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--verbose", action="store_true",
+                        help="with --seed: every request and reply in the trace")
     args = parser.parse_args(argv)
     if args.seed is not None:
-        return _replay(args.seed, args.duration, args.bug, args.json)
+        return _replay(args.seed, args.duration, args.bug, args.json, args.verbose)
     if not 1 <= args.jobs <= MAX_JOBS or args.seeds < 1:
         parser.error(f"--jobs must be 1..{MAX_JOBS} and --seeds at least 1")
 

@@ -57,9 +57,13 @@ class _BoundListener:
         self.socket = _Socket(host, port)
 
 
+TRACED_FIELDS = ("txid", "ino", "blob", "blobs", "node_id", "parent", "name", "index")
+
+
 class SimNetwork:
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, *, verbose: bool = False) -> None:
         self.world = world
+        self.verbose = verbose  # every request and its reply in the trace (a replay's --verbose)
         self._listeners: dict[str, _Listener] = {}
         self._ids = itertools.count(1)
         self.messages = 0
@@ -130,6 +134,8 @@ class SimNetwork:
             world.enter(dst)
             try:
                 answer.append(await rpc._answer(body, listener.service, src.name))
+                if self.verbose:
+                    self._trace(src, dst, body, answer[0])
             finally:
                 done.set()  # also when the incarnation is cancelled: the reply is lost
 
@@ -146,3 +152,14 @@ class SimNetwork:
         if src.up:
             reply.append(wire.decode(wire.encode(answer[0])[4:]))
             answered.set()
+
+    def _trace(self, src: SimProcess, dst: SimProcess, body: bytes, reply: dict[str, Any]
+               ) -> None:
+        msg = wire.decode(body)
+        fields = " ".join(f"{k}={msg[k]!r}" for k in TRACED_FIELDS if k in msg)
+        if reply.get("ok"):
+            outcome = "ok" + "".join(f" {k}={reply[k]!r}" for k in ("txid", "state", "node_id")
+                                     if k in reply)
+        else:
+            outcome = f"{reply.get('error')}: {reply.get('msg')}"
+        self.world.log(f"{src.name}->{dst.name} {msg.get('op')} {fields} -> {outcome}")

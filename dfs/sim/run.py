@@ -77,9 +77,11 @@ class _TraceHandler(logging.Handler):
 
 def simulate(seed: int, *, duration: float = 30.0, nodes: int = 4, replicas: int = 3,
              writers: int = 3, readers: int = 2, faults: Faults | None = None,
-             bug: str | None = None, timing: Timing | None = None) -> Result:
+             bug: str | None = None, timing: Timing | None = None,
+             verbose: bool = False) -> Result:
+    """One run; `verbose` puts every request and reply in the trace (for a replay)."""
     world = World(seed, faults or Faults())
-    with planted.planted(bug), _seams(world) as (network, disks):
+    with planted.planted(bug), _seams(world, verbose) as (network, disks):
         trio.run(_scenario, world, network, disks, duration, nodes, replicas, writers,
                  readers, timing or Timing(),
                  clock=trio.testing.MockClock(autojump_threshold=0))
@@ -90,13 +92,14 @@ def simulate(seed: int, *, duration: float = 30.0, nodes: int = 4, replicas: int
 class _seams:
     """Install the simulated host, network, disks and failpoint hook; put production back."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, verbose: bool) -> None:
         self.world = world
+        self.verbose = verbose
 
     def __enter__(self) -> tuple[SimNetwork, WorldDisks]:
         from dfs import db
 
-        self.network = SimNetwork(self.world)
+        self.network = SimNetwork(self.world, verbose=self.verbose)
         self.disks = WorldDisks(self.world.rng)
         self._host = runtime.install(SimHost())
         self._net = rpc.install_network(self.network)
