@@ -305,3 +305,25 @@ def test_sigterm_commits_open_files_and_unmounts(
         mount.stop()
     with mounted(shared_cluster, tmp_path / "again", name="mount-again") as again:
         assert (again / "held-open").read_bytes() == b"written, never closed"
+
+
+def test_bench_compares_the_mount_with_another_dir_and_names_it(
+        two_mounts: tuple[Mount, Mount], shared_cluster: Cluster, tmp_path: Path) -> None:
+    """`dfs bench --mount M --compare DIR` runs the same file benchmarks in DIR (a peer file
+    system's mount, or local disk) in the same run and names DIR, not "local disk"."""
+    import json
+
+    mount, _ = two_mounts
+    other = tmp_path / "peer-fs"
+    other.mkdir()
+    small = ("--size-mib", "1", "--small", "5", "--files", "5", "--listing", "10",
+             "--tar-files", "5")
+    table = shared_cluster.dfs("bench", "--mount", mount.path, "--compare", other, *small,
+                               env={"COLUMNS": "400"}, timeout=300)  # no folded headers
+    assert table.returncode == 0, table.stderr
+    assert str(other) in table.stdout.decode() and "local disk" not in table.stdout.decode()
+    doc = json.loads(shared_cluster.dfs("bench", "--mount", mount.path, "--compare", other,
+                                        *small, "--json", timeout=300).stdout)
+    assert doc["compare"]["dir"] == str(other)
+    names = [m["name"] for m in doc["mount"]]
+    assert names == [m["name"] for m in doc["compare"]["results"]] and set(doc["ratio"]) <= set(names)

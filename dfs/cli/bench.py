@@ -1,4 +1,5 @@
-"""`dfs bench`: measure a cluster through the client library, and a mount beside local disk."""
+"""`dfs bench`: measure a cluster through the client library, and a mount beside another
+directory (local disk, or a peer file system's mount such as GlusterFS) in the same run."""
 
 from __future__ import annotations
 
@@ -36,15 +37,16 @@ def _steps(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
         yield step
 
 
-def _table(title: str, rows: list[Measure], baseline: list[Measure] | None) -> Any:
+def _table(title: str, rows: list[Measure], baseline: list[Measure] | None,
+           baseline_name: str = "") -> Any:
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("what")
     table.add_column("dfs", justify="right")
     if baseline is not None:
-        table.add_column("local disk", justify="right")
-        table.add_column("ratio", justify="right")
+        table.add_column(baseline_name, justify="right")
+        table.add_column("dfs / it", justify="right")
     table.add_column("p50 / p99", justify="right")
     for i, m in enumerate(rows):
         cells = [m.name, f"{m.rate:,.1f} {m.unit}"]
@@ -75,7 +77,8 @@ async def bench(client: Any, args: argparse.Namespace) -> int:
             doc["mount"] = [m.to_json() for m in mount]
             if args.compare:
                 compare = await trio.to_thread.run_sync(lambda: fs.run(args.compare, **options))
-                doc["local"] = [m.to_json() for m in compare]
+                doc["compare"] = {"dir": str(args.compare),
+                                  "results": [m.to_json() for m in compare]}
                 doc["ratio"] = {m.name: round(m.rate / c.rate, 3)
                                 for m, c in zip(mount, compare, strict=True) if c.rate}
     if args.json:
@@ -83,7 +86,7 @@ async def bench(client: Any, args: argparse.Namespace) -> int:
         return 0
     show(_table("through the client library (R from the cluster)", lib, None))
     if mount is not None:
-        show(_table(f"through the mount at {args.mount}", mount, compare))
+        show(_table(f"through the mount at {args.mount}", mount, compare, str(args.compare)))
     return 0
 
 
@@ -93,7 +96,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                 subject="coordinator")
     p.add_argument("--mount", type=Path, metavar="DIR", help="also measure through this mount")
     p.add_argument("--compare", type=Path, metavar="DIR",
-                   help="with --mount: run the same file benchmarks here (e.g. local disk)")
+                   help="with --mount: run the same file benchmarks in DIR too, in the same run "
+                        "(a local-disk dir, or a GlusterFS or MooseFS mount), and show ratios")
     p.add_argument("--size-mib", type=int, default=256, help="big file size (default 256)")
     p.add_argument("--small", type=int, default=2000, help="4 KiB commits per writer count")
     p.add_argument("--files", type=int, default=1000, help="small files through the mount")
