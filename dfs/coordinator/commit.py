@@ -258,8 +258,14 @@ class CommitDriver(Delivery):
             await self.on_refused(node, txid, ino, reason)
 
     async def release(self, txid: int, node: int) -> None:
-        """The namespace no longer lists node for blob txid: a refused COMMIT is owed no more."""
-        await self._apply(self.protocol.release(txid, node))
+        """If the namespace no longer lists `node` for blob txid (a later decision superseded
+        the blob or dropped the copy), a COMMIT the node refused is owed no more."""
+        if node not in self.protocol.refused(txid):
+            return
+        inodes = self.store.namespace.inodes
+        inode = self.store.db.read(lambda t: inodes.current(t, txid))
+        if inode is None or node not in inode.replicas:
+            await self._apply(self.protocol.release(txid, node))
 
     # ------------------------------------------------------------ actions
 
