@@ -5,7 +5,9 @@ the actions it returns: PREPARE/COMMIT/ABORT RPCs to the replicas (concurrently,
 timeout), the forced decision write (the COMMITTED record and the inode switch in ONE
 `db.write`, so concurrent decisions share an fsync), the reply, and the lazy ENDED write.
 COMMIT delivery after the decision, redelivery until every replica acked (also after a
-restart), and aborting expired transactions live in `delivery.py`.
+restart), and aborting expired transactions live in `delivery.py`. Repairs are transactions of
+the same machine (`replicate.py` drives their events; `WriteRepairDecision` wakes the repair's
+task to write its decision, `MarkBad` queues the repair of a replica that refused COMMIT).
 """
 
 from __future__ import annotations
