@@ -319,3 +319,41 @@ def test_gc_queue_due_in_time_order_with_limit_postpone_and_remove(store: MetaSt
     assert gc.remove(gc.due(1000, 2)) == 2
     assert [e.blob for e in gc.due(1000, 10)] == [10]
     assert gc.count() == 1
+
+
+# ---------------------------------------------------------------- the blob index
+
+
+def test_blob_index_names_the_current_blob_and_is_built_for_old_metadata(
+        tmp_path: Path) -> None:
+    """OUTCOME, blob_refs and the GC ask the index whether a blob is current, long after its
+    txn record was purged; it follows install_version, truncate and unlink."""
+    store = open_store(tmp_path / "meta")
+    ns = Sync(store, store.namespace)
+    inodes = store.namespace.inodes
+
+    def current(blob: int) -> int | None:
+        inode = store.db.read(lambda t: inodes.current(t, blob))
+        return None if inode is None else inode.ino
+
+    f = ns.create(ROOT_INO, b"f", 0o644, 0, 0, NOW)["ino"]
+    g = ns.create(ROOT_INO, b"g", 0o644, 0, 0, NOW)["ino"]
+    for ino, blob in ((f, 7), (f, 8), (g, 9)):
+        ns.install_version(ino, blob, base_version=None, if_version=False, size=1,
+                           checksum=CK, replicas=[1], mtime_ns=None, now_ns=NOW)
+    assert (current(7), current(8), current(9)) == (None, f, g)
+    ns.setattr(g, {"size": 0}, NOW)
+    assert current(9) is None
+    ns.install_version(g, 10, base_version=None, if_version=False, size=1, checksum=CK,
+                       replicas=[1], mtime_ns=None, now_ns=NOW)
+    ns.unlink(ROOT_INO, b"g", NOW)
+    assert current(10) is None
+    # Metadata written before the index existed: the index is built at the next open.
+    store.db.write_now(lambda t: (t.drop(store.db["blobs"], delete=False),
+                                  t.delete(b"blob_index", db=store.db["meta"])))
+    assert current(8) is None
+    store.close()
+    store = open_store(tmp_path / "meta")
+    inodes = store.namespace.inodes
+    assert current(8) == f and current(10) is None
+    store.close()

@@ -3,6 +3,7 @@
 from dfs.errors import Code
 from dfs.twopc import (
     CommitProtocol,
+    MarkBad,
     Phase,
     ReplyError,
     ReplyOk,
@@ -11,6 +12,7 @@ from dfs.twopc import (
     SendPrepare,
     WriteDecision,
     WriteEnd,
+    WriteRepairDecision,
 )
 
 R = (1, 2, 3)
@@ -109,3 +111,115 @@ def test_recover_resends_commit_to_unacked_replicas_only() -> None:
     assert p.commit_acked(5, 1) == []
     assert p.commit_acked(5, 3) == [WriteEnd(5)]
     assert CommitProtocol().recover(6, R, acked=list(R)) == [WriteEnd(6)]
+
+
+# ---------------------------------------------------------------- rule 5: a refusal is no ack
+
+
+def test_refused_commit_is_not_an_ack_and_the_repair_decision_ends_it() -> None:
+    p = CommitProtocol()
+    p.recover(5, R)
+    assert p.commit_refused(5, 2, Code.CONFLICT, "aborted") == [
+        MarkBad(5, 2, "refused COMMIT: aborted")]
+    assert p.commit_refused(5, 2, Code.CONFLICT) == [], "marked bad once"
+    assert p.commit_retry(5) == [SendCommit(1, 5), SendCommit(3, 5)], "no COMMIT to it again"
+    assert p.commit_acked(5, 1) == [] and p.commit_acked(5, 3) == []
+    assert p.commit_acked(5, 2) == [], "a refused replica's stray ack is not its re-made copy's"
+    assert p.phase(5) is Phase.COMMITTING and p.unacked(5) == (2,), "the decision stays"
+    # The repair re-makes the copy in place: the decision re-lists it and it owes a new ack.
+    assert p.begin_repair(5, [2]) == []
+    assert p.repair_prepared(5, [2]) == [WriteRepairDecision(5, (2,))]
+    assert p.repair_decision_written(5, R) == [SendCommit(2, 5)]
+    assert p.refused(5) == ()
+    assert p.commit_acked(5, 2) == [WriteEnd(5)]
+
+
+def test_a_refused_replica_no_longer_listed_is_released() -> None:
+    p = CommitProtocol()
+    p.recover(5, R, acked=[1, 3])
+    p.commit_refused(5, 2, Code.ENOSPC)
+    assert p.release(5, 1) == [], "only a refused replica is released this way"
+    assert p.release(5, 2) == [WriteEnd(5)]
+
+
+def test_a_removed_node_owes_no_ack() -> None:
+    p = CommitProtocol()
+    p.recover(5, R, acked=[1])
+    p.recover(6, R, acked=[1, 2])
+    assert p.forget_node(3) == [WriteEnd(6)]
+    assert p.unacked(5) == (2,)
+
+
+# ---------------------------------------------------------------- the repair transaction
+
+
+def test_repair_of_a_blob_whose_record_is_gone_is_in_flight_then_committed() -> None:
+    p = CommitProtocol()
+    assert not p.is_in_flight(9) and not p.is_committed(9)
+    p.begin_repair(9, [4, 5], new=[4, 5])
+    assert p.is_in_flight(9), "OUTCOME: ask again later, never 'aborted'"
+    assert p.repair_prepared(9, [4]) == [SendAbort(5, 9), WriteRepairDecision(9, (4,))]
+    assert p.is_in_flight(9) and not p.is_committed(9)
+    assert p.repair_decision_written(9, [1, 2, 4]) == [SendCommit(4, 9)]
+    assert p.is_committed(9) and not p.is_in_flight(9), "OUTCOME: committed"
+    assert p.replicas(9) == (4,)
+    assert p.commit_acked(9, 4) == [WriteEnd(9)]
+    assert p.end_written(9) == [] and p.phase(9) is None
+
+
+def test_repair_with_no_good_copy_aborts_its_new_targets_and_is_gone() -> None:
+    p = CommitProtocol()
+    p.begin_repair(9, [2, 4], new=[4])
+    assert p.repair_prepared(9, [], []) == [SendAbort(4, 9)]
+    assert not p.is_in_flight(9)
+    p.begin_repair(9, [4], new=[4])
+    assert p.repair_abandoned(9) == [SendAbort(4, 9)]
+    assert not p.is_in_flight(9)
+
+
+def test_repair_merges_into_the_committing_entry_and_drops_replaced_replicas() -> None:
+    p = CommitProtocol()
+    p.recover(5, R, acked=[1])
+    p.begin_repair(5, [4], new=[4])
+    assert p.repair_prepared(5, [4]) == [WriteRepairDecision(5, (4,))]
+    # 2 acks while the repair decision is written: the record may not end meanwhile.
+    assert p.commit_acked(5, 2) == []
+    assert p.repair_decision_written(5, [1, 2, 4]) == [SendCommit(4, 5)]
+    assert p.replicas(5) == (1, 2, 4) and p.unacked(5) == (4,), "3 was replaced by 4"
+    assert p.commit_acked(5, 4) == [WriteEnd(5)]
+
+
+def test_acks_during_a_refused_repair_decision_end_the_record_afterwards() -> None:
+    p = CommitProtocol()
+    p.recover(5, R, acked=[1, 2])
+    p.begin_repair(5, [3, 4], new=[4])
+    p.repair_prepared(5, [3, 4])
+    assert p.commit_acked(5, 3) == [], "held back while the repair decision is written"
+    assert p.repair_decision_refused(5) == [SendAbort(3, 5), SendAbort(4, 5), WriteEnd(5)]
+
+
+def test_repair_decision_waits_while_the_blob_record_is_ending() -> None:
+    p = CommitProtocol()
+    p.recover(5, R, acked=[1, 2])
+    assert p.commit_acked(5, 3) == [WriteEnd(5)]
+    p.begin_repair(5, [3])
+    assert p.repair_prepared(5, [3]) == [], "not while the ENDED write is under way"
+    assert p.is_committed(5)
+    assert p.end_written(5) == [WriteRepairDecision(5, (3,))]
+    assert p.is_in_flight(5)
+    assert p.repair_decision_written(5, R) == [SendCommit(3, 5)]
+    assert p.phase(5) is Phase.COMMITTING and p.replicas(5) == (3,)
+
+
+def test_a_waiting_repair_can_be_abandoned_but_not_one_being_written() -> None:
+    p = CommitProtocol()
+    p.recover(5, R, acked=list(R))
+    p.begin_repair(5, [4], new=[4])
+    p.repair_prepared(5, [4])
+    assert p.repair_abandoned(5) == [SendAbort(4, 5)]
+    assert p.end_written(5) == [] and not p.is_in_flight(5)
+    q = CommitProtocol()
+    q.begin_repair(9, [4], new=[4])
+    q.repair_prepared(9, [4])
+    assert q.repair_abandoned(9) == [], "its decision write decides"
+    assert q.is_in_flight(9)

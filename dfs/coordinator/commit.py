@@ -5,7 +5,9 @@ the actions it returns: PREPARE/COMMIT/ABORT RPCs to the replicas (concurrently,
 timeout), the forced decision write (the COMMITTED record and the inode switch in ONE
 `db.write`, so concurrent decisions share an fsync), the reply, and the lazy ENDED write.
 COMMIT delivery after the decision, redelivery until every replica acked (also after a
-restart), and aborting expired transactions live in `delivery.py`.
+restart), and aborting expired transactions live in `delivery.py`. Repairs are transactions of
+the same machine (`replicate.py` drives their events; `WriteRepairDecision` wakes the repair's
+task to write its decision, `MarkBad` queues the repair of a replica that refused COMMIT).
 """
 
 from __future__ import annotations
@@ -267,8 +269,14 @@ class CommitDriver(Delivery):
             await self.on_refused(node, txid, ino, reason)
 
     async def release(self, txid: int, node: int) -> None:
-        """The namespace no longer lists node for blob txid: a refused COMMIT is owed no more."""
-        await self._apply(self.protocol.release(txid, node))
+        """If the namespace no longer lists `node` for blob txid (a later decision superseded
+        the blob or dropped the copy), a COMMIT the node refused is owed no more."""
+        if node not in self.protocol.refused(txid):
+            return
+        inodes = self.store.namespace.inodes
+        inode = self.store.db.read(lambda t: inodes.current(t, txid))
+        if inode is None or node not in inode.replicas:
+            await self._apply(self.protocol.release(txid, node))
 
     # ------------------------------------------------------------ actions
 

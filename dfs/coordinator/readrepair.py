@@ -146,6 +146,7 @@ class RepairWorker:
                 log.info("read repair: node %d's copy of ino %d: %s", e.node, e.ino,
                          result.status)
             await self.store.db.write(lambda t: queue.remove(t, e.node, e.blob), durable=False)
+            await self.replicator.driver.release(e.blob, e.node)  # if the file moved on
             return 1
         e.attempts += 1
         e.not_before_ns = runtime.wall_ns() + int(min(MAX_BACKOFF_S, 2.0 ** e.attempts) * 1e9)

@@ -173,30 +173,34 @@ class Replicator:
                         nursery.start_soon(self._copy_to, node, inode, sources, results,
                                            bad_sources)
                 await failpoint("repair.before_decision")
-            except BaseException:
-                with trio.CancelScope(shield=True):
+                ok = [t for t in targets if results.get(t) in ("staged", "have")]
+                errors = "; ".join(f"node {t}: {results[t]}" for t in targets if t not in ok)
+                await driver._apply(protocol.repair_prepared(
+                    blob, [t for t in ok if results[t] == "staged"],
+                    [t for t in ok if results[t] == "have"]))
+                if not ok:
+                    return FixResult(inode.ino, "failed", errors, plan.replicas,
+                                     sorted(bad_sources))
+                with trio.move_on_after(END_WAIT):
+                    await go.wait()  # at once, unless the blob's record is being ended
+                if not go.is_set():
                     await driver._apply(protocol.repair_abandoned(blob))
+                    return FixResult(inode.ino, "unavailable",
+                                     "the blob's record is still ending", plan.replicas)
+            except BaseException:
+                # Cancelled or failed before the decision write: the machine must not keep
+                # the blob in flight (nor hold its record's end) for a repair that is gone.
+                with trio.CancelScope(shield=True):
+                    await driver._apply(protocol.repair_decision_refused(blob) if go.is_set()
+                                        else protocol.repair_abandoned(blob))
                 raise
-            ok = [t for t in targets if results.get(t) in ("staged", "have")]
-            errors = "; ".join(f"node {t}: {results[t]}" for t in targets if t not in ok)
-            await driver._apply(protocol.repair_prepared(
-                blob, [t for t in ok if results[t] == "staged"],
-                [t for t in ok if results[t] == "have"]))
-            if not ok:
-                return FixResult(inode.ino, "failed", errors, plan.replicas,
-                                 sorted(bad_sources))
-            with trio.move_on_after(END_WAIT):
-                await go.wait()  # at once, unless the blob's record is being ended
-            if not go.is_set():
-                await driver._apply(protocol.repair_abandoned(blob))
-                return FixResult(inode.ino, "unavailable", "the blob's record is still ending",
-                                 plan.replicas)
             replicas = settle(plan, self.store.replicas, [t for t in new_nodes if t in ok])
             try:
                 with trio.CancelScope(shield=True):  # the machine must hear how it went
                     await self._decide(inode, plan, replicas, ok)
             except BaseException as e:
-                await driver._apply(protocol.repair_decision_refused(blob))
+                with trio.CancelScope(shield=True):  # it may end the blob's record (WriteEnd)
+                    await driver._apply(protocol.repair_decision_refused(blob))
                 if isinstance(e, DfsError) and e.code is Code.CONFLICT:
                     return FixResult(inode.ino, "moved_on", e.msg)
                 raise

@@ -2,9 +2,11 @@
 
 Key = not_before (ns, u64 BE) + node id + blob id: a cursor walk from the start finds the due
 entries in time order, and an entry is idempotent (deleting twice is harmless). The value is
-the inode the blob belonged to (u64 BE), or empty when unknown: the collector skips an entry
-whose inode lists that node for that blob again (a replica re-made on a node that had been
-dropped from the list must not be deleted by the old entry; docs/checker.md).
+the inode the blob belonged to (u64 BE), or empty when unknown. The collector does not trust
+it: it asks the `blobs` index which file's current blob it is, skips an entry whose file lists
+that node for that blob again (a replica re-made on a node that had been dropped from the list
+must not be deleted by the old entry) and delivers the others of current blobs under the
+file's repair lock (docs/coordinator.md).
 """
 
 from __future__ import annotations
