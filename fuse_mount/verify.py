@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 VERIFIED_KEPT = 100_000
 #: Chunks fetched at once while verifying one replica (the memory held: this many chunks).
 VERIFY_WINDOW = 4
+#: Failed verifications remembered for the readers that waited on them.
+FAILURES_KEPT = 1000
 #: The node of a version adopted from this host's own spool (verified locally, no replica).
 ADOPTED = -1
 
@@ -99,7 +101,8 @@ class Verifier:
         self._drop = drop  # forget a version's cached chunks (its replica proved bad)
         self._good: OrderedDict[Version, int] = OrderedDict()
         self._running: dict[Version, trio.Event] = {}
-        self._failed: dict[Version, DfsError] = {}
+        # Why the last verification of a version failed, for the readers that waited on it.
+        self._failed: OrderedDict[Version, DfsError] = OrderedDict()
 
     def trust(self, attr: Attr, node: int) -> None:
         self._good[(attr.ino, attr.version)] = node
@@ -138,12 +141,12 @@ class Verifier:
             return node
         except DfsError as e:
             self._failed[ident] = e
+            while len(self._failed) > FAILURES_KEPT:
+                self._failed.popitem(last=False)
             raise
         finally:
             del self._running[ident]
             event.set()
-            if not self._running:
-                self._failed.clear()
 
     async def _verify(self, attr: Attr) -> int:
         """Rounds over the replicas until one verifies whole; reported ones drop out."""
