@@ -23,6 +23,7 @@ from storage_node.layout import CHECKSUM_LEN, MAX_BLOB_ID, MAX_INDEX, BlobState
 from storage_node.maintenance import MaintenanceOps
 from storage_node.participant import (
     OUTCOMES,
+    SERVABLE,
     AskOutcome,
     Drop,
     ForceCommitted,
@@ -148,7 +149,7 @@ class NodeService(MaintenanceOps, Service):
         index = req.int("index")
         if index > MAX_INDEX:
             raise DfsError(Code.BAD_REQUEST, "read: index exceeds 32 bits")
-        data, digest = self.store.read_chunk(blob, index)
+        data, digest = self.store.read_chunk(blob, index, allowed=SERVABLE)
         return {"data": data, "digest": digest}
 
     async def op_stat(self, req: Request) -> dict[str, Any]:
