@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-from checker_helpers import COORDINATOR_ARGS, MiB, check, node_blobs
+from checker_helpers import COORDINATOR_ARGS, MiB, check, node_blobs, node_call
 
 from dfs.checker.findings import Finding, Kind
 
@@ -82,3 +82,15 @@ def test_the_checker_tells_cleanup_in_progress_from_a_real_leftover() -> None:
     assert findings == [old, orphan]
     assert {(c["blob"], c["why"]) for c in cleaning} == {
         (10, "younger than the node's cleanup horizon"), (14, "in flight at the coordinator")}
+
+
+def test_a_leftover_being_cleaned_is_not_a_finding(cluster_factory) -> None:
+    cluster = cluster_factory(node_args=NODE_ARGS, coordinator_args=COORDINATOR_ARGS)
+    txid = 10**9  # never allocated: the coordinator does not know it
+    node_call(cluster, "node-1", "stage", txid=txid, index=0, data=b"nobody's bytes")
+    status, doc = check(cluster)
+    assert status == 0, doc
+    listed = {c["blob"] for c in doc["cleanup_in_progress"]}
+    assert txid in listed or txid not in node_blobs(cluster, "node-1"), doc
+    cluster.wait_until(lambda: txid not in node_blobs(cluster, "node-1"), timeout=10,
+                       message="the node dropping the leftover itself")
