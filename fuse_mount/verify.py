@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 #: Versions whose verified replica is remembered (LRU); a forgotten one is verified again.
 VERIFIED_KEPT = 100_000
 #: Chunks fetched at once while verifying one replica (the memory held: this many chunks).
-VERIFY_WINDOW = 4
+VERIFY_WINDOW = 8
+#: Failed verifications remembered for the readers that waited on them.
+FAILURES_KEPT = 1000
 #: The node of a version adopted from this host's own spool (verified locally, no replica).
 ADOPTED = -1
 
@@ -99,7 +101,8 @@ class Verifier:
         self._drop = drop  # forget a version's cached chunks (its replica proved bad)
         self._good: OrderedDict[Version, int] = OrderedDict()
         self._running: dict[Version, trio.Event] = {}
-        self._failed: dict[Version, DfsError] = {}
+        # Why the last verification of a version failed, for the readers that waited on it.
+        self._failed: OrderedDict[Version, DfsError] = OrderedDict()
 
     def trust(self, attr: Attr, node: int) -> None:
         self._good[(attr.ino, attr.version)] = node
@@ -138,12 +141,12 @@ class Verifier:
             return node
         except DfsError as e:
             self._failed[ident] = e
+            while len(self._failed) > FAILURES_KEPT:
+                self._failed.popitem(last=False)
             raise
         finally:
             del self._running[ident]
             event.set()
-            if not self._running:
-                self._failed.clear()
 
     async def _verify(self, attr: Attr) -> int:
         """Rounds over the replicas until one verifies whole; reported ones drop out."""
@@ -187,26 +190,46 @@ class Verifier:
             delay = min(delay * 2, 1.0)
 
     async def _whole(self, attr: Attr, node: int) -> None:
-        """Fetch every chunk from `node` in windows, hash in order, cache; _Mismatch if the
-        whole file is not the committed version."""
+        """Fetch every chunk from `node`, VERIFY_WINDOW ahead of the one being hashed and
+        cached, in order; _Mismatch if the whole file is not the committed version."""
         hasher = FileHasher()
         total = nchunks(attr.size)
-        got: dict[int, bytes] = {}
+        ahead, in_order = trio.open_memory_channel[_Slot](VERIFY_WINDOW - 1)
 
-        async def one(index: int) -> None:
-            got[index] = await self.source.chunk(attr, index, node)
+        async def fetch(index: int, slot: _Slot) -> None:
+            slot.data = await self.source.chunk(attr, index, node)
+            slot.ready.set()
 
-        for start in range(0, total, VERIFY_WINDOW):
-            window = range(start, min(start + VERIFY_WINDOW, total))
-            async with task_group() as group:
-                for index in window:
-                    group.start_soon(one, index)
-            for index in window:
-                data = got.pop(index)
-                if len(data) != min(CHUNK_SIZE, attr.size - index * CHUNK_SIZE):
-                    raise _Mismatch(f"chunk {index} has the wrong length")
-                hasher.update(data)
-                await self._store(attr, index, data)
+        async with task_group() as group:
+
+            async def schedule() -> None:
+                async with ahead:
+                    for index in range(total):
+                        slot = _Slot(index)
+                        await ahead.send(slot)
+                        group.start_soon(fetch, index, slot)
+
+            async def consume() -> None:
+                async with in_order:
+                    async for slot in in_order:
+                        await slot.ready.wait()
+                        data, slot.data = slot.data, b""
+                        if len(data) != min(CHUNK_SIZE, attr.size - slot.index * CHUNK_SIZE):
+                            raise _Mismatch(f"chunk {slot.index} has the wrong length")
+                        hasher.update(data)
+                        await self._store(attr, slot.index, data)
+
+            group.start_soon(schedule)
+            group.start_soon(consume)
         if hasher.size != attr.size or (attr.checksum is not None
                                         and hasher.digest() != attr.checksum):
             raise _Mismatch(f"blob {attr.blob} fails its whole-file checksum")
+
+
+class _Slot:
+    """One chunk being fetched ahead of the hasher."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.ready = trio.Event()
+        self.data = b""

@@ -12,7 +12,8 @@ outcome hasn't arrived (after a restart at once; otherwise after `outcome_after`
 COMMITTED is final and needs no memory: the store answers for it.
 
 The participant is the only owner of the node's state rules: which stored states may take a
-chunk (STAGEABLE), be committed (COMMITTABLE) or be dropped (DROPPABLE; never COMMITTED). Its
+chunk (STAGEABLE), be committed (COMMITTABLE), be dropped (DROPPABLE; never COMMITTED) or be
+read (SERVABLE). Its
 actions carry them, and the store only checks, inside its write transaction, that the blob is
 still in a state the action allows (the decision was taken on a read just before).
 
@@ -47,6 +48,8 @@ STAGEABLE: frozenset[str | None] = frozenset({None, TxState.STAGED})
 COMMITTABLE: frozenset[str | None] = frozenset({TxState.PREPARED})
 #: Stored states a drop may take. Never COMMITTED: only GC deletes a committed blob.
 DROPPABLE: frozenset[str | None] = frozenset({None, TxState.STAGED, TxState.PREPARED})
+#: Stored states a reader may be served from (rule 6: PREPARED too; never STAGED).
+SERVABLE: frozenset[str | None] = frozenset({TxState.PREPARED, TxState.COMMITTED})
 #: A presumed-abort drop takes only a STAGED blob (a PREPARED one waits for OUTCOME).
 UNPREPARED: frozenset[str | None] = frozenset({None, TxState.STAGED})
 

@@ -1,10 +1,13 @@
 """The storage node's request handlers (docs/protocol.md, "Storage node ops").
 
 NodeService drives the sans-IO Participant: every control op reads the blob's stored state,
-asks the participant what to do, and carries the action out against the BlobStore. PREPARE,
+asks the participant what to do, and carries the action out against the BlobStore, passing
+the stored states the action allows (the store re-checks them inside its write). PREPARE,
 COMMIT, ABORT and the participant's own drops/outcome resolutions for one txid are
 serialized by a per-txid lock; STAGE is not (a client streams a blob's chunks in parallel) and
-is kept safe by the store instead (a staged chunk never changes; staging stops at PREPARED).
+is kept safe by that re-check (a staged chunk never changes; staging stops at PREPARED).
+It also carries the coordinator link's news to the participant: the coordinator's
+incarnation and the STAGED txids it does not know (`coordinator_seen`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from storage_node.layout import CHECKSUM_LEN, MAX_BLOB_ID, MAX_INDEX, BlobState
 from storage_node.maintenance import MaintenanceOps
 from storage_node.participant import (
     OUTCOMES,
+    SERVABLE,
     AskOutcome,
     Drop,
     ForceCommitted,
@@ -148,7 +152,7 @@ class NodeService(MaintenanceOps, Service):
         index = req.int("index")
         if index > MAX_INDEX:
             raise DfsError(Code.BAD_REQUEST, "read: index exceeds 32 bits")
-        data, digest = self.store.read_chunk(blob, index)
+        data, digest = self.store.read_chunk(blob, index, allowed=SERVABLE)
         return {"data": data, "digest": digest}
 
     async def op_stat(self, req: Request) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from storage_node.layout import (
     parse_chunk_key,
     unpack_info,
 )
-from storage_node.participant import COMMITTABLE, DROPPABLE, STAGEABLE
+from storage_node.participant import COMMITTABLE, DROPPABLE, SERVABLE, STAGEABLE
 
 log = logging.getLogger(__name__)
 
@@ -375,10 +375,11 @@ class BlobStore:
         raw = self.db.read(lambda txn: txn.get(blob_key(blob), db=self.db["blobs"]))
         return unpack_info(blob, raw) if raw is not None else None
 
-    def read_chunk(self, blob: int, index: int) -> tuple[bytes, bytes]:
-        """(data, digest) of a prepared or committed blob's chunk, verified.
+    def read_chunk(self, blob: int, index: int, *,
+                   allowed: frozenset[str | None] = SERVABLE) -> tuple[bytes, bytes]:
+        """(data, digest) of a chunk of a blob in a state of `allowed`, verified.
 
-        ENOENT: no such blob (deleted by GC: the client turns it into ESTALE) or not prepared;
+        ENOENT: no such blob (deleted by GC: the client turns it into ESTALE) or not servable;
         EINVAL: index out of range; CHECKSUM: the stored bytes don't match their digest.
         """
         check_blob_id(blob)
@@ -389,8 +390,8 @@ class BlobStore:
             if raw is None:
                 raise DfsError(Code.ENOENT, f"blob {blob} not here")
             info = unpack_info(blob, bytes(raw))
-            if info.state == BlobState.STAGED:
-                raise DfsError(Code.ENOENT, f"blob {blob} is not prepared")
+            if info.state.value not in allowed:
+                raise DfsError(Code.ENOENT, f"blob {blob} is {info.state}, not readable")
             if index >= (info.nchunks or 0):
                 raise DfsError(
                     Code.EINVAL, f"blob {blob} has {info.nchunks} chunks, not {index + 1}"

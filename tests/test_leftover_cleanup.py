@@ -7,9 +7,11 @@ progress from a real leftover (docs/checker.md)."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 
-from checker_helpers import COORDINATOR_ARGS, MiB, check, node_blobs
+from checker_helpers import COORDINATOR_ARGS, MiB, check, node_blobs, node_call
 
 from dfs.checker.findings import Finding, Kind
 
@@ -34,12 +36,36 @@ def test_staged_leftovers_of_a_crashed_coordinator_go_at_its_restart(cluster_fac
     assert all(left.values()), f"every replica holds the STAGED chunks: {left}"
 
     cluster.restart("coordinator", env={})
+    restarted = time.monotonic()
     cluster.wait_until(lambda: not any(staged(cluster).values()), timeout=5,
                        message="STAGED leftovers dropped after the coordinator restarted")
+    print(f"leftovers gone {time.monotonic() - restarted:.2f} s after the restart")
     put.join(timeout=60)
     status, doc = check(cluster, "--deep")
     assert status == 0, doc
     assert not doc["cleanup_in_progress"], doc
+
+
+def test_kill_9_of_the_coordinator_mid_write_leaves_nothing_behind(cluster_factory) -> None:
+    cluster = cluster_factory(node_args=NODE_ARGS, coordinator_args=COORDINATOR_ARGS)
+    data = os.urandom(40 * MiB)
+    put = threading.Thread(target=cluster.dfs, args=("put", "-", "/big"),
+                           kwargs={"input": data, "timeout": 90})
+    put.start()
+    cluster.wait_until(lambda: any(staged(cluster).values()), timeout=20, interval=0.02,
+                       message="the client staging its chunks")
+    cluster.kill("coordinator", signal.SIGKILL)
+    old = set().union(*staged(cluster).values())
+    cluster.restart("coordinator")
+    restarted = time.monotonic()
+    cluster.wait_until(lambda: not old & set().union(*staged(cluster).values()), timeout=5,
+                       message="the crashed coordinator's STAGED leftovers dropped")
+    print(f"leftovers gone {time.monotonic() - restarted:.2f} s after the restart")
+    put.join(timeout=90)  # the client may start over and finish with a new transaction
+    cluster.wait_until(lambda: not any(staged(cluster).values()), timeout=10,
+                       message="no STAGED blob left once the client is done")
+    status, doc = check(cluster, "--deep")
+    assert status == 0, doc
 
 
 def test_the_checker_tells_cleanup_in_progress_from_a_real_leftover() -> None:
@@ -56,3 +82,15 @@ def test_the_checker_tells_cleanup_in_progress_from_a_real_leftover() -> None:
     assert findings == [old, orphan]
     assert {(c["blob"], c["why"]) for c in cleaning} == {
         (10, "younger than the node's cleanup horizon"), (14, "in flight at the coordinator")}
+
+
+def test_a_leftover_being_cleaned_is_not_a_finding(cluster_factory) -> None:
+    cluster = cluster_factory(node_args=NODE_ARGS, coordinator_args=COORDINATOR_ARGS)
+    txid = 10**9  # never allocated: the coordinator does not know it
+    node_call(cluster, "node-1", "stage", txid=txid, index=0, data=b"nobody's bytes")
+    status, doc = check(cluster)
+    assert status == 0, doc
+    listed = {c["blob"] for c in doc["cleanup_in_progress"]}
+    assert txid in listed or txid not in node_blobs(cluster, "node-1"), doc
+    cluster.wait_until(lambda: txid not in node_blobs(cluster, "node-1"), timeout=10,
+                       message="the node dropping the leftover itself")

@@ -129,20 +129,31 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
                 isinstance(t, int) and not isinstance(t, bool) for t in staged):
             raise DfsError(Code.BAD_REQUEST,
                            f"heartbeat: staged must be up to {HEARTBEAT_STAGED_MAX} txids")
-        self.membership.heartbeat(req.int("node_id"), req.int("capacity", 0),
-                                  req.int("used", 0))
-        return {"incarnation": self.membership.incarnation, "unknown": self._unknown(staged)}
+        node_id = req.int("node_id")
+        self.membership.heartbeat(node_id, req.int("capacity", 0), req.int("used", 0))
+        return {"incarnation": self.membership.incarnation,
+                "unknown": self._unknown(node_id, staged)}
 
-    def _unknown(self, txids: list[int]) -> list[int]:
-        """Txids no open write, commit, repair or logged decision of this coordinator names."""
+    def _unknown(self, node: int, txids: list[int]) -> list[int]:
+        """Txids no open write, commit or repair of this coordinator names, and no logged
+        decision names for `node` (a STAGED copy of a committed blob elsewhere is a failed
+        repair's leftover)."""
         if not txids:
             return []
         driver, log_ = self.driver, self.store.txnlog
         maybe = [t for t in txids if t not in driver.open and driver.protocol.phase(t) is None
                  and t not in self.replicator.active]
-        logged = set(self.store.db.read(
-            lambda txn: [t for t in maybe if log_.get(txn, t) is not None]))
-        return [t for t in maybe if t not in logged]
+
+        def logged(txn: Any) -> set[int]:
+            out = set()
+            for t in maybe:
+                record = log_.get(txn, t)
+                if record is not None and node in record.replicas:
+                    out.add(t)
+            return out
+
+        known = self.store.db.read(logged)
+        return [t for t in maybe if t not in known]
 
     async def op_status(self, req: Request) -> Reply:
         store = self.store
