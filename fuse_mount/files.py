@@ -8,6 +8,7 @@ one handle's reads from pages another handle filled.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -124,8 +125,15 @@ class FilesMixin:
             handle.fsetid = privs.has_fsetid(*handle.opener)
         if handle.fsetid:
             return
-        self.table.update(
-            await self.remote.call(self.client.setattr, handle.ino, kill_suid=True))
+        try:
+            attr = await self.remote.call(self.client.setattr, handle.ino, kill_suid=True)
+        except DfsError as e:
+            node = self.table.get(handle.ino)
+            if e.code is not Code.ENOENT or node is None:
+                raise
+            # Its last name is gone while open: only this host's fstat can still see the mode.
+            attr = dataclasses.replace(node.attr, mode=privs.dropped(node.attr.mode))
+        self.table.update(attr)
 
     async def _commit(self, handle: FileHandle) -> None:
         try:

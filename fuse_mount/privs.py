@@ -17,12 +17,18 @@ import stat
 CAP_FSETID = 4
 
 
+def dropped(mode: int) -> int:
+    """mode after an unprivileged write: the rule `setattr kill_suid` applies on the
+    coordinator (dfs/meta/attrs.py), for a file the coordinator no longer has."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 def would_drop(mode: int) -> bool:
     """Whether an unprivileged write changes this mode (only regular files lose bits)."""
-    if not stat.S_ISREG(mode):
-        return False
-    sgid_exec = stat.S_ISGID | stat.S_IXGRP
-    return bool(mode & stat.S_ISUID) or mode & sgid_exec == sgid_exec
+    return stat.S_ISREG(mode) and dropped(mode) != mode
 
 
 def has_fsetid(pid: int, uid: int) -> bool:

@@ -253,10 +253,13 @@ for name, op in (
     ("o_trunc", lambda p: open(p, "w").close()),
     ("open-no-write", lambda p: open(p, "r+").close()),
     ("chown", lambda p: os.chown(p, 1000, 1000)),
+    ("write-unlinked", lambda p: [(os.unlink(p), os.write(fd, b"x"), os.fstat(fd))[2:]
+                                  for fd in [os.open(p, os.O_WRONLY)]][0]),
 ):
     try:
-        op(name)
-        out.append(oct(os.stat(name).st_mode))
+        fstat = op(name)  # a tuple holding the fstat of an unlinked file, else anything
+        st = fstat[0] if isinstance(fstat, tuple) else os.stat(name)
+        out.append(oct(st.st_mode))
     except OSError as e:
         out.append(errno.errorcode[e.errno])
 print(" ".join(out))
@@ -265,6 +268,7 @@ SETID_FILES = {  # name: (mode, owner)
     "write": (0o6755, 1000), "write-sgid-noexec": (0o6745, 1000), "write-other": (0o6777, 0),
     "pwrite-twice": (0o4755, 1000), "truncate": (0o6755, 1000), "ftruncate": (0o2775, 1000),
     "o_trunc": (0o6755, 1000), "open-no-write": (0o6755, 1000), "chown": (0o6755, 1000),
+    "write-unlinked": (0o6755, 1000),
 }
 
 
