@@ -253,38 +253,40 @@ for name, op in (
     ("o_trunc", lambda p: open(p, "w").close()),
     ("open-no-write", lambda p: open(p, "r+").close()),
     ("chown", lambda p: os.chown(p, 1000, 1000)),
+    ("chmod-sgid-outside-group", lambda p: os.chmod(p, 0o2755)),
     ("write-unlinked", lambda p: [(os.unlink(p), os.write(fd, b"x"), os.fstat(fd))[2:]
                                   for fd in [os.open(p, os.O_WRONLY)]][0]),
 ):
     try:
         fstat = op(name)  # a tuple holding the fstat of an unlinked file, else anything
         st = fstat[0] if isinstance(fstat, tuple) else os.stat(name)
-        out.append(oct(st.st_mode))
+        out.append(name + "=" + oct(st.st_mode))
     except OSError as e:
-        out.append(errno.errorcode[e.errno])
+        out.append(name + "=" + errno.errorcode[e.errno])
 print(" ".join(out))
 """
-SETID_FILES = {  # name: (mode, owner)
+SETID_FILES: dict[str, tuple[int, int | tuple[int, int]]] = {  # name: (mode, uid or (uid, gid))
     "write": (0o6755, 1000), "write-sgid-noexec": (0o6745, 1000), "write-other": (0o6777, 0),
     "pwrite-twice": (0o4755, 1000), "truncate": (0o6755, 1000), "ftruncate": (0o2775, 1000),
     "o_trunc": (0o6755, 1000), "open-no-write": (0o6755, 1000), "chown": (0o6755, 1000),
-    "write-unlinked": (0o6755, 1000),
+    "write-unlinked": (0o6755, 1000), "chmod-sgid-outside-group": (0o0755, (1000, 0)),
 }
 
 
-def setid_as_user(root: Path) -> list[str]:
+def setid_as_user(root: Path) -> dict[str, str]:
     root.mkdir()
     os.chmod(root, 0o777)
     for name, (mode, owner) in SETID_FILES.items():
         (root / name).write_text("hello")
-        os.chown(root / name, owner, owner)
+        uid, gid = owner if isinstance(owner, tuple) else (owner, owner)
+        os.chown(root / name, uid, gid)
         os.chmod(root / name, mode)
     result = subprocess.run(
         ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-c",
          SETID_SCRIPT], capture_output=True, text=True, timeout=60, cwd=root,
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout.split()
+    return dict(item.split("=") for item in result.stdout.split())
 
 
 def setid_as_root(d: Path) -> object:
@@ -306,8 +308,9 @@ def test_unprivileged_writes_drop_set_id_bits_like_local_disk(mnt: Mount, tmp_pa
                                                               ) -> None:
     there = setid_as_user(mnt / f"setid-{tmp_path.name}")
     here = setid_as_user(tmp_path / "setid")
-    assert dict(zip(SETID_FILES, there, strict=True)) == dict(zip(SETID_FILES, here, strict=True))
-    assert here[0] == oct(stat.S_IFREG | 0o755)  # the rule really was exercised
+    assert there == here
+    assert set(here) == set(SETID_FILES)
+    assert here["write"] == here["chmod-sgid-outside-group"] == oct(stat.S_IFREG | 0o755)
 
 
 @needs_root
