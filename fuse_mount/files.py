@@ -8,6 +8,7 @@ one handle's reads from pages another handle filled.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -21,6 +22,7 @@ import pyfuse3
 from dfs.client import Client
 from dfs.client.attr import Attr
 from dfs.errors import Code, DfsError
+from fuse_mount import privs
 from fuse_mount.cache import ReadCache
 from fuse_mount.handler import check_name, handler
 from fuse_mount.handles import FileHandle, Services
@@ -73,7 +75,9 @@ class FilesMixin:
         if node is not None and node.presented is not None and node.presented != attr.version:
             self.invalidate_later(inode)  # the kernel's size and mtime are another version's
         handle = self._new_handle(inode, flags, attr)
+        handle.opener = (ctx.pid, ctx.uid)
         if flags & os.O_TRUNC and handle.writable:
+            await self._drop_privs(handle)
             await handle.truncate(0)
         return self._file_info(handle)
 
@@ -89,6 +93,7 @@ class FilesMixin:
         )
         attr = await self._made(parent_inode, name, make)
         handle = self._new_handle(attr.ino, flags, attr)
+        handle.opener = (ctx.pid, ctx.uid)
         if flags & os.O_TRUNC and handle.writable and attr.size:
             await handle.truncate(0)
         return self._file_info(handle), self.table.looked_up(attr)
@@ -105,7 +110,30 @@ class FilesMixin:
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._handle(fh).write(off, buf)
+        handle = self._handle(fh)
+        await self._drop_privs(handle)
+        return await handle.write(off, buf)
+
+    async def _drop_privs(self, handle: FileHandle) -> None:
+        """Drop the file's set-ID bits before a write or O_TRUNC by an unprivileged opener,
+        as a local file system does (privs.py). A check of the known mode when none are set."""
+        node = self.table.get(handle.ino)
+        mode = node.attr.mode if node is not None else handle.base.mode
+        if not privs.would_drop(mode):
+            return
+        if handle.fsetid is None:
+            handle.fsetid = privs.has_fsetid(*handle.opener)
+        if handle.fsetid:
+            return
+        try:
+            attr = await self.remote.call(self.client.setattr, handle.ino, kill_suid=True)
+        except DfsError as e:
+            node = self.table.get(handle.ino)
+            if e.code is not Code.ENOENT or node is None:
+                raise
+            # Its last name is gone while open: only this host's fstat can still see the mode.
+            attr = dataclasses.replace(node.attr, mode=privs.dropped(node.attr.mode))
+        self.table.update(attr)
 
     async def _commit(self, handle: FileHandle) -> None:
         try:

@@ -72,6 +72,10 @@ class FileHandle:
         self.mtime_ns: int | None = None
         self.kept: Attr | None = None
         self.orphaned = False  # its last name was removed while open
+        # Who opened it (pid, uid), and whether that process may keep set-ID bits: asked
+        # only when a write would otherwise drop them (fuse_mount/privs.py).
+        self.opener = (0, 0)
+        self.fsetid: bool | None = None
         self.read_state = ReadState()
         self._s = services
         self._spool_lock = trio.Lock()

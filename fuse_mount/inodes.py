@@ -151,7 +151,7 @@ class InodeTable:
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
         e.st_gid = attr.gid
-        e.st_rdev = 0
+        e.st_rdev = attr.rdev
         size = len(attr.target) if attr.target is not None and attr.is_symlink() else attr.size
         e.st_size = size
         e.st_blksize = BLKSIZE

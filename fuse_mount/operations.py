@@ -257,13 +257,19 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)  # no device, FIFO or socket nodes in dfs
+        """A regular file, or a FIFO, socket (bind) or device node: metadata only, the kernel
+        opens those itself and their data never reaches dfs."""
         check_name(name)
         mode, gid = self._owner(parent_inode, mode, ctx)
-        make = self.remote.call(
-            self.client.create, parent_inode, name, mode, ctx.uid, gid, done_if=Code.EEXIST
-        )
+        if stat.S_ISREG(mode):
+            make = self.remote.call(
+                self.client.create, parent_inode, name, mode, ctx.uid, gid, done_if=Code.EEXIST
+            )
+        else:
+            make = self.remote.call(
+                self.client.mknod, parent_inode, name, mode, ctx.uid, gid, rdev,
+                done_if=Code.EEXIST,
+            )
         return self.table.looked_up(await self._made(parent_inode, name, make))
 
     @handler

@@ -88,11 +88,18 @@ async def ls(client: Client, args: argparse.Namespace) -> int:
         if a.is_symlink() and a.target is not None:
             shown += " -> " + os.fsdecode(a.target)
         table.add_row(
-            stat.filemode(a.mode), str(a.nlink), str(a.uid), str(a.gid), str(a.size),
+            stat.filemode(a.mode), str(a.nlink), str(a.uid), str(a.gid), _size_column(a),
             f"v{a.version}", _mtime(a.mtime_ns), Text(shown),
         )
     show(table)
     return 0
+
+
+def _size_column(attr: Attr) -> str:
+    """The size, or for a device its number as `ls -l` shows it ("major, minor")."""
+    if stat.S_ISCHR(attr.mode) or stat.S_ISBLK(attr.mode):
+        return f"{os.major(attr.rdev)}, {os.minor(attr.rdev)}"
+    return str(attr.size)
 
 
 async def stat_(client: Client, args: argparse.Namespace) -> int:
@@ -126,6 +133,9 @@ async def _readable(client: Client, path: str) -> Attr:
     attr = await client.resolve(cluster_path(path))
     if attr.is_dir():
         raise DfsError(Code.EISDIR, f"{path} is a directory")
+    if attr.is_special():
+        raise DfsError(Code.EINVAL, f"{path} is a {attr.kind}: its data never passes "
+                                    "through dfs, only a mount's kernel serves it")
     return attr
 
 

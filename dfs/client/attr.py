@@ -8,6 +8,12 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
+_KINDS = {
+    stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket", stat.S_IFCHR: "char-device", stat.S_IFBLK: "block-device",
+}
+_SPECIAL = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
+
 
 @dataclass(frozen=True, slots=True)
 class Attr:
@@ -28,6 +34,7 @@ class Attr:
     replicas: tuple[int, ...] = field(default_factory=tuple)
     target: bytes | None = None
     generation: int = 0
+    rdev: int = 0
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Attr:
@@ -47,16 +54,15 @@ class Attr:
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
 
+    def is_special(self) -> bool:
+        """A FIFO, device or socket: metadata only, its data never passes through dfs."""
+        return stat.S_IFMT(self.mode) in _SPECIAL
+
     @property
     def kind(self) -> str:
-        """'dir', 'file', 'symlink' or 'other': the word scripts see in --json output."""
-        if self.is_dir():
-            return "dir"
-        if self.is_file():
-            return "file"
-        if self.is_symlink():
-            return "symlink"
-        return "other"
+        """The word scripts see in --json output: 'dir', 'file', 'symlink', 'fifo', 'socket',
+        'char-device', 'block-device' (or 'other' for a type dfs does not make)."""
+        return _KINDS.get(stat.S_IFMT(self.mode), "other")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict: checksum as hex, the symlink target as a str (surrogateescape)."""
@@ -65,4 +71,6 @@ class Attr:
         doc["checksum"] = self.checksum.hex() if self.checksum is not None else None
         doc["target"] = os.fsdecode(self.target) if self.target is not None else None
         doc["replicas"] = list(self.replicas)
+        if stat.S_IFMT(self.mode) in (stat.S_IFCHR, stat.S_IFBLK):
+            doc["major"], doc["minor"] = os.major(self.rdev), os.minor(self.rdev)
         return doc

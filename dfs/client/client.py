@@ -121,6 +121,15 @@ class Client:
         )
         return Attr.from_wire(reply["attr"])
 
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Attr:
+        """A FIFO, socket or device node (mode carries the type; rdev only for devices)."""
+        reply = await self.change(
+            "mknod", parent=parent, name=name, mode=mode, rdev=rdev, uid=uid, gid=gid
+        )
+        return Attr.from_wire(reply["attr"])
+
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
         reply = await self.change("link", ino=ino, parent=parent, name=name)
         return Attr.from_wire(reply["attr"])
@@ -139,8 +148,9 @@ class Client:
             flags=flags,
         )
 
-    async def setattr(self, ino: int, **fields: int | None) -> Attr:
-        """Change any of mode, uid, gid, atime_ns, mtime_ns, ctime_ns, size (0 = truncate)."""
+    async def setattr(self, ino: int, **fields: int | bool | None) -> Attr:
+        """Change any of mode, uid, gid, atime_ns, mtime_ns, ctime_ns, size (0 = truncate);
+        kill_suid=True drops the set-ID bits as an unprivileged write does."""
         given = {k: v for k, v in fields.items() if v is not None}
         return Attr.from_wire((await self.change("setattr", ino=ino, **given))["attr"])
 

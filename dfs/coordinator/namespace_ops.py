@@ -82,6 +82,13 @@ class NamespaceOps:
         return {"attr": await self._write(
             lambda t, now: ns.symlink(t, parent, name, target, uid, gid, now))}
 
+    async def op_mknod(self, req: Request) -> Reply:
+        parent, name, mode = req.int("parent"), req.name(), req.int("mode")
+        rdev, uid, gid = req.int("rdev", 0), req.int("uid", 0), req.int("gid", 0)
+        ns = self.store.namespace
+        return {"attr": await self._write(
+            lambda t, now: ns.mknod(t, parent, name, mode, rdev, uid, gid, now))}
+
     async def op_link(self, req: Request) -> Reply:
         ino, parent, name = req.int("ino"), req.int("parent"), req.name()
         ns = self.store.namespace
@@ -113,6 +120,8 @@ class NamespaceOps:
         changes = {key: req.int(key) for key in
                    ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size")
                    if req.msg.get(key) is not None}
+        if req.bool("kill_suid"):
+            changes["kill_suid"] = 1
         ns = self.store.namespace
         return {"attr": await self._write(lambda t, now: ns.setattr(t, ino, changes, now))}
 

@@ -3,6 +3,7 @@ a new committed version of a file (the namespace half of the 2PC commit point)."
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,18 @@ XATTR_REPLACE = 2
 XATTR_TOTAL_MAX = 256 * 1024
 # Names the mount serves itself (user.dfs.version, ...): nobody may store them.
 RESERVED_XATTR_PREFIX = b"user.dfs."
-SETATTR_FIELDS = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"})
+SETATTR_FIELDS = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size",
+                            "kill_suid"})
+
+
+def killed_privs(mode: int) -> int:
+    """mode after a write, truncate or chown by a process without CAP_FSETID, as Linux does
+    it: set-user-ID goes, set-group-ID too when group-execute is set (without it the bit
+    marks mandatory locking, not privilege, and stays)."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
 
 
 def _xattr_name(name: bytes) -> bytes:
@@ -44,7 +56,9 @@ class AttrOps:
     def setattr(self, txn: lmdb.Transaction, ino: int, changes: Mapping[str, int], now_ns: int
                 ) -> dict[str, Any]:
         """chmod/chown/utimens/truncate. Only truncation to 0 changes content: it installs a
-        new, empty version (a non-zero size needs a write transaction)."""
+        new, empty version (a non-zero size needs a write transaction). `kill_suid` (after
+        any mode change) drops the set-ID bits as a write by an unprivileged process does; it
+        reads the mode in this transaction, so a concurrent chmod is never undone."""
         unknown = set(changes) - SETATTR_FIELDS
         if unknown:
             raise DfsError(Code.EINVAL, f"setattr cannot change {sorted(unknown)}")
@@ -53,6 +67,8 @@ class AttrOps:
             self._truncate(txn, inode, changes["size"], now_ns)
         if "mode" in changes:
             inode.mode = (inode.mode & ~0o7777) | (changes["mode"] & 0o7777)
+        if changes.get("kill_suid"):
+            inode.mode = killed_privs(inode.mode)
         for key in ("uid", "gid", "atime_ns", "mtime_ns"):
             if key in changes:
                 setattr(inode, key, changes[key])

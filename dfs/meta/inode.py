@@ -24,6 +24,11 @@ SYMLINK_MAX = 4096
 XATTR_VALUE_MAX = 64 * 1024
 # The first readdir cookie of a directory; 1 and 2 stay free for a client's "." and "..".
 FIRST_COOKIE = 3
+# The metadata-only kinds (FIFOs, devices, sockets): the kernel serves their data, dfs only
+# stores the inode; devices also keep their device number (`rdev`).
+SPECIAL_KINDS = frozenset({stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK})
+DEVICE_KINDS = frozenset({stat.S_IFCHR, stat.S_IFBLK})
+RDEV_MAX = (1 << 64) - 1
 
 
 def validate_name(name: bytes) -> bytes:
@@ -59,6 +64,7 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     parent: int = 0
     next_cookie: int = FIRST_COOKIE
+    rdev: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -71,6 +77,11 @@ class Inode:
     @property
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, device or socket: an inode with no content in dfs."""
+        return stat.S_IFMT(self.mode) in SPECIAL_KINDS
 
     def attr(self) -> dict[str, Any]:
         """The wire `attr` map (docs/protocol.md), without xattrs or directory bookkeeping."""
@@ -90,12 +101,15 @@ class Inode:
             "replicas": list(self.replicas),
             "target": self.target,
             "generation": self.generation,
+            "rdev": self.rdev,
         }
 
     def encode(self) -> bytes:
         record = {f.name: getattr(self, f.name) for f in _FIELDS if f.name != "ino"}
         if not self.is_dir:
             del record["parent"], record["next_cookie"]
+        if not self.rdev:
+            del record["rdev"]
         return pack(record)
 
     @classmethod

@@ -19,7 +19,16 @@ from dfs.meta.attrs import AttrOps
 from dfs.meta.cluster import ClusterMeta
 from dfs.meta.entries import Entry, EntryTable
 from dfs.meta.gcqueue import GcQueue
-from dfs.meta.inode import ROOT_INO, SYMLINK_MAX, Inode, InodeTable, validate_name
+from dfs.meta.inode import (
+    DEVICE_KINDS,
+    RDEV_MAX,
+    ROOT_INO,
+    SPECIAL_KINDS,
+    SYMLINK_MAX,
+    Inode,
+    InodeTable,
+    validate_name,
+)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -130,6 +139,22 @@ class Namespace(AttrOps):
         directory = self._vacant(txn, parent, name)
         child = self.inodes.allocate(txn, stat.S_IFLNK | 0o777, uid, gid, now_ns,
                                      target=target, size=len(target))
+        return self._link_new(txn, directory, name, child, now_ns)
+
+    def mknod(self, txn: lmdb.Transaction, parent: int, name: bytes, mode: int, rdev: int,
+              uid: int, gid: int, now_ns: int) -> Attr:
+        """A FIFO, socket, or character or block device: metadata only (the kernel serves
+        their data). `rdev` is kept for devices and must be 0 for the others."""
+        kind = stat.S_IFMT(mode)
+        if kind not in SPECIAL_KINDS:
+            raise DfsError(Code.EINVAL, f"mknod makes FIFOs, sockets and devices, not mode "
+                                        f"{mode:o} (create makes files, mkdir directories)")
+        if not 0 <= rdev <= RDEV_MAX:
+            raise DfsError(Code.EINVAL, f"device number {rdev} out of range")
+        if rdev and kind not in DEVICE_KINDS:
+            raise DfsError(Code.EINVAL, "only character and block devices have a device number")
+        directory = self._vacant(txn, parent, name)
+        child = self.inodes.allocate(txn, kind | (mode & 0o7777), uid, gid, now_ns, rdev=rdev)
         return self._link_new(txn, directory, name, child, now_ns)
 
     def link(self, txn: lmdb.Transaction, ino: int, parent: int, name: bytes, now_ns: int
