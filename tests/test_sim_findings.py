@@ -5,14 +5,42 @@ servers: a real CoordinatorService and real storage nodes in this process, over 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
-from coord_helpers import SECRET, running_coordinator, start_nodes
+from coord_helpers import SECRET, RunningNode, running_coordinator, start_nodes
 
+from dfs import rpc, runtime
+from dfs.chunks import file_checksum
 from dfs.client import Client
+from dfs.db import install_environments
+from dfs.sim.lmdb_model import SimDisks
+from storage_node.participant import TxState
 
 RETENTION = 0.2
+
+
+class _InlineHost(runtime.Host):
+    """Worker calls on the trio thread, as in the simulator (the LMDB model is not
+    thread-safe); the wall clock stays real."""
+
+    async def in_thread(self, fn: Any, *args: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+
+@pytest.fixture
+def model_disks() -> Iterator[SimDisks]:
+    """Every store of the test on the simulator's LMDB model: a test can fill a node's disk."""
+    disks = SimDisks()
+    previous = install_environments(disks.open)
+    host = runtime.install(_InlineHost())
+    yield disks
+    runtime.install(host)
+    install_environments(previous)
 
 
 async def _ended_and_purged(coord, txid: int) -> None:
@@ -57,3 +85,42 @@ async def test_a_register_sent_again_after_a_lost_reply_keeps_one_id(tmp_path: P
         other = await coord.call("register", **{**fields, "token": "cd" * 16})
         assert again["node_id"] == first["node_id"] != other["node_id"]
         assert len(coord.service.membership.nodes) == 2
+
+
+async def _until(predicate: Any, seconds: float, what: str) -> None:
+    with trio.move_on_after(seconds):
+        while not predicate():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+async def test_a_drop_that_failed_on_a_full_disk_is_tried_again(
+        tmp_path: Path, model_disks: SimDisks) -> None:
+    """Seeds 1 and 3: a node decided to drop a leftover (a STAGED txid the coordinator does
+    not know; a PREPARED one whose OUTCOME is aborted) while its disk was full. The drop
+    failed, but the participant had already forgotten the txid, so nothing ever tried again:
+    the leftovers stayed until a restart, long after the disk had room."""
+    data = b"leftover bytes"
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        node: RunningNode = (await start_nodes(nursery, coord, 1, capacity=1 << 30,
+                                               outcome_after=0.2))[0]
+        staged, prepared = 1_000_001, 1_000_002  # txids this coordinator never opened
+        peer = rpc.Peer(node.address, SECRET)
+        try:
+            for txid in (staged, prepared):
+                await peer.call("stage", txid=txid, index=0, data=data)
+            await peer.call("prepare", txid=prepared, size=len(data),
+                            checksum=file_checksum(data), nchunks=1)
+        finally:
+            await peer.aclose()
+        participant, store = node.node.participant, node.node.store
+        model_disks.set_full(str(node.node.config.data), True)
+        await _until(lambda: participant.state(staged) == participant.state(prepared)
+                     == TxState.ABORTED, 10, "the node decides to drop both")
+        assert store.stat(staged) is not None and store.stat(prepared) is not None
+        model_disks.set_full(str(node.node.config.data), False)
+        await _until(lambda: store.stat(staged) is None and store.stat(prepared) is None, 5,
+                     "the node drops both once its disk has room")
+        nursery.cancel_scope.cancel()
