@@ -124,3 +124,41 @@ async def test_a_drop_that_failed_on_a_full_disk_is_tried_again(
         await _until(lambda: store.stat(staged) is None and store.stat(prepared) is None, 5,
                      "the node drops both once its disk has room")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_repair_copy_whose_decision_was_lost_is_dropped_not_committed(
+        tmp_path: Path) -> None:
+    """Seeds 5 and 9: a repair fetched and PREPAREd a file's blob on a new node, then the
+    coordinator crashed before the repair's decision. The node asked OUTCOME of the blob,
+    heard "committed" (the file's write did commit, under the same txid) and committed a
+    copy no file lists; GC never deletes it (it only knows listed replicas): an orphan for
+    ever. The answer to a participant is about its own copy: listed, or presumed aborted."""
+    data = b"the file's bytes"
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 4, capacity=1 << 30, outcome_after=0.2)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            attr = await client.write_file(attr.ino, io.BytesIO(data))
+        assert attr.blob is not None
+        (spare,) = [n for n in nodes if n.node_id not in attr.replicas]
+        sources = [n.address for n in nodes if n.node_id in attr.replicas]
+        fields = dict(size=len(data), checksum=file_checksum(data), nchunks=1)
+        peer = rpc.Peer(spare.address, SECRET)
+        try:  # the repair's STAGE and PREPARE on the new node; then the coordinator "crashed"
+            await peer.call("fetch", blob=attr.blob, sources=sources, **fields)
+            await peer.call("prepare", txid=attr.blob, **fields)
+        finally:
+            await peer.aclose()
+        store = spare.node.store
+        await _until(lambda: store.stat(attr.blob) is None or
+                     str(store.stat(attr.blob).state) == "COMMITTED",  # type: ignore[union-attr]
+                     10, "the new node settles its copy")
+        assert store.stat(attr.blob) is None, "an unlisted copy was committed: an orphan"
+        driver = coord.service.driver
+        assert driver.outcome(attr.blob, node=attr.replicas[0]) == "committed"
+        assert driver.outcome(attr.blob, node=spare.node_id) == "aborted"
+        assert driver.outcome(attr.blob) == "committed"  # the file's write did commit
+        nursery.cancel_scope.cancel()
+
