@@ -162,3 +162,34 @@ async def test_a_repair_copy_whose_decision_was_lost_is_dropped_not_committed(
         assert driver.outcome(attr.blob) == "committed"  # the file's write did commit
         nursery.cancel_scope.cancel()
 
+
+async def test_a_node_that_dies_during_a_deep_check_is_a_note_not_a_crash(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 12: a node went down between the listing and the deep verification; its
+    `verify` failed with PeerUnavailable inside the checker's nursery, and `dfs check --deep
+    --repair` died with a raw ExceptionGroup (a traceback in the CLI). The check must finish:
+    that node's copies are reported as not re-hashed."""
+    from dfs.checker import run_check
+    from dfs.cli.check import print_report
+
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 3, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            await client.write_file(attr.ino, io.BytesIO(b"bytes to re-hash"))
+            victim = nodes[0]
+
+            def progress(phase: str, done: int, total: int | None) -> None:
+                if phase == "verify" and done == 0:
+                    victim.stop()  # down after it was listed, before it re-hashes
+
+            report = await run_check(client, deep=True, repair=True, progress=progress)
+        assert any(f"node {victim.node_id}" in note and "not re-hashed" in note
+                   for note in report.notes), report.notes
+        assert report.verified_bytes == 2 * len(b"bytes to re-hash")
+        print_report(report)
+        out = capsys.readouterr().out
+        assert f"note: node {victim.node_id}" in out and "Traceback" not in out
+        nursery.cancel_scope.cancel()
