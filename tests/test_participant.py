@@ -159,6 +159,20 @@ def test_outcome_aborted_drops_and_remembers() -> None:
     assert isinstance(p.on_prepare(1, None, 1), Refuse)
 
 
+def test_a_failed_drop_is_tried_again_with_backoff_until_it_is_done() -> None:
+    p = Participant(outcome_retry_max=2.0)
+    assert p.on_abort(1, STAGED) == Drop(1)
+    p.on_drop_failed(Drop(1), 10.0)  # the disk was full
+    assert p.on_tick(10.4) == []
+    assert p.on_tick(10.5) == [Drop(1)]
+    assert p.on_tick(10.6) == []  # not again while that one is out
+    p.on_drop_failed(Drop(1), 10.6)
+    assert p.on_tick(11.5) == [] and p.on_tick(11.6) == [Drop(1)]  # backoff doubled
+    assert isinstance(p.on_stage(1, STAGED, 11.6), Refuse)  # still aborted meanwhile
+    p.on_dropped(1)
+    assert p.on_tick(100.0) == []
+
+
 def test_inflight_or_unreachable_asks_again_with_backoff() -> None:
     p = Participant(outcome_retry_max=4)
     p.restore(1, PREPARED, created=0.0, now=0.0)
