@@ -75,7 +75,7 @@ class _TraceHandler(logging.Handler):
         self.world.log(f"{who} {record.levelname} {record.name}: {record.getMessage()}")
 
 
-def simulate(seed: int, *, duration: float = 30.0, nodes: int = 4, replicas: int = 3,
+def simulate(seed: int, *, duration: float = 20.0, nodes: int = 4, replicas: int = 3,
              writers: int = 3, readers: int = 2, faults: Faults | None = None,
              bug: str | None = None, timing: Timing | None = None,
              verbose: bool = False) -> Result:
