@@ -26,6 +26,8 @@ RETENTION = 0.3
 # Nodes ask OUTCOME about a PREPARED blob 0.2 s after preparing it (or at once after a restart).
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "0.2", "--scrub-rate", "0")
 SHORT_RETENTION = (*COORDINATOR_ARGS, "--txn-retention", str(RETENTION))
+# Nodes that wait for the COMMIT rather than ask OUTCOME about a PREPARED blob.
+PATIENT_NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "30", "--scrub-rate", "0")
 
 
 def purged(cluster: Cluster) -> None:
@@ -158,3 +160,65 @@ async def test_gc_never_deletes_a_copy_a_repair_is_listing(tmp_path: Path) -> No
             nursery.cancel_scope.cancel()
     finally:
         failpoints.arm("")
+
+
+def test_lost_prepared_copy_refuses_commit_and_is_re_made(cluster_factory) -> None:
+    """Issue 8 follow-up: a node that lost its PREPARED copy before the COMMIT arrived must
+    refuse it (ENOENT), not ack a COMMIT it cannot honour; the coordinator then re-makes the
+    copy, and the file ends with R good replicas."""
+    cluster = cluster_factory(
+        node_args=PATIENT_NODE_ARGS, coordinator_args=SHORT_RETENTION,
+        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:3000"}})
+    files = put_files(cluster, 1, big=MiB)  # returns at the decision; COMMITs follow slowly
+    st = all_stats(cluster, list(files))["/f0"]
+    victim = names_by_id(cluster)[st["replicas"][1]]  # COMMIT reaches it 3 s from now
+    assert node_blobs(cluster, victim)[st["blob"]] == "PREPARED"
+    node_call(cluster, victim, "delete", blobs=[st["blob"]])  # the copy is lost
+
+    cluster.wait_until(lambda: node_blobs(cluster, victim).get(st["blob"]) == "COMMITTED",
+                       timeout=30, message="the lost copy re-made and committed")
+    assert copy_ok(cluster, victim, st["blob"])
+    cluster.wait_until(lambda: not coordinator_call(cluster, "txn_list")["txns"], timeout=10,
+                       message="the record ended once every replica acked")
+    assert len(all_stats(cluster, list(files))["/f0"]["replicas"]) == 3
+    status, doc = check(cluster, "--deep")
+    assert status == 0 and doc["clean"], doc["findings"]
+    assert read_all(cluster, list(files)) == files
+
+
+def test_commit_redelivered_after_gc_deleted_a_superseded_copy_ends(cluster_factory) -> None:
+    """The refusal of a COMMIT for a blob GC already deleted (a later write superseded it
+    before the COMMIT reached this node) is released: the old record ends, and the old blob
+    is not re-made anywhere."""
+    cluster = cluster_factory(
+        node_args=PATIENT_NODE_ARGS, coordinator_args=SHORT_RETENTION,
+        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:3000"}})
+    files = put_files(cluster, 1)
+    old = all_stats(cluster, list(files))["/f0"]
+    victim = names_by_id(cluster)[old["replicas"][1]]  # its COMMIT of v1 comes 3 s later
+    assert node_blobs(cluster, victim)[old["blob"]] == "PREPARED"
+
+    async def overwrite() -> bytes:
+        data = b"version two" * 100
+        async with cluster.client() as client:
+            attr = await client.resolve("/f0")
+            await client.write_file(attr.ino, io.BytesIO(data))
+        return data
+
+    files["/f0"] = trio.run(overwrite)
+    new = all_stats(cluster, list(files))["/f0"]
+    assert new["blob"] != old["blob"]
+    node_call(cluster, victim, "delete", blobs=[old["blob"]])  # as GC does, superseded
+
+    def old_record_gone() -> bool:
+        return all(t["txid"] != old["blob"] for t in coordinator_call(cluster, "txn_list")["txns"])
+
+    cluster.wait_until(old_record_gone, timeout=15, message="the superseded record ended")
+    assert "not here; COMMIT refused" in cluster.log("coordinator", 400)  # refused, released
+    cluster.wait_until(lambda: not coordinator_call(cluster, "txn_list")["txns"], timeout=15,
+                       message="every record ended")
+    time.sleep(1.0)  # a repair pass or more: none may re-make the superseded copy
+    assert old["blob"] not in node_blobs(cluster, victim)
+    status, doc = check(cluster, "--deep")
+    assert status == 0 and doc["clean"], doc["findings"]
+    assert read_all(cluster, list(files)) == files
