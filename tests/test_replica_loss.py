@@ -19,6 +19,7 @@ from coord_helpers import SECRET, running_coordinator, start_nodes
 
 from dfs import failpoints
 from dfs.client import Client
+from dfs.errors import Code, DfsError
 from dfs.rpc import Peer
 
 MiB = 1024 * 1024
@@ -222,3 +223,41 @@ def test_commit_redelivered_after_gc_deleted_a_superseded_copy_ends(cluster_fact
     status, doc = check(cluster, "--deep")
     assert status == 0 and doc["clean"], doc["findings"]
     assert read_all(cluster, list(files)) == files
+
+
+async def test_a_replica_that_keeps_refusing_commit_is_repaired_with_backoff(
+        tmp_path: Path, caplog) -> None:
+    """A replica whose COMMIT is refused again after every repair must not be re-repaired at
+    once each time (a tight loop of fetch + decision writes): its repairs back off, and the
+    coordinator says so once. Once the node accepts the COMMIT again the record ends."""
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 3, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            await client.write_file(attr.ino, io.BytesIO(b"some bytes" * 1000))
+            attr = await client.resolve("/f")
+        victim = next(n for n in nodes if n.node_id == attr.replicas[0]).node.service
+        assert victim is not None
+        real_commit, refusals = victim.op_commit, []
+
+        async def full_disk_commit(req: Any) -> dict[str, Any]:
+            refusals.append(trio.current_time())
+            raise DfsError(Code.ENOSPC, "disk full: no room for the COMMIT")
+
+        victim.op_commit = full_disk_commit  # every COMMIT from now on is refused
+        worker = coord.service.repair_worker
+        await coord.service.driver.deliver(attr.blob, [attr.replicas[0]], False)  # re-sent
+        await trio.sleep(4.0)
+        assert worker.fixed >= 1, "the refused replica was repaired"
+        assert len(refusals) <= 3, f"{len(refusals)} refusals in 4 s: no backoff"
+        warnings = [r for r in caplog.records if "keeps refusing COMMIT" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+        victim.op_commit = real_commit
+        with trio.fail_after(15):
+            while coord.service.driver.protocol.phase(attr.blob) is not None \
+                    or worker.pending():
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
