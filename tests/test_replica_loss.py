@@ -169,10 +169,10 @@ def test_lost_prepared_copy_refuses_commit_and_is_re_made(cluster_factory) -> No
     copy, and the file ends with R good replicas."""
     cluster = cluster_factory(
         node_args=PATIENT_NODE_ARGS, coordinator_args=SHORT_RETENTION,
-        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:3000"}})
+        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:6000"}})
     files = put_files(cluster, 1, big=MiB)  # returns at the decision; COMMITs follow slowly
     st = all_stats(cluster, list(files))["/f0"]
-    victim = names_by_id(cluster)[st["replicas"][1]]  # COMMIT reaches it 3 s from now
+    victim = names_by_id(cluster)[st["replicas"][1]]  # COMMIT reaches it 6 s from now
     assert node_blobs(cluster, victim)[st["blob"]] == "PREPARED"
     node_call(cluster, victim, "delete", blobs=[st["blob"]])  # the copy is lost
 
@@ -193,10 +193,10 @@ def test_commit_redelivered_after_gc_deleted_a_superseded_copy_ends(cluster_fact
     is not re-made anywhere."""
     cluster = cluster_factory(
         node_args=PATIENT_NODE_ARGS, coordinator_args=SHORT_RETENTION,
-        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:3000"}})
+        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:6000"}})
     files = put_files(cluster, 1)
     old = all_stats(cluster, list(files))["/f0"]
-    victim = names_by_id(cluster)[old["replicas"][1]]  # its COMMIT of v1 comes 3 s later
+    victim = names_by_id(cluster)[old["replicas"][1]]  # its COMMIT of v1 comes 6 s later
     assert node_blobs(cluster, victim)[old["blob"]] == "PREPARED"
 
     async def overwrite() -> bytes:
