@@ -259,15 +259,22 @@ class Participant:
     # ------------------------------------------------------------ COMMIT
 
     def on_commit(self, txid: int, stored: str | None) -> Reply | ForceCommitted | Refuse:
+        """PREPARED commits; COMMITTED acks again (idempotent). Anything else is refused: an
+        ack ends the decision, so only a node holding the copy may give it. A blob with no
+        record here (its PREPARED copy was lost, or GC deleted it after a later write
+        superseded it) is ENOENT: the coordinator marks the replica bad and repairs it, or
+        releases it when the namespace no longer lists it (DESIGN.md §5, rule 5)."""
         if stored in COMMITTABLE:
             return ForceCommitted(txid)
+        if stored == TxState.COMMITTED:
+            self._txns.pop(txid, None)
+            return Reply()
         if stored == TxState.STAGED:
             return Refuse(Code.CONFLICT, f"blob {txid} is not prepared")
-        if stored is None and txid in self._aborted:
+        if txid in self._aborted:
             return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
-        # COMMITTED, or unknown: committed long ago and since deleted by GC; ack again.
-        self._txns.pop(txid, None)
-        return Reply()
+        self._txns.pop(txid, None)  # nothing left to ask OUTCOME about
+        return Refuse(Code.ENOENT, f"blob {txid} not here; COMMIT refused")
 
     def on_committed(self, txid: int) -> Reply:
         self._txns.pop(txid, None)

@@ -104,9 +104,31 @@ def test_abort_never_drops_committed() -> None:
 def test_commit_rules() -> None:
     p = Participant()
     assert isinstance(p.on_commit(1, STAGED), Refuse)  # never prepared: a protocol error
-    assert p.on_commit(2, None) == Reply()  # committed, then deleted by GC: ack again
     p.on_abort(3, STAGED)
     assert isinstance(p.on_commit(3, None), Refuse)
+
+
+def test_commit_of_a_blob_the_node_does_not_have_is_refused() -> None:
+    """An ack would end the decision while this node holds nothing: a PREPARED copy that was
+    lost, or one GC deleted once a later write superseded it (the coordinator then releases
+    the refusal). Either way ENOENT, and nothing is left to ask OUTCOME about."""
+    p = Participant(outcome_after=1)
+    prepared(p, 2)
+    action = p.on_commit(2, None)  # the store lost the PREPARED copy
+    assert isinstance(action, Refuse) and action.code is Code.ENOENT
+    assert p.state(2) is None and p.on_tick(100.0) == []
+    action = p.on_commit(5, None)  # never heard of here at all
+    assert isinstance(action, Refuse) and action.code is Code.ENOENT
+
+
+def test_commit_of_a_committed_blob_acks_again() -> None:
+    p = Participant()
+    prepared(p, 1)
+    assert p.on_commit(1, PREPARED) == ForceCommitted(1)
+    p.on_committed(1)
+    assert p.on_commit(1, COMMITTED) == Reply()
+    assert p.on_commit(1, COMMITTED) == Reply()
+    assert p.on_commit(7, COMMITTED) == Reply()  # a repair's copy, committed before a restart
 
 
 def test_idle_staged_blob_is_dropped_after_timeout() -> None:
