@@ -83,7 +83,7 @@ def simulate(seed: int, *, duration: float = 20.0, nodes: int = 4, replicas: int
              bug: str | None = None, timing: Timing | None = None,
              verbose: bool = False) -> Result:
     """One run; `verbose` puts every request and reply in the trace (for a replay)."""
-    world = World(seed, faults or Faults())
+    world = World(seed, faults or planted.faults_for(bug) or Faults())
     with planted.planted(bug), _seams(world, verbose) as (network, disks):
         trio.run(_scenario, world, network, disks, duration, nodes, replicas, writers,
                  readers, timing or Timing(),
