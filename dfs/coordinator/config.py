@@ -76,6 +76,9 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a superseded blob stays readable before deletion")
     parser.add_argument("--txn-timeout", type=_positive, default=120.0, metavar="S",
                         help="seconds of client silence before an open transaction aborts")
+    parser.add_argument("--txn-retention", type=_positive, default=60.0, metavar="S",
+                        help="seconds an ended transaction's record is kept before it is purged "
+                             "(default 60)")
     parser.add_argument("--rereplicate-after", type=_positive, default=600.0, metavar="S",
                         help="seconds a node may be down before its replicas are re-made "
                              "on other nodes (default 600)")
@@ -90,5 +93,6 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         vote_timeout=args.vote_timeout,
         gc_grace=args.gc_grace,
         txn_timeout=args.txn_timeout,
+        txn_retention=getattr(args, "txn_retention", 60.0),
         rereplicate_after=getattr(args, "rereplicate_after", 600.0),
     )
