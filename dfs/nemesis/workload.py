@@ -6,15 +6,22 @@ conditionally (if_version, the lost-update guard); reads attribute what they got
 one write, or record why they cannot. Mount operations run real programs (`cp`, `cat`, a small
 Python writer) in child processes with a deadline, so a stuck FUSE request can never hang the
 campaign: the child is killed, by its pid, and the operation is `info`.
+
+A repairer runs `dfs check --deep --repair` every few seconds under the faults: an `admin`
+op, ok when the check exited 0, fail when it could not run (exit 1), info when it left
+findings unfixed (exit 3) or timed out. Under faults none of these is a violation; what it
+found is counted for the summary, and the final phase judges what is left.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,7 @@ from dfs.nemesis.cluster import NemesisCluster
 from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
 
 OP_TIMEOUT = 45.0
+REPAIR_INTERVAL = (3.0, 10.0)  # seconds between two repair runs under the faults
 ABANDON = 0.04  # the share of library writes abandoned part-way
 DIR = "nemesis"
 # A write that failed with one of these was refused before any decision: it did not happen.
@@ -102,6 +110,7 @@ class Workload:
     stopping: bool = False
     unexpected: list[tuple[int, str]] = field(default_factory=list)  # (op id, traceback)
     counts: dict[str, int] = field(default_factory=dict)
+    repair_found: Counter[str] = field(default_factory=Counter)  # finding kind -> count
 
     def rng(self, name: str) -> random.Random:
         return random.Random(f"{self.seed}/{name}")
@@ -130,8 +139,17 @@ class Workload:
                                                io.BytesIO(content))
                 self.history.complete(op, OK, version=attr.version, version_known=True)
 
-    async def run(self, lib_writers: int, lib_readers: int, mount: bool) -> None:
+    async def current_blobs(self) -> frozenset[int]:
+        """The blob each file holds now (the load has stopped)."""
+        async with self.cluster.client(via="") as client:
+            attrs = [await client.getattr(self.inos[f]) for f in self.all_files]
+        return frozenset(a.blob for a in attrs if a.blob is not None)
+
+    async def run(self, lib_writers: int, lib_readers: int, mount: bool,
+                  repairs: bool = False) -> None:
         async with trio.open_nursery() as nursery:
+            if repairs:
+                nursery.start_soon(self._repairs)
             for i in range(lib_writers):
                 nursery.start_soon(self._loop, f"lib-writer-{i}", self.lib_write)
             for i in range(lib_readers):
@@ -149,6 +167,39 @@ class Workload:
                 self.counts[outcome] = self.counts.get(outcome, 0) + 1
                 # Back off a little after a failure, so a dead cluster isn't hammered.
                 await trio.sleep(rng.uniform(0, 0.05) if outcome == OK else rng.uniform(0.1, 0.4))
+
+    # ------------------------------------------------------------ repairs under faults
+
+    async def _repairs(self) -> None:
+        rng = self.rng("repairer")
+        while not self.stopping:
+            await trio.sleep(rng.uniform(*REPAIR_INTERVAL))
+            if not self.stopping:
+                await self.repair()
+
+    async def repair(self) -> str:
+        """One `dfs check --deep --repair --json`; its outcome and what it found recorded."""
+        op = self.history.invoke("repairer", "repair", "*", "admin")
+        try:
+            result = await self.cluster.dfs("check", "--deep", "--repair", "--json",
+                                            timeout=OP_TIMEOUT)
+        except trio.TooSlowError:
+            self.history.complete(op, INFO, error="timeout")
+            return INFO
+        try:
+            doc = json.loads(result.stdout or b"null")
+        except ValueError:
+            doc = None
+        found = list(doc.get("findings") or []) if isinstance(doc, dict) else []
+        for f in found:
+            self.repair_found[f"{f.get('kind')} {'fixed' if f.get('fixed') else 'unfixed'}"] += 1
+        outcome = {0: OK, 1: FAIL}.get(result.returncode, INFO)
+        fixed = sum(1 for f in found if f.get("fixed"))
+        self.history.complete(
+            op, outcome, detail=f"exit {result.returncode}: {len(found)} finding(s), "
+            f"{fixed} fixed: " + ", ".join(sorted({str(f.get('kind')) for f in found})),
+            error=None if outcome == OK else result.stderr.decode(errors="replace")[-300:])
+        return outcome
 
     # ------------------------------------------------------------ the client library
 
