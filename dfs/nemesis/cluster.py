@@ -42,7 +42,7 @@ COORDINATOR_ARGS = ("--node-timeout", "1.5", "--vote-timeout", "2", "--txn-timeo
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "0.5", "--staged-timeout", "8")
 GC_GRACE = 2.0  # seconds: superseded blobs are purged mid-campaign
 TXN_RETENTION = 3.0  # seconds: ENDED transaction records are purged mid-campaign
-MAX_NODES = 8  # node processes ever started (fresh ones replace removed ones)
+MAX_NODES = 24  # node processes ever started (fresh ones replace removed ones)
 START_TIMEOUT = 30.0
 MOUNT_READY = b"dfs mount ready at"
 
