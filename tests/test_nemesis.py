@@ -1,7 +1,8 @@
-"""The nemesis (issue 5): its checker on made-up histories, its proxy, and real campaigns.
+"""The nemesis (issues 5 and 8): its checker on made-up histories, its judge of the first
+`dfs check` after healing, its proxy, and real campaigns.
 
-The checker tests feed histories with a known flaw and expect exactly that violation, so a
-campaign that reports 0 violations means something. The short campaign runs in the default
+The checker and judge tests feed histories and findings with a known flaw and expect exactly
+that violation, so a campaign that reports 0 violations means something. The short campaign runs in the default
 suite (real processes, a real mount when FUSE is usable, about a minute); the long one is
 `@pytest.mark.slow` (scripts/nemesis runs the same thing from the command line).
 """
