@@ -223,8 +223,10 @@ def _judge_final(history: History, file: str, final_id: int) -> list[Violation]:
     out: list[Violation] = []
     writer = history.ops.get(final.saw) if final.saw not in (None, INITIAL) else None
     if writer is not None and writer.outcome == FAIL:
+        tried = f" [{writer.detail}]" if writer.detail else ""
         out.append(Violation("aborted-write-visible", file, f"the final content is write "
-                             f"{writer.id}'s, which failed ({writer.error})", [writer.id]))
+                             f"{writer.id}'s, which failed ({writer.error}){tried}",
+                             [writer.id]))
     ok_writes = [op for op in history.ops.values()
                  if op.file == file and op.f == "write" and op.outcome == OK]
     for v in check_recency(history, final, ok_writes):

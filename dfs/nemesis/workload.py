@@ -37,6 +37,7 @@ from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
 
 OP_TIMEOUT = 45.0
 REPAIR_INTERVAL = (3.0, 10.0)  # seconds between two repair runs under the faults
+EVENTS_KEPT = 16  # COMMIT txids and outcome answers a client remembers for the history
 ABANDON = 0.04  # the share of library writes abandoned part-way
 DIR = "nemesis"
 # A write that failed with one of these was refused before any decision: it did not happen.
@@ -66,13 +67,29 @@ except OSError as e:
 
 class RecordingClient(Client):
     """A library client that counts COMMIT requests: a write that failed before sending any
-    COMMIT certainly did not happen (the coordinator decides only on a client's COMMIT)."""
+    COMMIT certainly did not happen (the coordinator decides only on a client's COMMIT). It
+    also notes each COMMIT's txid and each outcome answer, so a write's history record says
+    which transactions it tried and what the coordinator said about them."""
 
     commits = 0
 
-    async def commit(self, *args: Any, **kwargs: Any) -> Attr:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[str] = []
+
+    def _event(self, what: str) -> None:
+        self.events = [*self.events[-(EVENTS_KEPT - 1):], what]
+
+    async def commit(self, txid: int, *args: Any, **kwargs: Any) -> Attr:
         self.commits += 1
-        return await super().commit(*args, **kwargs)
+        self._event(f"COMMIT {txid}")
+        return await super().commit(txid, *args, **kwargs)
+
+    async def outcome(self, txid: int) -> str:
+        state = await super().outcome(txid)
+        if state != "inflight":
+            self._event(f"outcome {txid}: {state}")
+        return state
 
 
 def classify(error: BaseException, committed: bool = True) -> str:
@@ -218,6 +235,7 @@ class Workload:
         op = self.history.invoke(name, "write", file, "lib", size=len(content),
                                  digest=digest(content), if_version=if_version, base=base)
         commits = client.commits
+        client.events = []
         # Now and then the writer gives up part-way, as a client that crashed or lost
         # interest would: the coordinator and the nodes must clean up after it.
         abandon = rng.uniform(0.0, 0.5) if rng.random() < ABANDON else math.inf
@@ -230,10 +248,12 @@ class Workload:
                     raise trio.TooSlowError("abandoned by the writer")
         except Exception as e:  # noqa: BLE001 - anything but a DfsError is also a finding
             outcome = classify(e, committed=client.commits > commits)
-            self.history.complete(op, outcome, error=self._describe(op, e))
+            self.history.complete(op, outcome, error=self._describe(op, e),
+                                  detail="; ".join(client.events) or None)
             return outcome
         self.history.complete(op, OK, version=attr.version,
-                              version_known=attr.checksum == file_checksum(content))
+                              version_known=attr.checksum == file_checksum(content),
+                              detail="; ".join(client.events) or None)
         return OK
 
     async def lib_read(self, name: str, rng: random.Random, client: Client) -> str:
