@@ -1,7 +1,8 @@
-"""The nemesis (issue 5): its checker on made-up histories, its proxy, and real campaigns.
+"""The nemesis (issues 5 and 8): its checker on made-up histories, its judge of the first
+`dfs check` after healing, its proxy, and real campaigns.
 
-The checker tests feed histories with a known flaw and expect exactly that violation, so a
-campaign that reports 0 violations means something. The short campaign runs in the default
+The checker and judge tests feed histories and findings with a known flaw and expect exactly
+that violation, so a campaign that reports 0 violations means something. The short campaign runs in the default
 suite (real processes, a real mount when FUSE is usable, about a minute); the long one is
 `@pytest.mark.slow` (scripts/nemesis runs the same thing from the command line).
 """
@@ -23,6 +24,7 @@ from dfs.nemesis.checker import check_history
 from dfs.nemesis.cluster import NemesisCluster
 from dfs.nemesis.final import replica_problem
 from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
+from dfs.nemesis.judge import Ledger, attribute
 from dfs.nemesis.proxy import BLACKHOLE, REFUSE, Proxies, Proxy
 
 # ---------------------------------------------------------------- the checker
@@ -132,6 +134,75 @@ def test_a_torn_mount_write_may_show_as_a_prefix_only(tmp_path: Path) -> None:
     assert s.kinds() == ["mixed-read"]
 
 
+# ---------------------------------------------------------------- the judge
+
+
+def _finding(kind: str, node: int | None, blob: int, chunks: list[int] | None = None,
+             ino: int = 5) -> dict[str, object]:
+    return {"kind": kind, "ino": ino, "path": "/nemesis/f0", "node": node, "blob": blob,
+            "detail": "", "chunks": chunks or [], "fixed": None, "fix": ""}
+
+
+def _verdicts(findings: list[dict[str, object]], ledger: Ledger) -> list[bool]:
+    names = {1: "node-1", 2: "node-2", 3: "node-3", 4: "node-4"}
+    attributions, violations = attribute(findings, ledger, names)
+    assert len(violations) == sum(a.reason is None for a in attributions)
+    return [a.reason is not None for a in attributions]
+
+
+def test_a_finding_is_explained_only_by_the_fault_injected_there() -> None:
+    """The judge of the first check after healing: a bit flip the nemesis made on that node
+    in that blob (and chunk) explains a corrupt copy; the same damage anywhere else does not,
+    and neither does a missing replica no fault accounts for."""
+    ledger = Ledger()
+    ledger.flip("node-2", 77, 1)
+    assert _verdicts([
+        _finding("corrupt_chunk", 2, 77, [1]),  # the flipped chunk
+        _finding("checksum_mismatch", 2, 77),
+        _finding("corrupt_chunk", 2, 77, [0, 1]),  # chunk 0 was never touched
+        _finding("corrupt_chunk", 3, 77, [1]),  # another node
+        _finding("corrupt_chunk", 2, 78, [1]),  # another blob
+        _finding("missing_replica", 3, 77),  # no fault explains a lost copy
+        _finding("orphan_blob", 4, 99),
+        _finding("some_new_kind", 2, 77),  # a kind the judge does not know
+    ], ledger) == [True, True, False, False, False, False, False, False]
+
+
+def test_findings_on_removed_or_dead_nodes_are_explained() -> None:
+    ledger = Ledger(removed={"node-3"}, down={"node-4"})
+    ledger.flip("node-1", 50, 0)
+    assert _verdicts([
+        _finding("missing_replica", 3, 10),
+        _finding("under_replicated", 4, 10),
+        _finding("missing_replica", 1, 50),  # the flipped copy, dropped by a repair
+        _finding("missing_replica", 2, 10),
+        _finding("orphan_blob", 3, 11),  # not a replica finding: no excuse
+        {**_finding("stale_staged", 2, 12), "cleanup_in_progress": True},
+    ], ledger) == [True, True, True, False, False, True]
+
+
+def test_a_lost_file_is_explained_only_if_every_bad_copy_is() -> None:
+    ledger = Ledger()
+    for node in ("node-1", "node-2", "node-3"):
+        ledger.flip(node, 60, 0)
+    ledger.flip("node-1", 61, 0)
+    assert _verdicts([
+        *(_finding("corrupt_chunk", n, 60, [0], ino=6) for n in (1, 2, 3)),
+        _finding("lost_file", None, 60, ino=6),
+        _finding("corrupt_chunk", 1, 61, [0], ino=7),
+        _finding("missing_replica", 2, 61, ino=7),
+        _finding("missing_replica", 3, 61, ino=7),
+        _finding("lost_file", None, 61, ino=7),
+    ], ledger) == [True, True, True, True, True, False, False, False]
+
+
+def test_the_nemesis_never_flips_a_blob_already_flipped_on_another_node() -> None:
+    ledger = Ledger()
+    ledger.flip("node-1", 60, 0)
+    assert ledger.flipped_elsewhere("node-2") == {60}
+    assert ledger.flipped_elsewhere("node-1") == set()
+
+
 # ---------------------------------------------------------------- the proxy
 
 
@@ -202,6 +273,10 @@ def _run(tmp_path: Path, duration: float, seed: int) -> None:
     assert summary.passed, f"{len(summary.violations)} violations (history " \
                            f"{summary.history}):\n{problems}"
     assert summary.ops[f"write lib {OK}"] > 0 and sum(summary.faults.values()) > 0
+    # Judged before repaired: the bit flipped after the load is in the first check's
+    # findings, explained by the ledger, and then repaired.
+    assert summary.explained.get("corrupt_chunk explained", 0) >= 1, summary.judged
+    assert "judged" in summary.checker and summary.checker.endswith("then clean")
 
 
 @pytest.mark.timeout(200)

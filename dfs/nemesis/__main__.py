@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dfs.nemesis.campaign import Options, Summary, campaign
+from dfs.nemesis.cluster import GC_GRACE, TXN_RETENTION
 from dfs.nemesis.faults import KINDS
 
 
@@ -27,7 +28,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
         prog="scripts/nemesis",
         description="a fault campaign on a real loopback cluster (coordinator + 4 nodes, R=3, "
                     "a FUSE mount): writers and readers while processes are killed, paused, "
-                    "partitioned, slowed, filled up and bit-flipped; then heal and check")
+                    "partitioned, slowed, filled up, bit-flipped, drained and removed, with "
+                    "repairs running; then heal, judge the first check, repair, check")
     parser.add_argument("--duration", type=float, default=60.0, metavar="S",
                         help="seconds of faults and load (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
@@ -42,6 +44,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     parser.add_argument("--max-faults", type=int, default=2, help="faults at once (default 2)")
     parser.add_argument("--writers", type=int, default=3, help="library writers (default 3)")
     parser.add_argument("--readers", type=int, default=2, help="library readers (default 2)")
+    parser.add_argument("--no-repairs", action="store_true",
+                        help="no `dfs check --deep --repair` runs during the faults")
+    parser.add_argument("--gc-grace", type=float, default=GC_GRACE, metavar="S",
+                        help=f"the coordinator's GC grace (default {GC_GRACE:g})")
+    parser.add_argument("--txn-retention", type=float, default=TXN_RETENTION, metavar="S",
+                        help=f"the coordinator's ended-txn retention (default {TXN_RETENTION:g})")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.faults.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
@@ -51,7 +59,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     root = args.dir or Path(tempfile.gettempdir()) / f"dfs-nemesis-{seed}-{os.getpid()}"
     return Options(duration=args.duration, seed=seed, root=root, mount=not args.no_mount,
                    kinds=kinds, max_faults=args.max_faults, lib_writers=args.writers,
-                   lib_readers=args.readers, keep=args.keep), args.json
+                   lib_readers=args.readers, keep=args.keep, repairs=not args.no_repairs,
+                   gc_grace=args.gc_grace, txn_retention=args.txn_retention), args.json
 
 
 def render(summary: Summary, console: Console) -> None:
@@ -73,6 +82,16 @@ def render(summary: Summary, console: Console) -> None:
         faults.add_row(f"  {detail}", str(count), style="dim")
     console.print(faults)
     console.print(f"healed at the end: {', '.join(summary.healed) or 'nothing left to heal'}")
+    if summary.repairs:
+        console.print("found by the repairs under faults: " + ", ".join(
+            f"{kind} {count}" for kind, count in summary.repairs.items()))
+    console.print(f"settle: {summary.settled}")
+    console.print("judged findings: " + (", ".join(
+        f"{kind} {count}" for kind, count in summary.explained.items()) or "none"))
+    for f in summary.judged:
+        if f.get("explained_by"):
+            console.print(f"  [dim]{f.get('kind')} {f.get('node_name') or f.get('node')} "
+                          f"blob {f.get('blob')}: {f['explained_by']}[/]")
     console.print(f"dfs check: {summary.checker}")
     for item in summary.unrepaired:
         console.print(f"[yellow]unrepaired injected damage[/]: {item}")

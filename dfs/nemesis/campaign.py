@@ -1,5 +1,5 @@
 """One fault campaign, start to finish: cluster up, workload and nemesis together for a bounded
-time, heal, recover, repair, judge. Everything it starts it stops, by pid, and unmounts.
+time, heal, settle, judge the first check against the nemesis's ledger, repair, judge again. Everything it starts it stops, by pid, and unmounts.
 
 The result is a `Summary`: operations by kind and outcome, faults by kind, every violation (a
 campaign passes only with none), and where the history and the logs are.
@@ -19,14 +19,14 @@ from typing import Any
 import trio
 
 from dfs.nemesis.checker import Violation, check_history
-from dfs.nemesis.cluster import NemesisCluster
+from dfs.nemesis.cluster import GC_GRACE, TXN_RETENTION, NemesisCluster
 from dfs.nemesis.faults import KINDS, Nemesis
 from dfs.nemesis.final import (
     FinalReport,
     check_files,
-    run_checker,
+    judge_then_repair,
+    settle,
     wait_no_orphans,
-    wait_recovered,
 )
 from dfs.nemesis.history import History
 from dfs.nemesis.proxy import Proxies
@@ -51,6 +51,9 @@ class Options:
     max_faults: int = 2
     kinds: tuple[str, ...] = KINDS
     keep: bool = False
+    repairs: bool = True  # `dfs check --deep --repair` now and then, under the faults
+    gc_grace: float = GC_GRACE
+    txn_retention: float = TXN_RETENTION
 
 
 @dataclass
@@ -64,6 +67,10 @@ class Summary:
     violations: list[Violation] = field(default_factory=list)
     healed: list[str] = field(default_factory=list)
     checker: str = "not run"
+    settled: str = ""
+    judged: list[dict[str, Any]] = field(default_factory=list)
+    explained: dict[str, int] = field(default_factory=dict)
+    repairs: dict[str, int] = field(default_factory=dict)  # mid-campaign repair findings
     unrepaired: list[str] = field(default_factory=list)
     corrupted: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Any] = field(default_factory=dict)
@@ -83,7 +90,9 @@ class Summary:
             "faults": dict(sorted(self.faults.items())),
             "fault_details": dict(sorted(self.fault_details.items())),
             "violations": [v.to_json() for v in self.violations],
-            "healed": self.healed, "checker": self.checker, "unrepaired": self.unrepaired,
+            "healed": self.healed, "settled": self.settled, "checker": self.checker,
+            "explained": self.explained, "judged": self.judged, "repairs": self.repairs,
+            "unrepaired": self.unrepaired,
             "corrupted": self.corrupted, "files": self.files, "history": self.history,
             "dir": self.root, "error": self.error, "fault_errors": self.fault_errors,
         }
@@ -102,7 +111,8 @@ async def campaign(opts: Options) -> Summary:
         async with trio.open_nursery() as nursery:
             await nursery.start(proxies.run)
             cluster = NemesisCluster(root, proxies, nodes=opts.nodes, replicas=opts.replicas,
-                                     mount=opts.mount)
+                                     mount=opts.mount, gc_grace=opts.gc_grace,
+                                     txn_retention=opts.txn_retention)
             try:
                 await _campaign(opts, cluster, history, rng, summary)
             finally:
@@ -139,7 +149,8 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
     history.note("campaign start", duration=opts.duration, seed=opts.seed)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(workload.run, opts.lib_writers, opts.lib_readers, opts.mount)
+            nursery.start_soon(workload.run, opts.lib_writers, opts.lib_readers, opts.mount,
+                               opts.repairs)
             await nemesis.run(opts.duration)
             workload.stopping = True  # in-flight ops finish within their own deadline
             nursery.cancel_scope.deadline = trio.current_time() + OP_TIMEOUT + 15
@@ -152,21 +163,25 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
     report = FinalReport()
     with trio.fail_after(FINISH_TIMEOUT):
         if "bitflip" in opts.kinds:
-            await nemesis.last_bitflip()
+            await nemesis.last_bitflip(await workload.current_blobs())
         summary.healed = await nemesis.heal_everything()
-        await wait_recovered(cluster)
+        await settle(cluster, workload, report)
         summary.violations += check_history(history)
         summary.violations += [
             Violation("unexpected-error", history.ops[op_id].file,
                       f"op {op_id} raised {trace.strip().splitlines()[-1]} (not a DfsError; "
                       "traceback in the history)", [op_id])
             for op_id, trace in workload.unexpected]
-        await wait_no_orphans(cluster, workload, FinalReport())  # settle first; judged below
-        await run_checker(cluster, report)
+        await judge_then_repair(cluster, nemesis.ledger, report)
         await check_files(cluster, workload, history, nemesis.corrupted, report)
         await wait_no_orphans(cluster, workload, report)
     summary.violations += report.violations
+    summary.corrupted = nemesis.corrupted  # with the last bit flip
     summary.checker = report.checker
+    summary.settled = report.settled
+    summary.judged = report.judged
+    summary.explained = report.explained
+    summary.repairs = dict(sorted(workload.repair_found.items()))
     summary.unrepaired = report.unrepaired
     summary.files = report.files
     if report.checker_output:

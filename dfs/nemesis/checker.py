@@ -83,12 +83,17 @@ def _check_reads(history: History, file: str, reads: list[Op], writes: dict[int,
         elif writer.outcome == FAIL:
             out.append(Violation("aborted-write-visible", file,
                                  f"read {read.id} saw write {writer.id}, which failed "
-                                 f"({writer.error})", [read.id, writer.id]))
+                                 f"({writer.error}){_tried(writer)}", [read.id, writer.id]))
         elif read.complete is not None and writer.invoke > read.complete:
             out.append(Violation("read-from-future", file, f"read {read.id} saw write "
                                  f"{writer.id}, invoked after the read completed",
                                  [read.id, writer.id]))
     return out
+
+
+def _tried(write: Op) -> str:
+    """What the write's client sent and heard (COMMIT txids, outcome answers), if known."""
+    return f" [{write.detail}]" if write.detail else ""
 
 
 def _check_versions(file: str, reads: list[Op], ok_writes: list[Op]) -> list[Violation]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -37,9 +38,11 @@ from dfs.rpc import load_secret
 
 COORDINATOR = "coordinator"
 MOUNT = "mount"
-COORDINATOR_ARGS = ("--node-timeout", "1.5", "--gc-grace", "2", "--vote-timeout", "2",
-                    "--txn-timeout", "10")
-NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "1", "--staged-timeout", "8")
+COORDINATOR_ARGS = ("--node-timeout", "1.5", "--vote-timeout", "2", "--txn-timeout", "10")
+NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "0.5", "--staged-timeout", "8")
+GC_GRACE = 2.0  # seconds: superseded blobs are purged mid-campaign
+TXN_RETENTION = 3.0  # seconds: ENDED transaction records are purged mid-campaign
+MAX_NODES = 24  # node processes ever started (fresh ones replace removed ones)
 START_TIMEOUT = 30.0
 MOUNT_READY = b"dfs mount ready at"
 
@@ -60,11 +63,17 @@ class NemesisCluster:
     """A coordinator, `nodes` storage nodes (R=`replicas`) and one FUSE mount."""
 
     def __init__(self, root: Path, proxies: Proxies, *, nodes: int = 4, replicas: int = 3,
-                 mount: bool = True) -> None:
+                 mount: bool = True, gc_grace: float = GC_GRACE,
+                 txn_retention: float = TXN_RETENTION) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.proxies = proxies
-        self.nodes = [f"node-{i}" for i in range(1, nodes + 1)]
+        self.nodes = [f"node-{i}" for i in range(1, nodes + 1)]  # current members
+        self.removed: list[str] = []  # removed by the nemesis, data directory deleted
+        self.draining: set[str] = set()
+        self.started_nodes = nodes
+        self.gc_grace = gc_grace
+        self.txn_retention = txn_retention
         self.replicas = replicas
         self.want_mount = mount
         self.secret_file = self.root / "secret"
@@ -94,7 +103,8 @@ class NemesisCluster:
         data = str(self.root / name)
         if name == COORDINATOR:
             return [*common, "coordinator", "--data", data, "--listen", proc.listen,
-                    "--replicas", str(self.replicas), *COORDINATOR_ARGS]
+                    "--replicas", str(self.replicas), *COORDINATOR_ARGS,
+                    "--gc-grace", str(self.gc_grace), "--txn-retention", str(self.txn_retention)]
         argv = [*common, "--coordinator", self.proxies[f"c-{name}"].address, "node",
                 "--data", data, "--listen", proc.listen,
                 "--advertise", self.proxies[f"n-{name}"].address, *NODE_ARGS]
@@ -135,6 +145,46 @@ class NemesisCluster:
         else:
             self.proxies[f"n-{name}"].retarget(address)
 
+    # ------------------------------------------------------------ membership
+
+    @property
+    def all_nodes(self) -> list[str]:
+        return [*self.nodes, *self.removed]
+
+    def can_add_node(self) -> bool:
+        return self.started_nodes < MAX_NODES
+
+    async def add_node(self) -> str:
+        """Start a fresh node (new name, new data directory, new proxies); it registers
+        itself with the coordinator when it can reach it."""
+        self.started_nodes += 1
+        name = f"node-{self.started_nodes}"
+        await self.proxies.add(f"c-{name}", self.coordinator)
+        await self.proxies.add(f"n-{name}", "127.0.0.1:1")
+        await self.start_proc(name)
+        self.nodes.append(name)
+        return name
+
+    async def forget_node(self, name: str) -> None:
+        """A removed node is gone for good: killed, its data directory deleted, its links
+        refusing."""
+        if self.running(name):
+            await self.kill(name)
+        await trio.to_thread.run_sync(shutil.rmtree, self.root / name, True)
+        self.nodes.remove(name)
+        self.draining.discard(name)
+        self.removed.append(name)
+        for link in (f"n-{name}", f"c-{name}"):
+            self.proxies[link].retarget("127.0.0.1:1")  # nothing listens there
+            self.proxies[link].cut("refuse")
+
+    def names_by_id(self, nodes: list[dict[str, Any]]) -> dict[int, str]:
+        """Coordinator node ids to the nemesis's names (a node advertises its n- proxy)."""
+        by_address = {self.proxies[f"n-{n}"].address: n for n in self.all_nodes}
+        by_address.update({self.procs[n].listen: n for n in self.all_nodes if n in self.procs})
+        return {int(n["id"]): by_address[n["address"]] for n in nodes
+                if n.get("address") in by_address}
+
     # ------------------------------------------------------------ signals
 
     def running(self, name: str) -> bool:
@@ -167,22 +217,26 @@ class NemesisCluster:
     async def stop_all(self) -> None:
         """Unmount, then stop every process (nodes first), each by its own pid."""
         await self.mount_stop()
-        for name in [*self.nodes, COORDINATOR]:
-            if name in self.procs:
+        for name in [*self.all_nodes, COORDINATOR]:
+            if name in self.procs and self.running(name):
                 await self.stop(name)
 
     # ------------------------------------------------------------ bit rot
 
-    async def corrupt_random_chunk(self, name: str, rng: random.Random, *, oldest: bool = False
+    async def corrupt_random_chunk(self, name: str, rng: random.Random, *, oldest: bool = False,
+                                   avoid: frozenset[int] = frozenset(),
+                                   only: frozenset[int] | None = None
                                    ) -> tuple[int, int] | None:
         """Flip one byte of a random chunk of a random COMMITTED blob of a stopped node.
 
         Uses the documented store layout (DESIGN.md §3): `blobs` maps u64 BE ids to msgpack
         records, `chunks` keys are blob u64 BE + index u32 BE, values the 8-byte digest then
-        the bytes. Returns (blob, index), or None if the node holds no committed blob.
+        the bytes. Blobs in `avoid` are left alone; with `only`, only those are candidates.
+        Returns (blob, index), or None if the node holds no such committed blob.
         """
         assert not self.running(name), "stop the node before editing its store"
-        return await trio.to_thread.run_sync(_flip_byte, self.root / name, rng, oldest)
+        return await trio.to_thread.run_sync(_flip_byte, self.root / name, rng, oldest, avoid,
+                                             only)
 
     # ------------------------------------------------------------ clients and tools
 
@@ -285,7 +339,8 @@ async def _fusermount(flag: str, path: Path) -> bool:
     return False
 
 
-def _flip_byte(path: Path, rng: random.Random, oldest: bool) -> tuple[int, int] | None:
+def _flip_byte(path: Path, rng: random.Random, oldest: bool, avoid: frozenset[int],
+               only: frozenset[int] | None) -> tuple[int, int] | None:
     # A copy-on-write put needs free pages: map well past the file (lmdb's default of 10 MiB
     # may be all the node's map holds already, and then the edit fails with MDB_MAP_FULL).
     size = (path / "data.mdb").stat().st_size
@@ -296,8 +351,10 @@ def _flip_byte(path: Path, rng: random.Random, oldest: bool) -> tuple[int, int] 
             committed = []
             for key, value in txn.cursor(db=blobs_db):
                 record = msgpack.unpackb(value, raw=False)
-                if record.get("state") == "COMMITTED" and record.get("size"):
-                    committed.append((struct.unpack(">Q", key)[0], record))
+                blob = struct.unpack(">Q", key)[0]
+                if record.get("state") == "COMMITTED" and record.get("size") \
+                        and blob not in avoid and (only is None or blob in only):
+                    committed.append((blob, record))
             if not committed:
                 return None
             # Half the time the oldest blob: a cold file's, which lives to the end of the run,

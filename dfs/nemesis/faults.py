@@ -10,7 +10,12 @@ Kinds (DESIGN.md §8 and issue 5): kill (kill -9, then restart), pause (SIGSTOP 
 the timeouts, then SIGCONT), partition-node and partition-coordinator (through the proxies,
 refusing or black-holing), slow (latency on a link), disk-full (a node restarted with a
 capacity it has already used up), bitflip (a byte of a stopped node's LMDB flipped), failpoint
-(a process restarted with a §8 failpoint armed: crash, error or delay), kill-mount.
+(a process restarted with a §8 failpoint armed: crash, error or delay), kill-mount, and the
+operator's drain and remove of a node (membership.py).
+
+Every bit flip goes into the `Ledger` (judge.py), with the nodes removed or left down: the
+final check's findings are judged against it. A blob is only ever flipped on one node, so the
+nemesis alone never destroys every good copy of a file.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import trio
 from dfs.failpoints import NAMES as FAILPOINTS
 from dfs.nemesis.cluster import COORDINATOR, MOUNT, NemesisCluster
 from dfs.nemesis.history import History
+from dfs.nemesis.judge import Ledger
+from dfs.nemesis.membership import Membership
 from dfs.nemesis.proxy import BLACKHOLE, REFUSE
 from dfs.rpc import Peer
 
 KINDS = ("kill", "pause", "partition-node", "partition-coordinator", "slow", "disk-full",
-         "bitflip", "failpoint", "kill-mount")
-WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1)
+         "bitflip", "failpoint", "kill-mount", "drain", "remove")
+WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1, 1, 1)
 
 
 class Nemesis:
@@ -49,7 +56,8 @@ class Nemesis:
         self.mount = mount
         self.counts: Counter[str] = Counter()
         self.details: Counter[str] = Counter()  # e.g. failpoint fired, cut modes
-        self.corrupted: list[dict[str, Any]] = []
+        self.ledger = Ledger()
+        self.membership = Membership(cluster, history, rng)
         self.errors: list[str] = []  # faults that could not be injected or healed
         self.busy: set[str] = set()
         self.active = 0
@@ -89,6 +97,8 @@ class Nemesis:
             "bitflip": nodes,
             "failpoint": [COORDINATOR, *nodes],
             "kill-mount": [MOUNT],
+            "drain": self.membership.drain_targets(),
+            "remove": self.membership.remove_targets(),
         }[kind]
         free = [t for t in options if t not in self.busy]
         return self.rng.choice(free) if free else None
@@ -118,6 +128,10 @@ class Nemesis:
             yield
         finally:
             self.history.fault(kind, "stop", target)
+
+    @property
+    def corrupted(self) -> list[dict[str, Any]]:
+        return [f.to_json() for f in self.ledger.flips]
 
     async def _restart_clean(self, name: str) -> None:
         """Start a process again with no failpoint and its normal capacity."""
@@ -262,15 +276,40 @@ class Nemesis:
             else:
                 await self.cluster.stop(target)
             try:
-                flipped = await self.cluster.corrupt_random_chunk(target, self.rng)
-                if flipped is not None:
-                    blob, index = flipped
-                    self.corrupted.append({"node": target, "blob": blob, "index": index})
-                    self.history.note("bit flipped", target=target, blob=blob, index=index)
+                await self._flip(target, oldest=False)
                 await self._hold(0.1, 2.0)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.cluster.start_proc(target)
+        return {}
+
+    async def _flip(self, target: str, *, oldest: bool, only: frozenset[int] | None = None
+                    ) -> bool:
+        """Flip a bit of a stopped node's blob (never one already flipped on another node)."""
+        avoid = frozenset(self.ledger.flipped_elsewhere(target))
+        flipped = await self.cluster.corrupt_random_chunk(target, self.rng, oldest=oldest,
+                                                          avoid=avoid, only=only)
+        if flipped is None:
+            return False
+        blob, index = flipped
+        self.ledger.flip(target, blob, index, self.history.now())
+        self.history.note("bit flipped", target=target, blob=blob, index=index)
+        return True
+
+    # ------------------------------------------------------------ membership
+
+    async def _drain(self, target: str) -> dict[str, Any]:
+        async with self._recorded("drain", target):
+            outcome = await self.membership.drain(target)
+            self.details[f"drain {outcome}"] += 1
+        return {}
+
+    async def _remove(self, target: str) -> dict[str, Any]:
+        async with self._recorded("remove", target):
+            outcome = await self.membership.remove(target)
+            self.details[f"remove {outcome}"] += 1
+            if target in self.cluster.removed:
+                self.ledger.removed.add(target)
         return {}
 
     # ------------------------------------------------------------ the mount
@@ -287,23 +326,22 @@ class Nemesis:
 
     # ------------------------------------------------------------ the end
 
-    async def last_bitflip(self) -> None:
-        """One more flipped bit once the load has stopped, in a cold file (the oldest blob) on
-        a random node: no reader will trip over it, so `dfs check --deep --repair` must find
-        and repair it, and the final check then verifies every replica."""
-        target = self.rng.choice(self.cluster.nodes)
+    async def last_bitflip(self, current: frozenset[int]) -> None:
+        """One more flipped bit once the load has stopped, in a file's current blob (the
+        oldest, a cold file's, if it may) on a node that holds one: no reader will trip over
+        it, so the judged check must find it and `dfs check --deep --repair` repair it."""
         self.counts["bitflip"] += 1
         self.details["bitflip after the load (for dfs check)"] += 1
-        async with self._recorded("bitflip", target, last=True):
-            await self.cluster.stop(target)
-            try:
-                flipped = await self.cluster.corrupt_random_chunk(target, self.rng, oldest=True)
-                if flipped is not None:
-                    blob, index = flipped
-                    self.corrupted.append({"node": target, "blob": blob, "index": index})
-                    self.history.note("bit flipped", target=target, blob=blob, index=index)
-            finally:
-                await self.cluster.start_proc(target)
+        nodes = list(self.membership.eligible() or self.cluster.nodes)
+        self.rng.shuffle(nodes)
+        for target in nodes:
+            async with self._recorded("bitflip", target, last=True):
+                await self.cluster.stop(target)
+                try:
+                    if await self._flip(target, oldest=True, only=current):
+                        return
+                finally:
+                    await self.cluster.start_proc(target)
 
     async def heal_everything(self) -> list[str]:
         """After the campaign: whatever state anything is in, make it whole. What was done."""
@@ -321,4 +359,5 @@ class Nemesis:
             await self.cluster.mount_kill()
             await self.cluster.mount_start()
             done.append("remounted")
+        self.ledger.down = {n for n in self.cluster.nodes if not self.cluster.running(n)}
         return done

@@ -52,6 +52,7 @@ class Op:
     torn: bool = False  # writes: a mount write killed mid-way (a prefix may be committed)
     prefix: bool = False  # reads: saw a torn write's committed prefix
     error: str | None = None
+    detail: str | None = None  # admin ops: the target, or what a repair found and fixed
 
     def done_by(self, t: float) -> bool:
         return self.complete is not None and self.complete < t

@@ -6,15 +6,22 @@ conditionally (if_version, the lost-update guard); reads attribute what they got
 one write, or record why they cannot. Mount operations run real programs (`cp`, `cat`, a small
 Python writer) in child processes with a deadline, so a stuck FUSE request can never hang the
 campaign: the child is killed, by its pid, and the operation is `info`.
+
+A repairer runs `dfs check --deep --repair` every few seconds under the faults: an `admin`
+op, ok when the check exited 0, fail when it could not run (exit 1), info when it left
+findings unfixed (exit 3) or timed out. Under faults none of these is a violation; what it
+found is counted for the summary, and the final phase judges what is left.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,8 @@ from dfs.nemesis.cluster import NemesisCluster
 from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
 
 OP_TIMEOUT = 45.0
+REPAIR_INTERVAL = (3.0, 10.0)  # seconds between two repair runs under the faults
+EVENTS_KEPT = 16  # COMMIT txids and outcome answers a client remembers for the history
 ABANDON = 0.04  # the share of library writes abandoned part-way
 DIR = "nemesis"
 # A write that failed with one of these was refused before any decision: it did not happen.
@@ -58,13 +67,29 @@ except OSError as e:
 
 class RecordingClient(Client):
     """A library client that counts COMMIT requests: a write that failed before sending any
-    COMMIT certainly did not happen (the coordinator decides only on a client's COMMIT)."""
+    COMMIT certainly did not happen (the coordinator decides only on a client's COMMIT). It
+    also notes each COMMIT's txid and each outcome answer, so a write's history record says
+    which transactions it tried and what the coordinator said about them."""
 
     commits = 0
 
-    async def commit(self, *args: Any, **kwargs: Any) -> Attr:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[str] = []
+
+    def _event(self, what: str) -> None:
+        self.events = [*self.events[-(EVENTS_KEPT - 1):], what]
+
+    async def commit(self, txid: int, *args: Any, **kwargs: Any) -> Attr:
         self.commits += 1
-        return await super().commit(*args, **kwargs)
+        self._event(f"COMMIT {txid}")
+        return await super().commit(txid, *args, **kwargs)
+
+    async def outcome(self, txid: int) -> str:
+        state = await super().outcome(txid)
+        if state != "inflight":
+            self._event(f"outcome {txid}: {state}")
+        return state
 
 
 def classify(error: BaseException, committed: bool = True) -> str:
@@ -102,6 +127,7 @@ class Workload:
     stopping: bool = False
     unexpected: list[tuple[int, str]] = field(default_factory=list)  # (op id, traceback)
     counts: dict[str, int] = field(default_factory=dict)
+    repair_found: Counter[str] = field(default_factory=Counter)  # finding kind -> count
 
     def rng(self, name: str) -> random.Random:
         return random.Random(f"{self.seed}/{name}")
@@ -130,8 +156,17 @@ class Workload:
                                                io.BytesIO(content))
                 self.history.complete(op, OK, version=attr.version, version_known=True)
 
-    async def run(self, lib_writers: int, lib_readers: int, mount: bool) -> None:
+    async def current_blobs(self) -> frozenset[int]:
+        """The blob each file holds now (the load has stopped)."""
+        async with self.cluster.client(via="") as client:
+            attrs = [await client.getattr(self.inos[f]) for f in self.all_files]
+        return frozenset(a.blob for a in attrs if a.blob is not None)
+
+    async def run(self, lib_writers: int, lib_readers: int, mount: bool,
+                  repairs: bool = False) -> None:
         async with trio.open_nursery() as nursery:
+            if repairs:
+                nursery.start_soon(self._repairs)
             for i in range(lib_writers):
                 nursery.start_soon(self._loop, f"lib-writer-{i}", self.lib_write)
             for i in range(lib_readers):
@@ -150,6 +185,39 @@ class Workload:
                 # Back off a little after a failure, so a dead cluster isn't hammered.
                 await trio.sleep(rng.uniform(0, 0.05) if outcome == OK else rng.uniform(0.1, 0.4))
 
+    # ------------------------------------------------------------ repairs under faults
+
+    async def _repairs(self) -> None:
+        rng = self.rng("repairer")
+        while not self.stopping:
+            await trio.sleep(rng.uniform(*REPAIR_INTERVAL))
+            if not self.stopping:
+                await self.repair()
+
+    async def repair(self) -> str:
+        """One `dfs check --deep --repair --json`; its outcome and what it found recorded."""
+        op = self.history.invoke("repairer", "repair", "*", "admin")
+        try:
+            result = await self.cluster.dfs("check", "--deep", "--repair", "--json",
+                                            timeout=OP_TIMEOUT)
+        except trio.TooSlowError:
+            self.history.complete(op, INFO, error="timeout")
+            return INFO
+        try:
+            doc = json.loads(result.stdout or b"null")
+        except ValueError:
+            doc = None
+        found = list(doc.get("findings") or []) if isinstance(doc, dict) else []
+        for f in found:
+            self.repair_found[f"{f.get('kind')} {'fixed' if f.get('fixed') else 'unfixed'}"] += 1
+        outcome = {0: OK, 1: FAIL}.get(result.returncode, INFO)
+        fixed = sum(1 for f in found if f.get("fixed"))
+        self.history.complete(
+            op, outcome, detail=f"exit {result.returncode}: {len(found)} finding(s), "
+            f"{fixed} fixed: " + ", ".join(sorted({str(f.get('kind')) for f in found})),
+            error=None if outcome == OK else result.stderr.decode(errors="replace")[-300:])
+        return outcome
+
     # ------------------------------------------------------------ the client library
 
     async def lib_write(self, name: str, rng: random.Random, client: RecordingClient) -> str:
@@ -167,6 +235,7 @@ class Workload:
         op = self.history.invoke(name, "write", file, "lib", size=len(content),
                                  digest=digest(content), if_version=if_version, base=base)
         commits = client.commits
+        client.events = []
         # Now and then the writer gives up part-way, as a client that crashed or lost
         # interest would: the coordinator and the nodes must clean up after it.
         abandon = rng.uniform(0.0, 0.5) if rng.random() < ABANDON else math.inf
@@ -179,10 +248,12 @@ class Workload:
                     raise trio.TooSlowError("abandoned by the writer")
         except Exception as e:  # noqa: BLE001 - anything but a DfsError is also a finding
             outcome = classify(e, committed=client.commits > commits)
-            self.history.complete(op, outcome, error=self._describe(op, e))
+            self.history.complete(op, outcome, error=self._describe(op, e),
+                                  detail="; ".join(client.events) or None)
             return outcome
         self.history.complete(op, OK, version=attr.version,
-                              version_known=attr.checksum == file_checksum(content))
+                              version_known=attr.checksum == file_checksum(content),
+                              detail="; ".join(client.events) or None)
         return OK
 
     async def lib_read(self, name: str, rng: random.Random, client: Client) -> str:
