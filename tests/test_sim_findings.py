@@ -193,3 +193,40 @@ async def test_a_node_that_dies_during_a_deep_check_is_a_note_not_a_crash(
         out = capsys.readouterr().out
         assert f"note: node {victim.node_id}" in out and "Traceback" not in out
         nursery.cancel_scope.cancel()
+
+
+async def test_a_repair_target_that_stalls_its_vote_costs_a_vote_timeout_not_30_s(
+        tmp_path: Path) -> None:
+    """Seeds 194 and 196: a repair target's PREPARE (or fetch) reply was lost and the repair
+    waited a fixed 30 s for it, holding the file's repair lock and keeping the blob "in
+    flight", so the target's PREPARED copy outlived the file's version and every cleanup
+    window. A repair's vote is bounded like a write's (vote_timeout plus the time to hash
+    the blob); the stalled target's copy is aborted."""
+    from dfs import failpoints
+
+    data = b"to be copied"
+    async with running_coordinator(tmp_path / "coord", vote_timeout=0.3) as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 4, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            attr = await client.write_file(attr.ino, io.BytesIO(data))
+        (spare,) = [n for n in nodes if n.node_id not in attr.replicas]
+        gone = next(n for n in nodes if n.node_id == attr.replicas[0])
+        gone.stop()
+        membership = coord.service.membership
+        await _until(lambda: not membership.is_live(gone.node_id), 5, "the node is down")
+        failpoints.arm("node.before_vote=delay:8000")  # the target's vote never comes in time
+        try:
+            started = trio.current_time()
+            result = await coord.service.replicator.fix(attr.ino, attr.blob,
+                                                        evacuate_down=True)
+            took = trio.current_time() - started
+        finally:
+            failpoints.arm("")
+        assert took < 0.3 + 3.0 + 1.5, f"the repair waited {took:.1f} s for a stalled vote"
+        assert result.status == "failed" and spare.node_id not in result.replicas
+        store = spare.node.store
+        await _until(lambda: store.stat(attr.blob) is None, 5, "the stalled copy is aborted")
+        nursery.cancel_scope.cancel()
