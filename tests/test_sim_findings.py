@@ -14,9 +14,10 @@ import trio
 from coord_helpers import SECRET, RunningNode, running_coordinator, start_nodes
 
 from dfs import rpc, runtime
-from dfs.chunks import file_checksum
+from dfs.chunks import CHUNK_SIZE, chunk_digest, file_checksum
 from dfs.client import Client
 from dfs.db import install_environments
+from dfs.errors import Code, DfsError
 from dfs.sim.lmdb_model import SimDisks
 from storage_node.participant import TxState
 
@@ -229,4 +230,57 @@ async def test_a_repair_target_that_stalls_its_vote_costs_a_vote_timeout_not_30_
         assert result.status == "failed" and spare.node_id not in result.replicas
         store = spare.node.store
         await _until(lambda: store.stat(attr.blob) is None, 5, "the stalled copy is aborted")
+        nursery.cancel_scope.cancel()
+
+
+class _StallingSource(rpc.Service):
+    """A replica that serves chunk 0 of a blob and never answers for chunk 1 (a stuck disk or
+    a half-open link): a fetch from it hangs for the node's read timeout."""
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk = chunk
+
+    async def op_read(self, req: rpc.Request) -> dict[str, Any]:
+        if req.int("index") == 0:
+            return {"data": self.chunk, "digest": chunk_digest(self.chunk)}
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_fetch_that_fails_is_an_error_reply_and_a_stuck_one_stops_no_heartbeat(
+        tmp_path: Path) -> None:
+    """Seed 58: a repair's fetch on a node stalled on a silent source; the coordinator gave
+    the repair up, the node named the half-fetched STAGED txid in its heartbeat, heard
+    "unknown", and the heartbeat loop waited for that txid's lock, which the fetch held: no
+    heartbeat for 20 s, the node marked down, under-replicated files, GC deletions not
+    delivered. When the fetch finally failed its UNAVAILABLE came out of the pull's nursery as
+    an ExceptionGroup and was answered INTERNAL. A busy txid is not an idle leftover: the
+    heartbeat skips it; a failed fetch answers its own error."""
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        (node,) = await start_nodes(nursery, coord, 1, capacity=1 << 30)
+        peer = rpc.Peer(node.address, SECRET)
+        chunk = b"c" * CHUNK_SIZE
+        fields = dict(size=2 * CHUNK_SIZE, checksum=file_checksum(chunk + chunk), nchunks=2)
+        with pytest.raises(DfsError) as refused:  # a source that refuses connections
+            await peer.call("fetch", blob=1_000_003, sources=["127.0.0.1:1"], **fields)
+        assert refused.value.code is Code.UNAVAILABLE, refused.value
+
+        listeners = await nursery.start(rpc.serve, _StallingSource(chunk), "127.0.0.1", 0,
+                                        SECRET, lambda: coord.store.cluster_id)
+        source = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        stuck = 1_000_004  # a repair the coordinator no longer knows (it gave up)
+
+        async def fetch() -> None:
+            with pytest.raises(DfsError):
+                await peer.call("fetch", blob=stuck, sources=[source], timeout=60, **fields)
+
+        nursery.start_soon(fetch)
+        store, membership = node.node.store, coord.service.membership
+        await _until(lambda: store.stat(stuck) is not None, 5, "chunk 0 is staged")
+        with trio.move_on_after(4.0):  # leftover age (2 s) + named + node_timeout (1 s)
+            while membership.is_live(node.node_id):
+                await trio.sleep(0.05)
+            raise AssertionError("the node's heartbeats stopped behind the stuck fetch")
+        await peer.aclose()
         nursery.cancel_scope.cancel()
