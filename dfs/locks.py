@@ -24,5 +24,9 @@ class KeyedLocks:
             if users[0] == 0:
                 del self._locks[key]
 
+    def busy(self, key: Hashable) -> bool:
+        """Someone holds or awaits key's lock (a caller that must not wait can skip it)."""
+        return key in self._locks
+
     def __len__(self) -> int:
         return len(self._locks)

@@ -163,9 +163,17 @@ class MaintenanceOps:
                     raise action.error()
                 await self.store.stage(blob, index, data)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(FETCH_WINDOW, max(nchunks, 1))):
-                nursery.start_soon(worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(FETCH_WINDOW, max(nchunks, 1))):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as group:
+            # The workers' errors are the fetch's answer (UNAVAILABLE, CHECKSUM): the first
+            # one, not a group the server would have to answer INTERNAL.
+            errors, rest = group.split(DfsError)
+            if errors is None or rest is not None:
+                raise
+            raise _first(errors) from None
 
     async def _chunk_from(self, blob: int, index: int, size: int, sources: list[str],
                           bad: set[str], failures: list[str]) -> bytes:
@@ -189,6 +197,14 @@ class MaintenanceOps:
         code = Code.CHECKSUM if bad and bad >= set(sources) else Code.UNAVAILABLE
         raise DfsError(code, f"fetch of blob {blob} chunk {index}: " + "; ".join(failures[-3:]),
                        bad_sources=sorted(bad))
+
+
+def _first(group: BaseExceptionGroup[DfsError]) -> DfsError:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, DfsError)
+    return error
 
 
 Reporter = Callable[[list[int], str], Awaitable[None]]

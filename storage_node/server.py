@@ -246,6 +246,10 @@ class NodeService(MaintenanceOps, Service):
         for txid in txids[:MAX_IDS_PER_REQUEST]:
             if not isinstance(txid, int) or isinstance(txid, bool):
                 continue
+            if self._txn_locks.busy(txid):
+                # Being worked on (a fetch pulling chunks, a PREPARE): not an idle leftover,
+                # and the heartbeat loop must never wait for it. Named again next time.
+                continue
             async with self._txn_locks.hold(txid):
                 action = self.participant.on_presumed_aborted(txid)
                 if action is None:

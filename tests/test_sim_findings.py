@@ -14,9 +14,10 @@ import trio
 from coord_helpers import SECRET, RunningNode, running_coordinator, start_nodes
 
 from dfs import rpc, runtime
-from dfs.chunks import file_checksum
+from dfs.chunks import CHUNK_SIZE, chunk_digest, file_checksum
 from dfs.client import Client
 from dfs.db import install_environments
+from dfs.errors import Code, DfsError
 from dfs.sim.lmdb_model import SimDisks
 from storage_node.participant import TxState
 
@@ -192,4 +193,94 @@ async def test_a_node_that_dies_during_a_deep_check_is_a_note_not_a_crash(
         print_report(report)
         out = capsys.readouterr().out
         assert f"note: node {victim.node_id}" in out and "Traceback" not in out
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_repair_target_that_stalls_its_vote_costs_a_vote_timeout_not_30_s(
+        tmp_path: Path) -> None:
+    """Seeds 194 and 196: a repair target's PREPARE (or fetch) reply was lost and the repair
+    waited a fixed 30 s for it, holding the file's repair lock and keeping the blob "in
+    flight", so the target's PREPARED copy outlived the file's version and every cleanup
+    window. A repair's vote is bounded like a write's (vote_timeout plus the time to hash
+    the blob); the stalled target's copy is aborted."""
+    from dfs import failpoints
+
+    data = b"to be copied"
+    async with running_coordinator(tmp_path / "coord", vote_timeout=0.3) as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 4, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            attr = await client.write_file(attr.ino, io.BytesIO(data))
+        (spare,) = [n for n in nodes if n.node_id not in attr.replicas]
+        gone = next(n for n in nodes if n.node_id == attr.replicas[0])
+        gone.stop()
+        membership = coord.service.membership
+        await _until(lambda: not membership.is_live(gone.node_id), 5, "the node is down")
+        failpoints.arm("node.before_vote=delay:8000")  # the target's vote never comes in time
+        try:
+            started = trio.current_time()
+            result = await coord.service.replicator.fix(attr.ino, attr.blob,
+                                                        evacuate_down=True)
+            took = trio.current_time() - started
+        finally:
+            failpoints.arm("")
+        assert took < 0.3 + 3.0 + 1.5, f"the repair waited {took:.1f} s for a stalled vote"
+        assert result.status == "failed" and spare.node_id not in result.replicas
+        store = spare.node.store
+        await _until(lambda: store.stat(attr.blob) is None, 5, "the stalled copy is aborted")
+        nursery.cancel_scope.cancel()
+
+
+class _StallingSource(rpc.Service):
+    """A replica that serves chunk 0 of a blob and never answers for chunk 1 (a stuck disk or
+    a half-open link): a fetch from it hangs for the node's read timeout."""
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk = chunk
+
+    async def op_read(self, req: rpc.Request) -> dict[str, Any]:
+        if req.int("index") == 0:
+            return {"data": self.chunk, "digest": chunk_digest(self.chunk)}
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_fetch_that_fails_is_an_error_reply_and_a_stuck_one_stops_no_heartbeat(
+        tmp_path: Path) -> None:
+    """Seed 58: a repair's fetch on a node stalled on a silent source; the coordinator gave
+    the repair up, the node named the half-fetched STAGED txid in its heartbeat, heard
+    "unknown", and the heartbeat loop waited for that txid's lock, which the fetch held: no
+    heartbeat for 20 s, the node marked down, under-replicated files, GC deletions not
+    delivered. When the fetch finally failed its UNAVAILABLE came out of the pull's nursery as
+    an ExceptionGroup and was answered INTERNAL. A busy txid is not an idle leftover: the
+    heartbeat skips it; a failed fetch answers its own error."""
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        (node,) = await start_nodes(nursery, coord, 1, capacity=1 << 30)
+        peer = rpc.Peer(node.address, SECRET)
+        chunk = b"c" * CHUNK_SIZE
+        fields = dict(size=2 * CHUNK_SIZE, checksum=file_checksum(chunk + chunk), nchunks=2)
+        with pytest.raises(DfsError) as refused:  # a source that refuses connections
+            await peer.call("fetch", blob=1_000_003, sources=["127.0.0.1:1"], **fields)
+        assert refused.value.code is Code.UNAVAILABLE, refused.value
+
+        listeners = await nursery.start(rpc.serve, _StallingSource(chunk), "127.0.0.1", 0,
+                                        SECRET, lambda: coord.store.cluster_id)
+        source = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        stuck = 1_000_004  # a repair the coordinator no longer knows (it gave up)
+
+        async def fetch() -> None:
+            with pytest.raises(DfsError):
+                await peer.call("fetch", blob=stuck, sources=[source], timeout=60, **fields)
+
+        nursery.start_soon(fetch)
+        store, membership = node.node.store, coord.service.membership
+        await _until(lambda: store.stat(stuck) is not None, 5, "chunk 0 is staged")
+        with trio.move_on_after(4.0):  # leftover age (2 s) + named + node_timeout (1 s)
+            while membership.is_live(node.node_id):
+                await trio.sleep(0.05)
+            raise AssertionError("the node's heartbeats stopped behind the stuck fetch")
+        await peer.aclose()
         nursery.cancel_scope.cancel()

@@ -26,7 +26,7 @@ class CoordinatorConfig:
     commit_retry_interval: float = 1.0  # re-send owed COMMITs this often
     gc_interval: float = 1.0  # look for due GC entries this often
     txn_retention: float = 60.0  # keep ENDED records this long, then purge
-    rpc_timeout: float = 10.0  # COMMIT, ABORT, delete calls to nodes
+    rpc_timeout: float = 10.0  # COMMIT, ABORT, delete calls to nodes; x3 for a repair fetch
     txid_block: int = 1024  # txids leased per forced write
     rereplicate_after: float = 600.0  # a node down this long has its replicas re-made elsewhere
 

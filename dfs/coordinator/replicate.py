@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COPY_CONCURRENCY = 64  # repairs running at once in this coordinator
-COPY_TIMEOUT = 30.0  # plus size / COPY_MIN_RATE seconds
+COPY_TIMEOUTS = 3  # a fetch or verify waits this many rpc_timeouts (plus size / COPY_MIN_RATE)
 COPY_MIN_RATE = 20e6
 END_WAIT = 5.0  # wait this long at most for the blob's own txn record to finish ending
 RETRY_FOR = 3.0  # idempotent node calls are retried on network errors this long
@@ -227,7 +227,7 @@ class Replicator:
         """STAGE (fetch) and PREPARE the blob on one target; results[node] says how it went."""
         address = self.membership.address(node)
         by_address = {self.membership.address(s): s for s in sources if s != node}
-        timeout = COPY_TIMEOUT + inode.size / COPY_MIN_RATE
+        timeout = self._copy_timeout(inode.size)
         fields = dict(size=inode.size, checksum=inode.checksum, nchunks=nchunks(inode.size))
         try:
             if address is None:
@@ -241,8 +241,11 @@ class Replicator:
                 results[node] = "have"
                 return
             await failpoint("repair.after_fetch")
-            await self.peers[address].call("prepare", timeout=timeout, retry_for=RETRY_FOR,
-                                           txid=inode.blob, **fields)
+            # The target's vote, bounded like a write's (plus its re-hash of the blob): a lost
+            # reply must not hold the file's repair lock, and its copy, for a fetch's timeout.
+            await self.peers[address].call(
+                "prepare", timeout=self.config.vote_timeout + inode.size / COPY_MIN_RATE,
+                retry_for=RETRY_FOR, txid=inode.blob, **fields)
             results[node] = "staged"
         except DfsError as e:
             results[node] = e.msg
@@ -260,7 +263,7 @@ class Replicator:
                 continue
             try:
                 reply = await self.peers[address].call(
-                    "verify", timeout=COPY_TIMEOUT + inode.size / COPY_MIN_RATE,
+                    "verify", timeout=self._copy_timeout(inode.size),
                     retry_for=RETRY_FOR, blobs=[inode.blob])
             except DfsError as e:
                 log.info("repair of ino %d: cannot verify node %d's copy: %s", inode.ino, node, e)
@@ -272,6 +275,11 @@ class Replicator:
                 return node, bad
             bad.append(node)
         return None, bad
+
+    def _copy_timeout(self, size: int) -> float:
+        """How long a node may take to fetch or re-hash a blob of `size` bytes: 30 s at the
+        default --rpc-timeout, shorter where the operator (or a test) shortens that."""
+        return COPY_TIMEOUTS * self.config.rpc_timeout + size / COPY_MIN_RATE
 
     def _place(self, count: int, exclude: list[int]) -> list[int]:
         """Up to `count` new live up nodes outside `exclude` (fewer if the cluster has fewer)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from dfs.checker.findings import Kind
 from dfs.checker.run import Report
 from dfs.chunks import FileHasher, nchunks
+from dfs.meta.nodes import NodeState
 
 if TYPE_CHECKING:
     from dfs.sim.processes import SimCoordinator, SimNode
@@ -48,9 +49,11 @@ def check_state(coord: SimCoordinator, nodes: list[SimNode], r: int) -> list[str
         return ["state: the coordinator is not running at the end"]
     store = service.store
     inodes = store.db.read(lambda t: store.scan.inodes(t, 0, 1 << 30))
-    # Removed is the coordinator's word, not the operator's belief (a lost reply to
-    # node_remove leaves a removed node running, outside the cluster, its data not ours).
-    removed = {i for i, r in service.membership.nodes.items() if str(r.state) == "removed"}
+    # Removed as the coordinator's node table says, not as the operator heard: a `node remove`
+    # whose reply was lost did remove the node, and what a removed node still holds on its
+    # disk is no longer the cluster's (it is refused; the operator wipes it).
+    removed = {node_id for node_id, record in service.membership.nodes.items()
+               if record.state is NodeState.REMOVED}
     live = {n.node_id: n for n in nodes
             if n.node is not None and not n.removed and n.node_id not in removed}
     wanted: dict[int, set[int]] = {node_id: set() for node_id in live}
