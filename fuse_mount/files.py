@@ -80,7 +80,7 @@ class FilesMixin:
         reads to it). Awaited in a worker thread: the kernel may wait on requests in flight."""
         node = self.table.get(handle.ino)
         stale_size = node is None or node.presented_size != handle.shown_size()
-        drop_pages = not admission.keep and self.pages.had_pages(handle.ino)
+        drop_pages = not admission.keep
         if not (stale_size or drop_pages):
             return
         try:
@@ -126,12 +126,13 @@ class FilesMixin:
             exclusive=bool(flags & os.O_EXCL), done_if=Code.EEXIST,
         )
         attr = await self._made(parent_inode, name, make)
+        known = self.table.get(attr.ino) is not None  # else the kernel has no pages of it
         handle, admission = self._new_handle(attr.ino, flags, attr)
         handle.opener = (ctx.pid, ctx.uid)
         try:
             if flags & os.O_TRUNC and handle.writable and attr.size:
                 await handle.truncate(0)
-            if admission.cached and not admission.keep and self.pages.had_pages(attr.ino):
+            if admission.cached and not admission.keep and known:
                 await self._show(handle, admission)  # an existing file (create without O_EXCL)
         except BaseException:
             self._drop_handle(handle)

@@ -50,6 +50,9 @@ class _Inode:
     content: Content | None = None  # what pages of this inode the kernel may hold
     holders: set[FileHandle] = field(default_factory=set)  # open page-cached handles
     contended_until: float = float("-inf")  # monotonic
+    # A direct_io handle of other content was open: a private mmap of it may have put its
+    # pages in, so once the holders are gone the pages count as unknown.
+    tainted: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,16 @@ class PageCacheRule:
             cached = all(h.content == base for h in state.holders)
         want: Content = ("w", handle.fh, 0) if handle.writable else base
         if not cached:
+            if handle.writable or state.content != base:
+                state.tainted = True
             return Admission(cached=False, keep=True)
+        if not state.holders and state.tainted:
+            state.content = None
         keep = state.content == base
+        state.tainted = any(
+            not h.cached and (h.writable or version_key(h.base.generation, h.base.version) != want)
+            for h in others
+        )
         state.content = want
         state.holders.add(handle)
         handle.content = want
@@ -93,15 +104,17 @@ class PageCacheRule:
         if state is None or handle not in state.holders:
             return
         state.holders.discard(handle)
-        if handle.writable and not state.holders:
+        if state.holders:
+            return
+        if state.tainted:
+            state.content, state.tainted = None, False
+        elif handle.writable:
             # A writer's pages are its spool: a known version only after a clean commit.
             state.content = (
                 version_key(handle.base.generation, handle.base.version)
                 if handle.synced else None
             )
-        if state.content is None and not state.holders and (
-            time.monotonic() >= state.contended_until
-        ):
+        if state.content is None and time.monotonic() >= state.contended_until:
             del self._inodes[handle.ino]
 
     def forget(self, ino: int) -> None:
@@ -109,6 +122,3 @@ class PageCacheRule:
         state = self._inodes.get(ino)
         if state is not None and not state.holders:
             del self._inodes[ino]
-
-    def had_pages(self, ino: int) -> bool:
-        return ino in self._inodes
