@@ -7,7 +7,7 @@ writer's spool, and then that writer is the only handle open on the inode on thi
 rule, decided at open:
 
 - a reader uses the page cache when no writer is open on the inode here and every handle that
-  uses it reads the same version; a writer only when no other handle is open here;
+  uses it reads the same version; a writer (not O_APPEND) only when no other handle is open;
 - every other handle gets `direct_io` (its reads and writes bypass the page cache);
 - a handle that brings a different content than the pages the kernel may hold (another
   version, or a writer) has those pages dropped before its open returns; one of the same
@@ -78,7 +78,9 @@ class PageCacheRule:
         if now < state.contended_until:
             cached = False
         elif handle.writable:
-            cached = not others
+            # O_APPEND: the kernel would place cached appends at its own i_size, which an
+            # open cannot refresh; direct_io leaves the offset to the spool's size.
+            cached = not others and not handle.append
         else:
             cached = all(h.content == base for h in state.holders)
         want: Content = ("w", handle.fh, 0) if handle.writable else base

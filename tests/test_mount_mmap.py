@@ -144,3 +144,17 @@ def test_write_then_read_back_through_the_page_cache(two_mounts: tuple[Mount, Mo
         f.truncate(50)
     assert (a / "written").read_bytes() == want[:50]
     assert (b / "written").read_bytes() == want[:50]
+
+
+def test_append_after_another_mount_grew_the_file(two_mounts: tuple[Mount, Mount]) -> None:
+    """The kernel's size here is the old version's when the append opens."""
+    a, b = two_mounts
+    (a / "log").write_bytes(b"one\n")
+    assert (a / "log").read_bytes() == b"one\n"
+    (b / "log").write_bytes(b"one\ntwo, from the other mount\n")
+    with open(a / "log", "ab") as f:
+        f.write(b"three\n")
+    want = b"one\ntwo, from the other mount\nthree\n"
+    assert (a / "log").read_bytes() == want
+    assert os.stat(a / "log").st_size == len(want)
+    assert (b / "log").read_bytes() == want
