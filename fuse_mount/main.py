@@ -199,7 +199,6 @@ async def _amain(
             pyfuse3.init(ops, str(mountpoint), mount_options())
         except RuntimeError as e:
             raise DfsError(Code.UNAVAILABLE, f"cannot mount at {mountpoint}: {e}") from None
-        raise_read_ahead(mountpoint)
         return await _run_mounted(ops, cache, mountpoint, notify)
     finally:
         with trio.CancelScope(shield=True):
@@ -223,6 +222,7 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
 
             nursery.start_soon(on_signals)
             nursery.start_soon(ops.run_invalidator)
+            nursery.start_soon(_after_init, ops, mountpoint)
             cache.start(nursery)
             notify.ready(mountpoint)
             await pyfuse3.main(min_tasks=4, max_tasks=128)
@@ -238,6 +238,13 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
         pyfuse3.close(unmount=unmount and is_mounted(mountpoint))
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+async def _after_init(ops: Operations, mountpoint: Path) -> None:
+    """The kernel sets the mount's read-ahead from FUSE_INIT's reply: raise it after that."""
+    await ops.initialized.wait()
+    await trio.sleep(0)  # init() runs before libfuse sends the reply
+    raise_read_ahead(mountpoint)
 
 
 def raise_read_ahead(mountpoint: Path) -> None:

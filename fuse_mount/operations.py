@@ -83,6 +83,11 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         self._recent: dict[int, tuple[float, Attr]] = {}
         self.pages = PageCacheRule()
         self._inval_send, self._inval_recv = trio.open_memory_channel[int](4096)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """FUSE_INIT arrived (its reply goes out when this returns)."""
+        self.initialized.set()
 
     # ------------------------------------------------------------- plumbing
 

@@ -158,3 +158,21 @@ def test_append_after_another_mount_grew_the_file(two_mounts: tuple[Mount, Mount
     assert (a / "log").read_bytes() == want
     assert os.stat(a / "log").st_size == len(want)
     assert (b / "log").read_bytes() == want
+
+
+def test_close_commits_what_a_live_mapping_wrote(
+    two_mounts: tuple[Mount, Mount], shared_cluster: Cluster
+) -> None:
+    """close() writes a shared mapping's dirty pages back before it commits."""
+    a, b = two_mounts
+    (a / "live").write_bytes(b"." * (2 * PAGE))
+    fd = os.open(a / "live", os.O_RDWR)
+    m = mmap.mmap(fd, 2 * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        m[PAGE : PAGE + 4] = b"live"
+        os.close(fd)  # the mapping holds its own reference: this is only the flush
+        want = b"." * PAGE + b"live" + b"." * (PAGE - 4)
+        assert committed(shared_cluster, "live") == want
+        assert (b / "live").read_bytes() == want
+    finally:
+        m.close()
