@@ -41,6 +41,7 @@ import lmdb
 import trio
 
 from dfs import runtime
+from dfs.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ class Database:
             try:
                 committed = await runtime.in_thread(self._commit_batch, batch)
                 if committed and any(r.durable and r.error is None for r in batch):
+                    await failpoint("db.before_flush")
                     await runtime.in_thread(self._sync)
             finally:
                 if pin:

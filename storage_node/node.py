@@ -150,7 +150,9 @@ class CoordinatorLink:
                                                             reply.get("unknown"))
 
     async def outcome(self, txid: int) -> str:
-        reply = await self.peer.call("outcome", txid=txid, timeout=OUTCOME_TIMEOUT)
+        # node_id: the answer is about this node's copy (a repair shares the blob's txid)
+        reply = await self.peer.call("outcome", txid=txid, node_id=self.store.node_id,
+                                     timeout=OUTCOME_TIMEOUT)
         state = reply.get("state")
         if not isinstance(state, str):
             raise DfsError(Code.BAD_REQUEST, f"malformed outcome reply {reply!r}")

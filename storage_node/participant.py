@@ -24,6 +24,10 @@ coordinator restarted: a new incarnation) in its heartbeats, at most `leftover_b
 the txids the coordinator answers unknown are dropped right away (`on_presumed_aborted`),
 without waiting for `staged_timeout`. PREPARED blobs are asked about (OUTCOME) at once after a
 coordinator restart.
+
+A drop the store could not carry out (a full disk) is not forgotten: the participant already
+counts the txid as aborted, so nothing else would ever come back to it; `on_drop_failed`
+schedules it again (with backoff) until the store has room.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ LEFTOVER_AGE = 2.0
 LEFTOVER_BATCH = 256
 #: Seconds before the same txid is named again.
 LEFTOVER_REASK = 1.0
+#: First wait before a failed drop is tried again (doubling up to outcome_retry_max).
+DROP_RETRY = 0.5
 
 
 # ---------------------------------------------------------------- actions
@@ -159,6 +165,8 @@ class Participant:
         self._txns: dict[int, _Tx] = {}
         self._aborted: OrderedDict[int, None] = OrderedDict()
         self._named: dict[int, _Tx] = {}  # the last heartbeat's txids, as they were then
+        # Drops the store failed to carry out: txid -> (allowed states, when, backoff).
+        self._redrop: dict[int, tuple[frozenset[str | None], float, float]] = {}
 
     # ------------------------------------------------------------ views
 
@@ -251,15 +259,22 @@ class Participant:
     # ------------------------------------------------------------ COMMIT
 
     def on_commit(self, txid: int, stored: str | None) -> Reply | ForceCommitted | Refuse:
+        """PREPARED commits; COMMITTED acks again (idempotent). Anything else is refused: an
+        ack ends the decision, so only a node holding the copy may give it. A blob with no
+        record here (its PREPARED copy was lost, or GC deleted it after a later write
+        superseded it) is ENOENT: the coordinator marks the replica bad and repairs it, or
+        releases it when the namespace no longer lists it (DESIGN.md §5, rule 5)."""
         if stored in COMMITTABLE:
             return ForceCommitted(txid)
+        if stored == TxState.COMMITTED:
+            self._txns.pop(txid, None)
+            return Reply()
         if stored == TxState.STAGED:
             return Refuse(Code.CONFLICT, f"blob {txid} is not prepared")
-        if stored is None and txid in self._aborted:
+        if txid in self._aborted:
             return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
-        # COMMITTED, or unknown: committed long ago and since deleted by GC; ack again.
-        self._txns.pop(txid, None)
-        return Reply()
+        self._txns.pop(txid, None)  # nothing left to ask OUTCOME about
+        return Refuse(Code.ENOENT, f"blob {txid} not here; COMMIT refused")
 
     def on_committed(self, txid: int) -> Reply:
         self._txns.pop(txid, None)
@@ -277,18 +292,36 @@ class Participant:
     def on_deleted(self, txid: int) -> None:
         """The blob was deleted (GC): nothing left to time out or ask about."""
         self._txns.pop(txid, None)
+        self._redrop.pop(txid, None)
 
     def forget(self, txid: int) -> None:
         """Forget everything about txid, an earlier abort included: a repair is about to stage
         this (committed) blob afresh from another replica's bytes."""
         self._txns.pop(txid, None)
         self._aborted.pop(txid, None)
+        self._redrop.pop(txid, None)
+
+    def on_dropped(self, txid: int) -> None:
+        """A Drop was carried out (or found nothing it may take): no retry is owed."""
+        self._redrop.pop(txid, None)
+
+    def on_drop_failed(self, action: Drop, now: float) -> None:
+        """The store could not carry out a Drop (disk full, I/O error): try it again later.
+        The txid stays aborted, so a late STAGE or PREPARE is still refused meanwhile."""
+        _, _, backoff = self._redrop.get(action.txid, (action.allowed, 0.0, DROP_RETRY / 2))
+        backoff = min(backoff * 2, self.outcome_retry_max)
+        self._redrop[action.txid] = (action.allowed, now + backoff, backoff)
 
     # ------------------------------------------------------------ time and recovery
 
     def on_tick(self, now: float) -> list[Drop | AskOutcome]:
-        """Drop STAGED txids idle for staged_timeout; ask about PREPARED ones that are due."""
+        """Drop STAGED txids idle for staged_timeout; ask about PREPARED ones that are due;
+        try failed drops again when due."""
         actions: list[Drop | AskOutcome] = []
+        for txid, (allowed, due, backoff) in self._redrop.items():
+            if now >= due:
+                self._redrop[txid] = (allowed, float("inf"), backoff)  # until reported
+                actions.append(Drop(txid, allowed))
         for txid, tx in list(self._txns.items()):
             if tx.state == TxState.STAGED:
                 if not tx.preparing and now - tx.active > self.staged_timeout:

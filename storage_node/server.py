@@ -142,7 +142,7 @@ class NodeService(MaintenanceOps, Service):
             action = self.participant.on_abort(txid, self._stored(txid))
             if isinstance(action, Refuse):
                 raise action.error()
-            await self.store.abort(txid, allowed=action.allowed)
+            await self._drop_held(action)
         return {}
 
     # ------------------------------------------------------------ data and admin ops
@@ -209,9 +209,24 @@ class NodeService(MaintenanceOps, Service):
         """Carry out a participant's Drop (only while the blob is in a state it allows)."""
         try:
             async with self._txn_locks.hold(action.txid):
-                await self.store.abort(action.txid, allowed=action.allowed)
+                await self._drop_held(action)
         except DfsError as e:
             log.warning("dropping blob %d: %s", action.txid, e)
+
+    async def _drop_held(self, action: Drop) -> None:
+        """Carry out a Drop, the txid's lock held. One the store failed (a full disk) is
+        handed back to the participant to try again: it already counts the txid as aborted
+        and would never come back to it. CONFLICT means the blob is no longer in a state the
+        drop may take: nothing is owed."""
+        try:
+            await self.store.abort(action.txid, allowed=action.allowed)
+        except DfsError as e:
+            if e.code == Code.CONFLICT:
+                self.participant.on_dropped(action.txid)
+            else:
+                self.participant.on_drop_failed(action, self.clock())
+            raise
+        self.participant.on_dropped(action.txid)
 
     # ------------------------------------------------------------ the coordinator's view
 
@@ -236,7 +251,7 @@ class NodeService(MaintenanceOps, Service):
                 if action is None:
                     continue
                 try:
-                    await self.store.abort(txid, allowed=action.allowed)
+                    await self._drop_held(action)
                 except DfsError as e:
                     log.warning("dropping blob %d: %s", txid, e)
                 else:
@@ -253,11 +268,12 @@ class NodeService(MaintenanceOps, Service):
                 self.participant.on_committed(txid)
                 log.info("recovery: blob %d committed", txid)
             elif isinstance(action, Drop):
-                await self.store.abort(txid, allowed=action.allowed)
+                await self._drop_held(action)
                 log.info("recovery: blob %d aborted, dropped", txid)
 
     async def maintain(self, ask_outcome: OutcomeAsker | None) -> None:
-        """One round of timeouts: drop idle STAGED blobs, ask about unresolved PREPARED ones.
+        """One round of timeouts: drop idle STAGED blobs (and drops that failed before), ask
+        about unresolved PREPARED ones.
 
         ask_outcome(txid) returns the coordinator's "committed"/"aborted"/"inflight" or
         raises DfsError; None means there is no coordinator to ask.
@@ -265,7 +281,8 @@ class NodeService(MaintenanceOps, Service):
         reachable = ask_outcome is not None
         for action in self.participant.on_tick(self.clock()):
             if isinstance(action, Drop):
-                log.info("blob %d staged but idle too long: dropped", action.txid)
+                log.info("blob %d idle too long (or its drop failed before): dropping",
+                         action.txid)
                 await self.drop(action)
             elif isinstance(action, AskOutcome):
                 txid = action.txid

@@ -52,7 +52,8 @@ from storage_node.participant import COMMITTABLE, DROPPABLE, SERVABLE, STAGEABLE
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Slack below which an LMDB write error counts as a full disk (LMDB reports a short write as EIO).
+# Slack below which an I/O error of a write counts as a full disk (LMDB reports a short write
+# as EIO).
 _FULL_SLACK = 16 * 1024 * 1024
 # Blobs up to this size are verified on the trio thread at prepare.
 INLINE_VERIFY_MAX = 256 * 1024
@@ -357,11 +358,19 @@ class BlobStore:
             raise DfsError(Code.INTERNAL, f"storage error: {e}") from None
 
     def _disk_full(self, e: BaseException, need: int) -> bool:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        """ENOSPC/EDQUOT, or an I/O error (LMDB's short write) while space is low. Any other
+        error is not a full disk, however little space is left: it is INTERNAL, which the
+        coordinator retries (an ENOSPC COMMIT marks the replica bad)."""
+        if isinstance(e, lmdb.DiskError) or (
+                isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
             return True
         text = str(e)
         if "No space left" in text or "quota" in text.lower():
             return True
+        short_write = (e.errno == errno.EIO if isinstance(e, OSError)
+                       else os.strerror(errno.EIO) in text)
+        if not short_write:
+            return False
         try:
             st = os.statvfs(self.db.path)
         except OSError:

@@ -102,14 +102,16 @@ async def _serve_node(config: NodeConfig, *,
 
 
 async def start_nodes(nursery: trio.Nursery, coord: Coordinator, count: int,
-                      capacity: int = 1000) -> list[RunningNode]:
+                      capacity: int = 1000, **options: Any) -> list[RunningNode]:
     """Start `count` real storage nodes in `nursery`, registered one after another (so they get
-    ids in order), each on a fresh data dir next to the coordinator's."""
+    ids in order), each on a fresh data dir next to the coordinator's; `options` are more
+    NodeConfig fields (short timeouts)."""
     data = coord.service.config.data
     nodes = []
     for _ in range(count):
         config = NodeConfig(
             data=Path(tempfile.mkdtemp(prefix=f"{data.name}-node-", dir=data.parent)),
-            secret=SECRET, coordinator=coord.address, capacity=capacity, heartbeat=0.1)
+            secret=SECRET, coordinator=coord.address, capacity=capacity,
+            **{"heartbeat": 0.1, **options})
         nodes.append(await nursery.start(_serve_node, config))
     return nodes

@@ -104,9 +104,31 @@ def test_abort_never_drops_committed() -> None:
 def test_commit_rules() -> None:
     p = Participant()
     assert isinstance(p.on_commit(1, STAGED), Refuse)  # never prepared: a protocol error
-    assert p.on_commit(2, None) == Reply()  # committed, then deleted by GC: ack again
     p.on_abort(3, STAGED)
     assert isinstance(p.on_commit(3, None), Refuse)
+
+
+def test_commit_of_a_blob_the_node_does_not_have_is_refused() -> None:
+    """An ack would end the decision while this node holds nothing: a PREPARED copy that was
+    lost, or one GC deleted once a later write superseded it (the coordinator then releases
+    the refusal). Either way ENOENT, and nothing is left to ask OUTCOME about."""
+    p = Participant(outcome_after=1)
+    prepared(p, 2)
+    action = p.on_commit(2, None)  # the store lost the PREPARED copy
+    assert isinstance(action, Refuse) and action.code is Code.ENOENT
+    assert p.state(2) is None and p.on_tick(100.0) == []
+    action = p.on_commit(5, None)  # never heard of here at all
+    assert isinstance(action, Refuse) and action.code is Code.ENOENT
+
+
+def test_commit_of_a_committed_blob_acks_again() -> None:
+    p = Participant()
+    prepared(p, 1)
+    assert p.on_commit(1, PREPARED) == ForceCommitted(1)
+    p.on_committed(1)
+    assert p.on_commit(1, COMMITTED) == Reply()
+    assert p.on_commit(1, COMMITTED) == Reply()
+    assert p.on_commit(7, COMMITTED) == Reply()  # a repair's copy, committed before a restart
 
 
 def test_idle_staged_blob_is_dropped_after_timeout() -> None:
@@ -157,6 +179,20 @@ def test_outcome_aborted_drops_and_remembers() -> None:
     assert p.on_outcome(1, "aborted", 0.1) == Drop(1)
     assert p.state(1) == TxState.ABORTED
     assert isinstance(p.on_prepare(1, None, 1), Refuse)
+
+
+def test_a_failed_drop_is_tried_again_with_backoff_until_it_is_done() -> None:
+    p = Participant(outcome_retry_max=2.0)
+    assert p.on_abort(1, STAGED) == Drop(1)
+    p.on_drop_failed(Drop(1), 10.0)  # the disk was full
+    assert p.on_tick(10.4) == []
+    assert p.on_tick(10.5) == [Drop(1)]
+    assert p.on_tick(10.6) == []  # not again while that one is out
+    p.on_drop_failed(Drop(1), 10.6)
+    assert p.on_tick(11.5) == [] and p.on_tick(11.6) == [Drop(1)]  # backoff doubled
+    assert isinstance(p.on_stage(1, STAGED, 11.6), Refuse)  # still aborted meanwhile
+    p.on_dropped(1)
+    assert p.on_tick(100.0) == []
 
 
 def test_inflight_or_unreachable_asks_again_with_backoff() -> None:

@@ -19,6 +19,7 @@ from coord_helpers import SECRET, running_coordinator, start_nodes
 
 from dfs import failpoints
 from dfs.client import Client
+from dfs.errors import Code, DfsError
 from dfs.rpc import Peer
 
 MiB = 1024 * 1024
@@ -26,6 +27,8 @@ RETENTION = 0.3
 # Nodes ask OUTCOME about a PREPARED blob 0.2 s after preparing it (or at once after a restart).
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "0.2", "--scrub-rate", "0")
 SHORT_RETENTION = (*COORDINATOR_ARGS, "--txn-retention", str(RETENTION))
+# Nodes that wait for the COMMIT rather than ask OUTCOME about a PREPARED blob.
+PATIENT_NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "30", "--scrub-rate", "0")
 
 
 def purged(cluster: Cluster) -> None:
@@ -158,3 +161,103 @@ async def test_gc_never_deletes_a_copy_a_repair_is_listing(tmp_path: Path) -> No
             nursery.cancel_scope.cancel()
     finally:
         failpoints.arm("")
+
+
+def test_lost_prepared_copy_refuses_commit_and_is_re_made(cluster_factory) -> None:
+    """Issue 8 follow-up: a node that lost its PREPARED copy before the COMMIT arrived must
+    refuse it (ENOENT), not ack a COMMIT it cannot honour; the coordinator then re-makes the
+    copy, and the file ends with R good replicas."""
+    cluster = cluster_factory(
+        node_args=PATIENT_NODE_ARGS, coordinator_args=SHORT_RETENTION,
+        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:6000"}})
+    files = put_files(cluster, 1, big=MiB)  # returns at the decision; COMMITs follow slowly
+    st = all_stats(cluster, list(files))["/f0"]
+    victim = names_by_id(cluster)[st["replicas"][1]]  # COMMIT reaches it 6 s from now
+    assert node_blobs(cluster, victim)[st["blob"]] == "PREPARED"
+    node_call(cluster, victim, "delete", blobs=[st["blob"]])  # the copy is lost
+
+    cluster.wait_until(lambda: node_blobs(cluster, victim).get(st["blob"]) == "COMMITTED",
+                       timeout=30, message="the lost copy re-made and committed")
+    assert copy_ok(cluster, victim, st["blob"])
+    cluster.wait_until(lambda: not coordinator_call(cluster, "txn_list")["txns"], timeout=10,
+                       message="the record ended once every replica acked")
+    assert len(all_stats(cluster, list(files))["/f0"]["replicas"]) == 3
+    status, doc = check(cluster, "--deep")
+    assert status == 0 and doc["clean"], doc["findings"]
+    assert read_all(cluster, list(files)) == files
+
+
+def test_commit_redelivered_after_gc_deleted_a_superseded_copy_ends(cluster_factory) -> None:
+    """The refusal of a COMMIT for a blob GC already deleted (a later write superseded it
+    before the COMMIT reached this node) is released: the old record ends, and the old blob
+    is not re-made anywhere."""
+    cluster = cluster_factory(
+        node_args=PATIENT_NODE_ARGS, coordinator_args=SHORT_RETENTION,
+        env={"coordinator": {"DFS_FAILPOINTS": "coordinator.mid_commit=delay:6000"}})
+    files = put_files(cluster, 1)
+    old = all_stats(cluster, list(files))["/f0"]
+    victim = names_by_id(cluster)[old["replicas"][1]]  # its COMMIT of v1 comes 6 s later
+    assert node_blobs(cluster, victim)[old["blob"]] == "PREPARED"
+
+    async def overwrite() -> bytes:
+        data = b"version two" * 100
+        async with cluster.client() as client:
+            attr = await client.resolve("/f0")
+            await client.write_file(attr.ino, io.BytesIO(data))
+        return data
+
+    files["/f0"] = trio.run(overwrite)
+    new = all_stats(cluster, list(files))["/f0"]
+    assert new["blob"] != old["blob"]
+    node_call(cluster, victim, "delete", blobs=[old["blob"]])  # as GC does, superseded
+
+    def old_record_gone() -> bool:
+        return all(t["txid"] != old["blob"] for t in coordinator_call(cluster, "txn_list")["txns"])
+
+    cluster.wait_until(old_record_gone, timeout=15, message="the superseded record ended")
+    assert "not here; COMMIT refused" in cluster.log("coordinator", 400)  # refused, released
+    cluster.wait_until(lambda: not coordinator_call(cluster, "txn_list")["txns"], timeout=15,
+                       message="every record ended")
+    time.sleep(1.0)  # a repair pass or more: none may re-make the superseded copy
+    assert old["blob"] not in node_blobs(cluster, victim)
+    status, doc = check(cluster, "--deep")
+    assert status == 0 and doc["clean"], doc["findings"]
+    assert read_all(cluster, list(files)) == files
+
+
+async def test_a_replica_that_keeps_refusing_commit_is_repaired_with_backoff(
+        tmp_path: Path, caplog) -> None:
+    """A replica whose COMMIT is refused again after every repair must not be re-repaired at
+    once each time (a tight loop of fetch + decision writes): its repairs back off, and the
+    coordinator says so once. Once the node accepts the COMMIT again the record ends."""
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 3, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            await client.write_file(attr.ino, io.BytesIO(b"some bytes" * 1000))
+            attr = await client.resolve("/f")
+        victim = next(n for n in nodes if n.node_id == attr.replicas[0]).node.service
+        assert victim is not None
+        real_commit, refusals = victim.op_commit, []
+
+        async def full_disk_commit(req: Any) -> dict[str, Any]:
+            refusals.append(trio.current_time())
+            raise DfsError(Code.ENOSPC, "disk full: no room for the COMMIT")
+
+        victim.op_commit = full_disk_commit  # every COMMIT from now on is refused
+        worker = coord.service.repair_worker
+        await coord.service.driver.deliver(attr.blob, [attr.replicas[0]], False)  # re-sent
+        await trio.sleep(4.0)
+        assert worker.fixed >= 1, "the refused replica was repaired"
+        assert len(refusals) <= 3, f"{len(refusals)} refusals in 4 s: no backoff"
+        warnings = [r for r in caplog.records if "keeps refusing COMMIT" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+        victim.op_commit = real_commit
+        with trio.fail_after(15):
+            while coord.service.driver.protocol.phase(attr.blob) is not None \
+                    or worker.pending():
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()

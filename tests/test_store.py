@@ -366,6 +366,30 @@ async def test_real_disk_full_is_enospc_and_store_keeps_working(tiny_fs: Path) -
         store.close()
 
 
+async def test_a_write_error_that_is_not_a_full_disk_is_internal_when_space_is_low(
+        tiny_fs: Path) -> None:
+    """Low space alone does not make an error ENOSPC: a COMMIT that fails for another reason
+    must be INTERNAL, which the coordinator retries, rather than ENOSPC, which marks the replica
+    bad. (A 4 MiB disk is always below the full-disk slack.)"""
+    store = BlobStore.open(tiny_fs / "n", map_size=1 << 30)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.db.run_writer)
+            await store.stage(1, 0, b"x")
+
+            def bad_key(txn: lmdb.Transaction) -> None:
+                txn.put(b"k" * 1000, b"v", db=store.db["meta"])  # MDB_BAD_VALSIZE
+
+            with raises(Code.INTERNAL):
+                await store._write(bad_key, durable=True)
+            with raises(Code.ENOSPC):  # a real full disk still is ENOSPC
+                for txid in range(2, 12):
+                    await store.stage(txid, 0, blob_bytes(CHUNK_SIZE))
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
 async def test_concurrent_prepares_share_fsyncs(store: BlobStore, monkeypatch) -> None:
     syncs = []
     real_sync = store.db._sync

@@ -55,6 +55,9 @@ class Collector:
         self.client = client
         self.progress = progress or _no_progress
         self.timings: dict[str, float] = {}
+        # node id -> (copies not re-hashed, why): a node that failed `verify` (down since it
+        # was listed) costs a note, never the check.
+        self.unverified: dict[int, tuple[int, str]] = {}
 
     async def _timed(self, phase: str, coro: Any) -> Any:
         start = time.monotonic()
@@ -164,9 +167,14 @@ class Collector:
                         ) -> None:
             async with limit:
                 size = sum(s for _, s in items)
-                reply = await self.client.peers[node.address].call(
-                    "verify", blobs=[b for b, _ in items],
-                    timeout=NODE_TIMEOUT + size / 20e6, retry_for=RETRY_FOR)
+                try:
+                    reply = await self.client.peers[node.address].call(
+                        "verify", blobs=[b for b, _ in items],
+                        timeout=NODE_TIMEOUT + size / 20e6, retry_for=RETRY_FOR)
+                except DfsError as e:
+                    count, _ = self.unverified.get(node.id, (0, ""))
+                    self.unverified[node.id] = (count + len(items), e.msg)
+                    return
                 for blob, verdict in reply["results"].items():
                     verdicts[(node.id, int(blob))] = verdict
                 done[0] += size

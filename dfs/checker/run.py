@@ -112,6 +112,8 @@ async def run_check(client: Client, *, path: str = "/", deep: bool = False,
         by_blob = {f.blob: f for f in files if f.blob is not None}
         report.verified_bytes = sum(by_blob[b].size for (_, b), v in verdicts.items()
                                     if b in by_blob and v.get("state"))
+        for node_id, (count, why) in sorted(collector.unverified.items()):
+            report.notes.append(f"node {node_id}: {count} copies not re-hashed ({why})")
         deep_findings = scan.check_deep(verdicts, by_blob)
         findings += await collector._timed("confirm",
                                            collector.confirm_replicas(deep_findings, snapshot))

@@ -136,14 +136,23 @@ class CommitDriver(Delivery):
             raise DfsError(Code.UNAVAILABLE, f"transaction {txid} is unknown or was aborted")
         txn.touch()
 
-    def outcome(self, txid: int, *, writer: bool = False) -> str:
+    def outcome(self, txid: int, *, writer: bool = False, node: int = 0) -> str:
         """Rule 4, from what knows best first: the machine (a decision whose COMMITs are owed:
         committed; a write or a repair of this blob undecided: inflight), then the log's
         record, then the namespace (an inode whose current blob it is: committed, however long
         ago its record was purged), else presumed abort. Point reads only, no await: no
         decision can slip between the checks, and the record is durable (and the inode
         switched) before the machine forgets the txid is in flight. `writer`: the client that
-        sent the commit asks (see below)."""
+        sent the commit asks (see below).
+
+        `node`: the participant asking about its own PREPARED copy. A repair shares the blob's
+        txid, so "the txid committed" does not say that copy did: "committed" only if a
+        decision lists the node (the machine's entry, the log's record, the inode's replicas);
+        an undecided repair is "inflight"; a copy nothing lists is presumed aborted (a repair
+        whose decision was lost), else it would be committed where no file and no GC entry
+        names it."""
+        if node:
+            return self._outcome_for(txid, node)
         if self.protocol.is_committed(txid):
             return "committed"
         if self.protocol.is_in_flight(txid):
@@ -163,6 +172,24 @@ class CommitDriver(Delivery):
         if writer and store.db.read(lambda txn: store.txnlog.may_be_purged(txn, txid)):
             return "unknown"
         return "aborted"
+
+    def _outcome_for(self, txid: int, node: int) -> str:
+        """OUTCOME for participant `node`'s copy of txid (see `outcome`)."""
+        protocol = self.protocol
+        if protocol.is_committed(txid) and node in protocol.replicas(txid):
+            return "committed"
+        if protocol.is_in_flight(txid):
+            return "inflight"
+        store = self.store
+
+        def listed(txn: lmdb.Transaction) -> bool:
+            record = store.txnlog.get(txn, txid)
+            if record is not None and node in record.replicas:
+                return True
+            inode = store.namespace.inodes.current(txn, txid)
+            return inode is not None and node in inode.replicas
+
+        return "committed" if store.db.read(listed) else "aborted"
 
     # ------------------------------------------------------------ the commit
 

@@ -3,7 +3,11 @@
 next `dfs check`.
 
 The commit driver reports here too a replica that refused its COMMIT (`refused_commit`): the
-decision keeps owing that replica's ack until the repair re-lists or drops the copy.
+decision keeps owing that replica's ack until the repair re-lists or drops the copy. A repair
+that is "fixed" takes the entry off the queue, and if the node refuses the new COMMIT too the
+driver reports it afresh: such a replica is repaired again only after a backoff that grows with
+each refusal of the same (node, blob), remembered across the fixes that did not stick (at most
+REFUSALS_REMEMBERED pairs, each for REFUSAL_MEMORY_S after its last refusal), and logged once.
 
 A report is written to the `repairs` queue (forced) before it is acknowledged; the worker then
 repairs the named copy in place through `Replicator.fix`, which re-verifies it first (a false
@@ -16,6 +20,7 @@ node that is down waits for it (or for re-replication to move its replicas away)
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import lmdb
 import trio
@@ -33,6 +38,11 @@ BATCH = 1000
 CONCURRENCY = 16
 DOWN_RETRY_S = 5.0
 MAX_BACKOFF_S = 60.0
+# A replica refusing COMMIT again after its repair waits REFIX_BACKOFF_S, doubling per refusal
+# (at most MAX_BACKOFF_S), before it is repaired again.
+REFIX_BACKOFF_S = 2.0
+REFUSALS_REMEMBERED = 10_000
+REFUSAL_MEMORY_S = 600.0
 
 
 class RepairWorker:
@@ -43,6 +53,8 @@ class RepairWorker:
         self.fixed = 0
         self.lost = 0
         self._wake = trio.Event()
+        # (node, blob) -> (refusals of its COMMIT so far, wall ns of the last), oldest first.
+        self._refusals: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()
 
     # ------------------------------------------------------------ reports
 
@@ -63,8 +75,23 @@ class RepairWorker:
 
     async def refused_commit(self, node: int, blob: int, ino: int, reason: str) -> None:
         """A replica refused the COMMIT of its file's blob: its copy is bad or gone, and the
-        decision keeps owing its ack until the repair re-lists (or drops) it."""
-        await self._add([RepairEntry(node, blob, ino, reason, "commit", runtime.wall_ns())])
+        decision keeps owing its ack until the repair re-lists (or drops) it. The first
+        refusal is repaired at once; one after a repair that did not stick waits (backoff)."""
+        now = runtime.wall_ns()
+        count, last = self._refusals.pop((node, blob), (0, 0))
+        count = 1 if now - last > REFUSAL_MEMORY_S * 1e9 else count + 1
+        self._refusals[(node, blob)] = (count, now)
+        while len(self._refusals) > REFUSALS_REMEMBERED:
+            self._refusals.popitem(last=False)
+        entry = RepairEntry(node, blob, ino, reason, "commit", now)
+        if count > 1:
+            delay = min(MAX_BACKOFF_S, REFIX_BACKOFF_S * 2.0 ** (count - 2))
+            entry.not_before_ns = now + int(delay * 1e9)
+        if count == 2:
+            log.warning("node %d keeps refusing COMMIT of blob %d (ino %d) after its repair "
+                        "(%s); repairing it again with backoff, at most every %g s", node,
+                        blob, ino, reason, MAX_BACKOFF_S)
+        await self._add([entry])
 
     async def suspects(self, ino: int, blob: int, nodes: list[int]) -> None:
         """Copies that proved bad while another copy of the file was being repaired."""

@@ -21,8 +21,10 @@ from `begin_repair` until the decision OUTCOME answers "inflight" for the blob, 
 target that asks before its COMMIT arrives keeps its copy however long ago the file's own
 record was purged. Nothing here writes a decision the machine did not ask for.
 
-A crash before 4 leaves the old list (targets drop or commit an unlisted copy: an orphan the
-checker collects); after 4 the new list stands and COMMIT is re-sent. Never worse than before.
+A crash before 4 leaves the old list: a target's PREPARED copy is dropped (its OUTCOME names
+the node, and no decision lists it: presumed abort), a target that already held a committed
+copy keeps an orphan the checker collects; after 4 the new list stands and COMMIT is re-sent.
+Never worse than before.
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         return {}
 
     async def op_outcome(self, req: Request) -> Reply:
-        return {"state": self.driver.outcome(req.int("txid"), writer=req.bool("writer"))}
+        return {"state": self.driver.outcome(req.int("txid"), writer=req.bool("writer"),
+                                             node=req.int("node_id", 0))}
 
     async def op_txn_list(self, req: Request) -> Reply:
         return {"txns": self.driver.txn_list()}

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from dfs.coordinator.commit import CommitDriver
 from dfs.db import Database
+from dfs.sim.world import Faults
 from dfs.twopc import CommitProtocol, Phase
 from storage_node.store import BlobStore
 
@@ -87,6 +89,17 @@ _BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
 }
 
 BUGS: tuple[str, ...] = tuple(_BUGS)
+
+# Faults that exercise the broken rule's path often enough to catch it: a refused COMMIT
+# needs a node that cannot commit, and a full disk is the common way a real one cannot.
+FAULTS: dict[str, Faults] = {
+    "refused_commit_acked": replace(Faults(), disk_full_rate=0.15, disk_full_for=(1.0, 5.0)),
+}
+
+
+def faults_for(bug: str | None) -> Faults | None:
+    """The fault profile a run with `bug` planted uses (None: the default)."""
+    return FAULTS.get(bug) if bug else None
 
 
 @contextlib.contextmanager

@@ -48,7 +48,11 @@ def check_state(coord: SimCoordinator, nodes: list[SimNode], r: int) -> list[str
         return ["state: the coordinator is not running at the end"]
     store = service.store
     inodes = store.db.read(lambda t: store.scan.inodes(t, 0, 1 << 30))
-    live = {n.node_id: n for n in nodes if n.node is not None and not n.removed}
+    # Removed is the coordinator's word, not the operator's belief (a lost reply to
+    # node_remove leaves a removed node running, outside the cluster, its data not ours).
+    removed = {i for i, r in service.membership.nodes.items() if str(r.state) == "removed"}
+    live = {n.node_id: n for n in nodes
+            if n.node is not None and not n.removed and n.node_id not in removed}
     wanted: dict[int, set[int]] = {node_id: set() for node_id in live}
     for inode in inodes:
         if not inode.is_reg or inode.blob is None:

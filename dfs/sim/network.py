@@ -29,6 +29,7 @@ from dfs import rpc, wire
 from dfs.rpc import PeerUnavailable
 
 if TYPE_CHECKING:
+    from dfs.sim.watch import Watcher
     from dfs.sim.world import SimProcess, World
 
 REFUSE_DELAY = 0.001  # a refused connection answers this fast
@@ -64,6 +65,7 @@ class SimNetwork:
     def __init__(self, world: World, *, verbose: bool = False) -> None:
         self.world = world
         self.verbose = verbose  # every request and its reply in the trace (a replay's --verbose)
+        self.watcher: Watcher | None = None  # rules checked at each reply (dfs/sim/watch.py)
         self._listeners: dict[str, _Listener] = {}
         self._ids = itertools.count(1)
         self.messages = 0
@@ -134,6 +136,8 @@ class SimNetwork:
             world.enter(dst)
             try:
                 answer.append(await rpc._answer(body, listener.service, src.name))
+                if self.watcher is not None:
+                    self.watcher.on_reply(src.name, dst.name, wire.decode(body), answer[0])
                 if self.verbose:
                     self._trace(src, dst, body, answer[0])
             finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,12 @@ from dfs.sim.disks import WorldDisks
 from dfs.sim.invariants import check_history, check_state, judge
 from dfs.sim.network import SimNetwork
 from dfs.sim.processes import COORDINATOR, SECRET, SimCoordinator, SimNode, Timing
+from dfs.sim.watch import Watcher
 from dfs.sim.workload import ROOT, History, SimOperator, SimUser, describe
 from dfs.sim.world import Faults, SimHost, SimProcess, World
 
 SETTLE = 20.0  # simulated seconds after the faults stop before the judge looks
+WATCH_EVERY = 0.5  # rule 5 is checked over the log this often (dfs/sim/watch.py)
 FILES = 3
 
 
@@ -75,12 +78,12 @@ class _TraceHandler(logging.Handler):
         self.world.log(f"{who} {record.levelname} {record.name}: {record.getMessage()}")
 
 
-def simulate(seed: int, *, duration: float = 30.0, nodes: int = 4, replicas: int = 3,
+def simulate(seed: int, *, duration: float = 20.0, nodes: int = 4, replicas: int = 3,
              writers: int = 3, readers: int = 2, faults: Faults | None = None,
              bug: str | None = None, timing: Timing | None = None,
              verbose: bool = False) -> Result:
     """One run; `verbose` puts every request and reply in the trace (for a replay)."""
-    world = World(seed, faults or Faults())
+    world = World(seed, faults or planted.faults_for(bug) or Faults())
     with planted.planted(bug), _seams(world, verbose) as (network, disks):
         trio.run(_scenario, world, network, disks, duration, nodes, replicas, writers,
                  readers, timing or Timing(),
@@ -101,7 +104,7 @@ class _seams:
 
         self.network = SimNetwork(self.world, verbose=self.verbose)
         self.disks = WorldDisks(self.world.rng)
-        self._host = runtime.install(SimHost())
+        self._host = runtime.install(SimHost(random.Random(self.world.rng.random())))
         self._net = rpc.install_network(self.network)
         self._envs = db.install_environments(self.disks.model.open)
         failpoints.install_hook(self.world.crash_point)
@@ -139,11 +142,20 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
     history = History()
     for process in (tester, coord, *nodes):
         world.add(process)
+    watcher = Watcher(world, disks.model)
+    watcher.coord, watcher.nodes = coord, {n.name: n for n in nodes}
+    network.watcher = watcher
+
+    async def watch() -> None:
+        while True:
+            await trio.sleep(WATCH_EVERY)
+            watcher.scan()
     world.summary = {}
     world.sim_seconds = 0.0
 
     async def main() -> None:
         world.enter(tester)
+        world.spawn(watch)
         async with Client(COORDINATOR, SECRET, timeout=2.0, retry_for=30.0) as client:
             files = await _setup(client, n_nodes)
             until = trio.current_time() + duration
@@ -173,7 +185,7 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
             final = {ino: await _content(client, ino) for ino in files}
             for v in check_history(history, final):
                 world.violation(v)
-        world.summary = describe(history)
+        world.summary = {**describe(history), "watched": watcher.checks}
         world.sim_seconds = trio.current_time()
 
     await world.run(main)

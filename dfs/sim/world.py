@@ -105,13 +105,19 @@ class SimProcess(abc.ABC):
 
 
 class SimHost(runtime.Host):
-    """Wall time follows the virtual clock; worker threads run inline, after a checkpoint."""
+    """Wall time follows the virtual clock; worker threads run inline after a seeded delay
+    (a worker's latency: an fsync takes time, and others run meanwhile)."""
+
+    THREAD_LATENCY = 0.002  # seconds at most
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
 
     def wall_ns(self) -> int:
         return EPOCH_NS + int(trio.current_time() * 1e9)
 
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        await trio.sleep(0)
+        await trio.sleep(self.rng.uniform(0.0, self.THREAD_LATENCY))
         return fn(*args)
 
 
@@ -189,6 +195,12 @@ class World:
         if process is None or not process.crashable or not self.chance("crash_point"):
             return
         self.count(f"crash at {name}")
+        if self.rng.random() < 0.5:
+            # Stall first, then crash: what others can observe of a half-done step (a batch
+            # committed, not flushed) is seen, and then the process dies.
+            await trio.sleep(self.rng.uniform(0.0, 0.05))
+            if not process.up:
+                await trio.sleep_forever()
         self.log(f"crash point {name} in {process.name}")
         self.crash(process)
         await trio.sleep_forever()  # the cancellation arrives here: the rest never runs

@@ -1,0 +1,130 @@
+"""Rules checked while a run goes on, from outside every process (god's view of the disks).
+
+The end-of-run checks judge the state a run leaves; some broken rules leave no trace there,
+because the rest of the system heals what they break (a repair re-makes a copy a node lost).
+These are checked at the moment they must hold, against what each disk has *forced* (a
+crash may take the rest):
+- rule 2: a node that answers PREPARE with YES holds the blob PREPARED (or COMMITTED) on its
+  forced state;
+- nothing observable before it is forced: when the coordinator tells anyone a transaction
+  committed (a commit reply, OUTCOME "committed"), its forced state holds that decision;
+- rule 5: a decision record that ENDED while its blob is current had every replica the file
+  lists acknowledge, so each holds the blob COMMITTED on its forced state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from dfs.meta.codec import k64, unk64
+from dfs.sim.lmdb_model import SimDisks
+from storage_node.layout import blob_key
+
+if TYPE_CHECKING:
+    from dfs.sim.processes import SimCoordinator, SimNode
+    from dfs.sim.world import World
+
+
+class Watcher:
+    def __init__(self, world: World, model: SimDisks) -> None:
+        self.world = world
+        self.model = model
+        self.coord: SimCoordinator | None = None
+        self.nodes: dict[str, SimNode] = {}
+        self.checks = 0
+
+    def _forced(self, path: Any, db: bytes, key: bytes) -> bytes | None:
+        disk = self.model.disks.get(str(path))
+        if disk is None or db not in disk.stores:
+            return None
+        return disk.stores[db].value_at(key, disk.forced)
+
+    def _node_state(self, node: SimNode, blob: int) -> str | None:
+        raw = self._forced(node.path, b"blobs", blob_key(blob))
+        return None if raw is None else msgpack.unpackb(raw, raw=False).get("state")
+
+    def _decided(self, txid: int) -> bool:
+        assert self.coord is not None
+        path = self.coord.path
+        return (self._forced(path, b"txns", k64(txid)) is not None
+                or self._forced(path, b"blobs", k64(txid)) is not None)
+
+    # ------------------------------------------------------------ at each reply
+
+    def on_reply(self, src: str, dst: str, msg: dict[str, Any], reply: dict[str, Any]) -> None:
+        if not reply.get("ok"):
+            return
+        op = msg.get("op")
+        node = self.nodes.get(dst)
+        if op == "prepare" and node is not None:
+            self.checks += 1
+            state = self._node_state(node, msg["txid"])
+            if state not in ("PREPARED", "COMMITTED"):
+                self.world.violation(f"rule 2: {dst} voted YES for txid {msg['txid']} with "
+                                     f"{state or 'nothing'} forced")
+        elif dst == "coord" and (op == "commit" or (op == "outcome"
+                                                    and reply.get("state") == "committed")):
+            self.checks += 1
+            if not self._decided(msg["txid"]):
+                self.world.violation(f"forced first: coord told {src} txid {msg['txid']} "
+                                     f"committed ({op}) before the decision was forced")
+        elif dst == "coord" and isinstance(reply.get("attr"), dict):
+            blob = reply["attr"].get("blob")
+            self.checks += 1
+            if blob is not None and not self._decided(blob):
+                self.world.violation(f"forced first: coord showed {src} blob {blob} of ino "
+                                     f"{reply['attr'].get('ino')} ({op}) before its decision "
+                                     "was forced")
+
+    # ------------------------------------------------------------ periodically
+
+    def scan(self) -> None:
+        """Rule 5 over every ENDED record the coordinator's disk holds right now."""
+        coord = self.coord
+        if coord is None:
+            return
+        disk = self.model.disks.get(str(coord.path))
+        if disk is None or b"txns" not in disk.stores or b"inodes" not in disk.stores:
+            return
+        txns, inodes, blobs = (disk.stores[b"txns"], disk.stores[b"inodes"],
+                               disk.stores.get(b"blobs"))
+        by_id = {n.node_id: n for n in self.nodes.values() if n.node_id}
+        removed = self._removed(disk)
+        for key in list(txns.keys):
+            raw = txns.value_at(key, disk.forced)
+            if raw is None:
+                continue
+            record = msgpack.unpackb(raw, raw=False)
+            if record.get("state") != "ENDED" or blobs is None:
+                continue
+            txid = unk64(key)
+            ino_raw = blobs.value_at(k64(txid), disk.forced)
+            if ino_raw is None:
+                continue  # superseded or gone: its copies may be collected
+            inode_raw = inodes.value_at(ino_raw, disk.forced)
+            if inode_raw is None:
+                continue
+            listed = msgpack.unpackb(inode_raw, raw=False).get("replicas") or []
+            for node_id in listed:
+                node = by_id.get(node_id)
+                if node is None or node_id in removed:
+                    continue
+                self.checks += 1
+                state = self._node_state(node, txid)
+                if state != "COMMITTED":
+                    self.world.violation(
+                        f"rule 5: txid {txid} ENDED while node {node_id} ({node.name}), "
+                        f"listed by its file, holds {state or 'nothing'} forced")
+
+    def _removed(self, disk: Any) -> set[int]:
+        nodes = disk.stores.get(b"nodes")
+        if nodes is None:
+            return set()
+        out = set()
+        for key in nodes.keys:
+            raw = nodes.value_at(key, disk.forced)
+            if raw is not None and msgpack.unpackb(raw, raw=False).get("state") == "removed":
+                out.add(unk64(key))
+        return out
