@@ -3,10 +3,11 @@
 
 The kernel page cache is per inode, but here a version is per open (each handle reads the
 version it opened, or its own spool), so the kernel must never serve one handle's reads from
-pages another content filled. pagecache.py decides at open which handles may use the page
-cache (all readers of one version, or one writer alone: these can mmap MAP_SHARED) and which
-get `direct_io`; before a page-cached open returns, the kernel's pages and size of any other
-content are dropped.
+pages another content filled. By default every handle gets `direct_io`. With `dfs mount
+--page-cache`, pagecache.py decides at open which handles may use the page cache (all readers
+of one version, or one writer alone: these can mmap MAP_SHARED) and which get `direct_io`;
+before a page-cached open returns, the kernel's pages and size of any other content are
+dropped.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: How recent a lookup's attributes must be for open() to use them instead of asking again.
 OPEN_FRESH = 0.05
+#: Without --page-cache: direct_io, and no keep_cache (nothing page-cached to keep).
+DIRECT = Admission(cached=False, keep=False)
 
 
 class FilesMixin:
@@ -51,7 +54,7 @@ class FilesMixin:
     files: dict[int, FileHandle]
     _fhs: itertools.count[int]
     _recent: dict[int, tuple[float, Attr]]
-    pages: PageCacheRule
+    pages: PageCacheRule | None  # None: no page cache (every handle direct_io)
 
     if TYPE_CHECKING:  # provided by Operations, which mixes this class in
         async def fresh(self, ino: int) -> Attr: ...
@@ -61,8 +64,10 @@ class FilesMixin:
 
     def _new_handle(self, ino: int, flags: int, base: Attr) -> tuple[FileHandle, Admission]:
         handle = FileHandle(next(self._fhs), ino, flags, base, self.services)
-        others = self.table.handles(ino)
-        admission = self.pages.admit(handle, others)
+        if self.pages is None:
+            admission = DIRECT
+        else:
+            admission = self.pages.admit(handle, self.table.handles(ino))
         handle.cached = admission.cached
         self.files[handle.fh] = handle
         self.table.add_handle(handle, base)
@@ -222,7 +227,8 @@ class FilesMixin:
 
     def _drop_handle(self, handle: FileHandle) -> None:
         self.files.pop(handle.fh, None)
-        self.pages.release(handle)
+        if self.pages is not None:
+            self.pages.release(handle)
         handle.close()
         self.table.remove_handle(handle)
 

@@ -68,6 +68,13 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to retry while the cluster is unreachable, then EIO")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="log here (default: stderr; CACHE_DIR/mount.log when detached)")
+    parser.add_argument("--page-cache", action="store_true",
+                        help="let the kernel page cache hold file data where one version per "
+                             "inode allows it: MAP_SHARED mmap works and re-reads cost nothing; "
+                             "but a writer's first open of a file page-cached readers hold on "
+                             "this host may change their size mid-read (docs/mount.md, "
+                             "\"Page cache\"). Default off: every file is direct_io, shared "
+                             "writable mmap fails with ENODEV")
     parser.add_argument("--debug", action="store_true", help="log every failed request")
 
 
@@ -194,6 +201,7 @@ async def _amain(
         ops = Operations(
             client, cache, spool_dir,
             attr_timeout=args.attr_timeout, retry_for=args.retry_timeout,
+            page_cache=args.page_cache,
         )
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options())
@@ -222,7 +230,8 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
 
             nursery.start_soon(on_signals)
             nursery.start_soon(ops.run_invalidator)
-            nursery.start_soon(_after_init, ops, mountpoint)
+            if ops.pages is not None:  # only page-cached reads come in read-ahead windows
+                nursery.start_soon(_after_init, ops, mountpoint)
             cache.start(nursery)
             notify.ready(mountpoint)
             await pyfuse3.main(min_tasks=4, max_tasks=128)

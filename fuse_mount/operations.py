@@ -8,8 +8,9 @@ Rules every handler keeps:
 - The kernel caches attributes and entries for `attr_timeout` (never 0); that bounds how long
   another client's change can go unseen. Opening a file always reads fresh attributes
   (close-to-open consistency). The kernel page cache is per inode but here a version is per
-  open: pagecache.py lets only handles of one content use it, the others get direct_io, so
-  each handle reads exactly the version it opened, or its own spool.
+  open, so file data bypasses it (direct_io) and each handle reads exactly the version it
+  opened, or its own spool; with `--page-cache`, pagecache.py lets handles of one content use
+  it (the others get direct_io).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         *,
         attr_timeout: float = 1.0,
         retry_for: float = 30.0,
+        page_cache: bool = False,
     ) -> None:
         super().__init__()
         self.client = client
@@ -81,7 +83,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._fhs = itertools.count(1)
         self._recent: dict[int, tuple[float, Attr]] = {}
-        self.pages = PageCacheRule()
+        # `dfs mount --page-cache` only: without it every open is direct_io, as before.
+        self.pages: PageCacheRule | None = PageCacheRule() if page_cache else None
         self._inval_send, self._inval_recv = trio.open_memory_channel[int](4096)
         self.initialized = trio.Event()
 
@@ -150,7 +153,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
                 self.table.forget(ino, count)
                 if self.table.get(ino) is None:
                     self._recent.pop(ino, None)
-                    self.pages.forget(ino)
+                    if self.pages is not None:
+                        self.pages.forget(ino)
         except Exception:  # forget must never raise
             log.exception("forget failed")
 
@@ -203,7 +207,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
                 new = await self.remote.call(self.client.setattr, inode, **changes)
             except DfsError as e:
                 node = self.table.get(inode)
-                if e.code is not Code.ENOENT or node is None or not node.handles:
+                if (e.code is not Code.ENOENT or node is None or not node.handles
+                        or self.pages is None):
                     raise
                 # Its last name is gone while open (the kernel drops set-ID bits this way
                 # before a cached write): only this host's fstat can still see the change.

@@ -1,9 +1,11 @@
-"""Shared mappings on the mount (docs/mount.md, "Page cache"): MAP_SHARED writes reach the file
-and commit at msync or close like write(2); a mapping, and the kernel page cache behind it,
-shows one whole version while another mount commits new ones."""
+"""Shared mappings on a `dfs mount --page-cache` (docs/mount.md, "Page cache"): MAP_SHARED
+writes reach the file and commit at msync or close like write(2); a mapping, and the kernel page
+cache behind it, shows one whole version while another mount commits new ones. Without the
+option every open is direct_io, and a shared mapping is ENODEV as it always was."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from dfs.chunks import CHUNK_SIZE
 
 pytestmark = pytest.mark.mount
 PAGE = mmap.PAGESIZE
+PAGE_CACHE = ["--page-cache"]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +26,17 @@ def two_mounts(shared_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[tuple[Mount, Mount]]:
     require_fuse()
     root = tmp_path_factory.mktemp("mmap")
-    with mounted(shared_cluster, root / "a", name="mmap-a") as a, \
-            mounted(shared_cluster, root / "b", name="mmap-b") as b:
+    with mounted(shared_cluster, root / "a", name="mmap-a", args=PAGE_CACHE) as a, \
+            mounted(shared_cluster, root / "b", name="mmap-b", args=PAGE_CACHE) as b:
         yield a, b
+
+
+@pytest.fixture(scope="module")
+def default_mount(shared_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Mount]:
+    require_fuse()
+    with mounted(shared_cluster, tmp_path_factory.mktemp("mmap") / "d", name="mmap-d") as m:
+        yield m
 
 
 def committed(cluster: Cluster, name: str) -> bytes:
@@ -176,3 +187,20 @@ def test_close_commits_what_a_live_mapping_wrote(
         assert (b / "live").read_bytes() == want
     finally:
         m.close()
+
+
+def test_without_the_option_a_shared_writable_mapping_is_enodev(
+    default_mount: Mount, shared_cluster: Cluster
+) -> None:
+    """The default is unchanged: every open is direct_io, so MAP_SHARED fails as before,
+    and the file keeps what write(2) put there."""
+    (default_mount / "plain").write_bytes(b"x" * (2 * PAGE))
+    fd = os.open(default_mount / "plain", os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as raised:
+            mmap.mmap(fd, 2 * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        assert raised.value.errno == errno.ENODEV
+        os.pwrite(fd, b"still", 0)
+    finally:
+        os.close(fd)
+    assert committed(shared_cluster, "plain") == b"still" + b"x" * (2 * PAGE - 5)
