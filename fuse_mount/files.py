@@ -34,6 +34,7 @@ from fuse_mount.handles import FileHandle, Services
 from fuse_mount.inodes import InodeTable
 from fuse_mount.pagecache import Admission, PageCacheRule
 from fuse_mount.remote import Remote
+from fuse_mount.sizeback import SizeBack
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class FilesMixin:
     _fhs: itertools.count[int]
     _recent: dict[int, tuple[float, Attr]]
     pages: PageCacheRule | None  # None: no page cache (every handle direct_io)
+    sizeback: SizeBack | None
 
     if TYPE_CHECKING:  # provided by Operations, which mixes this class in
         async def fresh(self, ino: int) -> Attr: ...
@@ -111,6 +113,7 @@ class FilesMixin:
             if flags & os.O_TRUNC and handle.writable:
                 await self._drop_privs(handle)
                 await handle.truncate(0)
+                self._kernel_truncates(handle, admission)
             if admission.cached:
                 await self._show(handle, admission)
             elif presented is not None and presented != attr.version:
@@ -144,6 +147,24 @@ class FilesMixin:
             raise
         return self._file_info(handle, admission), self.table.looked_up(attr)
 
+    def _kernel_truncates(self, handle: FileHandle, admission: Admission) -> None:
+        """After this O_TRUNC open's reply the kernel sets i_size to 0 (atomic_o_trunc, which
+        pyfuse3 always asks for): page-cached holders of the inode get their size stored back."""
+        if self.pages is None or self.sizeback is None:
+            return
+        node = self.table.get(handle.ino)
+        if node is not None:
+            node.presented_size = None  # what the kernel has now is 0, not what we said
+        if not admission.cached and self.pages.holder(handle.ino) is not None:
+            handle.size_back = True
+            self.sizeback.soon(handle.ino)
+
+    async def _size_back(self, handle: FileHandle) -> None:
+        """A request of this handle proves its open's kernel truncate has happened."""
+        if handle.size_back and self.sizeback is not None:
+            handle.size_back = False
+            await self.sizeback.restore(handle.ino)
+
     def _handle(self, fh: int) -> FileHandle:
         handle = self.files.get(fh)
         if handle is None:
@@ -157,6 +178,7 @@ class FilesMixin:
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
+        await self._size_back(handle)
         await self._drop_privs(handle)
         return await handle.write(off, buf)
 
@@ -206,11 +228,15 @@ class FilesMixin:
 
     @handler
     async def flush(self, fh: int) -> None:
-        await self._commit(self._handle(fh))
+        handle = self._handle(fh)
+        await self._size_back(handle)
+        await self._commit(handle)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._commit(self._handle(fh))
+        handle = self._handle(fh)
+        await self._size_back(handle)
+        await self._commit(handle)
 
     @handler
     async def release(self, fh: int) -> None:

@@ -82,6 +82,9 @@ class FileHandle:
         self.cached = False
         self.content: tuple[str, int, int] | None = None
         self.synced = True
+        # An O_TRUNC writer that met page-cached holders: its first request puts their size
+        # back in the kernel (sizeback.py).
+        self.size_back = False
         self._s = services
         self._spool_lock = trio.Lock()
         self._commit_lock = trio.Lock()

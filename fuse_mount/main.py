@@ -232,6 +232,8 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
             nursery.start_soon(ops.run_invalidator)
             if ops.pages is not None:  # only page-cached reads come in read-ahead windows
                 nursery.start_soon(_after_init, ops, mountpoint)
+            if ops.sizeback is not None:
+                nursery.start_soon(ops.sizeback.run)
             cache.start(nursery)
             notify.ready(mountpoint)
             await pyfuse3.main(min_tasks=4, max_tasks=128)

@@ -38,6 +38,7 @@ from fuse_mount.handles import FileHandle, Services
 from fuse_mount.inodes import InodeTable
 from fuse_mount.pagecache import PageCacheRule
 from fuse_mount.remote import MaybeDone, Remote
+from fuse_mount.sizeback import SizeBack
 from fuse_mount.xattrs import XattrMixin
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         self._recent: dict[int, tuple[float, Attr]] = {}
         # `dfs mount --page-cache` only: without it every open is direct_io, as before.
         self.pages: PageCacheRule | None = PageCacheRule() if page_cache else None
+        self.sizeback = SizeBack(self.pages) if self.pages is not None else None
         self._inval_send, self._inval_recv = trio.open_memory_channel[int](4096)
         self.initialized = trio.Event()
 

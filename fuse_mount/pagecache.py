@@ -1,4 +1,5 @@
-"""Which open handles may use the kernel page cache, so that no read is ever mixed.
+"""Which open handles may use the kernel page cache, so that no read is ever mixed
+(`dfs mount --page-cache` only; without it every open is direct_io and this is not consulted).
 
 The kernel's page cache and its file size belong to the inode, while in dfs a version belongs
 to an open. So the pages an inode has in the kernel must always be one content: either one
@@ -20,7 +21,8 @@ A writer's pages are its spool: a clean commit makes them that new version's pag
 What the rule cannot prevent: a writer that opens here while page-cached handles are open
 changes the kernel's i_size behind them (an O_TRUNC open sets it to 0, an extending direct
 write raises it) until their next read fetches the size again, so a read() in flight at that
-moment could stop short or run on. An inode where a writer has met another open handle here
+moment could stop short or run on (sizeback.py puts the size back for their mappings, whose
+faults never fetch it). An inode where a writer has met another open handle here
 is therefore "contended" for CONTENDED seconds, and then every open of it gets direct_io, as
 all did before: one writer at a time, or readers alone, get the page cache.
 """
@@ -118,6 +120,13 @@ class PageCacheRule:
             )
         if state.content is None and time.monotonic() >= state.contended_until:
             del self._inodes[handle.ino]
+
+    def holder(self, ino: int) -> FileHandle | None:
+        """One open page-cached handle of ino (they all hold one content), or None."""
+        state = self._inodes.get(ino)
+        if state is None or not state.holders:
+            return None
+        return next(iter(state.holders))
 
     def forget(self, ino: int) -> None:
         """The kernel dropped the inode, and its pages with it."""

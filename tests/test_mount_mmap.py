@@ -204,3 +204,41 @@ def test_without_the_option_a_shared_writable_mapping_is_enodev(
     finally:
         os.close(fd)
     assert committed(shared_cluster, "plain") == b"still" + b"x" * (2 * PAGE - 5)
+
+
+def _touch_in_child(m: mmap.mmap, want: bytes) -> str:
+    """Read the whole mapping in a forked child: a SIGBUS there must not kill the test."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if m[:] == want else 1)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return "same" if os.WEXITSTATUS(status) == 0 else "different"
+
+
+def test_a_mapping_survives_a_truncating_writer_on_the_same_mount(
+    two_mounts: tuple[Mount, Mount]
+) -> None:
+    """The kernel sets i_size to 0 after an O_TRUNC open (atomic_o_trunc); the mount stores
+    the mapped version's size back, at the latest by the writer's first request."""
+    a, b = two_mounts
+    old = os.urandom(3 * PAGE + 5)
+    (a / "truncated").write_bytes(old)
+    fd = os.open(a / "truncated", os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, len(old), mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            assert m[:] == old
+            # os.open, not open(): Python's open() fstats, which would refresh the size too.
+            w = os.open(a / "truncated", os.O_WRONLY | os.O_TRUNC)
+            try:
+                assert os.write(w, b"new") == 3
+                assert _touch_in_child(m, old) == "same"
+                assert os.pread(fd, len(old) + 10, 0) == old
+            finally:
+                os.close(w)
+            assert _touch_in_child(m, old) == "same"
+            assert (b / "truncated").read_bytes() == b"new"
+    finally:
+        os.close(fd)
+    assert (a / "truncated").read_bytes() == b"new"
