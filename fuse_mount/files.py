@@ -1,9 +1,13 @@
 """Open files: open, create, read, write, and the commits in flush, fsync and release
 (DESIGN.md §7). A mixin of Operations, which provides the namespace side.
 
-Every handle gets `direct_io`: the kernel page cache is per inode, but here a version is per
-open (each handle reads the version it opened, or its own spool), so the kernel must not serve
-one handle's reads from pages another handle filled.
+The kernel page cache is per inode, but here a version is per open (each handle reads the
+version it opened, or its own spool), so the kernel must never serve one handle's reads from
+pages another content filled. By default every handle gets `direct_io`. With `dfs mount
+--page-cache`, pagecache.py decides at open which handles may use the page cache (all readers
+of one version, or one writer alone: these can mmap MAP_SHARED) and which get `direct_io`;
+before a page-cached open returns, the kernel's pages and size of any other content are
+dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import pyfuse3
+import trio
 
 from dfs.client import Client
 from dfs.client.attr import Attr
@@ -27,12 +32,16 @@ from fuse_mount.cache import ReadCache
 from fuse_mount.handler import check_name, handler
 from fuse_mount.handles import FileHandle, Services
 from fuse_mount.inodes import InodeTable
+from fuse_mount.pagecache import Admission, PageCacheRule
 from fuse_mount.remote import Remote
+from fuse_mount.sizeback import SizeBack
 
 log = logging.getLogger(__name__)
 
 #: How recent a lookup's attributes must be for open() to use them instead of asking again.
 OPEN_FRESH = 0.05
+#: Without --page-cache: direct_io, and no keep_cache (nothing page-cached to keep).
+DIRECT = Admission(cached=False, keep=False)
 
 
 class FilesMixin:
@@ -46,6 +55,8 @@ class FilesMixin:
     files: dict[int, FileHandle]
     _fhs: itertools.count[int]
     _recent: dict[int, tuple[float, Attr]]
+    pages: PageCacheRule | None  # None: no page cache (every handle direct_io)
+    sizeback: SizeBack | None
 
     if TYPE_CHECKING:  # provided by Operations, which mixes this class in
         async def fresh(self, ino: int) -> Attr: ...
@@ -53,14 +64,37 @@ class FilesMixin:
         def _owner(self, parent: int, mode: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]: ...
         async def _made(self, parent: int, name: bytes, make: Awaitable[Attr]) -> Attr: ...
 
-    def _new_handle(self, ino: int, flags: int, base: Attr) -> FileHandle:
+    def _new_handle(self, ino: int, flags: int, base: Attr) -> tuple[FileHandle, Admission]:
         handle = FileHandle(next(self._fhs), ino, flags, base, self.services)
+        if self.pages is None:
+            admission = DIRECT
+        else:
+            admission = self.pages.admit(handle, self.table.handles(ino))
+        handle.cached = admission.cached
         self.files[handle.fh] = handle
         self.table.add_handle(handle, base)
-        return handle
+        return handle, admission
 
-    def _file_info(self, handle: FileHandle) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
+    def _file_info(self, handle: FileHandle, admission: Admission) -> pyfuse3.FileInfo:
+        # A direct_io open keeps the pages the page-cached handles are reading.
+        return pyfuse3.FileInfo(
+            fh=handle.fh, direct_io=not admission.cached, keep_cache=admission.keep
+        )
+
+    async def _show(self, handle: FileHandle, admission: Admission) -> None:
+        """Before a page-cached open returns: drop the kernel's pages of another content, and
+        its attributes unless they already have this handle's size (the kernel clamps cached
+        reads to it). Awaited in a worker thread: the kernel may wait on requests in flight."""
+        node = self.table.get(handle.ino)
+        stale_size = node is None or node.presented_size != handle.shown_size()
+        drop_pages = not admission.keep
+        if not (stale_size or drop_pages):
+            return
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, handle.ino, not drop_pages)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBADF):
+                log.debug("invalidate_inode(%d): %s", handle.ino, e)
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -72,14 +106,22 @@ class FilesMixin:
         if attr.is_dir():
             raise pyfuse3.FUSEError(errno.EISDIR)
         node = self.table.get(inode)
-        if node is not None and node.presented is not None and node.presented != attr.version:
-            self.invalidate_later(inode)  # the kernel's size and mtime are another version's
-        handle = self._new_handle(inode, flags, attr)
+        presented = None if node is None else node.presented
+        handle, admission = self._new_handle(inode, flags, attr)
         handle.opener = (ctx.pid, ctx.uid)
-        if flags & os.O_TRUNC and handle.writable:
-            await self._drop_privs(handle)
-            await handle.truncate(0)
-        return self._file_info(handle)
+        try:
+            if flags & os.O_TRUNC and handle.writable:
+                await self._drop_privs(handle)
+                await handle.truncate(0)
+                self._kernel_truncates(handle, admission)
+            if admission.cached:
+                await self._show(handle, admission)
+            elif presented is not None and presented != attr.version:
+                self.invalidate_later(inode)  # the kernel's size and mtime are another version's
+        except BaseException:
+            self._drop_handle(handle)
+            raise
+        return self._file_info(handle, admission)
 
     @handler
     async def create(
@@ -92,11 +134,36 @@ class FilesMixin:
             exclusive=bool(flags & os.O_EXCL), done_if=Code.EEXIST,
         )
         attr = await self._made(parent_inode, name, make)
-        handle = self._new_handle(attr.ino, flags, attr)
+        known = self.table.get(attr.ino) is not None  # else the kernel has no pages of it
+        handle, admission = self._new_handle(attr.ino, flags, attr)
         handle.opener = (ctx.pid, ctx.uid)
-        if flags & os.O_TRUNC and handle.writable and attr.size:
-            await handle.truncate(0)
-        return self._file_info(handle), self.table.looked_up(attr)
+        try:
+            if flags & os.O_TRUNC and handle.writable and attr.size:
+                await handle.truncate(0)
+            if admission.cached and not admission.keep and known:
+                await self._show(handle, admission)  # an existing file (create without O_EXCL)
+        except BaseException:
+            self._drop_handle(handle)
+            raise
+        return self._file_info(handle, admission), self.table.looked_up(attr)
+
+    def _kernel_truncates(self, handle: FileHandle, admission: Admission) -> None:
+        """After this O_TRUNC open's reply the kernel sets i_size to 0 (atomic_o_trunc, which
+        pyfuse3 always asks for): page-cached holders of the inode get their size stored back."""
+        if self.pages is None or self.sizeback is None:
+            return
+        node = self.table.get(handle.ino)
+        if node is not None:
+            node.presented_size = None  # what the kernel has now is 0, not what we said
+        if not admission.cached and self.pages.holder(handle.ino) is not None:
+            handle.size_back = True
+            self.sizeback.soon(handle.ino)
+
+    async def _size_back(self, handle: FileHandle) -> None:
+        """A request of this handle proves its open's kernel truncate has happened."""
+        if handle.size_back and self.sizeback is not None:
+            handle.size_back = False
+            await self.sizeback.restore(handle.ino)
 
     def _handle(self, fh: int) -> FileHandle:
         handle = self.files.get(fh)
@@ -111,6 +178,7 @@ class FilesMixin:
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
+        await self._size_back(handle)
         await self._drop_privs(handle)
         return await handle.write(off, buf)
 
@@ -160,11 +228,15 @@ class FilesMixin:
 
     @handler
     async def flush(self, fh: int) -> None:
-        await self._commit(self._handle(fh))
+        handle = self._handle(fh)
+        await self._size_back(handle)
+        await self._commit(handle)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._commit(self._handle(fh))
+        handle = self._handle(fh)
+        await self._size_back(handle)
+        await self._commit(handle)
 
     @handler
     async def release(self, fh: int) -> None:
@@ -177,8 +249,14 @@ class FilesMixin:
         except pyfuse3.FUSEError:
             pass  # already logged; nobody is waiting for a release's answer
         finally:
-            handle.close()
-            self.table.remove_handle(handle)
+            self._drop_handle(handle)
+
+    def _drop_handle(self, handle: FileHandle) -> None:
+        self.files.pop(handle.fh, None)
+        if self.pages is not None:
+            self.pages.release(handle)
+        handle.close()
+        self.table.remove_handle(handle)
 
     async def shutdown(self) -> None:
         """Commit what open files still hold (best effort, logged), then drop local state."""

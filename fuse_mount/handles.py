@@ -77,6 +77,14 @@ class FileHandle:
         self.opener = (0, 0)
         self.fsetid: bool | None = None
         self.read_state = ReadState()
+        # Page cache (pagecache.py): whether this handle uses it, the content its pages are,
+        # and whether its content is still exactly its base version (no write since).
+        self.cached = False
+        self.content: tuple[str, int, int] | None = None
+        self.synced = True
+        # An O_TRUNC writer that met page-cached holders: its first request puts their size
+        # back in the kernel (sizeback.py).
+        self.size_back = False
         self._s = services
         self._spool_lock = trio.Lock()
         self._commit_lock = trio.Lock()
@@ -111,6 +119,7 @@ class FileHandle:
     def touch(self, mtime_ns: int | None = None) -> None:
         """Note a change: the handle must commit, and its mtime is now (or the given one)."""
         self.dirty = True
+        self.synced = False
         self.gen += 1
         self.touched = next(_touches)
         self.mtime_ns = mtime_ns if mtime_ns is not None else time.time_ns()
@@ -179,6 +188,7 @@ class FileHandle:
                 attr = await self._send(gen)
             if self.gen == gen:
                 self.dirty = False
+                self.synced = True
                 self._s.cache.adopt(attr, os.dup(self.spool.fd))
             self.base = attr
             return attr
@@ -201,6 +211,10 @@ class FileHandle:
             raise
         finally:
             reader.close()
+
+    def shown_size(self) -> int:
+        """The size of what this handle reads: its spool, or the version it opened."""
+        return self.spool.size if self.spool is not None else self.base.size
 
     def close(self) -> None:
         if self.spool is not None:

@@ -33,6 +33,7 @@ class Inode:
     parent: int = ROOT
     handles: set[FileHandle] = dataclasses.field(default_factory=set)
     presented: int | None = None  # the version the kernel last got attributes for
+    presented_size: int | None = None  # and the size it was told
     fetched: float = float("-inf")  # when attr came from the coordinator (monotonic)
     epoch: int = 0  # the table's epoch then
 
@@ -120,10 +121,21 @@ class InodeTable:
 
     def with_local_writes(self, attr: Attr) -> Attr:
         """attr as this host sees it: the newest uncommitted content of an open writer wins,
-        so `stat` and lseek(SEEK_END) agree with what the writer just wrote."""
+        so `stat` and lseek(SEEK_END) agree with what the writer just wrote; but while
+        handles read through the kernel page cache, the size is theirs (pagecache.py), since
+        the kernel clamps their reads and mmap faults to it."""
         node = self._inodes.get(attr.ino)
         if node is None or not node.handles:
             return attr
+        shown = next((h for h in node.handles if h.cached), None)
+        if shown is not None and shown.base.generation == attr.generation:
+            if shown.dirty:
+                mtime = shown.mtime_ns or attr.mtime_ns
+                return dataclasses.replace(
+                    attr, size=shown.shown_size(), mtime_ns=mtime,
+                    ctime_ns=max(attr.ctime_ns, mtime),
+                )
+            return dataclasses.replace(attr, size=shown.shown_size())
         newest = None
         for handle in node.handles:
             if handle.dirty and handle.spool is not None:
@@ -142,6 +154,7 @@ class InodeTable:
         node = self._inodes.get(attr.ino)
         if node is not None:
             node.presented = attr.version
+            node.presented_size = attr.size
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
         e.generation = attr.generation

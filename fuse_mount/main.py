@@ -37,6 +37,8 @@ log = logging.getLogger("fuse_mount")
 
 READY = "dfs mount ready at {}"
 CONNECT_TIMEOUT = 15.0
+#: The mount's read-ahead window: one FUSE request of the chunk size per page-cache miss.
+READ_AHEAD_KB = 1024
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -66,6 +68,13 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to retry while the cluster is unreachable, then EIO")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="log here (default: stderr; CACHE_DIR/mount.log when detached)")
+    parser.add_argument("--page-cache", action="store_true",
+                        help="let the kernel page cache hold file data where one version per "
+                             "inode allows it: MAP_SHARED mmap works and re-reads cost nothing; "
+                             "but a writer's first open of a file page-cached readers hold on "
+                             "this host may change their size mid-read (docs/mount.md, "
+                             "\"Page cache\"). Default off: every file is direct_io, shared "
+                             "writable mmap fails with ENODEV")
     parser.add_argument("--debug", action="store_true", help="log every failed request")
 
 
@@ -192,6 +201,7 @@ async def _amain(
         ops = Operations(
             client, cache, spool_dir,
             attr_timeout=args.attr_timeout, retry_for=args.retry_timeout,
+            page_cache=args.page_cache,
         )
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options())
@@ -220,6 +230,10 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
 
             nursery.start_soon(on_signals)
             nursery.start_soon(ops.run_invalidator)
+            if ops.pages is not None:  # only page-cached reads come in read-ahead windows
+                nursery.start_soon(_after_init, ops, mountpoint)
+            if ops.sizeback is not None:
+                nursery.start_soon(ops.sizeback.run)
             cache.start(nursery)
             notify.ready(mountpoint)
             await pyfuse3.main(min_tasks=4, max_tasks=128)
@@ -235,6 +249,45 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
         pyfuse3.close(unmount=unmount and is_mounted(mountpoint))
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+async def _after_init(ops: Operations, mountpoint: Path) -> None:
+    """The kernel sets the mount's read-ahead from FUSE_INIT's reply: raise it after that."""
+    await ops.initialized.wait()
+    await trio.sleep(0)  # init() runs before libfuse sends the reply
+    raise_read_ahead(mountpoint)
+
+
+def raise_read_ahead(mountpoint: Path) -> None:
+    """Page-cached reads come in read-ahead windows, 128 KiB by default: one FUSE request
+    each. Raise the mount's window to READ_AHEAD_KB where we may (root), else keep it."""
+    dev = _mount_device(mountpoint)
+    if dev is None:
+        return
+    path = Path("/sys/class/bdi") / dev / "read_ahead_kb"
+    try:
+        if int(path.read_text()) < READ_AHEAD_KB:
+            path.write_text(str(READ_AHEAD_KB))
+    except (OSError, ValueError) as e:
+        log.debug("read-ahead of %s stays: %s", mountpoint, e)
+
+
+def _mount_device(mountpoint: Path) -> str | None:
+    """The mount's major:minor, from the mount table (a stat of our own mount point would
+    wait for this very process to answer)."""
+    target = os.path.abspath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if point == target:
+            found = fields[2]  # the last one listed is the one on top
+    return found
 
 
 def _detach_stdio() -> None:

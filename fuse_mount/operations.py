@@ -7,9 +7,10 @@ Rules every handler keeps:
   threads, and kernel cache invalidations go through a worker task, never from a handler.
 - The kernel caches attributes and entries for `attr_timeout` (never 0); that bounds how long
   another client's change can go unseen. Opening a file always reads fresh attributes
-  (close-to-open consistency), and file data bypasses the kernel page cache (direct_io), since
-  the page cache is per inode but here a version is per open: each handle reads exactly the
-  version it opened, or its own spool.
+  (close-to-open consistency). The kernel page cache is per inode but here a version is per
+  open, so file data bypasses it (direct_io) and each handle reads exactly the version it
+  opened, or its own spool; with `--page-cache`, pagecache.py lets handles of one content use
+  it (the others get direct_io).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from fuse_mount.files import FilesMixin
 from fuse_mount.handler import NAME_MAX, check_name, handler
 from fuse_mount.handles import FileHandle, Services
 from fuse_mount.inodes import InodeTable
+from fuse_mount.pagecache import PageCacheRule
 from fuse_mount.remote import MaybeDone, Remote
+from fuse_mount.sizeback import SizeBack
 from fuse_mount.xattrs import XattrMixin
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         *,
         attr_timeout: float = 1.0,
         retry_for: float = 30.0,
+        page_cache: bool = False,
     ) -> None:
         super().__init__()
         self.client = client
@@ -80,7 +84,15 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._fhs = itertools.count(1)
         self._recent: dict[int, tuple[float, Attr]] = {}
+        # `dfs mount --page-cache` only: without it every open is direct_io, as before.
+        self.pages: PageCacheRule | None = PageCacheRule() if page_cache else None
+        self.sizeback = SizeBack(self.pages) if self.pages is not None else None
         self._inval_send, self._inval_recv = trio.open_memory_channel[int](4096)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """FUSE_INIT arrived (its reply goes out when this returns)."""
+        self.initialized.set()
 
     # ------------------------------------------------------------- plumbing
 
@@ -143,6 +155,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
                 self.table.forget(ino, count)
                 if self.table.get(ino) is None:
                     self._recent.pop(ino, None)
+                    if self.pages is not None:
+                        self.pages.forget(ino)
         except Exception:  # forget must never raise
             log.exception("forget failed")
 
@@ -191,7 +205,16 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         if fields.update_ctime:
             changes["ctime_ns"] = attr.st_ctime_ns
         if changes:
-            new = await self.remote.call(self.client.setattr, inode, **changes)
+            try:
+                new = await self.remote.call(self.client.setattr, inode, **changes)
+            except DfsError as e:
+                node = self.table.get(inode)
+                if (e.code is not Code.ENOENT or node is None or not node.handles
+                        or self.pages is None):
+                    raise
+                # Its last name is gone while open (the kernel drops set-ID bits this way
+                # before a cached write): only this host's fstat can still see the change.
+                new = replace(node.attr, nlink=0, **changes)
             self.table.update(new)
         else:
             new = await self.fresh(inode)

@@ -2,8 +2,8 @@
 
 A write, a truncate or a chown by a process without CAP_FSETID drops a regular file's
 set-user-ID bit, and its set-group-ID bit when group-execute is set. For truncate and chown
-the kernel does it itself (it sends the mode change with the setattr), but a FUSE write
-with direct_io, and an open with O_TRUNC (atomic_o_trunc), reach us with no mode change, so
+the kernel does it itself (it sends the mode change with the setattr, as before a write
+through the page cache), but a FUSE write with direct_io, and an open with O_TRUNC (atomic_o_trunc), reach us with no mode change, so
 the mount asks the coordinator (`setattr kill_suid`) at the first such write of a handle.
 
 A write request carries no caller, so the handle judges by its opener (pid and uid at open);

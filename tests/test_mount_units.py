@@ -176,3 +176,51 @@ def test_parse_size() -> None:
     assert parse_size("2G") == 2 << 30
     assert parse_size("1GiB") == 1 << 30
     assert parse_size("4096") == 4096
+
+
+def test_page_cache_rule_admits_one_content_per_inode() -> None:
+    """Readers of one version share the kernel's pages, a writer only alone; another version,
+    or anyone while a writer met another handle, gets direct_io (fuse_mount/pagecache.py)."""
+    from fuse_mount.handles import FileHandle
+    from fuse_mount.pagecache import PageCacheRule
+
+    rule = PageCacheRule()
+    fhs = iter(range(1, 100))
+    open_: list[FileHandle] = []
+
+    def admit(ver: int, flags: int = os.O_RDONLY) -> tuple[FileHandle, bool, bool]:
+        handle = FileHandle(next(fhs), 7, flags, version(7, ver, b"x" * ver), None)  # type: ignore[arg-type]
+        got = rule.admit(handle, list(open_))
+        handle.cached = got.cached
+        open_.append(handle)
+        return handle, got.cached, got.keep
+
+    def close(handle: FileHandle) -> None:
+        open_.remove(handle)
+        rule.release(handle)
+
+    r1, cached, keep = admit(5)
+    assert (cached, keep) == (True, False)  # first open of v5: the kernel's pages are dropped
+    r2, cached, keep = admit(5)
+    assert (cached, keep) == (True, True)  # same version: shares them
+    r3, cached, _ = admit(6)
+    assert not cached  # another version while v5 is cached: direct_io
+    for h in (r1, r2, r3):
+        close(h)
+    _, cached, keep = admit(6)
+    assert (cached, keep) == (True, False)  # v6 now, after v5's pages are dropped
+    close(open_[0])
+    w, cached, keep = admit(6, os.O_RDWR)
+    assert (cached, keep) == (True, True)  # a lone writer; its pages start as its base
+    w.touch()
+    w.synced = True  # as after a clean commit of ...
+    w.base = version(7, 8, b"y")  # ... version 8
+    close(w)
+    _, cached, keep = admit(8)
+    assert (cached, keep) == (True, True)  # the writer's pages are version 8's
+    _, cached, _ = admit(8, os.O_WRONLY)
+    assert not cached  # a writer meets a reader: direct_io, and the inode is contended
+    for h in list(open_):
+        close(h)
+    _, cached, _ = admit(8)
+    assert not cached  # contended: direct_io for a while even alone

@@ -136,8 +136,9 @@ def up(args: argparse.Namespace) -> int:
         if args.mount:
             mountpoint = Path(args.mount).resolve()
             mountpoint.mkdir(parents=True, exist_ok=True)
+            extra = ["--page-cache"] if args.page_cache else []
             mount = Child(
-                "mount", [*DFS, *common, "mount", str(mountpoint), "--foreground"],
+                "mount", [*DFS, *common, "mount", str(mountpoint), "--foreground", *extra],
                 root / "mount.log",
             )
             children.append(mount)
@@ -188,3 +189,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, default=3, help="storage nodes (default %(default)s)")
     p.add_argument("--replicas", type=int, default=3, help="replicas R (default %(default)s)")
     p.add_argument("--mount", metavar="DIR", help="also mount the cluster at DIR")
+    p.add_argument("--page-cache", action="store_true",
+                   help="with --mount: mount with --page-cache (see dfs mount -h)")
