@@ -1,4 +1,4 @@
-"""Chunking and checksums shared by writers, nodes and readers (DESIGN.md §3)."""
+"""Chunking and checksums shared by writers, nodes and readers (docs/design.md §3)."""
 
 from __future__ import annotations
 

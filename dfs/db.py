@@ -1,6 +1,6 @@
 """The one LMDB environment of a process and its single group-committing writer.
 
-DESIGN.md §5 (LMDB rules, rule 8): every write transaction runs whole inside one
+docs/design.md §5 (LMDB rules, rule 8): every write transaction runs whole inside one
 `runtime.in_thread` call made by one writer task. Requests that queue up while a batch is
 being written go into the next batch, each in a nested transaction of one outer transaction,
 so N concurrent writers share one commit and one forced flush.
@@ -73,7 +73,7 @@ class _Request:
 
 
 class Database:
-    """An LMDB environment with named sub-databases (DESIGN.md §3)."""
+    """An LMDB environment with named sub-databases (docs/design.md §3)."""
 
     # False plants the simulator's bug "a decision readable before it is forced" (no pin).
     hide_unforced: bool = True
@@ -260,6 +260,6 @@ class Database:
         try:
             self.env.sync(True)
         except lmdb.Error:
-            # DESIGN.md §5: an fsync error is fail-stop; recovery after restart is the cure.
+            # docs/design.md §5: an fsync error is fail-stop; recovery after restart is the cure.
             log.critical("fsync of %s failed; stopping", self.path, exc_info=True)
             os._exit(70)

@@ -1,4 +1,4 @@
-"""Failpoints (DESIGN.md §8): named places where tests make a process crash, fail or stall.
+"""Failpoints (docs/design.md §8): named places where tests make a process crash, fail or stall.
 
 DFS_FAILPOINTS="name=crash|error|delay:MS,..." arms them at import. With none armed a
 failpoint costs one dict lookup.

@@ -1,6 +1,6 @@
 """Request/reply over frames: the authenticated handshake, a server loop and client pools.
 
-Handshake (DESIGN.md §4), both sides proving the cluster secret with HMAC-SHA256:
+Handshake (docs/design.md §4), both sides proving the cluster secret with HMAC-SHA256:
   client -> {"op": "hello", "proto": 1, "nonce": Nc}
   server <- {"ok": true, "proto": 1, "cluster": C, "nonce": Ns, "mac": H(K, "srv"|Nc|Ns|C)}
   client -> {"op": "auth", "mac": H(K, "cli"|Ns|Nc|C)}
@@ -103,7 +103,7 @@ class Request:
         return self._get(key, (dict,), default, required and default is None)
 
     def name(self, key: str = "name") -> bytes:
-        """A directory entry name (DESIGN.md §3): 1-255 bytes, no '/', no NUL, not . or .."""
+        """A directory entry name (docs/design.md §3): 1-255 bytes, no '/', no NUL, not . or .."""
         value = self._get(key, (bytes, str), None, True)
         raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
         if len(raw) > 255:

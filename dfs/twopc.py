@@ -1,4 +1,4 @@
-"""The coordinator side of presumed-abort two-phase commit, sans-IO (DESIGN.md §5).
+"""The coordinator side of presumed-abort two-phase commit, sans-IO (docs/design.md §5).
 
 `CommitProtocol` holds no sockets, clock or disk. A driver feeds it events (a client asked to
 commit, a vote arrived, the decision is durable, a replica acked) and carries out the actions it

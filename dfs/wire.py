@@ -1,4 +1,4 @@
-"""Frames on the wire (DESIGN.md §4): a 4-byte big-endian length, then one msgpack map.
+"""Frames on the wire (docs/design.md §4): a 4-byte big-endian length, then one msgpack map.
 
 The length is checked against the limit before a byte of the body is read or allocated.
 """

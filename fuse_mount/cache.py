@@ -1,6 +1,6 @@
-"""Local read cache of committed file content (DESIGN.md §7).
+"""Local read cache of committed file content (docs/design.md §7).
 
-Every version of every file is an immutable blob (DESIGN.md §3), so a chunk cached under
+Every version of every file is an immutable blob (docs/design.md §3), so a chunk cached under
 (ino, version, index) can never go stale: there is no invalidation, only eviction. Chunks are
 kept one file each under the cache directory, written under a temporary name and renamed into
 place, so a reader never sees a partial chunk, eviction is an unlink, and a reader that opened a

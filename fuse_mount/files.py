@@ -1,5 +1,5 @@
 """Open files: open, create, read, write, and the commits in flush, fsync and release
-(DESIGN.md §7). A mixin of Operations, which provides the namespace side.
+(docs/design.md §7). A mixin of Operations, which provides the namespace side.
 
 The kernel page cache is per inode, but here a version is per open (each handle reads the
 version it opened, or its own spool), so the kernel must never serve one handle's reads from

@@ -1,4 +1,4 @@
-"""Errno discipline for request handlers (DESIGN.md §7: errors are errno, never a traceback).
+"""Errno discipline for request handlers (docs/design.md §7: errors are errno, never a traceback).
 
 pyfuse3 lets a handler raise only FUSEError; anything else would end the main loop. So every
 handler is wrapped: a DfsError becomes its errno (`dfs.errors.ERRNO`), a local OSError keeps its

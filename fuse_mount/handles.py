@@ -1,4 +1,4 @@
-"""Open files (DESIGN.md §7: open-to-close, as in AFS).
+"""Open files (docs/design.md §7: open-to-close, as in AFS).
 
 A handle is pinned at open to one committed version (its `base`): reads come from that version
 (through the read cache) until the handle writes, and from then on from the handle's private

@@ -1,4 +1,4 @@
-"""The mount's view of the inodes the kernel knows (DESIGN.md §7, lookup counts).
+"""The mount's view of the inodes the kernel knows (docs/design.md §7, lookup counts).
 
 The coordinator owns every attribute; this table only remembers, per inode the kernel holds,
 how many lookups it owes us (readdirplus entries count, `forget` pays them back), the last

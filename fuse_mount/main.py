@@ -1,4 +1,4 @@
-"""`dfs mount MOUNTPOINT` and `dfs umount MOUNTPOINT` (DESIGN.md §11).
+"""`dfs mount MOUNTPOINT` and `dfs umount MOUNTPOINT` (docs/design.md §11).
 
 The CLI registers these through `add_mount_arguments` / `run` and `add_umount_arguments` /
 `umount`; the global `--coordinator` and `--secret-file` land on the same namespace.

@@ -1,4 +1,4 @@
-"""The pyfuse3 request handlers: POSIX calls onto dfs (DESIGN.md §7).
+"""The pyfuse3 request handlers: POSIX calls onto dfs (docs/design.md §7).
 
 Rules every handler keeps:
 - Errors are errno (`FUSEError`), never a traceback: `DfsError.errno` maps the cluster's codes;

@@ -1,4 +1,4 @@
-"""Calls to the cluster that ride out a coordinator restart (DESIGN.md §7, §8).
+"""Calls to the cluster that ride out a coordinator restart (docs/design.md §7, §8).
 
 The client library retries idempotent requests itself but sends a namespace change once, since a
 lost reply leaves its effect unknown. A mount cannot give up that easily: a `mkdir` issued while

@@ -1,4 +1,4 @@
-"""Per-open-file write spools (DESIGN.md §7).
+"""Per-open-file write spools (docs/design.md §7).
 
 Every file handle opened for writing gets its own spool: an anonymous (already unlinked) file
 in the spool directory that holds the whole content the handle will commit. Writes land in the

@@ -1,4 +1,4 @@
-"""Extended attributes, including dfs's virtual read-only ones (DESIGN.md §7).
+"""Extended attributes, including dfs's virtual read-only ones (docs/design.md §7).
 
 `user.dfs.version`, `user.dfs.replicas` (node ids, comma-separated) and `user.dfs.checksum`
 (xxh3_128, hex) are computed from the committed attributes. They are readable by name but not

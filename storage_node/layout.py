@@ -1,4 +1,4 @@
-"""The node store's on-disk layout (DESIGN.md §3), shared by the store and offline tools.
+"""The node store's on-disk layout (docs/design.md §3), shared by the store and offline tools.
 
 - `blobs`:  blob id (u64 BE) -> msgpack {"state", "size", "checksum", "nchunks", "created"}
 - `chunks`: blob id (u64 BE) + chunk index (u32 BE) -> xxh3_64 digest (8 bytes) + chunk bytes

@@ -1,4 +1,4 @@
-"""The participant side of presumed-abort 2PC (DESIGN.md §5, rules 2, 4 and 5), sans-IO.
+"""The participant side of presumed-abort 2PC (docs/design.md §5, rules 2, 4 and 5), sans-IO.
 
 A plain class in the style of h11: no sockets, clock or disk. The driver (storage_node.server)
 feeds it events and carries out the actions it returns against the BlobStore.
@@ -263,7 +263,7 @@ class Participant:
         ack ends the decision, so only a node holding the copy may give it. A blob with no
         record here (its PREPARED copy was lost, or GC deleted it after a later write
         superseded it) is ENOENT: the coordinator marks the replica bad and repairs it, or
-        releases it when the namespace no longer lists it (DESIGN.md §5, rule 5)."""
+        releases it when the namespace no longer lists it (docs/design.md §5, rule 5)."""
         if stored in COMMITTABLE:
             return ForceCommitted(txid)
         if stored == TxState.COMMITTED:

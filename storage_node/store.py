@@ -1,4 +1,4 @@
-"""The storage node's blob store: one LMDB environment in the layout of DESIGN.md §3
+"""The storage node's blob store: one LMDB environment in the layout of docs/design.md §3
 (storage_node/layout.py spells it out).
 
 Every write goes through `Database.write` (the single group-committing writer task), so the

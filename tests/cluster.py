@@ -158,13 +158,13 @@ class Cluster:
         return self.root / name
 
     def node_store_path(self, name: str) -> Path:
-        """The node's data dir: its LMDB environment is data.mdb inside (DESIGN.md §11)."""
+        """The node's data dir: its LMDB environment is data.mdb inside (docs/design.md §11)."""
         return self.data_dir(name)
 
     def corrupt_chunk(self, name: str, blob: int, index: int = 0, offset: int = 0) -> None:
         """Flip one byte of a stored chunk, as bit rot would (stop the node first).
 
-        Uses the documented layout (DESIGN.md §3): `chunks` key = blob u64 BE + index u32 BE,
+        Uses the documented layout (docs/design.md §3): `chunks` key = blob u64 BE + index u32 BE,
         value = the chunk's 8-byte digest, then its bytes.
         """
         assert not self.running(name), "stop the node before editing its store"

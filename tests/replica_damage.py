@@ -1,4 +1,4 @@
-"""Damage a stopped node's copy of a blob in its LMDB (DESIGN.md §3 layout): delete it, or
+"""Damage a stopped node's copy of a blob in its LMDB (docs/design.md §3 layout): delete it, or
 rewrite a chunk together with its stored digest (a copy that is consistent but wrong: every
 chunk passes its digest, only the whole-file xxh3_128 tells)."""
 

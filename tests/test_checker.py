@@ -1,5 +1,5 @@
 """`dfs check [--deep] [--repair]` on real clusters, with real damage made in the nodes' and the
-coordinator's LMDB (DESIGN.md §3 layout) or over the wire: every kind of finding is named,
+coordinator's LMDB (docs/design.md §3 layout) or over the wire: every kind of finding is named,
 repaired through a transaction, and a second check is clean (docs/checker.md)."""
 
 from __future__ import annotations

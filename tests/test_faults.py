@@ -1,4 +1,4 @@
-"""Crash every process at every failpoint of DESIGN.md §8 and check I1–I3 after recovery.
+"""Crash every process at every failpoint of docs/design.md §8 and check I1–I3 after recovery.
 
 Each case: a file holds version A; the failpoint is armed (crash = exit 137 at once, as kill -9)
 in one process; a write of version B runs; the crashed process is restarted clean. Then the

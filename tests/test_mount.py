@@ -1,5 +1,5 @@
 """The mount driven by real programs: cp -a, tar, git, rsync, mv, and a Python program
-(DESIGN.md §10, layer 4). Every result is compared with the same work on a local directory."""
+(docs/design.md §10, layer 4). Every result is compared with the same work on a local directory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The mount as one client among several, and through failures (DESIGN.md §7, §8, §9):
+"""The mount as one client among several, and through failures (docs/design.md §7, §8, §9):
 concurrent writers never mix, two mounts see each other's closed files within the attribute
 timeout, everything persists across a full restart, the mount rides out a coordinator restart
 and a lost node, a failed commit is EIO at close and leaves the previous version."""

@@ -1,5 +1,5 @@
 """POSIX behaviour of the mount, each case run on the mount and on a local directory and
-compared: the same results, the same errno (DESIGN.md §7)."""
+compared: the same results, the same errno (docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Benchmarks (DESIGN.md §10.5, §12): measured, never asserted in tests.
+"""Benchmarks (docs/design.md §10.5, §12): measured, never asserted in tests.
 
 `library` measures through the client library against a running cluster; `fs` measures
 through any directory, so the same operations run on a dfs mount and on local disk side by

@@ -2,7 +2,7 @@
 
 Everything here is a pure function of snapshots (rows of the coordinator's inode and entry
 tables, each node's blob listing, the GC queue, deep verification verdicts), so the rules of
-I1-I4 (DESIGN.md §9) are unit-tested on hand-made snapshots; collect.py gathers the real ones
+I1-I4 (docs/design.md §9) are unit-tested on hand-made snapshots; collect.py gathers the real ones
 and confirms what these rules suspect.
 """
 

@@ -1,1 +1,1 @@
-"""The `dfs` command line (DESIGN.md §11)."""
+"""The `dfs` command line (docs/design.md §11)."""

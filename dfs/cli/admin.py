@@ -1,4 +1,4 @@
-"""Cluster commands: status, node list|drain|remove, txn list (DESIGN.md §11)."""
+"""Cluster commands: status, node list|drain|remove, txn list (docs/design.md §11)."""
 
 from __future__ import annotations
 

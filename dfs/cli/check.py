@@ -1,6 +1,6 @@
 """`dfs check [PATH] [--deep] [--repair] [--json]`: the replica consistency checker.
 
-Exit status (DESIGN.md §11): 0 clean (with --repair: everything found was fixed), 3 problems
+Exit status (docs/design.md §11): 0 clean (with --repair: everything found was fixed), 3 problems
 found (and, with --repair, not all fixed), 1 the check itself failed. A progress bar on a
 terminal's stderr; a summary on stdout; with --json one document with a record per finding.
 """

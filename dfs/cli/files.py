@@ -1,4 +1,4 @@
-"""File commands: ls, stat, cat, get, put, rm, mkdir, rmdir, mv (DESIGN.md §11)."""
+"""File commands: ls, stat, cat, get, put, rm, mkdir, rmdir, mv (docs/design.md §11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dfs`: the one console script for every role (DESIGN.md §11).
+"""`dfs`: the one console script for every role (docs/design.md §11).
 
 Commands live in modules that each expose `add_parser(subparsers)`. A module listed in
 OPTIONAL_COMMANDS is registered only when it exists, so a later feature (the mount, the checker,

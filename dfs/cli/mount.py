@@ -1,4 +1,4 @@
-"""`dfs mount MOUNTPOINT` and `dfs umount MOUNTPOINT`, owned by fuse_mount (DESIGN.md §7).
+"""`dfs mount MOUNTPOINT` and `dfs umount MOUNTPOINT`, owned by fuse_mount (docs/design.md §7).
 
 Registered only where fuse_mount has its entry point; imported only when one of these runs, so
 pyfuse3 never slows down other commands.

@@ -1,7 +1,7 @@
 """The client library: one method per coordinator op, plus whole-file writes and reads.
 
 Used by the CLI and the FUSE mount. Metadata goes to the coordinator; file bytes go straight
-to the storage nodes (DESIGN.md §1). Idempotent requests retry on UNAVAILABLE for a bounded
+to the storage nodes (docs/design.md §1). Idempotent requests retry on UNAVAILABLE for a bounded
 time; requests that change the namespace are sent once, since a lost reply leaves their effect
 unknown and a blind retry could apply them twice.
 """

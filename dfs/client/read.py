@@ -1,4 +1,4 @@
-"""Reads (DESIGN.md §6): chunks from one replica at a time, every byte verified.
+"""Reads (docs/design.md §6): chunks from one replica at a time, every byte verified.
 
 A chunk is checked against the xxh3_64 digest the node stored with it (and its expected length),
 the whole file against the committed xxh3_128. A replica that errs is skipped; one that returns

@@ -1,4 +1,4 @@
-"""The write transaction, client side (DESIGN.md §5): begin, stage to every replica, commit.
+"""The write transaction, client side (docs/design.md §5): begin, stage to every replica, commit.
 
 Memory stays bounded whatever the file size: one task reads the source a chunk at a time in a
 worker thread (hashing it there too), and `window` stager tasks each carry one chunk to all R

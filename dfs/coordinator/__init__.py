@@ -1,4 +1,4 @@
-"""The coordinator server (DESIGN.md §1, §5): namespace ops, 2PC driver, membership, GC."""
+"""The coordinator server (docs/design.md §1, §5): namespace ops, 2PC driver, membership, GC."""
 
 from .config import CoordinatorConfig, add_coordinator_arguments, config_from_args
 from .main import run

@@ -1,4 +1,4 @@
-"""`dfs coordinator` options (DESIGN.md §11, docs/protocol.md timing defaults)."""
+"""`dfs coordinator` options (docs/design.md §11, docs/protocol.md timing defaults)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dfs coordinator`: open the store, serve until SIGINT/SIGTERM (DESIGN.md §11)."""
+"""`dfs coordinator`: open the store, serve until SIGINT/SIGTERM (docs/design.md §11)."""
 
 from __future__ import annotations
 

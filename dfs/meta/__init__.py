@@ -1,4 +1,4 @@
-"""The coordinator's metadata (DESIGN.md §3): namespace, transaction log, node table, GC queue
+"""The coordinator's metadata (docs/design.md §3): namespace, transaction log, node table, GC queue
 and cluster meta, each a set of methods over a caller's LMDB transaction."""
 
 from dfs.meta.attrs import XATTR_CREATE, XATTR_REPLACE

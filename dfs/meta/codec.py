@@ -1,4 +1,4 @@
-"""Key and value encodings of the coordinator's LMDB (DESIGN.md §3).
+"""Key and value encodings of the coordinator's LMDB (docs/design.md §3).
 
 Integer keys are big-endian so LMDB's byte order is numeric order and range scans (readdir by
 cookie, the GC queue by time, txids) are plain cursor walks. Values are msgpack maps, so a field

@@ -32,7 +32,7 @@ RDEV_MAX = (1 << 64) - 1
 
 
 def validate_name(name: bytes) -> bytes:
-    """A directory entry name (DESIGN.md §3): 1-255 bytes, no '/', no NUL, not '.' or '..'."""
+    """A directory entry name (docs/design.md §3): 1-255 bytes, no '/', no NUL, not '.' or '..'."""
     if not isinstance(name, bytes):
         raise DfsError(Code.EINVAL, f"a name must be bytes, not {type(name).__name__}")
     if len(name) > NAME_MAX:
@@ -191,7 +191,7 @@ class InodeTable:
     def retire_blob(self, txn: lmdb.Transaction, inode: Inode, now_ns: int) -> None:
         """Queue the inode's current blob for deletion on its replicas after the grace period.
 
-        The grace lets a reader that already holds the old attrs finish reading (DESIGN.md §6).
+        The grace lets a reader that already holds the old attrs finish reading (docs/design.md §6).
         """
         if inode.blob is not None:
             txn.delete(k64(inode.blob), db=self._blobs)

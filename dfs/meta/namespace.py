@@ -1,4 +1,4 @@
-"""The namespace: inodes, directory entries and readdir cookies (DESIGN.md §3, §6).
+"""The namespace: inodes, directory entries and readdir cookies (docs/design.md §3, §6).
 
 Every method takes the caller's LMDB write (or read) transaction and does the whole POSIX
 operation in it, so a namespace operation is atomic by being one transaction, and the 2PC

@@ -2,7 +2,7 @@
 
 The server sees only `namespace` (with its blob index), `txnlog`, `nodes`, `gc` and `cluster`, each a set of methods
 over an LMDB transaction, and runs them via `db.write` / `db.read`. A replicated engine can
-later provide the same objects (DESIGN.md §3).
+later provide the same objects (docs/design.md §3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The transaction log (`txns`): commit decisions of presumed-abort 2PC (DESIGN.md §5).
+"""The transaction log (`txns`): commit decisions of presumed-abort 2PC (docs/design.md §5).
 
 Only commits are recorded; a txid without a record is aborted. A record is COMMITTED from the
 decision until every replica acked its COMMIT, then ENDED, and an ENDED record is purged after

@@ -1,4 +1,4 @@
-"""What must hold of a campaign's history (DESIGN.md §9, I1 and I2), judged after the fact.
+"""What must hold of a campaign's history (docs/design.md §9, I1 and I2), judged after the fact.
 
 Each file is a register written with unique values, so every read names the write it saw, and
 the checks below are sound without searching for a linearization:
@@ -10,7 +10,7 @@ the checks below are sound without searching for a linearization:
 - stale-read: a library read began after an ok write W2 completed, yet saw a write that had
   completed before W2 began (or a lower version than W2's). Mount reads get ATTR_SLACK seconds
   of grace for other clients' writes: the mount caches attributes for a short TTL, by design
-  (DESIGN.md §7); none for the mount's own writes (close-to-open).
+  (docs/design.md §7); none for the mount's own writes (close-to-open).
 - conditional-write: an ok if_version write that did not produce exactly base + 1, or two
   ok if_version writes from the same base (the lost-update guard failed).
 

@@ -229,7 +229,7 @@ class NemesisCluster:
                                    ) -> tuple[int, int] | None:
         """Flip one byte of a random chunk of a random COMMITTED blob of a stopped node.
 
-        Uses the documented store layout (DESIGN.md §3): `blobs` maps u64 BE ids to msgpack
+        Uses the documented store layout (docs/design.md §3): `blobs` maps u64 BE ids to msgpack
         records, `chunks` keys are blob u64 BE + index u32 BE, values the 8-byte digest then
         the bytes. Blobs in `avoid` are left alone; with `only`, only those are candidates.
         Returns (blob, index), or None if the node holds no such committed blob.

@@ -6,7 +6,7 @@ shielded scope, so even a cancelled campaign leaves no process paused, no link c
 failpoint armed. At most `max_active` faults run at once; which one comes next, where and for
 how long is drawn from the campaign's seeded generator.
 
-Kinds (DESIGN.md §8 and issue 5): kill (kill -9, then restart), pause (SIGSTOP longer than
+Kinds (docs/design.md §8 and issue 5): kill (kill -9, then restart), pause (SIGSTOP longer than
 the timeouts, then SIGCONT), partition-node and partition-coordinator (through the proxies,
 refusing or black-holing), slow (latency on a link), disk-full (a node restarted with a
 capacity it has already used up), bitflip (a byte of a stopped node's LMDB flipped), failpoint

@@ -1,1 +1,1 @@
-"""Deterministic simulation of the 2PC protocol: one seed, one trace (DESIGN.md §10.2)."""
+"""Deterministic simulation of the 2PC protocol: one seed, one trace (docs/design.md §10.2)."""

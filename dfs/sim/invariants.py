@@ -1,4 +1,4 @@
-"""What a run must show (DESIGN.md §9), judged first and only then repaired.
+"""What a run must show (docs/design.md §9), judged first and only then repaired.
 
 1. The judge: after the faults stop and the cluster settles, the real `dfs check --deep`
    runs without --repair; every finding must be explained by a fault the world injected (a

@@ -32,7 +32,7 @@ class Faults:
     drop: float = 0.01  # a request or reply is lost
     duplicate: float = 0.02  # a request is delivered twice
     max_delay: float = 0.02  # seconds one way; reordering comes from random delays
-    crash_point: float = 0.01  # at a failpoint (DESIGN.md §8), the process crashes there
+    crash_point: float = 0.01  # at a failpoint (docs/design.md §8), the process crashes there
     crash_rate: float = 0.02  # per process per simulated second, a crash anywhere
     restart_after: tuple[float, float] = (0.2, 4.0)
     partition_rate: float = 0.02  # per second, a random link is cut...
