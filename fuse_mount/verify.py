@@ -22,7 +22,7 @@ import trio
 
 from dfs.chunks import CHUNK_SIZE, FileHasher, nchunks
 from dfs.client.attr import Attr
-from dfs.client.tasks import task_group
+from dfs.client.tasks import in_order
 from dfs.errors import Code, DfsError
 
 if TYPE_CHECKING:
@@ -193,43 +193,18 @@ class Verifier:
         """Fetch every chunk from `node`, VERIFY_WINDOW ahead of the one being hashed and
         cached, in order; _Mismatch if the whole file is not the committed version."""
         hasher = FileHasher()
-        total = nchunks(attr.size)
-        ahead, in_order = trio.open_memory_channel[_Slot](VERIFY_WINDOW - 1)
 
-        async def fetch(index: int, slot: _Slot) -> None:
-            slot.data = await self.source.chunk(attr, index, node)
-            slot.ready.set()
+        async def fetch(index: int) -> bytes:
+            return await self.source.chunk(attr, index, node)
 
-        async with task_group() as group:
+        async def consume(index: int, data: bytes) -> None:
+            if len(data) != min(CHUNK_SIZE, attr.size - index * CHUNK_SIZE):
+                raise _Mismatch(f"chunk {index} has the wrong length")
+            hasher.update(data)
+            await self._store(attr, index, data)
 
-            async def schedule() -> None:
-                async with ahead:
-                    for index in range(total):
-                        slot = _Slot(index)
-                        await ahead.send(slot)
-                        group.start_soon(fetch, index, slot)
-
-            async def consume() -> None:
-                async with in_order:
-                    async for slot in in_order:
-                        await slot.ready.wait()
-                        data, slot.data = slot.data, b""
-                        if len(data) != min(CHUNK_SIZE, attr.size - slot.index * CHUNK_SIZE):
-                            raise _Mismatch(f"chunk {slot.index} has the wrong length")
-                        hasher.update(data)
-                        await self._store(attr, slot.index, data)
-
-            group.start_soon(schedule)
-            group.start_soon(consume)
+        await in_order(nchunks(attr.size), VERIFY_WINDOW, fetch, consume)
         if hasher.size != attr.size or (attr.checksum is not None
                                         and hasher.digest() != attr.checksum):
             raise _Mismatch(f"blob {attr.blob} fails its whole-file checksum")
 
-
-class _Slot:
-    """One chunk being fetched ahead of the hasher."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.ready = trio.Event()
-        self.data = b""

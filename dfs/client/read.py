@@ -26,7 +26,7 @@ import trio
 from dfs import runtime
 from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest, nchunks
 from dfs.client.attr import Attr
-from dfs.client.tasks import task_group
+from dfs.client.tasks import in_order
 from dfs.errors import Code, DfsError
 
 if TYPE_CHECKING:
@@ -171,14 +171,6 @@ def _writer(sink: Sink, hasher: FileHasher) -> Callable[[bytes], Awaitable[None]
     return to_callable
 
 
-class _Slot:
-    """One chunk being fetched ahead of the writer."""
-
-    def __init__(self) -> None:
-        self.ready = trio.Event()
-        self.data = b""
-
-
 def _rewindable(sink: Sink) -> bool:
     """A sink read_file may empty and refill: a seekable, truncatable file."""
     try:
@@ -229,34 +221,19 @@ async def _read_pass(
     hasher = FileHasher()
     deliver = _writer(sink, hasher)
     total = nchunks(attr.size) if attr.blob is not None else 0
-    slots, in_order = trio.open_memory_channel[_Slot](max(client.readahead - 1, 0))
     sources: set[int] = set()
 
-    async def fetch(index: int, slot: _Slot) -> None:
-        slot.data, source = await read_chunk_from(client, attr, index, nodes)
+    async def fetch(index: int) -> bytes:
+        data, source = await read_chunk_from(client, attr, index, nodes)
         sources.add(source)
-        slot.ready.set()
+        return data
 
-    async with task_group() as group:
+    async def write(index: int, data: bytes) -> None:
+        await deliver(data)
+        if progress is not None:
+            progress(hasher.size)
 
-        async def schedule() -> None:
-            async with slots:
-                for index in range(total):
-                    slot = _Slot()
-                    await slots.send(slot)
-                    group.start_soon(fetch, index, slot)
-
-        async def write_in_order() -> None:
-            async with in_order:
-                async for slot in in_order:
-                    await slot.ready.wait()
-                    data, slot.data = slot.data, b""
-                    await deliver(data)
-                    if progress is not None:
-                        progress(hasher.size)
-
-        group.start_soon(schedule)
-        group.start_soon(write_in_order)
+    await in_order(total, client.readahead, fetch, write)
 
     if hasher.size != attr.size:
         raise DfsError(Code.CHECKSUM, f"inode {attr.ino}: read {hasher.size} of {attr.size} bytes")
