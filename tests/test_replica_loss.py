@@ -233,12 +233,10 @@ async def test_a_replica_that_keeps_refusing_commit_is_repaired_with_backoff(
     async with running_coordinator(tmp_path / "coord") as coord, \
             trio.open_nursery() as nursery:
         nodes = await start_nodes(nursery, coord, 3, capacity=1 << 30)
-        async with Client(coord.address, SECRET, retry_for=10.0) as client:
-            root = await client.resolve("/")
-            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
-            await client.write_file(attr.ino, io.BytesIO(b"some bytes" * 1000))
-            attr = await client.resolve("/f")
-        victim = next(n for n in nodes if n.node_id == attr.replicas[0]).node.service
+        # R=3 of 3 nodes: every node holds a replica. The victim refuses every COMMIT from
+        # the start, so the write's own COMMIT is refused while its decision is still live
+        # (a COMMIT re-sent after the record ended would be ignored: nothing owes it).
+        victim = nodes[0].node.service
         assert victim is not None
         real_commit, refusals = victim.op_commit, []
 
@@ -246,9 +244,14 @@ async def test_a_replica_that_keeps_refusing_commit_is_repaired_with_backoff(
             refusals.append(trio.current_time())
             raise DfsError(Code.ENOSPC, "disk full: no room for the COMMIT")
 
-        victim.op_commit = full_disk_commit  # every COMMIT from now on is refused
+        victim.op_commit = full_disk_commit
         worker = coord.service.repair_worker
-        await coord.service.driver.deliver(attr.blob, [attr.replicas[0]], False)  # re-sent
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            await client.write_file(attr.ino, io.BytesIO(b"some bytes" * 1000))
+            attr = await client.resolve("/f")
+        assert nodes[0].node_id in attr.replicas
         await trio.sleep(4.0)
         assert worker.fixed >= 1, "the refused replica was repaired"
         assert len(refusals) <= 3, f"{len(refusals)} refusals in 4 s: no backoff"
