@@ -31,6 +31,7 @@ from dfs.sim.workload import ROOT, History, SimOperator, SimUser, describe
 from dfs.sim.world import Faults, SimHost, SimProcess, World
 
 SETTLE = 20.0  # simulated seconds after the faults stop before the judge looks
+RUN_SLACK = 600.0  # simulated seconds past the load a run may take before it is a violation
 WATCH_EVERY = 0.5  # rule 5 is checked over the log this often (dfs/sim/watch.py)
 FILES = 3
 
@@ -188,7 +189,7 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
         world.summary = {**describe(history), "watched": watcher.checks}
         world.sim_seconds = trio.current_time()
 
-    await world.run(main)
+    await world.run(main, limit=duration + RUN_SLACK)
 
 
 async def _setup(client: Client, n_nodes: int) -> list[int]:

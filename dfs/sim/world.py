@@ -215,12 +215,17 @@ class World:
 
     # ------------------------------------------------------------ the run
 
-    async def run(self, main: Callable[[], Awaitable[None]]) -> None:
+    async def run(self, main: Callable[[], Awaitable[None]], limit: float) -> None:
+        """Run `main` with every process; a run that is not over after `limit` simulated
+        seconds is a violation (something waits forever), not a hang of the simulator."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for process in self.processes.values():
                 nursery.start_soon(process.supervise)
-            await main()
+            with trio.move_on_after(limit) as scope:
+                await main()
+            if scope.cancelled_caught:
+                self.violation(f"the run did not end within {limit:g} simulated seconds")
             self.stopping = True
             for process in self.processes.values():
                 process.restart()
