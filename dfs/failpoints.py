@@ -64,6 +64,12 @@ def arm(spec: str) -> None:
         _armed[name] = action
 
 
+def can_fire(name: str) -> bool:
+    """Whether `failpoint(name)` may do anything (armed, or the simulator's hook is in):
+    callers that would otherwise split work around it may keep it whole."""
+    return _hook is not None or name in _armed
+
+
 async def failpoint(name: str) -> None:
     if _hook is not None:
         await _hook(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import lmdb
@@ -10,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from dfs import runtime
+from dfs import failpoints, runtime
 from dfs.db import Database, install_environments
 from dfs.sim.lmdb_model import SimDisks
 
@@ -119,7 +120,20 @@ def disks():
 
 
 @pytest.fixture
-def stepped(disks):
+def split_flush():
+    """A failpoint hook, as the simulator installs: commit and flush become two worker calls
+    (with `db.before_flush` between them), which a SteppedHost lets run one at a time."""
+    async def noop(name: str) -> None:
+        pass
+
+    previous = failpoints._hook
+    failpoints.install_hook(noop)
+    yield
+    failpoints.install_hook(previous)
+
+
+@pytest.fixture
+def stepped(disks, split_flush):
     host = SteppedHost()
     previous = runtime.install(host)
     yield host
@@ -212,7 +226,9 @@ async def test_disk_full_fails_the_batch_and_keeps_serving(disks: SimDisks, nurs
     assert get(db, b"k") == b"v"
 
 
-async def test_on_real_lmdb_readers_in_the_window_see_the_old_state(tmp_path: Path, nursery) -> None:
+async def test_on_real_lmdb_readers_in_the_window_see_the_old_state(
+    tmp_path: Path, nursery, split_flush
+) -> None:
     """Real threads: a trio-thread read uses the pin; a worker-thread read waits for the flush."""
     host = SteppedHost(threads=True)
     previous = runtime.install(host)
@@ -246,3 +262,46 @@ async def test_on_real_lmdb_readers_in_the_window_see_the_old_state(tmp_path: Pa
         db.close()
     finally:
         runtime.install(previous)
+
+
+async def test_one_worker_call_commits_and_flushes_and_hides_the_batch_until_then(
+    tmp_path: Path, nursery, monkeypatch
+) -> None:
+    """Production (no failpoint can fire between them): commit and flush are one worker call,
+    and a trio-thread read while that call is inside the flush still sees the old state."""
+    db = Database(tmp_path / "env", ["kv"])
+    db.write_now(lambda txn: txn.put(b"k", b"old", db=db["kv"]))
+    await nursery.start(db.run_writer)
+    hops: list[str] = []
+    in_flush, release = threading.Event(), threading.Event()
+    real_sync, real_host = db._sync, runtime._host
+
+    def held_sync() -> None:
+        in_flush.set()
+        release.wait(10)
+        real_sync()
+
+    class Counting(runtime.Host):
+        async def in_thread(self, fn, *args):
+            hops.append(getattr(fn, "__name__", "?"))
+            return await real_host.in_thread(fn, *args)
+
+    monkeypatch.setattr(db, "_sync", held_sync)
+    previous = runtime.install(Counting())
+    try:
+        done = trio.Event()
+
+        async def write() -> None:
+            await db.write(lambda txn: txn.put(b"k", b"new", db=db["kv"]))
+            done.set()
+
+        nursery.start_soon(write)
+        await trio.to_thread.run_sync(in_flush.wait, 10)
+        assert get(db, b"k") == b"old", "a reader saw a durable write before its flush"
+        release.set()
+        await done.wait()
+        assert get(db, b"k") == b"new"
+        assert hops == ["_commit_and_flush"], hops
+    finally:
+        runtime.install(previous)
+        db.close()
