@@ -1,7 +1,9 @@
 """Real FUSE mounts of a test cluster (tests/cluster.py), for the mount tests.
 
 A mount is the real command (`dfs mount MOUNTPOINT --foreground`, or `python -m
-fuse_mount.main` until the CLI has the subcommand) run as a child process in its own session.
+fuse_mount.main` until the CLI has the subcommand) run as a child process in its own session;
+--foreground keeps the process we started the one that serves, so it is stopped by its pid.
+(The default, detached mode and mount(8) are tested in tests/test_mount_ops.py.)
 It is ready when it prints "dfs mount ready at ...". Teardown unmounts with `fusermount3 -u`
 (lazily if something still holds the mount), then waits for the process to exit and stops it by
 its pid if it does not.
@@ -96,7 +98,8 @@ class Mount:
         if self.child is None:
             self.child = Child(self.name, argv, self.cluster.root / f"{self.name}.log")
         self.child.argv = argv
-        self.child.start({"DFS_LOG_LEVEL": "INFO"})
+        # The mount's pid file by device (fuse_mount/daemon.py) stays under the tmp dir too.
+        self.child.start({"DFS_LOG_LEVEL": "INFO", "DFS_RUN_DIR": str(self.cluster.root / "run")})
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             if READY in self.log().encode() and os.path.ismount(self.path):
