@@ -45,6 +45,8 @@ log = logging.getLogger("fuse_mount")
 
 READY = "dfs mount ready at {}"
 CONNECT_TIMEOUT = 15.0
+#: With several coordinators given, how long one that does not answer is retried at start.
+PROBE_RETRY = 1.0
 #: The mount's read-ahead window: one FUSE request of the chunk size per page-cache miss.
 READ_AHEAD_KB = 1024
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -210,8 +212,11 @@ async def _connect(coordinators: str, secret: bytes, retry_timeout: float) -> Cl
     addresses = [a.strip() for a in coordinators.split(",") if a.strip()]
     if not addresses:
         raise DfsError(Code.EINVAL, "no coordinator given")
+    retry_for = min(retry_timeout, 15.0)
+    # With a list, a coordinator that refuses is left for the next at once, not retried.
+    probe_retry = retry_for if len(addresses) == 1 else min(retry_for, PROBE_RETRY)
     for address in addresses:
-        client = Client(address, secret, retry_for=min(retry_timeout, 15.0))
+        client = Client(address, secret, retry_for=probe_retry)
         answered = False
         with trio.move_on_after(CONNECT_TIMEOUT / len(addresses)):
             try:
@@ -224,6 +229,7 @@ async def _connect(coordinators: str, secret: bytes, retry_timeout: float) -> Cl
                     raise
         if answered:
             log.info("cluster at %s reachable", address)
+            client.retry_for = retry_for
             return client
         with trio.CancelScope(shield=True):
             await client.aclose()

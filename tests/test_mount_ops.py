@@ -131,7 +131,7 @@ def test_dfs_mount_that_cannot_mount_exits_1_with_the_reason(
 def test_mount_t_dfs_and_umount_waits_for_the_mount_process(
     helpers: None, shared_cluster: Cluster, tmp_path: Path, env: dict[str, str]
 ) -> None:
-    """`mount -t dfs HOST:PORT DIR -o secret_file=...` mounts through /sbin/mount.dfs (generic
+    """`mount -t dfs HOST:PORT,HOST:PORT DIR -o secret_file=...` mounts through /sbin/mount.dfs (generic
     options ignored); `umount DIR` goes through umount.fuse.dfs and returns after the mount
     process exited."""
     mnt, pid_file = tmp_path / "mnt", tmp_path / "mount.pid"
@@ -139,7 +139,9 @@ def test_mount_t_dfs_and_umount_waits_for_the_mount_process(
     options = (f"secret_file={shared_cluster.secret_file},cache_dir={tmp_path / 'cache'},"
                f"pid_file={pid_file},_netdev,defaults,nofail,x-systemd.mount-timeout=30")
     with cleanup(mnt, pid_file):
-        run("mount", "-t", "dfs", shared_cluster.coordinator, mnt, "-o", options, env=env)
+        # A coordinator list (HOST:PORT,HOST:PORT): the first that answers is the one used.
+        spec = f"127.0.0.1:1,{shared_cluster.coordinator}"
+        run("mount", "-t", "dfs", spec, mnt, "-o", options, env=env)
         fields = next(line.split() for line in Path("/proc/self/mounts").read_text().splitlines()
                       if line.split()[1] == str(mnt))
         assert fields[2] == "fuse.dfs"
