@@ -4,10 +4,11 @@ The CLI registers these through `add_mount_arguments` / `run` and `add_umount_ar
 `umount`; the global `--coordinator` and `--secret-file` land on the same namespace.
 
 Without --foreground the command forks: the child mounts and serves, the parent waits until the
-child reports the mount ready (or failed) through a pipe, prints the same line and exits, so
-`dfs mount X && ls X` works in scripts. Either way the ready line is
-"dfs mount ready at MOUNTPOINT". SIGINT/SIGTERM end the FUSE loop, commit what open files
-still hold, and unmount cleanly.
+child reports the mount ready (a stat of the mount point was answered) or failed through a
+pipe, prints the same line and exits, so `dfs mount X && ls X` works in scripts. Either way the
+ready line is "dfs mount ready at MOUNTPOINT", and systemd hears READY=1 at that moment.
+SIGINT/SIGTERM end the FUSE loop, commit what open files still hold, and unmount cleanly. The
+serving process holds locked pid files (fuse_mount/daemon.py) that `dfs umount` waits on.
 """
 
 from __future__ import annotations
