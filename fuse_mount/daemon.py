@@ -19,6 +19,8 @@ from pathlib import Path
 ENV_RUN_DIR = "DFS_RUN_DIR"
 #: How long an unmount waits for the mount process to finish its commits and exit.
 EXIT_TIMEOUT = 120.0
+#: How long the process may take to exit once it has let go of its lock.
+EXIT_AFTER_UNLOCK = 5.0
 
 
 def run_dir() -> Path:
@@ -100,9 +102,10 @@ def wait_released(path: Path, timeout: float = EXIT_TIMEOUT) -> bool:
                 time.sleep(0.02)
     finally:
         os.close(fd)
-    while pid is not None and _running(pid):
-        if time.monotonic() > deadline:
-            return False
+    # The lock goes a moment before the process does; a pid that runs on for long after it is
+    # not the mount's (a stale file whose pid was reused).
+    exit_deadline = min(deadline, time.monotonic() + EXIT_AFTER_UNLOCK)
+    while pid is not None and _running(pid) and time.monotonic() < exit_deadline:
         time.sleep(0.01)
     return True
 

@@ -17,10 +17,12 @@ import argparse
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -46,6 +48,8 @@ log = logging.getLogger("fuse_mount")
 
 READY = "dfs mount ready at {}"
 CONNECT_TIMEOUT = 15.0
+#: How long a detached mount's parent waits for the child to answer before giving up on it.
+READY_TIMEOUT = CONNECT_TIMEOUT + 30.0
 #: With several coordinators given, how long one that does not answer is retried at start.
 PROBE_RETRY = 1.0
 #: The mount's read-ahead window: one FUSE request of the chunk size per page-cache miss.
@@ -154,14 +158,36 @@ def run(args: argparse.Namespace) -> int:
         finally:
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.readline().decode(errors="replace").strip()
+    log_file = args.log_file or cache_dir / "mount.log"
+    message = _read_line(read_end, READY_TIMEOUT)
+    if message is None:  # it never answered: stop it rather than leave a hung mount behind
+        os.kill(pid, signal.SIGTERM)
+        raise DfsError(Code.UNAVAILABLE, f"{mountpoint} did not answer within "
+                                         f"{READY_TIMEOUT:.0f}s (log: {log_file})")
     if message.startswith("ready"):
         print(READY.format(mountpoint), flush=True)
         return 0
     os.waitpid(pid, 0)
     raise DfsError(Code.UNAVAILABLE, message.removeprefix("error: ")
-                   or f"the mount process died (log: {args.log_file or cache_dir / 'mount.log'})")
+                   or f"the mount process died (log: {log_file})")
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The child's one line ("" if it died without one); None if nothing came in time."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace").strip()
 
 
 class _Notify:
