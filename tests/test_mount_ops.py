@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import pytest
 from cluster import Cluster
 from mount_harness import require_fuse, run
 
-from dfs.cli.procs import DFS
+from dfs.cli.procs import DFS, Child
 from fuse_mount.main import is_mounted
 
 pytestmark = pytest.mark.mount
@@ -197,3 +199,67 @@ def test_dfs_mount_foreground_is_todays_behaviour(
         assert int(pid_file.read_text()) == proc.pid
         run("fusermount3", "-u", mnt)
         assert proc.wait(timeout=30) == 0
+
+
+def test_lazy_unmount_commits_the_open_file_before_the_process_exits(
+    fuse_ok: None, shared_cluster: Cluster, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """`dfs umount` of a mount with a file open for writing fails (busy) and changes nothing;
+    `--lazy` detaches it at once, the writer goes on, and its close commits the whole file
+    before the mount process exits."""
+    mnt, pid_file = tmp_path / "mnt", tmp_path / "mount.pid"
+    mnt.mkdir()
+    with cleanup(mnt, pid_file):
+        result = shared_cluster.dfs("mount", str(mnt), "--cache-dir", str(tmp_path / "cache"),
+                                    "--pid-file", str(pid_file), env=env)
+        assert result.returncode == 0, result.stderr
+        pid = int(pid_file.read_text())
+        with open(mnt / "lazy.txt", "wb") as f:
+            f.write(b"before the unmount, ")
+            busy = shared_cluster.dfs("umount", str(mnt), env=env)
+            assert busy.returncode == 1 and is_mounted(mnt)
+            assert len(busy.stderr.decode().splitlines()) == 1
+            lazy = shared_cluster.dfs("umount", str(mnt), "--lazy", env=env)
+            assert lazy.returncode == 0, lazy.stderr
+            assert not is_mounted(mnt) and alive(pid)
+            f.write(b"after it")
+        deadline = time.monotonic() + 30
+        while alive(pid):
+            assert time.monotonic() < deadline, "the mount process did not exit"
+            time.sleep(0.05)
+    assert shared_cluster.dfs("cat", "/lazy.txt").stdout == b"before the unmount, after it"
+
+
+def test_local_up_mount_goes_with_it_on_sigkill(fuse_ok: None, tmp_path: Path) -> None:
+    """kill -9 of `dfs local up --mount DIR`: its mount child gets SIGTERM from the kernel,
+    unmounts and exits with the servers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    mnt = tmp_path / "mnt"
+    up = Child("local-up", [*DFS, "--coordinator", address, "local", "up", "--dir",
+                            str(tmp_path / "c"), "--nodes", "1", "--replicas", "1",
+                            "--mount", str(mnt)],
+               tmp_path / "up.log", env={"XDG_CACHE_HOME": str(tmp_path / "xdg"),
+                                         "DFS_RUN_DIR": str(tmp_path / "run")})
+    up.start()
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while b"Ctrl-C stops" not in up.log.read_bytes():
+            assert up.running(), up.log_tail()
+            assert time.monotonic() < deadline, up.log_tail()
+            time.sleep(0.1)
+        pids = [int(p) for p in re.findall(r"pid (\d+)", up.log.read_text())]
+        assert len(pids) == 3 and is_mounted(mnt)
+        up.kill(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in pids) or is_mounted(mnt):
+            assert time.monotonic() < deadline, "children outlived dfs local up"
+            time.sleep(0.05)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, timeout=30)
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
