@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import signal
@@ -183,22 +184,34 @@ def test_fstab_line_read_only(
 def test_dfs_mount_foreground_is_todays_behaviour(
     fuse_ok: None, shared_cluster: Cluster, tmp_path: Path, env: dict[str, str]
 ) -> None:
-    """--foreground stays attached: the process we started is the mount, and it exits 0 once
+    """--foreground stays attached: the process we started is the mount, it tells systemd
+    READY=1 once it answers, logs JSON lines with --log-format json, and exits 0 once
     fusermount3 -u detaches the mount."""
     mnt, pid_file = tmp_path / "mnt", tmp_path / "mount.pid"
     mnt.mkdir()
-    with cleanup(mnt, pid_file):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    log = tmp_path / "mount.log"
+    with cleanup(mnt, pid_file), open(log, "wb") as stderr, notify:
         proc = subprocess.Popen(
             [*DFS, "--coordinator", shared_cluster.coordinator, "--secret-file",
-             str(shared_cluster.secret_file), "mount", str(mnt), "--foreground", "--cache-dir",
-             str(tmp_path / "cache"), "--pid-file", str(pid_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **env},
+             str(shared_cluster.secret_file), "--log-format", "json", "mount", str(mnt),
+             "--foreground", "--cache-dir", str(tmp_path / "cache"), "--pid-file", str(pid_file)],
+            stdout=subprocess.PIPE, stderr=stderr,
+            env={**os.environ, **env, "NOTIFY_SOCKET": str(tmp_path / "notify"),
+                 "DFS_LOG_LEVEL": "INFO"},
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().decode().strip() == f"dfs mount ready at {mnt}"
+        ready = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
+        assert ready["READY"] == "1" and int(ready["MAINPID"]) == proc.pid
         assert int(pid_file.read_text()) == proc.pid
         run("fusermount3", "-u", mnt)
         assert proc.wait(timeout=30) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records and all(r["process"] == "mount" and r["pid"] == proc.pid for r in records)
+    assert any(r["message"] == f"unmounted {mnt}" for r in records)
 
 
 def test_lazy_unmount_commits_the_open_file_before_the_process_exits(
