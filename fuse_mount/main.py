@@ -430,7 +430,8 @@ def umount(args: argparse.Namespace) -> int:
         raise DfsError(Code.EINVAL, f"{mountpoint} is not mounted")
     device = mount_device(mountpoint)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u"] if tool else ["umount"]
+    # umount -i: never /sbin/umount.fuse.dfs, which is this very command (mount_helper.py).
+    cmd = [tool, "-u"] if tool else ["umount", "-i"]
     if getattr(args, "lazy", False):
         cmd.append("-z" if tool else "-l")
     result = subprocess.run([*cmd, mountpoint], capture_output=True, text=True)
