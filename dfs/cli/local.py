@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from dfs import sdnotify
 from dfs.cli.common import command
 from dfs.cli.procs import DFS, Child
 from dfs.errors import Code, DfsError
@@ -109,6 +110,8 @@ def up(args: argparse.Namespace) -> int:
     common = ["--coordinator", args.coordinator, "--secret-file", str(secret.resolve()),
               "--log-format", getattr(args, "log_format", None) or "text"]
     children: list[Child] = []
+    # Under systemd it is the cluster that is ready, once all of it is: not each child.
+    notify_socket = os.environ.pop(sdnotify.ENV, None)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         coordinator = Child(
@@ -147,6 +150,9 @@ def up(args: argparse.Namespace) -> int:
             mount.start()
             _wait_mounted(mount, mountpoint)
         print(_summary(args, root, secret, children), flush=True)
+        if notify_socket:
+            os.environ[sdnotify.ENV] = notify_socket
+            sdnotify.ready(f"cluster up in {root}")
         while True:
             for child in children:
                 status = child.poll()
