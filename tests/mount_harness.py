@@ -154,10 +154,12 @@ def run(
     *argv: str | os.PathLike[str], cwd: Path | str | None = None, timeout: float = 120,
     env: dict[str, str] | None = None, check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a real program; on failure the assertion shows its output."""
+    """Run a real program (stdin /dev/null: what pytest's caller left there is not its
+    input; `git gc` read a shell's stray stderr as revisions); on failure the assertion shows
+    its output."""
     result = subprocess.run(
         [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
     )
     if check and result.returncode != 0:
         raise AssertionError(
