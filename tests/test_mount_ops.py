@@ -43,6 +43,8 @@ def helpers(fuse_ok: None) -> Iterator[None]:
         pytest.skip("mount(8) helpers live in /sbin: needs root")
     made = []
     for link, target in HELPERS.items():
+        if not target.exists():
+            pytest.fail(f"{target} is missing: run scripts/install (it installs the entry points)")
         if link.is_symlink() and Path(os.readlink(link)) == target:
             continue
         if link.exists() or link.is_symlink():
