@@ -4,10 +4,11 @@ The CLI registers these through `add_mount_arguments` / `run` and `add_umount_ar
 `umount`; the global `--coordinator` and `--secret-file` land on the same namespace.
 
 Without --foreground the command forks: the child mounts and serves, the parent waits until the
-child reports the mount ready (or failed) through a pipe, prints the same line and exits, so
-`dfs mount X && ls X` works in scripts. Either way the ready line is
-"dfs mount ready at MOUNTPOINT". SIGINT/SIGTERM end the FUSE loop, commit what open files
-still hold, and unmount cleanly.
+child reports the mount ready (a stat of the mount point was answered) or failed through a
+pipe, prints the same line and exits, so `dfs mount X && ls X` works in scripts. Either way the
+ready line is "dfs mount ready at MOUNTPOINT", and systemd hears READY=1 at that moment.
+SIGINT/SIGTERM end the FUSE loop, commit what open files still hold, and unmount cleanly. The
+serving process holds locked pid files (fuse_mount/daemon.py) that `dfs umount` waits on.
 """
 
 from __future__ import annotations
@@ -16,19 +17,29 @@ import argparse
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from dfs import logs, sdnotify
 from dfs.client import Client
 from dfs.errors import Code, DfsError
 from dfs.rpc import load_secret
 from fuse_mount.cache import ReadCache
+from fuse_mount.daemon import (
+    EXIT_TIMEOUT,
+    PidFile,
+    device_pid_file,
+    mount_device,
+    wait_released,
+)
 from fuse_mount.operations import Operations
 from fuse_mount.spool import clear_directory
 from fuse_mount.verify import ClientSource
@@ -37,6 +48,10 @@ log = logging.getLogger("fuse_mount")
 
 READY = "dfs mount ready at {}"
 CONNECT_TIMEOUT = 15.0
+#: How long a detached mount's parent waits for the child to answer before giving up on it.
+READY_TIMEOUT = CONNECT_TIMEOUT + 30.0
+#: With several coordinators given, how long one that does not answer is retried at start.
+PROBE_RETRY = 1.0
 #: The mount's read-ahead window: one FUSE request of the chunk size per page-cache miss.
 READ_AHEAD_KB = 1024
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -76,6 +91,10 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                              "\"Page cache\"). Default off: every file is direct_io, shared "
                              "writable mmap fails with ENODEV")
     parser.add_argument("--debug", action="store_true", help="log every failed request")
+    parser.add_argument("--pid-file", type=Path, default=None,
+                        help="write the serving process's pid here (removed when it exits)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="mount read-only (the kernel refuses every write: EROFS)")
 
 
 def add_umount_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +109,12 @@ def default_cache_dir(mountpoint: Path) -> Path:
     return base / "dfs" / f"mount-{tag}"
 
 
-def mount_options() -> set[str]:
+def mount_options(read_only: bool = False) -> set[str]:
     """fsname/subtype name the mount in /proc/mounts; default_permissions lets the kernel do
     the mode checks; allow_other (other users may enter) only where it is permitted."""
     options = set(pyfuse3.default_options) | {"fsname=dfs", "subtype=dfs", "default_permissions"}
+    if read_only:
+        options.add("ro")
     if os.geteuid() == 0 or _user_allow_other():
         options.add("allow_other")
     return options
@@ -119,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = (args.cache_dir or default_cache_dir(mountpoint)).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     if args.foreground:
-        _setup_logging(args.log_file, args.debug)
+        _setup_logging(args.log_file, args.debug, getattr(args, "log_format", None))
         return _serve(args, mountpoint, cache_dir, secret, _Notify(None))
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -129,20 +150,44 @@ def run(args: argparse.Namespace) -> int:
         try:
             os.setsid()
             _detach_stdio()
-            _setup_logging(args.log_file or cache_dir / "mount.log", args.debug)
+            _setup_logging(args.log_file or cache_dir / "mount.log", args.debug,
+                           getattr(args, "log_format", None))
             code = _serve(args, mountpoint, cache_dir, secret, _Notify(write_end))
         except BaseException:
             log.exception("mount failed")
         finally:
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.readline().decode(errors="replace").strip()
+    log_file = args.log_file or cache_dir / "mount.log"
+    message = _read_line(read_end, READY_TIMEOUT)
+    if message is None:  # it never answered: stop it rather than leave a hung mount behind
+        os.kill(pid, signal.SIGTERM)
+        raise DfsError(Code.UNAVAILABLE, f"{mountpoint} did not answer within "
+                                         f"{READY_TIMEOUT:.0f}s (log: {log_file})")
     if message.startswith("ready"):
         print(READY.format(mountpoint), flush=True)
         return 0
     os.waitpid(pid, 0)
-    raise DfsError(Code.UNAVAILABLE, message.removeprefix("error: ") or "the mount process died")
+    raise DfsError(Code.UNAVAILABLE, message.removeprefix("error: ")
+                   or f"the mount process died (log: {log_file})")
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The child's one line ("" if it died without one); None if nothing came in time."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace").strip()
 
 
 class _Notify:
@@ -178,23 +223,52 @@ class _Notify:
 def _serve(
     args: argparse.Namespace, mountpoint: Path, cache_dir: Path, secret: bytes, notify: _Notify
 ) -> int:
+    held: list[PidFile] = []
     try:
-        return trio.run(_amain, args, mountpoint, cache_dir, secret, notify)
+        return trio.run(_amain, args, mountpoint, cache_dir, secret, notify, held)
     except DfsError as e:
         notify.failed(e.msg)
         return 1
+    finally:
+        for pid_file in held:  # last: an unmount waiting on these returns after the commits
+            pid_file.close()
+
+
+async def _connect(coordinators: str, secret: bytes, retry_timeout: float) -> Client:
+    """A client of the first coordinator in the comma-separated list that answers."""
+    addresses = [a.strip() for a in coordinators.split(",") if a.strip()]
+    if not addresses:
+        raise DfsError(Code.EINVAL, "no coordinator given")
+    retry_for = min(retry_timeout, 15.0)
+    # With a list, a coordinator that refuses is left for the next at once, not retried.
+    probe_retry = retry_for if len(addresses) == 1 else min(retry_for, PROBE_RETRY)
+    for address in addresses:
+        client = Client(address, secret, retry_for=probe_retry)
+        answered = False
+        with trio.move_on_after(CONNECT_TIMEOUT / len(addresses)):
+            try:
+                await client.getattr(pyfuse3.ROOT_INODE)
+                answered = True
+            except DfsError as e:
+                if e.code is not Code.UNAVAILABLE or address == addresses[-1]:
+                    with trio.CancelScope(shield=True):
+                        await client.aclose()
+                    raise
+        if answered:
+            log.info("cluster at %s reachable", address)
+            client.retry_for = retry_for
+            return client
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+    raise DfsError(Code.UNAVAILABLE, f"no answer from the coordinator {coordinators}")
 
 
 async def _amain(
-    args: argparse.Namespace, mountpoint: Path, cache_dir: Path, secret: bytes, notify: _Notify
+    args: argparse.Namespace, mountpoint: Path, cache_dir: Path, secret: bytes, notify: _Notify,
+    held: list[PidFile],
 ) -> int:
-    client = Client(args.coordinator, secret, retry_for=min(args.retry_timeout, 15.0))
+    client = await _connect(args.coordinator, secret, args.retry_timeout)
     try:
-        with trio.move_on_after(CONNECT_TIMEOUT) as scope:
-            await client.getattr(pyfuse3.ROOT_INODE)
-            log.info("cluster at %s reachable", args.coordinator)
-        if scope.cancelled_caught:
-            raise DfsError(Code.UNAVAILABLE, f"no answer from the coordinator {args.coordinator}")
         spool_dir = cache_dir / "spool"
         clear_directory(spool_dir)
         cache = ReadCache(cache_dir / "read", args.cache_size, ClientSource(client))
@@ -204,9 +278,10 @@ async def _amain(
             page_cache=args.page_cache,
         )
         try:
-            pyfuse3.init(ops, str(mountpoint), mount_options())
+            pyfuse3.init(ops, str(mountpoint), mount_options(getattr(args, "read_only", False)))
         except RuntimeError as e:
             raise DfsError(Code.UNAVAILABLE, f"cannot mount at {mountpoint}: {e}") from None
+        held.extend(_hold_pid_files(mountpoint, getattr(args, "pid_file", None)))
         return await _run_mounted(ops, cache, mountpoint, notify)
     finally:
         with trio.CancelScope(shield=True):
@@ -235,7 +310,7 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
             if ops.sizeback is not None:
                 nursery.start_soon(ops.sizeback.run)
             cache.start(nursery)
-            notify.ready(mountpoint)
+            nursery.start_soon(_announce_ready, mountpoint, notify)
             await pyfuse3.main(min_tasks=4, max_tasks=128)
             # Unmounted from outside (fusermount3 -u) unless a signal stopped the loop.
             unmount = stopped_by_signal
@@ -249,6 +324,31 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
         pyfuse3.close(unmount=unmount and is_mounted(mountpoint))
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _hold_pid_files(mountpoint: Path, pid_file: Path | None) -> list[PidFile]:
+    """The pid file unmounts wait on (by mount device), and the operator's --pid-file."""
+    held = []
+    device = mount_device(mountpoint)
+    paths = ([device_pid_file(device)] if device else []) + ([pid_file] if pid_file else [])
+    for path in paths:
+        try:
+            held.append(PidFile(path))
+        except OSError as e:
+            log.warning("no pid file %s: %s", path, e)
+    return held
+
+
+async def _announce_ready(mountpoint: Path, notify: _Notify) -> None:
+    """Ready once the mount answers: a stat of the mount point, served by this very loop."""
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+    except OSError as e:
+        notify.failed(f"{mountpoint} does not answer: {e.strerror}")
+        pyfuse3.terminate()
+        return
+    notify.ready(mountpoint)
+    sdnotify.ready(f"mounted at {mountpoint}")
 
 
 async def _after_init(ops: Operations, mountpoint: Path) -> None:
@@ -297,19 +397,12 @@ def _detach_stdio() -> None:
     os.close(null)
 
 
-def _setup_logging(path: Path | None, debug: bool) -> None:
+def _setup_logging(path: Path | None, debug: bool, fmt: str | None = None) -> None:
     level = logging.DEBUG if debug else logging.INFO
     env_level = os.environ.get("DFS_LOG_LEVEL")
     if env_level and not debug:
         level = getattr(logging, env_level.upper(), level)
-    handler: logging.Handler
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logs.setup("mount", fmt, level=logging.WARNING, path=path)
     logging.getLogger("fuse_mount").setLevel(level)
 
 
@@ -330,18 +423,24 @@ def is_mounted(path: Path | str) -> bool:
 
 
 def umount(args: argparse.Namespace) -> int:
-    """`dfs umount MOUNTPOINT`: fusermount3 -u (falls back to umount(8) where it is missing)."""
+    """`dfs umount MOUNTPOINT`: fusermount3 -u (falls back to umount(8) where it is missing),
+    then wait until the mount process has committed what it held and exited."""
     mountpoint = os.path.abspath(args.mountpoint)
     if not is_mounted(mountpoint):
         raise DfsError(Code.EINVAL, f"{mountpoint} is not mounted")
+    device = mount_device(mountpoint)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u"] if tool else ["umount"]
+    # umount -i: never /sbin/umount.fuse.dfs, which is this very command (mount_helper.py).
+    cmd = [tool, "-u"] if tool else ["umount", "-i"]
     if getattr(args, "lazy", False):
         cmd.append("-z" if tool else "-l")
     result = subprocess.run([*cmd, mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         why = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
         raise DfsError(Code.EINVAL, why)
+    if device and not getattr(args, "lazy", False) and not wait_released(device_pid_file(device)):
+        raise DfsError(Code.UNAVAILABLE, f"unmounted, but the mount process is still running "
+                                         f"after {EXIT_TIMEOUT:.0f}s")
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import IO
 import lmdb
 import trio
 
-from dfs import runtime
+from dfs import logs, runtime, sdnotify
 from dfs.errors import DfsError
 from dfs.rpc import load_secret, parse_address
 from storage_node.node import Node, NodeConfig
@@ -145,10 +145,12 @@ async def run_node(config: NodeConfig) -> None:
             store = await runtime.in_thread(
                 lambda: BlobStore.open(config.data, capacity=config.capacity)
             )
+            logs.set_node_id(store.node_id or None)  # known from an earlier registration
             try:
                 async with trio.open_nursery() as nursery:
                     address = await nursery.start(Node(config, store).run)
                     print(f"dfs node listening on {address}", flush=True)
+                    sdnotify.ready(f"listening on {address}")
                     async for signum in signals:
                         log.info("%s: stopping", signal.Signals(signum).name)
                         break
@@ -159,13 +161,8 @@ async def run_node(config: NodeConfig) -> None:
             lock.close()
 
 
-def setup_logging() -> None:
-    level = os.environ.get("DFS_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(fmt: str | None = None) -> None:
+    logs.setup("node", fmt)
 
 
 def _startup_error(exc: BaseException) -> BaseException | None:
@@ -179,7 +176,7 @@ def _startup_error(exc: BaseException) -> BaseException | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `dfs node` with parsed options; 0 after a clean stop, 1 on a startup error."""
-    setup_logging()
+    setup_logging(getattr(args, "log_format", None))
     try:
         config = config_from_args(args)
         trio.run(run_node, config)

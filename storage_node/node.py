@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from dfs import logs
 from dfs.errors import Code, DfsError
 from dfs.rpc import Peer, Peers, parse_address, serve
 from storage_node.maintenance import Scrubber
@@ -108,6 +109,7 @@ class CoordinatorLink:
         if (node_id, cluster) != (self.store.node_id, self.store.cluster):
             await self.store.set_identity(node_id, cluster)
         self.peer.expect_cluster = cluster
+        logs.set_node_id(node_id)
         self._note(True)
         log.info(
             "registered as node %d of cluster %s (address %s)", node_id, cluster, self.advertise

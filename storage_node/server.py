@@ -111,14 +111,14 @@ class NodeService(MaintenanceOps, Service):
         async with self._txn_locks.hold(txid):
             action = self.participant.on_prepare(txid, self._stored(txid), nchunks)
             if isinstance(action, Refuse):
-                log.info("prepare %d: vote NO (%s)", txid, action.msg)
+                log.info("prepare %d: vote NO (%s)", txid, action.msg, extra={"txid": txid})
                 raise action.error()
             try:
                 await self.store.prepare(txid, size, checksum, nchunks)
             except BaseException as e:
                 self.participant.on_prepare_failed(txid, self.clock())
                 if isinstance(e, DfsError):
-                    log.info("prepare %d: vote NO (%s)", txid, e)
+                    log.info("prepare %d: vote NO (%s)", txid, e, extra={"txid": txid})
                 raise
             self.participant.on_prepared(txid, self.clock())
         await failpoint("node.before_vote")
@@ -211,7 +211,7 @@ class NodeService(MaintenanceOps, Service):
             async with self._txn_locks.hold(action.txid):
                 await self._drop_held(action)
         except DfsError as e:
-            log.warning("dropping blob %d: %s", action.txid, e)
+            log.warning("dropping blob %d: %s", action.txid, e, extra={"txid": action.txid})
 
     async def _drop_held(self, action: Drop) -> None:
         """Carry out a Drop, the txid's lock held. One the store failed (a full disk) is
@@ -257,10 +257,10 @@ class NodeService(MaintenanceOps, Service):
                 try:
                     await self._drop_held(action)
                 except DfsError as e:
-                    log.warning("dropping blob %d: %s", txid, e)
+                    log.warning("dropping blob %d: %s", txid, e, extra={"txid": txid})
                 else:
                     log.info("blob %d staged for a transaction the coordinator does not "
-                             "know: presumed aborted, dropped", txid)
+                             "know: presumed aborted, dropped", txid, extra={"txid": txid})
         return changed
 
     async def resolve(self, txid: int, outcome: str) -> None:
@@ -270,10 +270,10 @@ class NodeService(MaintenanceOps, Service):
             if isinstance(action, ForceCommitted):
                 await self.store.commit(txid, allowed=action.allowed)
                 self.participant.on_committed(txid)
-                log.info("recovery: blob %d committed", txid)
+                log.info("recovery: blob %d committed", txid, extra={"txid": txid})
             elif isinstance(action, Drop):
                 await self._drop_held(action)
-                log.info("recovery: blob %d aborted, dropped", txid)
+                log.info("recovery: blob %d aborted, dropped", txid, extra={"txid": txid})
 
     async def maintain(self, ask_outcome: OutcomeAsker | None) -> None:
         """One round of timeouts: drop idle STAGED blobs (and drops that failed before), ask
@@ -286,7 +286,7 @@ class NodeService(MaintenanceOps, Service):
         for action in self.participant.on_tick(self.clock()):
             if isinstance(action, Drop):
                 log.info("blob %d idle too long (or its drop failed before): dropping",
-                         action.txid)
+                         action.txid, extra={"txid": action.txid})
                 await self.drop(action)
             elif isinstance(action, AskOutcome):
                 txid = action.txid
@@ -294,7 +294,7 @@ class NodeService(MaintenanceOps, Service):
                     try:
                         outcome = await ask_outcome(txid)
                     except DfsError as e:
-                        log.info("outcome of %d unknown: %s", txid, e)
+                        log.info("outcome of %d unknown: %s", txid, e, extra={"txid": txid})
                         reachable = e.code != Code.UNAVAILABLE  # don't wait on the rest
                     else:
                         if outcome in OUTCOMES:
@@ -302,7 +302,9 @@ class NodeService(MaintenanceOps, Service):
                                 await self.resolve(txid, outcome)
                                 continue
                             except DfsError as e:
-                                log.error("resolving %d as %s failed: %s", txid, outcome, e)
+                                log.error("resolving %d as %s failed: %s", txid, outcome, e,
+                                          extra={"txid": txid})
                         else:
-                            log.warning("coordinator sent outcome %r for %d", outcome, txid)
+                            log.warning("coordinator sent outcome %r for %d", outcome, txid,
+                                        extra={"txid": txid})
                 self.participant.on_outcome_failed(txid, self.clock())

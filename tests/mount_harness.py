@@ -1,7 +1,9 @@
 """Real FUSE mounts of a test cluster (tests/cluster.py), for the mount tests.
 
 A mount is the real command (`dfs mount MOUNTPOINT --foreground`, or `python -m
-fuse_mount.main` until the CLI has the subcommand) run as a child process in its own session.
+fuse_mount.main` until the CLI has the subcommand) run as a child process in its own session;
+--foreground keeps the process we started the one that serves, so it is stopped by its pid.
+(The default, detached mode and mount(8) are tested in tests/test_mount_ops.py.)
 It is ready when it prints "dfs mount ready at ...". Teardown unmounts with `fusermount3 -u`
 (lazily if something still holds the mount), then waits for the process to exit and stops it by
 its pid if it does not.
@@ -96,7 +98,8 @@ class Mount:
         if self.child is None:
             self.child = Child(self.name, argv, self.cluster.root / f"{self.name}.log")
         self.child.argv = argv
-        self.child.start({"DFS_LOG_LEVEL": "INFO"})
+        # The mount's pid file by device (fuse_mount/daemon.py) stays under the tmp dir too.
+        self.child.start({"DFS_LOG_LEVEL": "INFO", "DFS_RUN_DIR": str(self.cluster.root / "run")})
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             if READY in self.log().encode() and os.path.ismount(self.path):
@@ -151,10 +154,12 @@ def run(
     *argv: str | os.PathLike[str], cwd: Path | str | None = None, timeout: float = 120,
     env: dict[str, str] | None = None, check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a real program; on failure the assertion shows its output."""
+    """Run a real program (stdin /dev/null: what pytest's caller left there is not its
+    input; `git gc` read a shell's stray stderr as revisions); on failure the assertion shows
+    its output."""
     result = subprocess.run(
         [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
     )
     if check and result.returncode != 0:
         raise AssertionError(

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dfs.errors import Code, DfsError
+from dfs.logs import FORMATS
 
 if TYPE_CHECKING:
     from dfs.client import Client
@@ -36,7 +37,7 @@ class UsageError(Exception):
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """--coordinator and --secret-file, accepted before and after the command name.
+    """--coordinator, --secret-file and --log-format, accepted before and after the command name.
 
     On subcommands the defaults are SUPPRESS so a value given before the command survives.
     """
@@ -55,6 +56,13 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
         metavar="FILE",
         default=default(os.environ.get("DFS_SECRET_FILE")),
         help="the cluster secret (env DFS_SECRET_FILE)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=default(os.environ.get("DFS_LOG_FORMAT") or "text"),
+        help="log lines on stderr: text (default) or json, one object per line "
+             "(env DFS_LOG_FORMAT)",
     )
 
 

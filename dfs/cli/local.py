@@ -2,7 +2,8 @@
 
 DIR/secret (32 random bytes, hex), DIR/coordinator and DIR/node-1 .. DIR/node-N as data dirs,
 DIR/*.log for each child's output. Ctrl-C or SIGTERM stops every child and exits 0; a child
-that dies on its own stops the rest and exits 1.
+that dies on its own stops the rest and exits 1. The children die with it even when it is
+killed with SIGKILL (procs.die_with). `--log-format` reaches every child.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from dfs import sdnotify
 from dfs.cli.common import command
 from dfs.cli.procs import DFS, Child
 from dfs.errors import Code, DfsError
@@ -105,15 +107,18 @@ def up(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     secret = ensure_secret(root)
-    common = ["--coordinator", args.coordinator, "--secret-file", str(secret.resolve())]
+    common = ["--coordinator", args.coordinator, "--secret-file", str(secret.resolve()),
+              "--log-format", getattr(args, "log_format", None) or "text"]
     children: list[Child] = []
+    # Under systemd it is the cluster that is ready, once all of it is: not each child.
+    notify_socket = os.environ.pop(sdnotify.ENV, None)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         coordinator = Child(
             "coordinator",
             [*DFS, *common, "coordinator", "--data", str(root / "coordinator"),
              "--listen", args.coordinator, "--replicas", str(args.replicas)],
-            root / "coordinator.log",
+            root / "coordinator.log", die_with_parent=True,
         )
         children.append(coordinator)
         coordinator.start()
@@ -123,7 +128,7 @@ def up(args: argparse.Namespace) -> int:
                 f"node-{i}",
                 [*DFS, *common, "node", "--data", str(root / f"node-{i}"),
                  "--listen", "127.0.0.1:0"],
-                root / f"node-{i}.log",
+                root / f"node-{i}.log", die_with_parent=True,
             )
             for i in range(1, args.nodes + 1)
         ]
@@ -139,12 +144,15 @@ def up(args: argparse.Namespace) -> int:
             extra = ["--page-cache"] if args.page_cache else []
             mount = Child(
                 "mount", [*DFS, *common, "mount", str(mountpoint), "--foreground", *extra],
-                root / "mount.log",
+                root / "mount.log", die_with_parent=True,
             )
             children.append(mount)
             mount.start()
             _wait_mounted(mount, mountpoint)
         print(_summary(args, root, secret, children), flush=True)
+        if notify_socket:
+            os.environ[sdnotify.ENV] = notify_socket
+            sdnotify.ready(f"cluster up in {root}")
         while True:
             for child in children:
                 status = child.poll()

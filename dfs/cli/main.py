@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
+from dfs import logs
 from dfs.cli.common import Parser, UsageError, add_global_options, fail
 from dfs.errors import DfsError
 
@@ -49,13 +49,8 @@ def _subject(args: argparse.Namespace) -> str:
     return str(getattr(args, subject, None) or args.coordinator)
 
 
-def _configure_logging() -> None:
-    level = os.environ.get("DFS_LOG_LEVEL", "WARNING").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(args: argparse.Namespace) -> None:
+    logs.setup(f"dfs {args.command}", getattr(args, "log_format", None), default_level="WARNING")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     if not getattr(args, "passthrough", False):
-        _configure_logging()  # servers set up their own logging
+        _configure_logging(args)  # servers set up their own logging
     try:
         return args.func(args)
     except Exception as e:

@@ -3,11 +3,14 @@
 Each child runs in its own session (a Ctrl-C at the terminal reaches only the parent, which stops
 the children in order), writes stdout and stderr to a log file, and is stopped by its pid alone:
 SIGTERM, a grace period, then SIGKILL. A server is ready when it prints its
-"dfs ... listening on HOST:PORT" line, which is looked for in the log.
+"dfs ... listening on HOST:PORT" line, which is looked for in the log. A child started with
+`die_with_parent` gets SIGTERM from the kernel when its parent dies, however it dies (SIGKILL
+included): PR_SET_PDEATHSIG, so `dfs local up` never leaves servers behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -21,6 +24,16 @@ from dfs.errors import Code, DfsError
 
 LISTENING = re.compile(rb"^dfs [\w ]+ listening on (\S+)\s*$", re.MULTILINE)
 DFS = (sys.executable, "-m", "dfs.cli.main")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int) -> None:
+    """In a new child before exec: SIGTERM when `parent` dies; exit now if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        os._exit(126)
+    if os.getppid() != parent:  # it died before the prctl: nobody would signal us
+        os._exit(1)
 
 
 class Child:
@@ -32,8 +45,11 @@ class Child:
         argv: Sequence[str],
         log: Path,
         env: Mapping[str, str] | None = None,
+        *,
+        die_with_parent: bool = False,
     ) -> None:
         self.name = name
+        self.die_with_parent = die_with_parent
         self.argv = list(argv)
         self.log = log
         self.env = dict(env) if env is not None else None
@@ -52,6 +68,8 @@ class Child:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
         self.address = None
+        parent = os.getpid()
+        preexec = (lambda: die_with(parent)) if self.die_with_parent else None
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -60,6 +78,7 @@ class Child:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(self.env or {})},
                 start_new_session=True,
+                preexec_fn=preexec,
             )
 
     def poll(self) -> int | None:

@@ -245,7 +245,7 @@ class CommitDriver(Delivery):
             await self._apply(self.protocol.decision_refused(txid, e.code, e.msg))
             return
         except Exception as e:  # a bug in the decision write: it rolled back, so abort
-            log.exception("decision write for txid %d failed", txid)
+            log.exception("decision write for txid %d failed", txid, extra={"txid": txid})
             await self._apply(self.protocol.decision_refused(txid, Code.INTERNAL, repr(e)))
             return
         # The commit point has passed (rule 1). From here the write is never undone.
@@ -291,7 +291,7 @@ class CommitDriver(Delivery):
 
         ino = store.db.read(owner)
         log.warning("node %d %s of txid %d (ino %d); its copy is queued for repair", node,
-                    reason, txid, ino)
+                    reason, txid, ino, extra={"txid": txid})
         if self.on_refused is not None:
             await self.on_refused(node, txid, ino, reason)
 

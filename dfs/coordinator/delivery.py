@@ -62,7 +62,8 @@ class Delivery:
                                                txid=txid)
             except DfsError as e:
                 if e.code in RETRYABLE:
-                    log.debug("COMMIT %d to node %d failed, will retry: %s", txid, node, e)
+                    log.debug("COMMIT %d to node %d failed, will retry: %s", txid, node, e,
+                              extra={"txid": txid})
                     return
                 # Not an ack (rule 5): the decision stays and owes this replica, which the
                 # machine marks bad; its repair re-makes the copy and sends COMMIT again.
@@ -105,7 +106,8 @@ class Delivery:
                 return
             except DfsError as e:
                 if e.code not in RETRYABLE or attempt == ABORT_ATTEMPTS - 1:
-                    log.info("ABORT %d to node %d not delivered: %s", txid, node, e)
+                    log.info("ABORT %d to node %d not delivered: %s", txid, node, e,
+                             extra={"txid": txid})
                     return
             await trio.sleep(delay)
             delay *= 2
@@ -162,7 +164,8 @@ class Delivery:
 
     async def _expire(self: CommitDriver, txn: OpenTxn) -> None:
         reason = f"client silent for {self.config.txn_timeout:g} s"
-        log.warning("transaction %d (ino %d) aborted: %s", txn.txid, txn.ino, reason)
+        log.warning("transaction %d (ino %d) aborted: %s", txn.txid, txn.ino, reason,
+                    extra={"txid": txn.txid})
         self.open.pop(txn.txid, None)
         txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txn.txid} expired: {reason}"))
         await self._apply(self.protocol.abort(txn.txid, reason))

@@ -12,6 +12,7 @@ import sys
 import lmdb
 import trio
 
+from dfs import logs, sdnotify
 from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore
 from dfs.rpc import load_secret
@@ -25,14 +26,8 @@ log = logging.getLogger("dfs.coordinator")
 STARTUP_ERRORS = (DfsError, OSError, lmdb.Error, ValueError)
 
 
-def setup_logging() -> None:
-    name = os.environ.get("DFS_LOG_LEVEL", "INFO").upper()
-    level = logging.getLevelName(name)
-    logging.basicConfig(
-        level=level if isinstance(level, int) else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(fmt: str | None = None) -> None:
+    logs.setup("coordinator", fmt)
 
 
 def _startup_error(exc: BaseException) -> BaseException | None:
@@ -70,6 +65,7 @@ async def serve(store: MetaStore, config: CoordinatorConfig, secret: bytes) -> i
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             address = await nursery.start(service.run)
             print(f"dfs coordinator listening on {address}", flush=True)
+            sdnotify.ready(f"listening on {address}")
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 break
@@ -79,7 +75,7 @@ async def serve(store: MetaStore, config: CoordinatorConfig, secret: bytes) -> i
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dfs coordinator`; returns the exit status."""
-    setup_logging()
+    setup_logging(getattr(args, "log_format", None))
     try:
         config = config_from_args(args)
         secret = load_secret(getattr(args, "secret_file", None)
