@@ -74,7 +74,7 @@ class Outbox:
         self._send = send
         self._queues: dict[str, dict[int, _Slot]] = {op: {} for op in OPS}
         self._wake = trio.Event()
-        self.requests = 0  # RPCs sent (status and tests: batching at work)
+        self.requests = 0  # requests sent (for a look in a debugger or a test)
 
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
