@@ -95,8 +95,9 @@ class Delivery:
         """The node's outbox; its sender task starts in the driver's nursery on first use."""
         outbox = self._outboxes.get(node)
         if outbox is None:
-            outbox = self._outboxes[node] = Outbox(node, self._send_batch)
-            self.spawn(outbox.run)
+            outbox = Outbox(node, self._send_batch)
+            self.spawn(outbox.run)  # first: an outbox nobody sends from must not be found
+            self._outboxes[node] = outbox
         return outbox
 
     async def _send_batch(self: CommitDriver, node: int, op: str, txids: list[int]
