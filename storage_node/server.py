@@ -13,7 +13,8 @@ incarnation and the STAGED txids it does not know (`coordinator_seen`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from dfs import runtime
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 MAX_IDS_PER_REQUEST = 10_000
 MAX_LIST = 10_000
+#: At most this many txids in one batched COMMIT or ABORT (the coordinator sends up to
+#: dfs.coordinator.delivery.MAX_COMMIT_BATCH).
+MAX_TXIDS_PER_COMMIT = 1024
 
 OutcomeAsker = Callable[[int], Awaitable[str]]
 
@@ -50,14 +54,39 @@ def _blob_id(req: Request, key: str) -> int:
     return value
 
 
-def _blob_ids(req: Request, key: str) -> list[int]:
+def _blob_ids(req: Request, key: str, limit: int = MAX_IDS_PER_REQUEST) -> list[int]:
     values = req.list(key)
-    if len(values) > MAX_IDS_PER_REQUEST:
-        raise DfsError(Code.BAD_REQUEST, f"{req.op}: more than {MAX_IDS_PER_REQUEST} ids")
+    if len(values) > limit:
+        raise DfsError(Code.BAD_REQUEST, f"{req.op}: more than {limit} ids")
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_BLOB_ID:
             raise DfsError(Code.BAD_REQUEST, f"{req.op}: {key!r} must hold blob ids")
     return values
+
+
+def _txids(req: Request, limit: int) -> tuple[bool, list[int]]:
+    """COMMIT/ABORT's ids: (True, [txid]) for the single form, (False, the distinct txids in
+    order) for a batch; BAD_REQUEST for neither, both, or a bad list (nothing is changed)."""
+    if ("txid" in req.msg) == ("txids" in req.msg):
+        raise DfsError(Code.BAD_REQUEST, f"{req.op}: give either 'txid' or 'txids'")
+    if "txid" in req.msg:
+        return True, [_blob_id(req, "txid")]
+    return False, list(dict.fromkeys(_blob_ids(req, "txids", limit)))
+
+
+@asynccontextmanager
+async def _hold_all(locks: KeyedLocks, keys: list[int]) -> AsyncIterator[None]:
+    """Hold the locks of every key, taken in sorted order so that two batches sharing txids
+    cannot deadlock (every other holder takes one txid's lock at a time)."""
+    async with AsyncExitStack() as stack:
+        for key in sorted(keys):
+            await stack.enter_async_context(locks.hold(key))
+        yield
+
+
+def _batch_reply(acked: list[int], refused: dict[int, DfsError]) -> dict[str, Any]:
+    return {"acked": acked,
+            "refused": [[txid, e.code.value, e.msg] for txid, e in refused.items()]}
 
 
 class NodeService(MaintenanceOps, Service):
@@ -76,6 +105,9 @@ class NodeService(MaintenanceOps, Service):
         self.clock = clock
         self.heartbeat = heartbeat  # seconds between beats: part of the cleanup horizon
         self._txn_locks = KeyedLocks()
+        # Served COMMIT requests and the txids they carried (node_info: batching at work).
+        self.commit_requests = 0
+        self.commit_txids = 0
 
     def _stored(self, txid: int) -> str | None:
         info = self.store.stat(txid)
@@ -125,25 +157,81 @@ class NodeService(MaintenanceOps, Service):
         return {}
 
     async def op_commit(self, req: Request) -> dict[str, Any]:
-        txid = _blob_id(req, "txid")
-        async with self._txn_locks.hold(txid):
+        """COMMIT of one `txid` (an ack is {}, a refusal an error reply, as ever) or of a
+        batch, `txids` (docs/design.md §5 rule 5): every txid under its own lock and through
+        the participant's rules, and all their COMMITTED records forced in ONE write. The
+        reply names each txid: `acked`, or `refused` with the code and message the single op
+        would have answered."""
+        single, txids = _txids(req, MAX_TXIDS_PER_COMMIT)
+        self.commit_requests += 1
+        self.commit_txids += len(txids)
+        async with _hold_all(self._txn_locks, txids):
+            acked, refused = await self._commit_held(txids)
+        if single and refused:
+            raise refused[txids[0]]
+        await failpoint("node.before_commit_ack")
+        return {} if single else _batch_reply(acked, refused)
+
+    async def _commit_held(self, txids: list[int]) -> tuple[list[int], dict[int, DfsError]]:
+        """The locks of `txids` held: ask the participant about each, force what it says to
+        force in one durable write, and report each result back to it."""
+        acked: list[int] = []
+        refused: dict[int, DfsError] = {}
+        force: dict[int, frozenset[str | None]] = {}
+        for txid in txids:
             action = self.participant.on_commit(txid, self._stored(txid))
             if isinstance(action, Refuse):
-                raise action.error()
-            if isinstance(action, ForceCommitted):
-                await self.store.commit(txid, allowed=action.allowed)
-                self.participant.on_committed(txid)
-        await failpoint("node.before_commit_ack")
-        return {}
+                refused[txid] = action.error()
+            elif isinstance(action, ForceCommitted):
+                force[txid] = action.allowed
+            else:
+                acked.append(txid)
+        if force:
+            try:
+                results: dict[int, Any] = await self.store.commit_many(force)
+            except DfsError as e:  # the write failed (a full disk): nothing was committed
+                results = dict.fromkeys(force, e)
+            for txid, result in results.items():
+                if isinstance(result, DfsError):
+                    refused[txid] = result
+                else:
+                    self.participant.on_committed(txid)
+                    acked.append(txid)
+        return acked, refused
 
     async def op_abort(self, req: Request) -> dict[str, Any]:
-        txid = _blob_id(req, "txid")
-        async with self._txn_locks.hold(txid):
+        """ABORT of one `txid` or of a batch, `txids` (dropped in one unforced write); the
+        reply to a batch names each txid as COMMIT's does."""
+        single, txids = _txids(req, MAX_TXIDS_PER_COMMIT)
+        async with _hold_all(self._txn_locks, txids):
+            acked, refused = await self._abort_held(txids)
+        if single and refused:
+            raise refused[txids[0]]
+        return {} if single else _batch_reply(acked, refused)
+
+    async def _abort_held(self, txids: list[int]) -> tuple[list[int], dict[int, DfsError]]:
+        acked: list[int] = []
+        refused: dict[int, DfsError] = {}
+        drops: dict[int, Drop] = {}
+        for txid in txids:
             action = self.participant.on_abort(txid, self._stored(txid))
             if isinstance(action, Refuse):
-                raise action.error()
-            await self._drop_held(action)
-        return {}
+                refused[txid] = action.error()
+            else:
+                drops[txid] = action
+        if drops:
+            try:
+                results: dict[int, Any] = await self.store.abort_many(
+                    {txid: d.allowed for txid, d in drops.items()})
+            except DfsError as e:
+                results = dict.fromkeys(drops, e)
+            for txid, result in results.items():
+                self._dropped(drops[txid], result if isinstance(result, DfsError) else None)
+                if isinstance(result, DfsError):
+                    refused[txid] = result
+                else:
+                    acked.append(txid)
+        return acked, refused
 
     # ------------------------------------------------------------ data and admin ops
 
@@ -190,6 +278,8 @@ class NodeService(MaintenanceOps, Service):
             "capacity": self.store.capacity(),
             "used": self.store.used(),
             "blobs": self.store.count(),
+            "commit_requests": self.commit_requests,
+            "commit_txids": self.commit_txids,
         }
 
     # ------------------------------------------------------------ recovery and timeouts
@@ -214,19 +304,23 @@ class NodeService(MaintenanceOps, Service):
             log.warning("dropping blob %d: %s", action.txid, e, extra={"txid": action.txid})
 
     async def _drop_held(self, action: Drop) -> None:
-        """Carry out a Drop, the txid's lock held. One the store failed (a full disk) is
-        handed back to the participant to try again: it already counts the txid as aborted
-        and would never come back to it. CONFLICT means the blob is no longer in a state the
-        drop may take: nothing is owed."""
+        """Carry out a Drop, the txid's lock held (see `_dropped`)."""
         try:
             await self.store.abort(action.txid, allowed=action.allowed)
         except DfsError as e:
-            if e.code == Code.CONFLICT:
-                self.participant.on_dropped(action.txid)
-            else:
-                self.participant.on_drop_failed(action, self.clock())
+            self._dropped(action, e)
             raise
-        self.participant.on_dropped(action.txid)
+        self._dropped(action, None)
+
+    def _dropped(self, action: Drop, error: DfsError | None) -> None:
+        """Report a Drop's result to the participant. One the store failed (a full disk) is
+        handed back to it to try again: it already counts the txid as aborted and would never
+        come back to it. CONFLICT means the blob is no longer in a state the drop may take:
+        nothing is owed."""
+        if error is None or error.code == Code.CONFLICT:
+            self.participant.on_dropped(action.txid)
+        else:
+            self.participant.on_drop_failed(action, self.clock())
 
     # ------------------------------------------------------------ the coordinator's view
 

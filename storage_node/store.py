@@ -294,34 +294,66 @@ class BlobStore:
     async def commit(self, blob: int, *,
                      allowed: frozenset[str | None] = COMMITTABLE) -> BlobInfo:
         """Force COMMITTED from a state in `allowed`; a COMMITTED blob is left as it is."""
+        result = (await self.commit_many({blob: allowed}))[blob]
+        if isinstance(result, DfsError):
+            raise result
+        return result
 
-        def fn(txn: lmdb.Transaction) -> BlobInfo:
-            raw = txn.get(blob_key(blob), db=self.db["blobs"])
-            if raw is None:
-                raise DfsError(Code.ENOENT, f"blob {blob} not here")
-            info = unpack_info(blob, raw)
-            if info.state == BlobState.COMMITTED:
-                return info
-            if info.state.value not in allowed:
-                raise DfsError(Code.CONFLICT, f"blob {blob} is {info.state}, not prepared")
-            info = BlobInfo(
-                blob, BlobState.COMMITTED, info.size, info.checksum, info.nchunks, info.created
-            )
-            txn.put(blob_key(blob), pack_info(info), db=self.db["blobs"])
-            return info
+    async def commit_many(self, blobs: dict[int, frozenset[str | None]]
+                          ) -> dict[int, BlobInfo | DfsError]:
+        """Force COMMITTED for each blob (from a state in its `allowed`) in ONE durable write,
+        so a batched COMMIT costs one fsync (docs/design.md §5 rule 5). A blob that is gone
+        (ENOENT) or in a state its `allowed` does not hold (CONFLICT) gets its error and
+        changes nothing; the others commit. A failed write (a full disk) raises for all."""
+        for blob in blobs:
+            check_blob_id(blob)
+
+        def fn(txn: lmdb.Transaction) -> dict[int, BlobInfo | DfsError]:
+            return {blob: self._commit_in(txn, blob, allowed) for blob, allowed in blobs.items()}
 
         return await self._write(fn, durable=True)
+
+    def _commit_in(self, txn: lmdb.Transaction, blob: int,
+                   allowed: frozenset[str | None]) -> BlobInfo | DfsError:
+        raw = txn.get(blob_key(blob), db=self.db["blobs"])
+        if raw is None:
+            return DfsError(Code.ENOENT, f"blob {blob} not here")
+        info = unpack_info(blob, raw)
+        if info.state == BlobState.COMMITTED:
+            return info
+        if info.state.value not in allowed:
+            return DfsError(Code.CONFLICT, f"blob {blob} is {info.state}, not prepared")
+        info = BlobInfo(
+            blob, BlobState.COMMITTED, info.size, info.checksum, info.nchunks, info.created
+        )
+        txn.put(blob_key(blob), pack_info(info), db=self.db["blobs"])
+        return info
 
     async def abort(self, blob: int, *,
                     allowed: frozenset[str | None] = DROPPABLE) -> bool:
         """Drop a blob that is in one of `allowed` (unforced: presumed abort)."""
+        result = (await self.abort_many({blob: allowed}))[blob]
+        if isinstance(result, DfsError):
+            raise result
+        return result
 
-        def fn(txn: lmdb.Transaction) -> bool:
-            raw = txn.get(blob_key(blob), db=self.db["blobs"])
-            state = None if raw is None else unpack_info(blob, raw).state.value
-            if state not in allowed:
-                raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; abort refused")
-            return self._drop(txn, blob)
+    async def abort_many(self, blobs: dict[int, frozenset[str | None]]
+                         ) -> dict[int, bool | DfsError]:
+        """Drop each blob that is in one of its `allowed` states, in one unforced write; one
+        in another state gets CONFLICT and is kept. A failed write raises for all."""
+        for blob in blobs:
+            check_blob_id(blob)
+
+        def fn(txn: lmdb.Transaction) -> dict[int, bool | DfsError]:
+            out: dict[int, bool | DfsError] = {}
+            for blob, allowed in blobs.items():
+                raw = txn.get(blob_key(blob), db=self.db["blobs"])
+                state = None if raw is None else unpack_info(blob, raw).state.value
+                if state not in allowed:
+                    out[blob] = DfsError(Code.CONFLICT, f"blob {blob} is {state}; abort refused")
+                else:
+                    out[blob] = self._drop(txn, blob)
+            return out
 
         return await self._write(fn, durable=False)
 

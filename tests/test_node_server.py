@@ -24,7 +24,7 @@ from dfs.errors import Code, DfsError
 from dfs.rpc import Peer, Request, Service, connect, serve
 from storage_node.node import Node, NodeConfig
 from storage_node.participant import Participant
-from storage_node.server import NodeService
+from storage_node.server import MAX_TXIDS_PER_COMMIT, NodeService
 from storage_node.store import BlobState, BlobStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +115,67 @@ async def test_stage_prepare_commit_read(node: NodeUnderTest) -> None:
     assert stat[12] is None
     assert stat[11]["state"] == "COMMITTED" and stat[11]["size"] == len(data)
     assert stat[11]["checksum"] == file_checksum(data) and stat[11]["nchunks"] == 3
+
+
+async def test_batched_commit_acks_each_committable_txid_and_refuses_the_rest(
+    node: NodeUnderTest,
+) -> None:
+    """One COMMIT carries many transactions' txids: each is judged as a COMMIT of its own
+    (refused ones with the single op's code), and every COMMITTED record is forced in one
+    durable write (one fsync for the batch)."""
+    data = blob_bytes(3000)
+    for txid in (21, 22, 23):
+        await node.stage_all(txid, data)
+        await node.prepare(txid, data)
+    await node.peer.call("commit", txid=23)  # already COMMITTED: acked again
+    await node.stage_all(24, data)  # STAGED, never prepared: CONFLICT
+    durable_writes = []
+    write = node.store.db.write
+
+    async def counting(fn: Any, *, durable: bool = True) -> Any:
+        durable_writes.append(durable)
+        return await write(fn, durable=durable)
+
+    node.store.db.write = counting  # observe the store's writes; the store is real
+    before = await node.peer.call("node_info")
+    reply = await node.peer.call("commit", txids=[21, 22, 23, 24, 25])  # 25: never here
+    node.store.db.write = write
+    assert sorted(reply["acked"]) == [21, 22, 23]
+    refused = {txid: (code, msg) for txid, code, msg in reply["refused"]}
+    assert set(refused) == {24, 25}
+    assert refused[24] == ("CONFLICT", "blob 24 is not prepared")
+    assert refused[25] == ("ENOENT", "blob 25 not here; COMMIT refused")
+    assert durable_writes == [True]  # 21 and 22 forced together
+    for txid in (21, 22, 23):
+        assert node.store.stat(txid).state == BlobState.COMMITTED
+    assert node.store.stat(24).state == BlobState.STAGED and node.store.stat(25) is None
+    after = await node.peer.call("node_info")
+    assert after["commit_requests"] == before["commit_requests"] + 1
+    assert after["commit_txids"] == before["commit_txids"] + 5
+    # The single form answers as it always has: a refusal is an error reply.
+    with raises(Code.CONFLICT):
+        await node.peer.call("commit", txid=24)
+
+    # A batched ABORT drops what it may and refuses a COMMITTED blob.
+    reply = await node.peer.call("abort", txids=[24, 21, 26])
+    assert sorted(reply["acked"]) == [24, 26]
+    assert [r[:2] for r in reply["refused"]] == [[21, "CONFLICT"]]
+    assert node.store.stat(24) is None and node.store.stat(21).state == BlobState.COMMITTED
+
+
+async def test_bad_batched_commit_is_bad_request_and_changes_nothing(
+    node: NodeUnderTest,
+) -> None:
+    data = blob_bytes(100)
+    await node.stage_all(31, data)
+    await node.prepare(31, data)
+    too_many = [31, *range(1000, 1000 + MAX_TXIDS_PER_COMMIT)]
+    for fields in ({"txids": [31, "x"]}, {"txids": [31, -1]}, {"txids": 31},
+                   {"txids": too_many}, {"txid": 31, "txids": [31]}, {}):
+        for op in ("commit", "abort"):
+            with raises(Code.BAD_REQUEST):
+                await node.peer.call(op, **fields)
+    assert node.store.stat(31).state == BlobState.PREPARED
 
 
 async def test_wrong_checksum_votes_no_and_blob_is_not_prepared(node: NodeUnderTest) -> None:

@@ -264,3 +264,55 @@ async def test_a_replica_that_keeps_refusing_commit_is_repaired_with_backoff(
                     or worker.pending():
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_txid_in_a_commit_batch_marks_only_its_replica_bad(
+        tmp_path: Path, caplog) -> None:
+    """COMMITs of several transactions reach a node in one request (docs/design.md §5). One of
+    them refuses (GC deleted that PREPARED copy: ENOENT): the others are acked and end, and
+    only the refusing (txid, node) is marked bad and repaired."""
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 3, capacity=1 << 30)  # R=3: all replicas
+        victim = nodes[0].node.service
+        assert victim is not None
+        real_commit, requests, gate = victim.op_commit, [], trio.Event()
+
+        async def held_commit(req: Any) -> dict[str, Any]:
+            """The node's own op; only its first request waits, so the next ones queue."""
+            requests.append(sorted(req.msg.get("txids") or [req.msg["txid"]]))
+            if len(requests) == 1:
+                await gate.wait()
+            return await real_commit(req)
+
+        victim.op_commit = held_commit
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            blobs = []
+            for i in range(5):
+                attr = await client.create(root.ino, b"f%d" % i, 0o100644, 0, 0)
+                blobs.append((await client.write_file(attr.ino, io.BytesIO(b"%d" % i * 99))).blob)
+        lost = blobs[2]
+        peer = Peer(nodes[0].address, SECRET)
+        await peer.call("delete", blobs=[lost])  # as GC would: the PREPARED copy is gone
+        await peer.aclose()
+        gate.set()
+        driver = coord.service.driver
+        with trio.fail_after(10):
+            while any(driver.protocol.phase(b) is not None for b in blobs if b != lost):
+                await trio.sleep(0.05)
+        assert requests[:2] == [[blobs[0]], sorted(blobs[1:])], requests
+        bad = [r.getMessage() for r in caplog.records if "queued for repair" in r.getMessage()]
+        assert len(bad) == 1 and bad[0].startswith(
+            f"node {nodes[0].node_id} refused COMMIT: blob {lost} not here"), bad
+        assert f"of txid {lost} " in bad[0]
+        for blob in blobs:
+            if blob != lost:
+                assert victim.store.stat(blob).state.value == "COMMITTED"
+        # The refused replica is repaired and its COMMIT acked: the record ends too.
+        with trio.fail_after(15):
+            while driver.protocol.phase(lost) is not None:
+                await trio.sleep(0.1)
+        assert victim.store.stat(lost).state.value == "COMMITTED"
+        nursery.cancel_scope.cancel()
+

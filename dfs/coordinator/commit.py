@@ -43,6 +43,7 @@ from dfs.twopc import (
 from .config import CoordinatorConfig
 from .delivery import Delivery
 from .membership import Membership
+from .outbox import Outbox
 from .transactions import OpenTxn, TxidAllocator
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class CommitDriver(Delivery):
         self.txids = TxidAllocator(store, config.txid_block)
         self._nursery: trio.Nursery | None = None
         self._delivering: set[int] = set()
-        self._sends = trio.CapacityLimiter(128)
+        self._outboxes: dict[int, Outbox] = {}  # node -> its COMMIT/ABORT outbox
         # Repairs waiting for the machine's go to write their decision (WriteRepairDecision).
         self._repair_go: dict[int, trio.Event] = {}
         # Told of a replica that refused COMMIT (MarkBad): (node, blob, ino, reason). The

@@ -4,12 +4,16 @@ the expiry of transactions whose client went silent. Mixed into CommitDriver.
 A COMMIT refused with an error retrying cannot get past (anything but UNAVAILABLE/INTERNAL)
 is not an ack: the machine keeps the decision and marks the replica bad (its repair is queued,
 `CommitDriver.mark_bad`); the repair's decision re-lists the re-made copy (COMMIT again) or
-drops it, and only then can the record end."""
+drops it, and only then can the record end.
+
+Every COMMIT and ABORT goes through the node's outbox (`outbox.py`): one sender task per node
+sends what queued, for many transactions, as one request; the answers come back here, per
+txid, and are fed to the machine exactly as a single request's would be."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -18,6 +22,8 @@ from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.meta import NodeState
 from dfs.twopc import Phase, SendCommit, WriteEnd
+
+from .outbox import ACKED, Answer, Outbox
 
 if TYPE_CHECKING:
     from .commit import CommitDriver
@@ -28,6 +34,24 @@ log = logging.getLogger(__name__)
 # Errors a later COMMIT/ABORT can get past; any other refusal is final.
 RETRYABLE = frozenset({Code.UNAVAILABLE, Code.INTERNAL})
 ABORT_ATTEMPTS = 3
+
+
+def _answers(reply: dict[str, Any]) -> dict[int, Answer]:
+    """A batched reply, {acked: [txid], refused: [[txid, code, msg]]}, as answers per txid
+    (a txid it does not name is left unanswered: retried, never taken for an ack)."""
+    out: dict[int, Answer] = {}
+    for txid in reply.get("acked") or []:
+        if isinstance(txid, int):
+            out[txid] = ACKED
+    for item in reply.get("refused") or []:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)):
+            continue
+        try:
+            code = Code(item[1])
+        except ValueError:
+            code = Code.INTERNAL
+        out[item[0]] = Answer(code, str(item[2]))
+    return out
 
 
 class Delivery:
@@ -53,23 +77,43 @@ class Delivery:
         await self._persist_acks(txid)
 
     async def _commit_one(self: CommitDriver, txid: int, node: int) -> None:
+        """COMMIT through the node's outbox (batched with other transactions'), then feed
+        the node's answer to the machine."""
+        if self.membership.address(node) is None:
+            return
+        answer = await self._outbox(node).post("commit", txid)
+        if answer.code is None:
+            await self._apply(self.protocol.commit_acked(txid, node))
+        elif answer.code in RETRYABLE:
+            log.debug("COMMIT %d to node %d failed, will retry: %s", txid, node, answer.msg,
+                      extra={"txid": txid})
+        else:
+            # Not an ack (rule 5): the decision stays and owes this replica, which the
+            # machine marks bad; its repair re-makes the copy and sends COMMIT again.
+            await self._apply(self.protocol.commit_refused(txid, node, answer.code, answer.msg))
+
+    def _outbox(self: CommitDriver, node: int) -> Outbox:
+        """The node's outbox; its sender task starts in the driver's nursery on first use."""
+        outbox = self._outboxes.get(node)
+        if outbox is None:
+            outbox = Outbox(node, self._send_batch)
+            self.spawn(outbox.run)  # first: an outbox nobody sends from must not be found
+            self._outboxes[node] = outbox
+        return outbox
+
+    async def _send_batch(self: CommitDriver, node: int, op: str, txids: list[int]
+                          ) -> dict[int, Answer]:
+        """One `commit`/`abort` request with `txids`; each txid's answer. A failed request
+        answers every txid with its error (docs/design.md §5: never an ack)."""
         address = self.membership.address(node)
         if address is None:
-            return
-        async with self._sends:
-            try:
-                await self.peers[address].call("commit", timeout=self.config.rpc_timeout,
-                                               txid=txid)
-            except DfsError as e:
-                if e.code in RETRYABLE:
-                    log.debug("COMMIT %d to node %d failed, will retry: %s", txid, node, e,
-                              extra={"txid": txid})
-                    return
-                # Not an ack (rule 5): the decision stays and owes this replica, which the
-                # machine marks bad; its repair re-makes the copy and sends COMMIT again.
-                await self._apply(self.protocol.commit_refused(txid, node, e.code, e.msg))
-                return
-        await self._apply(self.protocol.commit_acked(txid, node))
+            return dict.fromkeys(txids, Answer(Code.UNAVAILABLE, f"node {node} is unknown"))
+        try:
+            reply = await self.peers[address].call(op, timeout=self.config.rpc_timeout,
+                                                   txids=txids)
+        except DfsError as e:
+            return dict.fromkeys(txids, Answer(e.code, e.msg))
+        return _answers(reply)
 
     async def write_end(self: CommitDriver, txid: int) -> None:
         """Every replica acked: ENDED, unforced (a lost ENDED only means COMMIT is re-sent)."""
@@ -92,23 +136,18 @@ class Delivery:
                                       durable=False)
 
     async def send_abort(self: CommitDriver, node: int, txid: int) -> None:
-        """Best effort: a replica that misses the ABORT drops a STAGED blob on its own timeout
-        and asks OUTCOME about a PREPARED one (rule 4)."""
+        """Best effort, through the node's outbox: a replica that misses the ABORT drops a
+        STAGED blob on its own timeout and asks OUTCOME about a PREPARED one (rule 4)."""
         delay = 0.5
         for attempt in range(ABORT_ATTEMPTS):
-            address = self.membership.address(node)
-            if address is None:
+            if self.membership.address(node) is None:
                 return
-            try:
-                async with self._sends:
-                    await self.peers[address].call("abort", timeout=self.config.rpc_timeout,
-                                                   txid=txid)
+            answer = await self._outbox(node).post("abort", txid)
+            if answer.code is None:
                 return
-            except DfsError as e:
-                if e.code not in RETRYABLE or attempt == ABORT_ATTEMPTS - 1:
-                    log.info("ABORT %d to node %d not delivered: %s", txid, node, e,
-                             extra={"txid": txid})
-                    return
+            if answer.code not in RETRYABLE or attempt == ABORT_ATTEMPTS - 1:
+                log.info("ABORT %d to node %d not delivered: %s", txid, node, answer.msg)
+                return
             await trio.sleep(delay)
             delay *= 2
 

@@ -7,6 +7,8 @@ code that runs (the real coordinator, node, machine and database), not in a mode
 - outcome_forgets_repairs: OUTCOME consults only the log and the writes in flight, as it once
   did, so a repair target whose blob's record was purged hears "aborted" and drops its copy;
 - vote_before_force: a node votes YES with PREPARED written but not forced (rule 2 broken);
+- commit_ack_before_force: a node acks a (batched) COMMIT with COMMITTED written but not
+  forced (rule 5 broken: "a participant forces COMMITTED before it acks");
 - decision_visible_unforced: a durable batch is readable before its fsync (issue 8 item 5).
 """
 
@@ -77,6 +79,29 @@ def _vote_before_force() -> Iterator[None]:
         yield
 
 
+_in_commit: contextvars.ContextVar[bool] = contextvars.ContextVar("in_commit", default=False)
+
+
+@contextlib.contextmanager
+def _commit_ack_before_force() -> Iterator[None]:
+    write, commit_many = BlobStore._write, BlobStore.commit_many
+
+    async def unforced_write(self: BlobStore, fn: Callable[..., Any], *, durable: bool,
+                             need: int = 0) -> Any:
+        return await write(self, fn, durable=durable and not _in_commit.get(), need=need)
+
+    async def unforced_commit(self: BlobStore, *args: Any, **kwargs: Any) -> Any:
+        token = _in_commit.set(True)
+        try:
+            return await commit_many(self, *args, **kwargs)
+        finally:
+            _in_commit.reset(token)
+
+    with _patched(BlobStore, "_write", unforced_write), \
+            _patched(BlobStore, "commit_many", unforced_commit):
+        yield
+
+
 def _decision_visible_unforced() -> contextlib.AbstractContextManager[None]:
     return _patched(Database, "hide_unforced", False)
 
@@ -85,6 +110,7 @@ _BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "refused_commit_acked": _refused_commit_acked,
     "outcome_forgets_repairs": _outcome_forgets_repairs,
     "vote_before_force": _vote_before_force,
+    "commit_ack_before_force": _commit_ack_before_force,
     "decision_visible_unforced": _decision_visible_unforced,
 }
 

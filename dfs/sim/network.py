@@ -58,7 +58,7 @@ class _BoundListener:
         self.socket = _Socket(host, port)
 
 
-TRACED_FIELDS = ("txid", "ino", "blob", "blobs", "node_id", "parent", "name", "index")
+TRACED_FIELDS = ("txid", "txids", "ino", "blob", "blobs", "node_id", "parent", "name", "index")
 
 
 class SimNetwork:

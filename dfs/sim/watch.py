@@ -6,6 +6,9 @@ These are checked at the moment they must hold, against what each disk has *forc
 crash may take the rest):
 - rule 2: a node that answers PREPARE with YES holds the blob PREPARED (or COMMITTED) on its
   forced state;
+- rule 5: a node that acks a COMMIT holds the blob COMMITTED on its forced state, for each txid
+  a batched COMMIT acks (`acked`; its `refused` ones are no ack). Gone is fine only where
+  the node is no longer listed: GC may delete a superseded copy while the ack is on its way;
 - nothing observable before it is forced: when the coordinator tells anyone a transaction
   committed (a commit reply, OUTCOME "committed"), its forced state holds that decision;
 - rule 5: a decision record that ENDED while its blob is current had every replica the file
@@ -51,6 +54,16 @@ class Watcher:
         return (self._forced(path, b"txns", k64(txid)) is not None
                 or self._forced(path, b"blobs", k64(txid)) is not None)
 
+    def _listed(self, node: SimNode, blob: int) -> bool:
+        """The coordinator's forced metadata lists `node` for `blob`, the current blob of a
+        file (a copy GC may not delete)."""
+        assert self.coord is not None
+        path = self.coord.path
+        ino = self._forced(path, b"blobs", k64(blob))
+        inode = None if ino is None else self._forced(path, b"inodes", ino)
+        replicas = [] if inode is None else msgpack.unpackb(inode, raw=False).get("replicas")
+        return bool(node.node_id) and node.node_id in (replicas or [])
+
     # ------------------------------------------------------------ at each reply
 
     def on_reply(self, src: str, dst: str, msg: dict[str, Any], reply: dict[str, Any]) -> None:
@@ -64,6 +77,14 @@ class Watcher:
             if state not in ("PREPARED", "COMMITTED"):
                 self.world.violation(f"rule 2: {dst} voted YES for txid {msg['txid']} with "
                                      f"{state or 'nothing'} forced")
+        elif op == "commit" and node is not None:
+            for txid in _acked(msg, reply):
+                self.checks += 1
+                state = self._node_state(node, txid)
+                if state in ("STAGED", "PREPARED") or (state is None
+                                                       and self._listed(node, txid)):
+                    self.world.violation(f"rule 5: {dst} acked COMMIT of txid {txid} with "
+                                         f"{state or 'nothing'} forced")
         elif dst == "coord" and (op == "commit" or (op == "outcome"
                                                     and reply.get("state") == "committed")):
             self.checks += 1
@@ -128,3 +149,10 @@ class Watcher:
             if raw is not None and msgpack.unpackb(raw, raw=False).get("state") == "removed":
                 out.add(unk64(key))
         return out
+
+
+def _acked(msg: dict[str, Any], reply: dict[str, Any]) -> list[int]:
+    """The txids an ok reply to a node's COMMIT acks: the one `txid`, or a batch's `acked`."""
+    if "txids" in msg:
+        return [t for t in reply.get("acked") or [] if isinstance(t, int)]
+    return [msg["txid"]] if isinstance(msg.get("txid"), int) else []
