@@ -146,7 +146,8 @@ class Delivery:
             if answer.code is None:
                 return
             if answer.code not in RETRYABLE or attempt == ABORT_ATTEMPTS - 1:
-                log.info("ABORT %d to node %d not delivered: %s", txid, node, answer.msg)
+                log.info("ABORT %d to node %d not delivered: %s", txid, node, answer.msg,
+                         extra={"txid": txid})
                 return
             await trio.sleep(delay)
             delay *= 2
