@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from dfs.errors import Code, DfsError, raise_for_reply
-from dfs.wire import ConnectionClosed, FrameStream, FrameTooBig
+from dfs.wire import MAX_FRAME, ConnectionClosed, FrameStream, FrameTooBig, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +133,25 @@ class Service:
 # ---------------------------------------------------------------- server
 
 
+MAX_INFLIGHT = 64  # requests of one connection served at once; past it the server stops reading
+
+
 async def serve_connection(
     stream: trio.abc.Stream,
     service: Service,
     secret: bytes,
     cluster: Callable[[], str],
     peer: str = "?",
+    *,
+    max_inflight: int | None = None,
 ) -> None:
-    """Authenticate one connection, then answer its requests until it closes."""
+    """Authenticate one connection, then answer its requests, many at once, until it closes."""
     frames = FrameStream(stream)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             if not await _server_handshake(frames, secret, cluster()):
                 return
-        while True:
-            try:
-                body = await frames.receive_body()
-            except FrameTooBig as e:
-                await frames.send({"id": None, **e.to_reply()})
-                return
-            reply = await _answer(body, service, peer)
-            await frames.send(reply)
+        await _serve_requests(frames, service, peer, max_inflight or MAX_INFLIGHT)
     except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     except trio.TooSlowError:
@@ -166,9 +165,53 @@ async def serve_connection(
                 pass
 
 
-async def _answer(body: bytes, service: Service, peer: str) -> dict[str, Any]:
-    from dfs.wire import decode
+async def _serve_requests(frames: FrameStream, service: Service, peer: str, limit: int) -> None:
+    """Read requests and answer each in its own task, at most `limit` at once: when that many
+    are being served the loop stops reading (TCP then pushes back on the client) until one ends.
 
+    Error policy: a handler's exception is its request's error reply (`_answer`); a reply that
+    cannot be sent (the client went away) is dropped. Reading stops at EOF, a broken stream or
+    a frame over the limit (answered TOO_BIG), and the requests already read still run to their
+    end, as they did when a connection served one at a time, before the connection is closed.
+    Only a bug in this loop itself escapes, cancelling the connection's handlers with it."""
+    slots = trio.Semaphore(limit)
+    async with trio.open_nursery() as handlers:
+        while True:
+            await slots.acquire()
+            try:
+                body = await frames.receive_body()
+            except FrameTooBig as e:
+                await _send_reply(frames, {"id": None, **e.to_reply()})
+                return
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError):
+                return
+            handlers.start_soon(_serve_one, frames, body, service, peer, slots)
+
+
+async def _serve_one(frames: FrameStream, body: bytes, service: Service, peer: str,
+                     slots: trio.Semaphore) -> None:
+    try:
+        await _send_reply(frames, await _answer(body, service, peer))
+    finally:
+        slots.release()
+
+
+async def _send_reply(frames: FrameStream, reply: dict[str, Any]) -> None:
+    try:
+        data = encode(reply)
+    except Exception:  # a handler returned something msgpack cannot carry: a bug, not the wire's
+        log.exception("unencodable reply to request id %r", reply.get("id"))
+        data = encode({"id": reply.get("id"),
+                       **DfsError(Code.INTERNAL, "internal error (see the server's log)")
+                       .to_reply()})
+    try:
+        await frames.send_frame(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # the client is gone; its other replies meet the same
+
+
+async def _answer(body: bytes, service: Service, peer: str) -> dict[str, Any]:
     rid = None
     try:
         msg = decode(body)
@@ -274,23 +317,135 @@ def install_network(network: Network | None) -> Network | None:
 # ---------------------------------------------------------------- client
 
 
+class _Waiter:
+    """One call in flight on a connection: where its reply lands, and how it is woken."""
+
+    __slots__ = ("reply", "wake")
+
+    def __init__(self) -> None:
+        self.reply: dict[str, Any] | None = None
+        self.wake = trio.Event()
+
+
 class Connection:
-    """One authenticated client connection."""
+    """One authenticated client connection carrying many calls at once, replies matched by id.
+
+    There is no background reader (so a Connection needs no nursery and works wherever a Peer
+    is made, inside `async with` or not): the first caller waiting for a reply reads frames for
+    everyone, hands each reply to its waiter, and when its own arrives (or it is cancelled)
+    wakes another waiter to read on. A reply whose caller gave up (timed out) is dropped. If the
+    stream breaks, every call in flight fails with ConnectionClosed; if a request is cut short
+    part-way (its caller cancelled mid-send), no new call may start, the calls in flight still
+    get their replies, and the last one out closes the connection.
+    """
 
     def __init__(self, frames: FrameStream, cluster: str) -> None:
         self.frames = frames
         self.cluster = cluster
         self._ids = itertools.count(1)
+        self._waiters: dict[int, _Waiter] = {}
+        self._reading = False
+        self._failure: str | None = None  # why the stream broke, once it has
+        self._closed = False
+        self.bulk = 0  # calls in flight whose request carries a bulk payload
 
-    async def call(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def inflight(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def usable(self) -> bool:
+        """Whether a new call may start on it."""
+        return self._failure is None and not self._closed and not self.frames.send_cut
+
+    def closed_by_peer(self) -> bool:
+        """With no call in flight, whether the peer has closed its end (it exited or
+        restarted): the socket reads as EOF or reset, without consuming a byte. A request
+        never goes out on such a connection, so it is surely not served there."""
+        if self._waiters or not self.usable:
+            return False
+        sock = self.frames.stream.socket  # type: ignore[attr-defined]
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+        try:
+            closed = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            closed = False  # nothing to read: open
+        except OSError:
+            closed = True  # reset
+        finally:
+            raw.detach()  # the fd stays trio's
+        if closed:
+            self._failure = "closed by the peer while idle"
+        return closed
+
+    async def call(self, op: str, fields: dict[str, Any], *, bulk: bool = False
+                   ) -> dict[str, Any]:
+        """One request and its reply map. A request over the frame limit is TOO_BIG here,
+        never sent."""
         rid = next(self._ids)
-        await self.frames.send({"op": op, "id": rid, **fields})
-        reply = await self.frames.receive()
-        if reply.get("id") != rid:
-            raise ConnectionClosed(f"reply id {reply.get('id')!r} for request {rid}")
-        return reply
+        data = encode({"op": op, "id": rid, **fields})
+        if len(data) - 4 > MAX_FRAME:
+            raise FrameTooBig(len(data) - 4, MAX_FRAME)
+        if not self.usable:
+            raise ConnectionClosed(self._failure or "connection closed")
+        waiter = _Waiter()
+        self._waiters[rid] = waiter
+        self.bulk += bulk
+        try:
+            await self.frames.send_frame(data)
+            return await self._wait(waiter)
+        finally:
+            del self._waiters[rid]
+            self.bulk -= bulk
+            if not self._waiters and (self._failure or self.frames.send_cut):
+                await self.aclose()
+
+    async def _wait(self, me: _Waiter) -> dict[str, Any]:
+        while me.reply is None:
+            if self._failure is not None:
+                raise ConnectionClosed(self._failure)
+            if self._reading:
+                me.wake = trio.Event()
+                await me.wake.wait()
+                continue
+            self._reading = True
+            try:
+                await self._read_until(me)
+            finally:
+                self._reading = False
+                for other in self._waiters.values():  # hand the reading on
+                    if other.reply is None and other is not me:
+                        other.wake.set()
+                        break
+        return me.reply
+
+    async def _read_until(self, me: _Waiter) -> None:
+        """Read frames, delivering each to its waiter, until `me` has its reply."""
+        while me.reply is None and self._failure is None:
+            try:
+                msg = decode(await self.frames.receive_body())
+            except (ConnectionClosed, OSError, trio.BrokenResourceError,
+                    trio.ClosedResourceError, DfsError) as e:
+                self._fail(f"{type(e).__name__} {e}".strip())
+                return
+            rid = msg.get("id")
+            if not isinstance(rid, int) or isinstance(rid, bool):
+                self._fail(f"reply without a request id: {msg.get('error')} {msg.get('msg')}")
+                return
+            waiter = self._waiters.get(rid)
+            if waiter is not None:  # else: the reply to a call that gave up, dropped
+                waiter.reply = msg
+                waiter.wake.set()
+
+    def _fail(self, why: str) -> None:
+        self._failure = why
+        for waiter in self._waiters.values():
+            waiter.wake.set()
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with trio.move_on_after(1) as scope:
             scope.shield = True
             try:
@@ -337,10 +492,6 @@ _NETWORK_ERRORS = (
 )
 
 
-# What a connection closed by the peer looks like; a timeout is never taken for staleness.
-_STALE = (ConnectionClosed, trio.BrokenResourceError, ConnectionResetError, BrokenPipeError)
-
-
 class PeerUnavailable(DfsError):
     """UNAVAILABLE raised on this side: the request may or may not have reached the peer.
 
@@ -352,8 +503,22 @@ class PeerUnavailable(DfsError):
         super().__init__(Code.UNAVAILABLE, msg)
 
 
+MAX_CONNECTIONS = 4  # connections per peer; calls share them (one is enough for small calls)
+BULK_BYTES = 64 * 1024  # a request carrying more payload than this is bulk: kept off the
+#                         connection small calls use, so they do not queue behind its frames
+
+
+def _payload(fields: dict[str, Any]) -> int:
+    return sum(len(v) for v in fields.values() if isinstance(v, (bytes, bytearray, memoryview)))
+
+
 class Peer:
-    """A pool of authenticated connections to one address."""
+    """Calls to one address, multiplexed over at most `max_connections` connections.
+
+    Small calls share the least loaded connection with no bulk request in flight; bulk calls
+    (a payload over BULK_BYTES: chunk writes) share theirs; a connection is opened only when
+    none fits, and at most MAX_INFLIGHT calls ride one connection (the server's limit), so at
+    most max_connections * MAX_INFLIGHT calls are in flight to a peer and the rest wait."""
 
     def __init__(
         self,
@@ -361,16 +526,19 @@ class Peer:
         secret: bytes,
         *,
         expect_cluster: str | None = None,
-        max_connections: int = 32,
+        max_connections: int = MAX_CONNECTIONS,
         timeout: float = 10.0,
     ) -> None:
         self.address = address
         self.secret = secret
         self.expect_cluster = expect_cluster
         self.timeout = timeout
-        self._idle: list[Connection] = []
-        self._slots = trio.Semaphore(max_connections)
+        self.max_connections = max_connections
+        self._conns: list[Connection] = []
+        self._slots = trio.Semaphore(max_connections * MAX_INFLIGHT)
+        self._connecting = trio.Lock()  # one handshake at a time: a burst shares what it opens
         self.cluster: str | None = None
+        self.connections_opened = 0
 
     async def call(
         self,
@@ -397,8 +565,8 @@ class Peer:
             delay = min(delay * 2, 1.0)
 
     async def _call_once(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """One request. A pooled connection the peer closed while it sat idle (the peer
-        restarted) is not a failure of the peer: the request goes once more on a new one."""
+        """One request, its own cancel scope for the timeout: a call that times out leaves the
+        connection to the others (its late reply is dropped)."""
         async with self._slots:
             if _network is not None:
                 return await _network.call(self.address, op, fields, timeout)
@@ -409,31 +577,58 @@ class Peer:
                 raise PeerUnavailable(f"{self.address}: no reply in {timeout:g} s") from None
 
     async def _exchange(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
-        while True:
-            conn = self._idle.pop() if self._idle else None
-            pooled = conn is not None
+        """Once a request has gone out, a broken connection is PeerUnavailable: the request
+        may have reached the peer, and it is not resent here."""
+        bulk = _payload(fields) > BULK_BYTES
+        conn = await self._pick(bulk)
+        try:
+            return await conn.call(op, fields, bulk=bulk)
+        except _NETWORK_ERRORS as e:
+            self._forget(conn)
+            raise PeerUnavailable(f"{self.address}: {type(e).__name__} {e}".strip()) from None
+
+    async def _pick(self, bulk: bool) -> Connection:
+        """The connection for a call: a fitting open one, else a new one (up to the limit),
+        else the least loaded. An idle connection the peer closed (it restarted) is dropped
+        here, before a request goes out on it."""
+        conn = await self._fitting(bulk)
+        if conn is not None:
+            return conn
+        async with self._connecting:
+            conn = await self._fitting(bulk)  # opened while we waited for the lock?
+            if conn is not None:
+                return conn
+            if len(self._conns) >= self.max_connections:
+                return min(self._conns, key=lambda c: c.inflight)
             try:
-                if conn is None:
-                    conn = await connect(self.address, self.secret, self.expect_cluster)
-                    self.cluster = conn.cluster
-                reply = await conn.call(op, fields)
+                conn = await connect(self.address, self.secret, self.expect_cluster)
             except _NETWORK_ERRORS as e:
-                if conn is not None:
-                    await conn.aclose()
-                if pooled and isinstance(e, _STALE):
-                    continue
                 raise PeerUnavailable(
                     f"{self.address}: {type(e).__name__} {e}".strip()) from None
-            except BaseException:
-                if conn is not None:
-                    await conn.aclose()
-                raise
-            self._idle.append(conn)
-            return reply
+            self.cluster = conn.cluster
+            self.connections_opened += 1
+            self._conns.append(conn)
+            return conn
+
+    async def _fitting(self, bulk: bool) -> Connection | None:
+        for conn in [c for c in self._conns if not c.usable or c.closed_by_peer()]:
+            self._forget(conn)
+            if not conn.inflight:  # else the last call out closes it
+                await conn.aclose()
+        room = [c for c in self._conns if c.inflight < MAX_INFLIGHT]
+        if bulk:
+            lane = [c for c in room if c.bulk] or [c for c in room if not c.inflight]
+        else:
+            lane = [c for c in room if not c.bulk]
+        return min(lane, key=lambda c: c.inflight) if lane else None
+
+    def _forget(self, conn: Connection) -> None:
+        if conn in self._conns:
+            self._conns.remove(conn)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        conns, self._conns = self._conns, []
+        for conn in conns:
             await conn.aclose()
 
 

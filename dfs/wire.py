@@ -1,6 +1,10 @@
 """Frames on the wire (docs/design.md §4): a 4-byte big-endian length, then one msgpack map.
 
 The length is checked against the limit before a byte of the body is read or allocated.
+Sending and receiving are each cancel-safe where it matters for sharing a stream among many
+calls: a cancelled receive loses no bytes (a partial frame stays buffered for the next
+receiver), and a send cancelled part-way through a frame marks the stream `send_cut`, because
+no later frame could follow it intact.
 """
 
 from __future__ import annotations
@@ -51,11 +55,22 @@ class FrameStream:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._send_lock = trio.Lock()
+        self.send_cut = False  # a frame was cut short: nothing more may be sent on this stream
 
     async def send(self, msg: dict[str, Any]) -> None:
-        data = encode(msg)
+        await self.send_frame(encode(msg))
+
+    async def send_frame(self, data: bytes) -> None:
+        """Send one encoded frame whole, one sender at a time (replies of concurrent handlers,
+        requests of concurrent calls). Waiting for the lock may be cancelled harmlessly."""
         async with self._send_lock:
-            await self.stream.send_all(data)
+            if self.send_cut:
+                raise trio.ClosedResourceError("an earlier frame was cut short")
+            try:
+                await self.stream.send_all(data)
+            except BaseException:
+                self.send_cut = True  # cancelled or broken part-way: the stream is unusable
+                raise
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
