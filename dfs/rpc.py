@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import re
+import select
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -365,11 +366,15 @@ class Connection:
         if self._waiters or not self.usable:
             return False
         sock = self.frames.stream.socket  # type: ignore[attr-defined]
+        poll = select.poll()
+        poll.register(sock.fileno(), select.POLLIN)
+        if not poll.poll(0):
+            return False  # nothing to read: open (the common case, one system call)
         raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
         try:
             closed = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
-            closed = False  # nothing to read: open
+            closed = False
         except OSError:
             closed = True  # reset
         finally:

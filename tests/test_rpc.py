@@ -363,3 +363,31 @@ async def test_a_request_over_the_frame_limit_fails_alone(server) -> None:
     assert (await peer.call("echo", text="after"))["text"] == "after"
     assert peer.connections_opened == 1
     await peer.aclose()
+
+
+async def test_a_request_cut_short_by_its_timeout_spares_the_calls_in_flight(
+        slow, monkeypatch) -> None:
+    """A call whose timeout cuts its request part-way (the server, at its in-flight limit,
+    is not reading) fails alone: the calls already in flight on that connection get their
+    replies, and then the connection closes, since no frame can follow a cut one."""
+    monkeypatch.setattr(rpc, "MAX_INFLIGHT", 2, raising=False)
+    service, address = slow
+    conn = await rpc.connect(address, SECRET)
+    replies: list[int] = []
+
+    async def held(n: int) -> None:
+        replies.append((await conn.call("hold", {"n": n}))["n"])
+
+    async with trio.open_nursery() as nursery:
+        for n in range(2):
+            nursery.start_soon(held, n)
+        with trio.fail_after(5):
+            while service.active < 2:
+                await trio.sleep(0.01)
+        with trio.move_on_after(0.5) as scope:  # 7 MiB cannot all go into unread buffers
+            await conn.call("echo", {"text": "x" * (7 << 20)})
+        assert scope.cancelled_caught and not conn.usable
+        service.release.set()
+    assert sorted(replies) == [0, 1]
+    with pytest.raises(ConnectionClosed):
+        await conn.call("echo", {"text": "after"})
