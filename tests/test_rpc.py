@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from functools import partial
 from pathlib import Path
 
 import msgpack
@@ -391,3 +392,20 @@ async def test_a_request_cut_short_by_its_timeout_spares_the_calls_in_flight(
     assert sorted(replies) == [0, 1]
     with pytest.raises(ConnectionClosed):
         await conn.call("echo", {"text": "after"})
+
+
+async def test_small_calls_do_not_queue_behind_a_bulk_request(slow) -> None:
+    """A request with a bulk payload rides its own connection: a small call made while it is
+    in flight goes on another one and is answered at once."""
+    service, address = slow
+    peer = rpc.Peer(address, SECRET)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(peer.call, "hold", n=1, data=b"x" * (rpc.BULK_BYTES + 1)))
+        with trio.fail_after(5):
+            while service.active < 1:
+                await trio.sleep(0.01)
+        with trio.fail_after(2):
+            assert (await peer.call("sleep", n=2, ms=1))["n"] == 2
+        service.release.set()
+    assert len(service.connections) == 2
+    await peer.aclose()
