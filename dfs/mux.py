@@ -101,6 +101,7 @@ class Connection:
         finally:
             del self._waiters[rid]
             self.bulk -= bulk
+            self._hand_off(waiter)  # it may have been woken to read, and be leaving instead
             if not self._waiters and (self._failure or self.frames.send_cut):
                 await self.aclose()
 
@@ -117,11 +118,18 @@ class Connection:
                 await self._read_until(me)
             finally:
                 self._reading = False
-                for other in self._waiters.values():  # hand the reading on
-                    if other.reply is None and other is not me:
-                        other.wake.set()
-                        break
+                self._hand_off(me)
         return me.reply
+
+    def _hand_off(self, me: _Waiter) -> None:
+        """With nobody reading, wake a waiter still without its reply to read on (a spare
+        wake-up is harmless: it finds a reader, or its reply, and waits again)."""
+        if self._reading:
+            return
+        for other in self._waiters.values():
+            if other.reply is None and other is not me:
+                other.wake.set()
+                return
 
     async def _read_until(self, me: _Waiter) -> None:
         """Read frames, delivering each to its waiter, until `me` has its reply."""

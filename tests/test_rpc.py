@@ -9,6 +9,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from dfs import rpc
 from dfs.errors import Code, DfsError
@@ -409,3 +410,68 @@ async def test_small_calls_do_not_queue_behind_a_bulk_request(slow) -> None:
         service.release.set()
     assert len(service.connections) == 2
     await peer.aclose()
+
+
+async def test_calls_timing_out_all_around_never_strand_the_others(slow) -> None:
+    """Many calls that time out (some while reading for the others, some just woken to read)
+    mixed with quick ones: every quick call gets its reply; none waits out its timeout."""
+    service, address = slow
+    peer = rpc.Peer(address, SECRET, timeout=3)
+    quick: list[int] = []
+
+    async def doomed(n: int) -> None:
+        with pytest.raises(rpc.PeerUnavailable):
+            await peer.call("sleep", n=n, ms=200, timeout=0.01 + (n % 7) * 0.005)
+
+    async def fast(n: int) -> None:
+        quick.append((await peer.call("sleep", n=n, ms=n % 3))["n"])
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for n in range(120):
+            nursery.start_soon(doomed if n % 2 else fast, n)
+            if n % 10 == 0:
+                await trio.sleep(0.005)
+    assert sorted(quick) == list(range(0, 120, 2))
+    assert trio.current_time() - start < 2.5, "a quick call waited out its timeout"
+    assert len(service.connections) <= 2
+    await peer.aclose()
+
+
+async def _strand_once() -> list[str]:
+    """Three calls on a connection over in-memory streams, the server's side played by hand:
+    the first caller (reading for all) gets its reply and the second gives up at the same
+    moment; then the third's reply arrives. What the callers got."""
+    from dfs.mux import Connection
+
+    to_server, from_server = trio.testing.MemorySendStream(), trio.testing.MemoryReceiveStream()
+    conn = Connection(FrameStream(trio.StapledStream(to_server, from_server)), "c")
+    got: list[str] = []
+    scopes = [trio.CancelScope() for _ in range(3)]
+
+    async def one(i: int) -> None:
+        with scopes[i]:
+            got.append((await conn.call("op", {"i": i}))["who"])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(one, i)
+            await trio.testing.wait_all_tasks_blocked()
+        assert to_server.get_data_nowait()  # the three requests, ids 1, 2, 3
+        from_server.put_data(encode({"id": 1, "ok": True, "who": "first"}))
+        scopes[1].cancel()  # both wake-ups land in the same scheduling batch, in either order
+        await trio.testing.wait_all_tasks_blocked()
+        from_server.put_data(encode({"id": 3, "ok": True, "who": "third"}))
+        with trio.move_on_after(1):
+            while len(got) < 2:
+                await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    return sorted(got)
+
+
+async def test_a_waiter_woken_to_read_that_leaves_instead_passes_the_reading_on() -> None:
+    """Regression (found in review): the reader got its reply and woke the next waiter to read
+    on just as that one's timeout fired; it left, and the third waiter's reply sat unread.
+    Trio runs the two wake-ups in either order, so the scene is played a few times."""
+    for _ in range(12):
+        assert await _strand_once() == ["first", "third"]
