@@ -1,18 +1,22 @@
-"""Request/reply over frames: the authenticated handshake, a server loop and client pools.
+"""Request/reply over frames: the authenticated handshake, the server loop, client peers.
 
 Handshake (docs/design.md §4), both sides proving the cluster secret with HMAC-SHA256:
   client -> {"op": "hello", "proto": 1, "nonce": Nc}
   server <- {"ok": true, "proto": 1, "cluster": C, "nonce": Ns, "mac": H(K, "srv"|Nc|Ns|C)}
   client -> {"op": "auth", "mac": H(K, "cli"|Ns|Nc|C)}
   server <- {"ok": true}          (or AUTH, and the connection is closed)
-A connection carries one request at a time; a client keeps a pool of them per peer.
+After it, a connection carries many requests at once, each reply carrying its request's id:
+- the server answers a connection's requests concurrently, at most MAX_INFLIGHT at a time
+  (then it stops reading: backpressure), replies sent as they complete (`_serve_requests`);
+- a client `Peer` multiplexes its calls over a few connections (`dfs.mux.Connection`: the
+  first caller waiting reads replies for all, so there is no background task to give a home).
+The simulator swaps the TCP underneath both for its own network (`install_network`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import logging
 import os
 import re
@@ -23,7 +27,8 @@ from typing import Any, Protocol
 import trio
 
 from dfs.errors import Code, DfsError, raise_for_reply
-from dfs.wire import ConnectionClosed, FrameStream, FrameTooBig
+from dfs.mux import Connection
+from dfs.wire import ConnectionClosed, FrameStream, FrameTooBig, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +137,25 @@ class Service:
 # ---------------------------------------------------------------- server
 
 
+MAX_INFLIGHT = 64  # requests of one connection served at once; past it the server stops reading
+
+
 async def serve_connection(
     stream: trio.abc.Stream,
     service: Service,
     secret: bytes,
     cluster: Callable[[], str],
     peer: str = "?",
+    *,
+    max_inflight: int | None = None,
 ) -> None:
-    """Authenticate one connection, then answer its requests until it closes."""
+    """Authenticate one connection, then answer its requests, many at once, until it closes."""
     frames = FrameStream(stream)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             if not await _server_handshake(frames, secret, cluster()):
                 return
-        while True:
-            try:
-                body = await frames.receive_body()
-            except FrameTooBig as e:
-                await frames.send({"id": None, **e.to_reply()})
-                return
-            reply = await _answer(body, service, peer)
-            await frames.send(reply)
+        await _serve_requests(frames, service, peer, max_inflight or MAX_INFLIGHT)
     except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     except trio.TooSlowError:
@@ -166,9 +169,53 @@ async def serve_connection(
                 pass
 
 
-async def _answer(body: bytes, service: Service, peer: str) -> dict[str, Any]:
-    from dfs.wire import decode
+async def _serve_requests(frames: FrameStream, service: Service, peer: str, limit: int) -> None:
+    """Read requests and answer each in its own task, at most `limit` at once: when that many
+    are being served the loop stops reading (TCP then pushes back on the client) until one ends.
 
+    Error policy: a handler's exception is its request's error reply (`_answer`); a reply that
+    cannot be sent (the client went away) is dropped. Reading stops at EOF, a broken stream or
+    a frame over the limit (answered TOO_BIG), and the requests already read still run to their
+    end, as they did when a connection served one at a time, before the connection is closed.
+    Only a bug in this loop itself escapes, cancelling the connection's handlers with it."""
+    slots = trio.Semaphore(limit)
+    async with trio.open_nursery() as handlers:
+        while True:
+            await slots.acquire()
+            try:
+                body = await frames.receive_body()
+            except FrameTooBig as e:
+                await _send_reply(frames, {"id": None, **e.to_reply()})
+                return
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError):
+                return
+            handlers.start_soon(_serve_one, frames, body, service, peer, slots)
+
+
+async def _serve_one(frames: FrameStream, body: bytes, service: Service, peer: str,
+                     slots: trio.Semaphore) -> None:
+    try:
+        await _send_reply(frames, await _answer(body, service, peer))
+    finally:
+        slots.release()
+
+
+async def _send_reply(frames: FrameStream, reply: dict[str, Any]) -> None:
+    try:
+        data = encode(reply)
+    except Exception:  # a handler returned something msgpack cannot carry: a bug, not the wire's
+        log.exception("unencodable reply to request id %r", reply.get("id"))
+        data = encode({"id": reply.get("id"),
+                       **DfsError(Code.INTERNAL, "internal error (see the server's log)")
+                       .to_reply()})
+    try:
+        await frames.send_frame(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # the client is gone; its other replies meet the same
+
+
+async def _answer(body: bytes, service: Service, peer: str) -> dict[str, Any]:
     rid = None
     try:
         msg = decode(body)
@@ -274,31 +321,6 @@ def install_network(network: Network | None) -> Network | None:
 # ---------------------------------------------------------------- client
 
 
-class Connection:
-    """One authenticated client connection."""
-
-    def __init__(self, frames: FrameStream, cluster: str) -> None:
-        self.frames = frames
-        self.cluster = cluster
-        self._ids = itertools.count(1)
-
-    async def call(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
-        rid = next(self._ids)
-        await self.frames.send({"op": op, "id": rid, **fields})
-        reply = await self.frames.receive()
-        if reply.get("id") != rid:
-            raise ConnectionClosed(f"reply id {reply.get('id')!r} for request {rid}")
-        return reply
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            try:
-                await self.frames.aclose()
-            except (trio.BrokenResourceError, OSError):
-                pass
-
-
 async def connect(
     address: str, secret: bytes, expect_cluster: str | None = None, timeout: float = 5.0
 ) -> Connection:
@@ -337,10 +359,6 @@ _NETWORK_ERRORS = (
 )
 
 
-# What a connection closed by the peer looks like; a timeout is never taken for staleness.
-_STALE = (ConnectionClosed, trio.BrokenResourceError, ConnectionResetError, BrokenPipeError)
-
-
 class PeerUnavailable(DfsError):
     """UNAVAILABLE raised on this side: the request may or may not have reached the peer.
 
@@ -352,8 +370,22 @@ class PeerUnavailable(DfsError):
         super().__init__(Code.UNAVAILABLE, msg)
 
 
+MAX_CONNECTIONS = 4  # connections per peer; calls share them (one is enough for small calls)
+BULK_BYTES = 64 * 1024  # a request carrying more payload than this is bulk: kept off the
+#                         connection small calls use, so they do not queue behind its frames
+
+
+def _payload(fields: dict[str, Any]) -> int:
+    return sum(len(v) for v in fields.values() if isinstance(v, (bytes, bytearray, memoryview)))
+
+
 class Peer:
-    """A pool of authenticated connections to one address."""
+    """Calls to one address, multiplexed over at most `max_connections` connections.
+
+    Small calls share the least loaded connection with no bulk request in flight; bulk calls
+    (a payload over BULK_BYTES: chunk writes) share theirs; a connection is opened only when
+    none fits, and at most MAX_INFLIGHT calls ride one connection (the server's limit), so at
+    most max_connections * MAX_INFLIGHT calls are in flight to a peer and the rest wait."""
 
     def __init__(
         self,
@@ -361,16 +393,19 @@ class Peer:
         secret: bytes,
         *,
         expect_cluster: str | None = None,
-        max_connections: int = 32,
+        max_connections: int = MAX_CONNECTIONS,
         timeout: float = 10.0,
     ) -> None:
         self.address = address
         self.secret = secret
         self.expect_cluster = expect_cluster
         self.timeout = timeout
-        self._idle: list[Connection] = []
-        self._slots = trio.Semaphore(max_connections)
+        self.max_connections = max_connections
+        self._conns: list[Connection] = []
+        self._slots = trio.Semaphore(max_connections * MAX_INFLIGHT)
+        self._connecting = trio.Lock()  # one handshake at a time: a burst shares what it opens
         self.cluster: str | None = None
+        self.connections_opened = 0
 
     async def call(
         self,
@@ -397,8 +432,8 @@ class Peer:
             delay = min(delay * 2, 1.0)
 
     async def _call_once(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """One request. A pooled connection the peer closed while it sat idle (the peer
-        restarted) is not a failure of the peer: the request goes once more on a new one."""
+        """One request, its own cancel scope for the timeout: a call that times out leaves the
+        connection to the others (its late reply is dropped)."""
         async with self._slots:
             if _network is not None:
                 return await _network.call(self.address, op, fields, timeout)
@@ -409,31 +444,58 @@ class Peer:
                 raise PeerUnavailable(f"{self.address}: no reply in {timeout:g} s") from None
 
     async def _exchange(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
-        while True:
-            conn = self._idle.pop() if self._idle else None
-            pooled = conn is not None
+        """Once a request has gone out, a broken connection is PeerUnavailable: the request
+        may have reached the peer, and it is not resent here."""
+        bulk = _payload(fields) > BULK_BYTES
+        conn = await self._pick(bulk)
+        try:
+            return await conn.call(op, fields, bulk=bulk)
+        except _NETWORK_ERRORS as e:
+            self._forget(conn)
+            raise PeerUnavailable(f"{self.address}: {type(e).__name__} {e}".strip()) from None
+
+    async def _pick(self, bulk: bool) -> Connection:
+        """The connection for a call: a fitting open one, else a new one (up to the limit),
+        else the least loaded. An idle connection the peer closed (it restarted) is dropped
+        here, before a request goes out on it."""
+        conn = await self._fitting(bulk)
+        if conn is not None:
+            return conn
+        async with self._connecting:
+            conn = await self._fitting(bulk)  # opened while we waited for the lock?
+            if conn is not None:
+                return conn
+            if len(self._conns) >= self.max_connections:
+                return min(self._conns, key=lambda c: c.inflight)
             try:
-                if conn is None:
-                    conn = await connect(self.address, self.secret, self.expect_cluster)
-                    self.cluster = conn.cluster
-                reply = await conn.call(op, fields)
+                conn = await connect(self.address, self.secret, self.expect_cluster)
             except _NETWORK_ERRORS as e:
-                if conn is not None:
-                    await conn.aclose()
-                if pooled and isinstance(e, _STALE):
-                    continue
                 raise PeerUnavailable(
                     f"{self.address}: {type(e).__name__} {e}".strip()) from None
-            except BaseException:
-                if conn is not None:
-                    await conn.aclose()
-                raise
-            self._idle.append(conn)
-            return reply
+            self.cluster = conn.cluster
+            self.connections_opened += 1
+            self._conns.append(conn)
+            return conn
+
+    async def _fitting(self, bulk: bool) -> Connection | None:
+        for conn in [c for c in self._conns if not c.usable or c.closed_by_peer()]:
+            self._forget(conn)
+            if not conn.inflight:  # else the last call out closes it
+                await conn.aclose()
+        room = [c for c in self._conns if c.inflight < MAX_INFLIGHT]
+        if bulk:
+            lane = [c for c in room if c.bulk] or [c for c in room if not c.inflight]
+        else:
+            lane = [c for c in room if not c.bulk]
+        return min(lane, key=lambda c: c.inflight) if lane else None
+
+    def _forget(self, conn: Connection) -> None:
+        if conn in self._conns:
+            self._conns.remove(conn)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        conns, self._conns = self._conns, []
+        for conn in conns:
             await conn.aclose()
 
 

@@ -1,11 +1,16 @@
 """Frames on the wire (docs/design.md §4): a 4-byte big-endian length, then one msgpack map.
 
 The length is checked against the limit before a byte of the body is read or allocated.
+Sending and receiving are each cancel-safe where it matters for sharing a stream among many
+calls: a cancelled receive loses no bytes (a partial frame stays buffered for the next
+receiver), and a send cancelled part-way through a frame marks the stream `send_cut`, because
+no later frame could follow it intact.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -43,6 +48,18 @@ def decode(body: bytes) -> dict[str, Any]:
     return msg
 
 
+COALESCE_BYTES = 64 * 1024  # frames waiting to be sent are joined into one write up to this
+
+
+class _Outgoing:
+    __slots__ = ("data", "sent", "error")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.sent = False
+        self.error: BaseException | None = None
+
+
 class FrameStream:
     """Reads and writes frames on a trio stream, buffering what the peer sent ahead."""
 
@@ -51,11 +68,61 @@ class FrameStream:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._send_lock = trio.Lock()
+        self._outgoing: deque[_Outgoing] = deque()
+        self.send_cut = False  # a frame was cut short: nothing more may be sent on this stream
 
     async def send(self, msg: dict[str, Any]) -> None:
-        data = encode(msg)
-        async with self._send_lock:
-            await self.stream.send_all(data)
+        await self.send_frame(encode(msg))
+
+    async def send_frame(self, data: bytes) -> None:
+        """Send one encoded frame whole, among concurrent senders (the replies of a
+        connection's handlers, the requests of a peer's calls). Frames that queue up while a
+        write is under way go out together in the next one, fewer writes and wake-ups for both
+        ends. Returns once this frame is written; raises if it cannot be (ClosedResourceError
+        when an earlier frame was cut short). Cancelled while queued, the frame is withdrawn."""
+        if self.send_cut:
+            raise trio.ClosedResourceError("an earlier frame was cut short")
+        me = _Outgoing(data)
+        self._outgoing.append(me)
+        try:
+            await self._send_lock.acquire()
+        except BaseException:
+            if not me.sent:
+                self._outgoing.remove(me)
+            raise
+        try:
+            while not me.sent:
+                await self._write_batch(me)
+        except BaseException:
+            if not me.sent:
+                self._outgoing.remove(me)
+            raise
+        finally:
+            self._send_lock.release()
+        if me.error is not None:
+            raise trio.ClosedResourceError("the write carrying this frame failed") from me.error
+
+    async def _write_batch(self, me: _Outgoing) -> None:
+        """Write the queued frames from the front, up to COALESCE_BYTES (at least one). If the
+        write fails, the other frames' senders learn it from `error`; this one from the raise."""
+        batch = [self._outgoing.popleft()]
+        size = len(batch[0].data)
+        while self._outgoing and size + len(self._outgoing[0].data) <= COALESCE_BYTES:
+            batch.append(self._outgoing.popleft())
+            size += len(batch[-1].data)
+        for frame in batch:
+            frame.sent = True
+        try:
+            if self.send_cut:
+                raise trio.ClosedResourceError("an earlier frame was cut short")
+            await self.stream.send_all(
+                batch[0].data if len(batch) == 1 else b"".join(f.data for f in batch))
+        except BaseException as e:
+            self.send_cut = True  # cancelled or broken part-way: the stream is unusable
+            for frame in batch:
+                if frame is not me:
+                    frame.error = e
+            raise
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
