@@ -22,6 +22,9 @@ from collections import OrderedDict
 NAMES_KEPT = 32_768
 #: Entries one revalidating readdir reads, from the cookie of the name being looked up.
 REVALIDATE_BATCH = 256
+#: Below this attribute timeout a renewed page would expire before its names are used, and a
+#: page costs more than a lookup: names are then looked up one by one, as before.
+RENEW_MIN_TIMEOUT = 0.2
 
 
 class Listings:
@@ -54,6 +57,8 @@ class Listings:
 
     def cookie(self, parent: int, name: bytes) -> int | None:
         """Where the name was in its directory when last listed (to re-read that page)."""
+        if self.timeout < RENEW_MIN_TIMEOUT:
+            return None
         found = self._names.get((parent, name))
         return None if found is None else found[0]
 

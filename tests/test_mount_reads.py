@@ -163,3 +163,17 @@ def test_ls_after_the_timeout_renews_names_by_page_and_shows_others_changes(
         assert seen["e0007"].st_size == 777
         assert stat.S_IMODE(seen["e0300"].st_mode) == 0o600
         assert all(seen[n].st_size == 0 for n in names if n not in ("e0007", "e0500"))
+
+
+def test_a_listed_name_is_trusted_only_within_the_timeout_and_epoch() -> None:
+    from fuse_mount.listing import Listings
+
+    listings = Listings(timeout=1.0, kept=2)
+    listings.listed(1, b"a", cookie=5, ino=10, epoch=0)
+    assert listings.fresh(1, b"a", epoch=0) is not None
+    assert listings.fresh(1, b"a", epoch=1) is None  # a namespace change here since
+    listings.listed(1, b"b", cookie=6, ino=11, epoch=0, when=time.monotonic() - 2.0)
+    assert listings.fresh(1, b"b", epoch=0) is None  # listed longer ago than the timeout
+    assert listings.cookie(1, b"b") == 6  # but its page can be re-read
+    listings.listed(1, b"c", cookie=7, ino=12, epoch=0)
+    assert listings.cookie(1, b"a") is None and len(listings) == 2  # bounded
