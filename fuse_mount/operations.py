@@ -168,18 +168,18 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
             return None
         epoch, when = self.table.epoch, time.monotonic()
         batch = await self.remote.call(self.client.readdir, parent, cookie - 1, REVALIDATE_BATCH)
-        found = None
+        found, found_cookie = None, cookie
         renew = self.table.epoch == epoch  # else a change here raced the read: renew nothing
         for entry_name, entry_cookie, attr in batch:
             if entry_name == name:
-                found = attr
+                found, found_cookie = attr, entry_cookie
             elif renew and self.table.get(attr.ino) is not None:  # only what the kernel holds
                 self.table.update(attr)
                 self.listings.listed(parent, entry_name, entry_cookie, attr.ino, epoch, when)
         if found is None:
             self.listings.forget(parent, name)
         else:
-            self.listings.listed(parent, name, cookie, found.ino, epoch, when)
+            self.listings.listed(parent, name, found_cookie, found.ino, epoch, when)
         return found
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
