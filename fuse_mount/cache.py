@@ -13,10 +13,10 @@ chunks are fetched in the background, so a cold sequential read overlaps network
 last few chunks read stay in memory too. Small files this host commits are cached from the
 writer's spool ("adopted"), so reading back what was just written needs no node.
 
-Nothing is served from a version before one replica's whole copy has matched the committed
-xxh3_128 (fuse_mount/verify.py): the first read of a version fetches all of it into the cache
-from one replica, failing over (and reporting) until one verifies; later fetches of its chunks
-come from that replica.
+Nothing is served from a version before the whole of it has matched the committed xxh3_128
+(fuse_mount/verify.py): the first read of a version fetches all of it into the cache, spread
+over its replicas, replica by replica (reporting the bad ones) if that does not verify; later
+fetches of a chunk come from the replica that served it then.
 """
 
 from __future__ import annotations
@@ -134,12 +134,12 @@ class ReadCache:
         return await self._fetch_chunk(attr, index)
 
     async def _fetch_chunk(self, attr: Attr, index: int) -> bytes:
-        """A chunk from the version's verified replica; if that fails, the version is verified
-        again (from whichever replica checks out, which also refills the cache)."""
+        """A chunk from the replica that served it when the version verified; if that fails,
+        the version is verified again (which also refills the cache)."""
         key = (attr.ino, attr.version, index)
         error: DfsError | None = None
         for attempt in range(3):
-            node = await self.verifier.verified(attr)
+            node = (await self.verifier.verified(attr)).node_for(index)
             if attempt and key in self._present:
                 data = await self._load(key, 0, chunk_length(attr, index))
                 if data is not None:

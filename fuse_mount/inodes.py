@@ -63,6 +63,10 @@ class InodeTable:
         node.epoch = self._epoch
         return node
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
     def changed(self) -> None:
         """A namespace change here may have changed inodes it did not return (a parent's
         mtime, a removed file's nlink): no remembered attributes are current any more."""
@@ -90,6 +94,16 @@ class InodeTable:
         if parent is not None and attr.is_dir():
             node.parent = parent
         return self.entry(attr)
+
+    def looked_up_again(self, ino: int, left: float) -> pyfuse3.EntryAttributes | None:
+        """A lookup answered from what this table already holds (listing.py), valid for the
+        `left` seconds its attributes may still be trusted; None if they may not."""
+        cached = self.cached(ino)
+        node = self._inodes.get(ino)
+        if cached is None or node is None:
+            return None
+        node.lookups += 1
+        return self.entry(cached[0], min(left, cached[1]))
 
     def forget(self, ino: int, count: int) -> None:
         node = self._inodes.get(ino)
@@ -149,7 +163,8 @@ class InodeTable:
         )
 
     def entry(self, attr: Attr, timeout: float | None = None) -> pyfuse3.EntryAttributes:
-        """EntryAttributes for the kernel, cached there for `timeout` seconds (never 0)."""
+        """EntryAttributes for the kernel, cached there for `timeout` seconds (never 0; the
+        name too, where this answers a lookup)."""
         attr = self.with_local_writes(attr)
         node = self._inodes.get(attr.ino)
         if node is not None:
@@ -158,8 +173,7 @@ class InodeTable:
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
         e.generation = attr.generation
-        e.entry_timeout = self.timeout
-        e.attr_timeout = self.timeout if timeout is None else timeout
+        e.entry_timeout = e.attr_timeout = self.timeout if timeout is None else timeout
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid

@@ -36,6 +36,7 @@ from fuse_mount.files import FilesMixin
 from fuse_mount.handler import NAME_MAX, check_name, handler
 from fuse_mount.handles import FileHandle, Services
 from fuse_mount.inodes import InodeTable
+from fuse_mount.listing import REVALIDATE_BATCH, Listings
 from fuse_mount.pagecache import PageCacheRule
 from fuse_mount.remote import MaybeDone, Remote
 from fuse_mount.sizeback import SizeBack
@@ -54,6 +55,7 @@ class DirHandle:
     buffer: list[tuple[bytes, int, Attr]] = field(default_factory=list)
     buffer_after: int = -1
     buffer_time: float = 0.0
+    buffer_epoch: int = -1
 
 
 class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
@@ -78,6 +80,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         self.client = client
         self.remote = Remote(retry_for)
         self.table = InodeTable(attr_timeout)
+        self.listings = Listings(attr_timeout)
         self.cache = cache
         self.services = Services(client, self.remote, cache, spool_dir)
         self.files: dict[int, FileHandle] = {}
@@ -140,14 +143,44 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         if name == b"..":
             return self.table.looked_up(await self.fresh(self.table.parent_of(parent_inode)))
         check_name(name)
-        try:
-            attr = await self.remote.call(self.client.lookup, parent_inode, name)
-        except DfsError as e:
-            if e.code is Code.ENOENT:
-                return self.table.negative()
-            raise
+        listed = self.listings.fresh(parent_inode, name, self.table.epoch)
+        if listed is not None:
+            entry = self.table.looked_up_again(*listed)
+            if entry is not None:
+                return entry
+        attr = await self._relisted(parent_inode, name)
+        if attr is None:
+            try:
+                attr = await self.remote.call(self.client.lookup, parent_inode, name)
+            except DfsError as e:
+                if e.code is Code.ENOENT:
+                    return self.table.negative()
+                raise
         self._remember(attr)
         return self.table.looked_up(attr, parent_inode)
+
+    async def _relisted(self, parent: int, name: bytes) -> Attr | None:
+        """A name listed here before, looked up again after its timeout (`ls -l` of a big
+        directory): re-read its directory page in one round trip, which renews the names
+        after it too (listing.py). None if it was not listed, or is not on that page."""
+        cookie = self.listings.cookie(parent, name)
+        if cookie is None:
+            return None
+        epoch, when = self.table.epoch, time.monotonic()
+        batch = await self.remote.call(self.client.readdir, parent, cookie - 1, REVALIDATE_BATCH)
+        found, found_cookie = None, cookie
+        renew = self.table.epoch == epoch  # else a change here raced the read: renew nothing
+        for entry_name, entry_cookie, attr in batch:
+            if entry_name == name:
+                found, found_cookie = attr, entry_cookie
+            elif renew and self.table.get(attr.ino) is not None:  # only what the kernel holds
+                self.table.update(attr)
+                self.listings.listed(parent, entry_name, entry_cookie, attr.ino, epoch, when)
+        if found is None:
+            self.listings.forget(parent, name)
+        else:
+            self.listings.listed(parent, name, found_cookie, found.ino, epoch, when)
+        return found
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
@@ -411,15 +444,17 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
             ):
                 batch, complete = d.buffer, False
             else:
+                d.buffer_epoch, d.buffer_time = self.table.epoch, time.monotonic()
                 batch = await self.remote.call(self.client.readdir, d.ino, after, READDIR_BATCH)
                 complete = len(batch) < READDIR_BATCH
-                d.buffer_time = time.monotonic()
             d.buffer = []
             for i, (name, cookie, attr) in enumerate(batch):
                 if not pyfuse3.readdir_reply(token, name, self.table.entry(attr), cookie + DOTS):
                     d.buffer, d.buffer_after = batch[i:], after
                     return
                 self.table.looked_up(attr, d.ino)
+                self.listings.listed(d.ino, name, cookie, attr.ino, d.buffer_epoch,
+                                     d.buffer_time)
                 after = cookie
             if complete or not batch:
                 return

@@ -3,12 +3,15 @@
 A chunk digest only proves a chunk is what its node stored; a replica can be consistent but
 wrong (every chunk matching its digest, the whole file not matching the committed xxh3_128).
 A mount cannot return bytes and then fail the read, so no byte of a version is served before
-one replica's whole copy has been fetched and hashed: the first read of a version streams it
-from one replica (VERIFY_WINDOW chunks in flight) into the read cache, checks the whole-file
-checksum, and only then answers. A replica that fails (bad whole file, bad chunk, or no blob)
-is reported to the coordinator and the next one is tried; EIO only when none is good. Chunks
-refetched later (evicted from the cache) come from that verified replica only; if it fails,
-the version is verified again from another.
+the whole version has been fetched and hashed against the committed xxh3_128. The first read
+of a version fetches it spread over its replicas (chunk i from replica i mod R, a chunk whose
+replica fails from the next, VERIFY_WINDOW chunks in flight, at most PER_REPLICA of them on
+one replica) into the read cache, hashing in order: the hash proves the assembled bytes,
+wherever each chunk came from. If it does not match (some replica is consistent but wrong),
+the version is verified one replica at a time, as before: a replica that fails (bad whole
+file, bad chunk, or no blob) is reported to the coordinator and the next one is tried; EIO
+only when none is good. Chunks refetched later (evicted from the cache) come from the replica
+that served that chunk when it verified; if it fails, the version is verified again.
 """
 
 from __future__ import annotations
@@ -32,14 +35,38 @@ log = logging.getLogger(__name__)
 
 #: Versions whose verified replica is remembered (LRU); a forgotten one is verified again.
 VERIFIED_KEPT = 100_000
-#: Chunks fetched at once while verifying one replica (the memory held: this many chunks).
-VERIFY_WINDOW = 8
+#: Chunks fetched at once while verifying a version (the memory held: about this many chunks).
+VERIFY_WINDOW = 12
+#: Chunks in flight on one replica at a time while a version is verified spread over them.
+PER_REPLICA = 4
 #: Failed verifications remembered for the readers that waited on them.
 FAILURES_KEPT = 1000
 #: The node of a version adopted from this host's own spool (verified locally, no replica).
 ADOPTED = -1
 
 Version = tuple[int, int]  # (ino, version)
+
+
+class Sources:
+    """Where each chunk of a verified version came from: chunk i from rotation[i % len],
+    except the few a failing replica moved elsewhere. Small whatever the file's size."""
+
+    __slots__ = ("moved", "rotation")
+
+    def __init__(self, rotation: tuple[int, ...], moved: dict[int, int] | None = None) -> None:
+        self.rotation = rotation
+        self.moved = moved or None
+
+    def node_for(self, index: int) -> int:
+        if self.moved is not None and index in self.moved:
+            return self.moved[index]
+        return self.rotation[index % len(self.rotation)]
+
+    def nodes(self) -> set[int]:
+        return set(self.rotation) | set((self.moved or {}).values())
+
+    def __repr__(self) -> str:
+        return f"Sources({self.rotation}, moved={self.moved})"
 StoreFn = Callable[[Attr, int, bytes], Awaitable[None]]
 
 
@@ -91,6 +118,10 @@ class _Mismatch(Exception):
     pass
 
 
+class _NoSpread(Exception):
+    """A chunk no replica could give during a spread fetch: verify replica by replica."""
+
+
 class Verifier:
     """Which replica of each version has been verified whole; verifies on demand, once per
     version at a time (concurrent readers wait for the same verification)."""
@@ -99,34 +130,37 @@ class Verifier:
         self.source = source
         self._store = store  # keep a verified-so-far chunk in the cache
         self._drop = drop  # forget a version's cached chunks (its replica proved bad)
-        self._good: OrderedDict[Version, int] = OrderedDict()
+        self._good: OrderedDict[Version, Sources] = OrderedDict()
         self._running: dict[Version, trio.Event] = {}
         # Why the last verification of a version failed, for the readers that waited on it.
         self._failed: OrderedDict[Version, DfsError] = OrderedDict()
 
-    def trust(self, attr: Attr, node: int) -> None:
-        self._good[(attr.ino, attr.version)] = node
+    def trust(self, attr: Attr, node: int | Sources) -> None:
+        sources = node if isinstance(node, Sources) else Sources((node,))
+        self._good[(attr.ino, attr.version)] = sources
         self._good.move_to_end((attr.ino, attr.version))
         while len(self._good) > VERIFIED_KEPT:
             self._good.popitem(last=False)
 
     def distrust(self, attr: Attr, node: int) -> None:
-        """The verified replica failed a later fetch: verify again (from any replica)."""
+        """A replica that served a verified chunk failed a later fetch: verify again."""
         ident = (attr.ino, attr.version)
-        if self._good.get(ident) == node:
+        sources = self._good.get(ident)
+        if sources is not None and node in sources.nodes():
             del self._good[ident]
 
-    def good(self, attr: Attr) -> int | None:
+    def good(self, attr: Attr) -> Sources | None:
         return self._good.get((attr.ino, attr.version))
 
-    async def verified(self, attr: Attr) -> int:
-        """The node whose whole copy of this version checked out (verifying if need be)."""
+    async def verified(self, attr: Attr) -> Sources:
+        """Where each chunk of this version came from when it checked out whole (verifying
+        if need be)."""
         ident = (attr.ino, attr.version)
         while True:
-            node = self._good.get(ident)
-            if node is not None:
+            sources = self._good.get(ident)
+            if sources is not None:
                 self._good.move_to_end(ident)
-                return node
+                return sources
             event = self._running.get(ident)
             if event is None:
                 break
@@ -135,10 +169,10 @@ class Verifier:
                 raise self._failed[ident]
         event = self._running[ident] = trio.Event()
         try:
-            node = await self._verify(attr)
+            sources = await self._verify(attr)
             self._failed.pop(ident, None)
-            self.trust(attr, node)
-            return node
+            self.trust(attr, sources)
+            return sources
         except DfsError as e:
             self._failed[ident] = e
             while len(self._failed) > FAILURES_KEPT:
@@ -148,11 +182,19 @@ class Verifier:
             del self._running[ident]
             event.set()
 
-    async def _verify(self, attr: Attr) -> int:
-        """Rounds over the replicas until one verifies whole; reported ones drop out."""
+    async def _verify(self, attr: Attr) -> Sources:
+        """Spread over the replicas first; if that does not check out, rounds over the
+        replicas until one verifies whole (reported ones drop out)."""
         nodes = list(dict.fromkeys(attr.replicas))
         if not nodes:
             raise DfsError(Code.UNAVAILABLE, f"inode {attr.ino} lists no replicas")
+        if len(nodes) > 1 and nchunks(attr.size) > 1:
+            try:
+                return await self._spread(attr, nodes)
+            except (_Mismatch, _NoSpread) as e:
+                self._drop(attr)
+                log.info("inode %d version %d: spread read did not verify (%s); verifying "
+                         "replica by replica", attr.ino, attr.version, e)
         deadline = trio.current_time() + self.source.retry_for
         delay = 0.05
         bad: dict[int, str] = {}
@@ -164,7 +206,7 @@ class Verifier:
                     continue
                 try:
                     await self._whole(attr, node)
-                    return node
+                    return Sources((node,))
                 except _Mismatch as e:
                     bad[node] = str(e)
                     self._drop(attr)
@@ -189,13 +231,45 @@ class Verifier:
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    async def _spread(self, attr: Attr, nodes: list[int]) -> Sources:
+        """Chunk i from nodes[i % R] (from the next ones if it fails), hashed in order;
+        _Mismatch if the assembled file is not the committed version, _NoSpread if some chunk
+        came from no replica. Failures were reported by the source where they prove a bad
+        copy (a bad chunk, a missing blob)."""
+        rotation = tuple(nodes)
+        moved: dict[int, int] = {}
+        limits = {node: trio.Semaphore(PER_REPLICA) for node in rotation}
+
+        async def fetch(index: int) -> bytes:
+            first = index % len(rotation)
+            errors: list[str] = []
+            for node in rotation[first:] + rotation[:first]:
+                try:
+                    async with limits[node]:
+                        data = await self.source.chunk(attr, index, node)
+                except DfsError as e:
+                    errors.append(f"node {node}: {e.msg}")
+                    continue
+                if node != rotation[first]:
+                    moved[index] = node
+                return data
+            raise _NoSpread(f"chunk {index}: " + "; ".join(errors))
+
+        await self._fetch_all(attr, fetch)
+        return Sources(rotation, moved)
+
     async def _whole(self, attr: Attr, node: int) -> None:
-        """Fetch every chunk from `node`, VERIFY_WINDOW ahead of the one being hashed and
-        cached, in order; _Mismatch if the whole file is not the committed version."""
-        hasher = FileHasher()
+        """Fetch every chunk from `node`; _Mismatch if it is not the committed version."""
 
         async def fetch(index: int) -> bytes:
             return await self.source.chunk(attr, index, node)
+
+        await self._fetch_all(attr, fetch)
+
+    async def _fetch_all(self, attr: Attr, fetch: Callable[[int], Awaitable[bytes]]) -> None:
+        """fetch every chunk, VERIFY_WINDOW ahead of the one being hashed and cached, in
+        order; _Mismatch if the whole file is not the committed version."""
+        hasher = FileHasher()
 
         async def consume(index: int, data: bytes) -> None:
             if len(data) != min(CHUNK_SIZE, attr.size - index * CHUNK_SIZE):

@@ -3,7 +3,8 @@
 `user.dfs.version`, `user.dfs.replicas` (node ids, comma-separated) and `user.dfs.checksum`
 (xxh3_128, hex) are computed from the committed attributes. They are readable by name but not
 listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them onto other files
-(where setting them must fail).
+(where setting them must fail). `user.dfs.calls` on the mount's root counts the cluster calls
+this mount has made, by kind ("getattr=3,lookup=12,readdir=10"): what a listing really costs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from fuse_mount.handler import handler
 from fuse_mount.inodes import InodeTable
 from fuse_mount.remote import Remote
 
-VIRTUAL = frozenset({b"user.dfs.version", b"user.dfs.replicas", b"user.dfs.checksum"})
+CALLS = b"user.dfs.calls"
+VIRTUAL = frozenset({b"user.dfs.version", b"user.dfs.replicas", b"user.dfs.checksum", CALLS})
 #: Asked by the kernel before every write to a file (to drop file capabilities); dfs has none,
 #: so answer here instead of with a round trip per write.
 CAPABILITY = b"security.capability"
@@ -37,7 +39,7 @@ def virtual_value(attr: Attr, name: bytes) -> bytes:
         return str(attr.version).encode()
     if name == b"user.dfs.replicas":
         return ",".join(str(r) for r in attr.replicas).encode()
-    if attr.checksum is None:
+    if name != b"user.dfs.checksum" or attr.checksum is None:
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
     return attr.checksum.hex().encode()
 
@@ -56,6 +58,9 @@ class XattrMixin:
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name in UNSUPPORTED or name.startswith(ACL_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name == CALLS and inode == pyfuse3.ROOT_INODE:
+            calls = sorted(self.remote.calls.items())
+            return ",".join(f"{fn}={n}" for fn, n in calls).encode()
         if name in VIRTUAL:
             return virtual_value(await self.fresh(inode), name)
         return await self.remote.call(self.client.getxattr, inode, name)

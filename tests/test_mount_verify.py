@@ -47,12 +47,16 @@ async def test_a_consistent_but_wrong_replica_is_skipped_and_reported(tmp_path: 
     data = os.urandom(2 * CHUNK_SIZE + 99)
     attr = Attr(ino=5, mode=0o100644, size=len(data), version=1, blob=7,
                 checksum=file_checksum(data), replicas=(1, 2, 3))
-    source = Replicas({1: wrong_but_consistent(data), 2: data, 3: data})
+    # Wrong in the chunk node 1 serves when the first read spreads over the replicas.
+    bad = bytes(b ^ 1 for b in data[:CHUNK_SIZE]) + data[CHUNK_SIZE:]
+    source = Replicas({1: bad, 2: data, 3: data})
     cache = ReadCache(tmp_path, 1 << 30, source)
     assert await cache.read(attr, CHUNK_SIZE, 10) == data[CHUNK_SIZE:CHUNK_SIZE + 10]
     assert await cache.read(attr, 0, len(data)) == data
     assert source.reports == [1]
-    assert set(source.fetched[3:]) == {2}  # after node 1 failed: node 2, all of it
+    # The spread read (one chunk from each) fails the whole-file checksum; replica by
+    # replica, node 1 fails and node 2 is read whole.
+    assert source.fetched[:3] == [1, 2, 3] and source.fetched[6:] == [2, 2, 2]
 
 
 async def test_no_good_replica_is_eio(tmp_path: Path) -> None:
@@ -75,9 +79,10 @@ def test_the_mount_never_serves_a_consistent_but_wrong_replica(
     cluster = cluster_factory(node_args=NODE_ARGS)
     files = put_files(cluster, 1, big=2 * MiB)
     f = stat(cluster, "/f0")
-    first = cluster.node_name(f["replicas"][0])  # the replica a reader tries first
+    # The replica a reader tries first, and the chunk it serves when reads are spread.
+    first = cluster.node_name(f["replicas"][0])
     cluster.stop(first)
-    rewrite_chunk(cluster, first, f["blob"], index=1)
+    rewrite_chunk(cluster, first, f["blob"], index=0)
     cluster.restart(first)
     with mounted(cluster, tmp_path / "m") as mount:
         with open(mount / "f0", "rb") as fh:
