@@ -215,7 +215,7 @@ async def _send_reply(frames: FrameStream, reply: dict[str, Any]) -> None:
         pass  # the client is gone; its other replies meet the same
 
 
-async def _answer(body: bytes, service: Service, peer: str) -> dict[str, Any]:
+async def _answer(body: bytes | bytearray, service: Service, peer: str) -> dict[str, Any]:
     rid = None
     try:
         msg = decode(body)

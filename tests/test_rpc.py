@@ -475,3 +475,48 @@ async def test_a_waiter_woken_to_read_that_leaves_instead_passes_the_reading_on(
     Trio runs the two wake-ups in either order, so the scene is played a few times."""
     for _ in range(12):
         assert await _strand_once() == ["first", "third"]
+
+
+async def test_big_frames_read_straight_into_their_buffer_arrive_whole_and_in_order() -> None:
+    """Over a real socket (where big bodies take the recv_into path): 1 MiB frames sent in
+    odd-sized pieces, each followed at once by a small frame, all arrive intact."""
+    import os
+
+    a, b = trio.socket.socketpair()
+    sender, frames = trio.SocketStream(a), FrameStream(trio.SocketStream(b))
+    bodies = [os.urandom(1 << 20) for _ in range(4)]
+    wire = b"".join(encode({"ok": True, "data": d}) + encode({"ok": True, "n": i})
+                    for i, d in enumerate(bodies))
+
+    async def send() -> None:
+        for at in range(0, len(wire), 77_777):
+            await sender.send_all(wire[at:at + 77_777])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        for i, data in enumerate(bodies):
+            assert (await frames.receive())["data"] == data
+            assert (await frames.receive())["n"] == i
+
+
+async def test_a_receive_cancelled_inside_a_big_frame_loses_no_bytes() -> None:
+    import os
+
+    a, b = trio.socket.socketpair()
+    sender, frames = trio.SocketStream(a), FrameStream(trio.SocketStream(b))
+    data = os.urandom(1 << 20)
+    wire = encode({"ok": True, "data": data})
+    rest = trio.Event()
+
+    async def send() -> None:
+        await sender.send_all(wire[:300_000])
+        await rest.wait()
+        await sender.send_all(wire[300_000:])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        with trio.move_on_after(0.5) as scope:
+            await frames.receive()  # the rest of the body does not come in time
+        assert scope.cancelled_caught
+        rest.set()
+        assert (await frames.receive())["data"] == data
