@@ -306,6 +306,11 @@ async def test_the_final_replica_check_sees_one_flipped_bit(tmp_path: Path) -> N
                 attr = await client.create(root.ino, b"f", 0o644, 0, 0)
                 attr = await client.write_file(attr.ino, io.BytesIO(data))
                 nodes = {n["id"]: n["address"] for n in await client.node_list()}
+                # The reply comes at the decision; COMMIT reaches the replicas after it. Flip
+                # a bit of a COMMITTED copy: wait until every replica acked (record ended).
+                with trio.fail_after(20):
+                    while await client.txn_list():
+                        await trio.sleep(0.05)
             await cluster.stop("node-2")
             assert await cluster.corrupt_random_chunk("node-2", random.Random(1)) is not None
             await cluster.start_proc("node-2")
