@@ -4,8 +4,9 @@ The end-of-run checks judge the state a run leaves; some broken rules leave no t
 because the rest of the system heals what they break (a repair re-makes a copy a node lost).
 These are checked at the moment they must hold, against what each disk has *forced* (a
 crash may take the rest):
-- rule 2: a node that answers PREPARE with YES holds the blob PREPARED (or COMMITTED) on its
-  forced state;
+- rule 2: a node that answers PREPARE with YES, or a STAGE carrying the prepare fields with
+  ok (the one-message stage-and-vote), holds the blob PREPARED (or COMMITTED) on its forced
+  state;
 - nothing observable before it is forced: when the coordinator tells anyone a transaction
   committed (a commit reply, OUTCOME "committed"), its forced state holds that decision;
 - rule 5: a decision record that ENDED while its blob is current had every replica the file
@@ -58,12 +59,13 @@ class Watcher:
             return
         op = msg.get("op")
         node = self.nodes.get(dst)
-        if op == "prepare" and node is not None:
+        # A STAGE carrying the prepare fields is a vote too: its ok reply is a YES.
+        if node is not None and (op == "prepare" or (op == "stage" and "checksum" in msg)):
             self.checks += 1
             state = self._node_state(node, msg["txid"])
             if state not in ("PREPARED", "COMMITTED"):
-                self.world.violation(f"rule 2: {dst} voted YES for txid {msg['txid']} with "
-                                     f"{state or 'nothing'} forced")
+                self.world.violation(f"rule 2: {dst} voted YES ({op}) for txid {msg['txid']} "
+                                     f"with {state or 'nothing'} forced")
         elif dst == "coord" and (op == "commit" or (op == "outcome"
                                                     and reply.get("state") == "committed")):
             self.checks += 1
