@@ -4,8 +4,9 @@ The end-of-run checks judge the state a run leaves; some broken rules leave no t
 because the rest of the system heals what they break (a repair re-makes a copy a node lost).
 These are checked at the moment they must hold, against what each disk has *forced* (a
 crash may take the rest):
-- rule 2: a node that answers PREPARE with YES holds the blob PREPARED (or COMMITTED) on its
-  forced state;
+- rule 2: a node that answers PREPARE with YES, or a STAGE carrying the prepare fields with
+  ok (the one-message stage-and-vote), holds the blob PREPARED (or COMMITTED) on its forced
+  state;
 - rule 5: a node that acks a COMMIT holds the blob COMMITTED on its forced state, for each txid
   a batched COMMIT acks (`acked`; its `refused` ones are no ack). Gone is fine only where
   the node is no longer listed: GC may delete a superseded copy while the ack is on its way;
@@ -71,12 +72,13 @@ class Watcher:
             return
         op = msg.get("op")
         node = self.nodes.get(dst)
-        if op == "prepare" and node is not None:
+        # A STAGE carrying the prepare fields is a vote too: its ok reply is a YES.
+        if node is not None and (op == "prepare" or (op == "stage" and "checksum" in msg)):
             self.checks += 1
             state = self._node_state(node, msg["txid"])
             if state not in ("PREPARED", "COMMITTED"):
-                self.world.violation(f"rule 2: {dst} voted YES for txid {msg['txid']} with "
-                                     f"{state or 'nothing'} forced")
+                self.world.violation(f"rule 2: {dst} voted YES ({op}) for txid {msg['txid']} "
+                                     f"with {state or 'nothing'} forced")
         elif op == "commit" and node is not None:
             for txid in _acked(msg, reply):
                 self.checks += 1
