@@ -13,7 +13,8 @@ crash may take the rest):
 - nothing observable before it is forced: when the coordinator tells anyone a transaction
   committed (a commit reply, OUTCOME "committed"), its forced state holds that decision;
 - rule 5: a decision record that ENDED while its blob is current had every replica the file
-  lists acknowledge, so each holds the blob COMMITTED on its forced state.
+  lists acknowledge, so each holds the blob COMMITTED on its forced state (but for a copy the
+  world rotted, which a repair may be re-making on the same node).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class Watcher:
                                disk.stores.get(b"blobs"))
         by_id = {n.node_id: n for n in self.nodes.values() if n.node_id}
         removed = self._removed(disk)
+        # A copy the world rotted is dropped by its node and fetched again by a repair that
+        # keeps the node listed: until that lands the node holds nothing forced. The judge and
+        # the end checks still require the copy back (dfs/sim/invariants.py).
+        disks = self.world.disks
+        rotted = disks.rotted if disks is not None else set()
         for key in list(txns.keys):
             raw = txns.value_at(key, disk.forced)
             if raw is None:
@@ -132,7 +138,7 @@ class Watcher:
             listed = msgpack.unpackb(inode_raw, raw=False).get("replicas") or []
             for node_id in listed:
                 node = by_id.get(node_id)
-                if node is None or node_id in removed:
+                if node is None or node_id in removed or (node_id, txid) in rotted:
                     continue
                 self.checks += 1
                 state = self._node_state(node, txid)
