@@ -41,6 +41,7 @@ import lmdb
 import trio
 
 from dfs import runtime
+from dfs.errors import Code, DfsError
 from dfs.failpoints import can_fire, failpoint
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,14 @@ def install_environments(opener: Opener | None) -> Opener | None:
     global _opener
     previous, _opener = _opener, opener
     return previous
+
+
+class WriterStopped(DfsError):
+    """The writer task stopped (the process is shutting down, or crashed in the simulator)
+    before this write was known to be done: it may or may not have landed, as at a crash."""
+
+    def __init__(self) -> None:
+        super().__init__(Code.UNAVAILABLE, "the database writer has stopped")
 
 
 @dataclass
@@ -118,6 +127,7 @@ class Database:
         self._window = threading.Condition()
         self._window_open = False
         self._loop_thread: int | None = None
+        self._stopped = False  # the writer task ended: writes fail (WriterStopped), not hang
 
     def __getitem__(self, name: str) -> Any:
         return self.dbs[name]
@@ -165,6 +175,8 @@ class Database:
 
         An exception raised by fn rolls back fn's changes only and is re-raised here.
         """
+        if self._stopped:
+            raise WriterStopped()
         req = _Request(fn, durable)
         await self._send.send(req)
         await req.done.wait()
@@ -176,17 +188,37 @@ class Database:
         """The single writer task; run it in the process's nursery."""
         self._loop_thread = threading.get_ident()
         task_status.started()
+        batch: list[_Request] = []
         async with self._recv:
-            while True:
-                batch = [await self._recv.receive()]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await self._write_batch(batch)
-                for req in batch:
-                    req.done.set()
+            try:
+                while True:
+                    batch = [await self._recv.receive()]
+                    while len(batch) < MAX_BATCH:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    await self._write_batch(batch)
+                    for req in batch:
+                        req.done.set()
+            finally:
+                self._stop(batch)
+
+    def _stop(self, batch: list[_Request]) -> None:
+        """The writer is going (cancelled, or failed): every write it has not finished, and
+        every write from now on, fails with WriterStopped. Shielded callers (a repair's
+        decision, docs/coordinator.md) would otherwise wait forever for a batch no one runs,
+        and the process's shutdown (or the simulator's crash) with them."""
+        self._stopped = True
+        pending = [req for req in batch if not req.done.is_set()]
+        while True:
+            try:
+                pending.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                break
+        for req in pending:
+            req.result, req.error = None, WriterStopped()
+            req.done.set()
 
     async def _write_batch(self, batch: list[_Request]) -> None:
         """Commit a batch, then (if it holds a durable request) flush it, hidden until flushed.

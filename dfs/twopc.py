@@ -14,6 +14,10 @@ Life of a transaction:
                                                      │ end_written
                                                      v (gone)
 
+Replicas whose last STAGE carried the prepare fields have voted YES already (the client names
+them in `voted`): request_commit sends PREPARE only to the others, and when every replica
+voted, goes from STAGING through PREPARING straight to DECIDING (docs/design.md §5, rule 2).
+
 Presumed abort: nothing is written for an abort, so a txid the machine forgot and the log never
 recorded is aborted. The driver answers OUTCOME from the machine first (`is_committed`, then
 `is_in_flight`, repairs included), then the log and the blob index (committed), then "unknown"
@@ -32,6 +36,8 @@ here: drivers import them from this module).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from dfs.errors import Code
 from dfs.twopc_repair import Repair, RepairEvents
@@ -106,8 +112,13 @@ class CommitProtocol(RepairEvents):
         self._txns[txid] = Entry(txid, tuple(replicas))
         return []
 
-    def request_commit(self, txid: int, size: int, checksum: bytes, nchunks: int) -> list[Action]:
-        """The client has staged every chunk and asks for the commit."""
+    def request_commit(self, txid: int, size: int, checksum: bytes, nchunks: int,
+                       voted: Iterable[int] = ()) -> list[Action]:
+        """The client has staged every chunk and asks for the commit. `voted`: the replicas
+        that already voted YES on this content, their last STAGE carrying the prepare fields
+        (docs/design.md §5, rule 2): they are not sent PREPARE, and when all did, the machine
+        goes straight to DECIDING. An id that is not one of this txid's replicas earns no
+        vote (its replica, if any, is sent PREPARE as usual)."""
         txn = self._txns.get(txid)
         if txn is None:
             return [ReplyError(txid, Code.UNAVAILABLE, f"transaction {txid} is unknown or aborted")]
@@ -115,7 +126,12 @@ class CommitProtocol(RepairEvents):
             return []  # a duplicate request: the first one's reply answers it
 
         txn.phase = Phase.PREPARING
-        return [SendPrepare(n, txid, size, checksum, nchunks) for n in txn.replicas]
+        txn.yes.update(n for n in voted if n in txn.replicas)
+        if len(txn.yes) == len(txn.replicas):
+            txn.phase = Phase.DECIDING
+            return [WriteDecision(txid)]
+        return [SendPrepare(n, txid, size, checksum, nchunks) for n in txn.replicas
+                if n not in txn.yes]
 
     def vote(self, txid: int, node: int, yes: bool, code: Code = Code.UNAVAILABLE,
              msg: str = "") -> list[Action]:

@@ -103,6 +103,16 @@ class ForcePrepared:
 
 
 @dataclass(frozen=True, slots=True)
+class StageAndPrepare:
+    """Store the chunk AND verify the blob and force PREPARED, in ONE durable write, while the
+    blob is in one of `allowed`; then report `on_prepared` (vote YES) / `on_prepare_failed`
+    (vote NO). A STAGE that carries the prepare fields (docs/design.md §5, rule 2)."""
+
+    txid: int
+    allowed: frozenset[str | None] = field(default=STAGEABLE, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ForceCommitted:
     """Force COMMITTED (from a state in `allowed`), then report `on_committed` (and ack, if a
     COMMIT asked for it)."""
@@ -126,7 +136,8 @@ class AskOutcome:
     txid: int
 
 
-Action = Reply | Refuse | StoreChunk | ForcePrepared | ForceCommitted | Drop | AskOutcome
+Action = (Reply | Refuse | StoreChunk | StageAndPrepare | ForcePrepared | ForceCommitted | Drop
+          | AskOutcome)
 
 OUTCOMES = ("committed", "aborted", "inflight")
 
@@ -237,6 +248,22 @@ class Participant:
         tx = self._txns.setdefault(txid, _Tx(TxState.STAGED, active=0.0))
         tx.preparing = True
         return ForcePrepared(txid)
+
+    def on_stage_prepare(self, txid: int, stored: str | None, nchunks: int,
+                         now: float) -> StageAndPrepare | ForcePrepared | Refuse:
+        """A STAGE of a blob's last chunk that carries the prepare fields (docs/design.md §5,
+        rule 2): the chunk and the vote in one forced write. Nothing new is ruled here: a blob
+        already PREPARED/COMMITTED votes again as PREPARE would (the store checks the content
+        matches); otherwise the chunk is taken or refused as STAGE would, and the blob is
+        being prepared from then on, as after PREPARE. The outcome is reported as for PREPARE
+        (`on_prepared`: YES, and the OUTCOME timer starts; `on_prepare_failed`: NO)."""
+        if stored in (TxState.PREPARED, TxState.COMMITTED):
+            return self.on_prepare(txid, stored, nchunks)
+        action = self.on_stage(txid, stored, now)
+        if isinstance(action, Refuse):
+            return action
+        self._txns[txid].preparing = True
+        return StageAndPrepare(txid, action.allowed)
 
     def on_prepared(self, txid: int, now: float) -> Reply:
         """PREPARED is forced: vote YES, and ask the coordinator later if no decision comes."""

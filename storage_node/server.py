@@ -33,6 +33,7 @@ from storage_node.participant import (
     ForceCommitted,
     Participant,
     Refuse,
+    StageAndPrepare,
 )
 from storage_node.store import BlobStore
 
@@ -123,6 +124,8 @@ class NodeService(MaintenanceOps, Service):
             raise DfsError(Code.BAD_REQUEST, "stage: index exceeds 32 bits")
         if len(data) > CHUNK_SIZE:
             raise DfsError(Code.BAD_REQUEST, f"stage: chunk larger than {CHUNK_SIZE} bytes")
+        if "checksum" in req.msg:
+            return await self._stage_prepare(req, txid, index, data)
         action = self.participant.on_stage(txid, self._stored(txid), self.clock())
         if isinstance(action, Refuse):
             raise action.error()
@@ -133,28 +136,60 @@ class NodeService(MaintenanceOps, Service):
         await failpoint("node.after_stage")
         return {}
 
+    async def _stage_prepare(self, req: Request, txid: int, index: int,
+                             data: bytes) -> dict[str, Any]:
+        """A STAGE of the blob's last chunk carrying the prepare fields (docs/design.md §5,
+        rule 2): the chunk is stored and PREPARED forced in one durable write, and the reply
+        is the vote: {} = YES only after that force; an error = NO, as for PREPARE. Under the
+        txid's lock, as PREPARE is. Both failpoints fire after the force, before the reply."""
+        size, checksum, nchunks = self._prepare_fields(req)
+        async with self._txn_locks.hold(txid):
+            action = self.participant.on_stage_prepare(
+                txid, self._stored(txid), nchunks, self.clock())
+            if isinstance(action, Refuse):
+                log.info("stage+prepare %d: vote NO (%s)", txid, action.msg,
+                         extra={"txid": txid})
+                raise action.error()
+            if isinstance(action, StageAndPrepare):
+                store_it = self.store.stage_prepared(txid, index, data, size, checksum, nchunks,
+                                                     allowed=action.allowed)
+            else:  # already PREPARED/COMMITTED: a YES again if the content matches
+                store_it = self.store.prepare(txid, size, checksum, nchunks)
+            await self._vote(txid, store_it)
+        await failpoint("node.after_stage")
+        await failpoint("node.before_vote")
+        return {}
+
     async def op_prepare(self, req: Request) -> dict[str, Any]:
         txid = _blob_id(req, "txid")
-        size = req.int("size")
-        checksum = req.bytes("checksum")
-        nchunks = req.int("nchunks")
-        if len(checksum) != CHECKSUM_LEN:
-            raise DfsError(Code.BAD_REQUEST, f"prepare: checksum must be {CHECKSUM_LEN} bytes")
+        size, checksum, nchunks = self._prepare_fields(req)
         async with self._txn_locks.hold(txid):
             action = self.participant.on_prepare(txid, self._stored(txid), nchunks)
             if isinstance(action, Refuse):
                 log.info("prepare %d: vote NO (%s)", txid, action.msg, extra={"txid": txid})
                 raise action.error()
-            try:
-                await self.store.prepare(txid, size, checksum, nchunks)
-            except BaseException as e:
-                self.participant.on_prepare_failed(txid, self.clock())
-                if isinstance(e, DfsError):
-                    log.info("prepare %d: vote NO (%s)", txid, e, extra={"txid": txid})
-                raise
-            self.participant.on_prepared(txid, self.clock())
+            await self._vote(txid, self.store.prepare(txid, size, checksum, nchunks))
         await failpoint("node.before_vote")
         return {}
+
+    @staticmethod
+    def _prepare_fields(req: Request) -> tuple[int, bytes, int]:
+        size, checksum, nchunks = req.int("size"), req.bytes("checksum"), req.int("nchunks")
+        if len(checksum) != CHECKSUM_LEN:
+            raise DfsError(Code.BAD_REQUEST, f"{req.op}: checksum must be {CHECKSUM_LEN} bytes")
+        return size, checksum, nchunks
+
+    async def _vote(self, txid: int, force: Awaitable[Any]) -> None:
+        """Run the store's verify-and-force, then tell the participant (YES: its OUTCOME timer
+        starts) or, on any failure, that the prepare failed (the NO is the error)."""
+        try:
+            await force
+        except BaseException as e:
+            self.participant.on_prepare_failed(txid, self.clock())
+            if isinstance(e, DfsError):
+                log.info("prepare %d: vote NO (%s)", txid, e, extra={"txid": txid})
+            raise
+        self.participant.on_prepared(txid, self.clock())
 
     async def op_commit(self, req: Request) -> dict[str, Any]:
         """COMMIT of one `txid` (an ack is {}, a refusal an error reply, as ever) or of a

@@ -256,9 +256,79 @@ class BlobStore:
 
         return await self._write(fn, durable=True)
 
-    def _verify(self, blob: int, size: int, checksum: bytes, nchunks: int) -> float | None:
-        """Check chunk digests, sizes and the xxh3_128 of the whole blob in one snapshot."""
+    async def stage_prepared(self, blob: int, index: int, data: bytes, size: int,
+                             checksum: bytes, nchunks: int, *,
+                             allowed: frozenset[str | None] = STAGEABLE) -> BlobInfo:
+        """Store the blob's last chunk AND verify the whole blob and force PREPARED, in ONE
+        durable write (a STAGE carrying the prepare fields, docs/design.md §5 rule 2): the
+        chunks before it must be staged already, exactly as PREPARE requires. Errors as
+        `stage` and `prepare` (a NO vote); a PREPARED/COMMITTED blob is checked for the same
+        content, as `prepare` does. Idempotent."""
+        check_blob_id(blob)
+        if len(checksum) != CHECKSUM_LEN:
+            raise DfsError(Code.EINVAL, f"checksum must be {CHECKSUM_LEN} bytes")
+        if nchunks != chunk_count(size) or not nchunks:
+            raise DfsError(Code.EINVAL, f"{nchunks} chunks cannot hold {size} bytes")
+        if index != nchunks - 1:
+            raise DfsError(Code.EINVAL, f"chunk {index} is not the last of {nchunks}")
+        if len(data) != size - index * CHUNK_SIZE:
+            raise DfsError(Code.EINVAL, f"blob {blob}: chunk {index} has {len(data)} bytes, "
+                                        f"want {size - index * CHUNK_SIZE}")
+        info = self.stat(blob)
+        if info is not None and info.state != BlobState.STAGED:
+            return _same_content(info, size, checksum, nchunks)
+        need = len(data) + DIGEST_LEN
+        if self.capacity_override is not None:
+            if self.used() + self._reserved + need > self.capacity_override:
+                raise DfsError(Code.ENOSPC, f"node full (capacity {self.capacity_override} bytes)")
+        if size <= INLINE_VERIFY_MAX:
+            created = self._verify(blob, size, checksum, nchunks, last=data)
+        else:
+            created = await runtime.in_thread(self._verify, blob, size, checksum, nchunks, data)
+        bkey, ckey = blob_key(blob), chunk_key(blob, index)
+        beyond = chunk_key(blob, nchunks) if nchunks <= MAX_INDEX else None
+        value = chunk_digest(data) + data
+        now = runtime.wall()
+
+        def fn(txn: lmdb.Transaction) -> BlobInfo:
+            raw = txn.get(bkey, db=self.db["blobs"])
+            cur = None if raw is None else unpack_info(blob, raw)
+            if cur is not None and cur.state in (BlobState.PREPARED, BlobState.COMMITTED):
+                return _same_content(cur, size, checksum, nchunks)
+            state = None if cur is None else cur.state.value
+            if state not in allowed:
+                raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; staging refused")
+            # The record verified is the one still here (chunks go only with their record).
+            if (None if cur is None else cur.created) != created:
+                raise DfsError(Code.CONFLICT, f"blob {blob} was re-staged while preparing")
+            cursor = txn.cursor(db=self.db["chunks"])
+            if beyond is not None and cursor.set_range(beyond) and cursor.key()[:8] == bkey:
+                raise DfsError(Code.EINVAL, f"blob {blob}: a chunk beyond {nchunks}")
+            old = txn.get(ckey, db=self.db["chunks"])
+            if old is None:
+                txn.put(ckey, value, db=self.db["chunks"])
+            elif old != value:
+                raise DfsError(
+                    Code.CONFLICT, f"chunk {index} of blob {blob} staged with other bytes")
+            new = BlobInfo(blob, BlobState.PREPARED, size, checksum, nchunks,
+                           now if cur is None else cur.created)
+            txn.put(bkey, pack_info(new), db=self.db["blobs"])
+            return new
+
+        self._reserved += need
+        try:
+            return await self._write(fn, durable=True, need=need)
+        finally:
+            self._reserved -= need
+
+    def _verify(self, blob: int, size: int, checksum: bytes, nchunks: int,
+                last: bytes | None = None) -> float | None:
+        """Check chunk digests, sizes and the xxh3_128 of the whole blob in one snapshot.
+        `last`: the bytes of chunk nchunks-1, about to be stored with the PREPARED record
+        (stage_prepared); the snapshot need not hold it yet (if it does, the write checks
+        the two are the same)."""
         prefix = blob_key(blob)
+        stored_upto = nchunks - 1 if last is not None else nchunks
         with self.db.snapshot(buffers=True) as txn:
             raw = txn.get(prefix, db=self.db["blobs"])
             created = unpack_info(blob, bytes(raw)).created if raw is not None else None
@@ -270,6 +340,8 @@ class BlobStore:
                     if key[:8] != prefix:
                         break
                     index = parse_chunk_key(key)[1]
+                    if last is not None and index >= stored_upto:
+                        break  # the last chunk: `last` is hashed below
                     if index != expected:
                         raise DfsError(Code.ENOENT, f"blob {blob}: chunk {expected} missing")
                     if index >= nchunks:
@@ -285,8 +357,10 @@ class BlobStore:
                         raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is corrupt")
                     hasher.update(data)
                     expected += 1
-            if expected != nchunks:
+            if expected != stored_upto:
                 raise DfsError(Code.ENOENT, f"blob {blob}: chunk {expected} missing")
+            if last is not None:
+                hasher.update(last)
             if hasher.size != size or hasher.digest() != checksum:
                 raise DfsError(Code.CHECKSUM, f"blob {blob}: checksum mismatch")
         return created

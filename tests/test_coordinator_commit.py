@@ -556,3 +556,53 @@ async def test_bad_commit_fields_leave_the_transaction_open(rig: Rig) -> None:
     assert attr.version == 1
     await rig.wait_ended(txid)
     assert set((await rig.states(txid)).values()) == {"COMMITTED"}
+
+
+# ---------------------------------------------------------------- stage and vote in one message
+
+
+async def stage_and_vote(client: Client, txid: int, replicas: Sequence[tuple[int, str]],
+                         data: bytes) -> tuple[int, bytes, int]:
+    """A one-chunk STAGE carrying the prepare fields (docs/design.md §5, rule 2): the vote."""
+    fields = dict(size=len(data), checksum=file_checksum(data), nchunks=1)
+    for _, address in replicas:
+        await client.peers[address].call("stage", txid=txid, index=0, data=data, **fields)
+    return fields["size"], fields["checksum"], fields["nchunks"]
+
+
+async def test_replicas_that_voted_in_their_stage_commit_without_prepare(rig: Rig) -> None:
+    c = rig.client
+    ino = await rig.new_file("voted")
+    txid, replicas = await c.begin(ino)
+    data = os.urandom(4000)
+    size, checksum, count = await stage_and_vote(c, txid, replicas[:2], data)
+    await stage(c, txid, replicas[2:], data)
+    names = [await rig.name(i) for i, _ in replicas]
+    assert await rig.states(txid, names) == dict(zip(names, ["PREPARED", "PREPARED", "STAGED"], strict=True))
+    assert await c.outcome(txid) == "inflight"
+    await fails(Code.BAD_REQUEST, c.coordinator.call, "commit", txid=txid, size=size,
+                checksum=checksum, nchunks=count, voted=["node-1"])
+    # The two voters and a stray id; the third replica is sent PREPARE.
+    voted = [replicas[0][0], replicas[1][0], 999]
+    attr = await c.commit(txid, size, checksum, count, voted=voted)
+    assert (attr.version, attr.blob) == (1, txid)
+    await rig.wait_ended(txid)
+    assert set((await rig.states(txid)).values()) == {"COMMITTED"}
+    assert await rig.read(attr) == data
+    # The library's own one-chunk writes take this path end to end.
+    attr = await c.write_file(ino, io.BytesIO(b"small"), base_version=1, if_version=True)
+    assert attr.version == 2 and await rig.read(attr) == b"small"
+
+
+async def test_a_copy_prepared_by_its_stage_goes_when_its_client_goes_silent(rig: Rig) -> None:
+    """The client voted its replicas in their STAGE and died before COMMIT: the copies are
+    PREPARED, and presumed abort still removes them (the expiry's ABORT)."""
+    c = rig.client
+    ino = await rig.new_file("silent-voted")
+    txid, replicas = await c.begin(ino)
+    await stage_and_vote(c, txid, replicas, b"voted, then silence")
+    assert set((await rig.states(txid)).values()) == {"PREPARED"}
+    assert await c.outcome(txid) == "inflight"
+    await rig.wait_states(txid, None, timeout=2 * TXN_TIMEOUT + 3)
+    assert await c.outcome(txid) == "aborted"
+    assert (await c.getattr(ino)).version == 0

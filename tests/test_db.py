@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from dfs import failpoints, runtime
-from dfs.db import Database, install_environments
+from dfs.db import Database, WriterStopped, install_environments
 from dfs.sim.lmdb_model import SimDisks
 
 
@@ -305,3 +305,55 @@ async def test_one_worker_call_commits_and_flushes_and_hides_the_batch_until_the
     finally:
         runtime.install(previous)
         db.close()
+
+
+async def test_a_write_after_the_writer_stopped_fails_instead_of_hanging(tmp_path: Path) -> None:
+    """A process shutting down (or, in the simulator, crashing) cancels its writer task while
+    shielded code still writes (a repair's decision): that write must fail, not wait forever
+    for a batch no one will run (it hung the simulator's seed 1012 and a coordinator's
+    shutdown)."""
+    db = Database(tmp_path / "env", ["kv"], map_size=1 << 20)
+    try:
+        async with trio.open_nursery() as n:
+            await n.start(db.run_writer)
+            n.cancel_scope.cancel()
+        with trio.CancelScope(shield=True), trio.fail_after(2):
+            with pytest.raises(WriterStopped):
+                await db.write(lambda txn: txn.put(b"k", b"v", db=db["kv"]))
+    finally:
+        db.close()
+
+
+async def test_writes_the_writer_had_not_finished_fail_when_it_is_cancelled(
+    tmp_path: Path, nursery
+) -> None:
+    """The batch in flight and the requests queued behind it, when the writer is cancelled:
+    each waiter hears WriterStopped (its write's fate unknown, as at a crash), none hangs."""
+    host = SteppedHost()
+    previous = runtime.install(host)
+    try:
+        db = Database(tmp_path / "env", ["kv"], map_size=1 << 20)
+        outcomes: list[str] = []
+
+        async def write(key: bytes) -> None:
+            with trio.CancelScope(shield=True), trio.fail_after(2):
+                try:
+                    await db.write(lambda txn: txn.put(key, b"v", db=db["kv"]))
+                    outcomes.append("written")
+                except WriterStopped:
+                    outcomes.append("stopped")
+
+        async with trio.open_nursery() as writer:
+            await writer.start(db.run_writer)
+            nursery.start_soon(write, b"a")
+            await host._next.receive()  # batch [a] is in its worker call, held there
+            nursery.start_soon(write, b"b")
+            await trio.testing.wait_all_tasks_blocked()
+            writer.cancel_scope.cancel()
+        with trio.fail_after(3):
+            while len(outcomes) < 2:
+                await trio.sleep(0.01)
+        assert outcomes == ["stopped", "stopped"]
+        db.close()
+    finally:
+        runtime.install(previous)

@@ -70,13 +70,26 @@ def assert_converged(cluster: Cluster, path: str, expect: bytes) -> None:
                        message=f"replicas of {path} COMMITTED and no STAGED/PREPARED leftovers")
 
 
-@pytest.mark.parametrize("failpoint", sorted(CASES))
+# A one-chunk write takes the short path of docs/design.md §5 rule 2: its STAGE carries the
+# prepare fields, and the commit names the replicas that voted in it. These failpoints sit at
+# its moments: both node points after the one forced write (PREPARED) before its reply; the
+# coordinator's before any PREPARE (none is sent) and before the decision (reached at once).
+ONE_CHUNK_CASES = ("coordinator.before_prepare", "coordinator.before_decision",
+                   "node.after_stage", "node.before_vote")
+MATRIX = [(f, "multi-chunk") for f in sorted(CASES)] + \
+    [(f, "one-chunk") for f in ONE_CHUNK_CASES]
+
+
+@pytest.mark.parametrize(("failpoint", "size"), MATRIX)
 def test_crash_at_failpoint_leaves_old_or_new_version_everywhere(
-    cluster_factory, failpoint: str
+    cluster_factory, failpoint: str, size: str
 ) -> None:
     process, unacked_result = CASES[failpoint]
     cluster = cluster_factory(node_args=NODE_ARGS)
-    a, b = os.urandom(3 * 1024 * 1024 + 17), os.urandom(2 * 1024 * 1024 + 5)
+    if size == "one-chunk":
+        a, b = os.urandom(4096), os.urandom(3000)
+    else:
+        a, b = os.urandom(3 * 1024 * 1024 + 17), os.urandom(2 * 1024 * 1024 + 5)
     assert cluster.dfs("put", "-", "/f", input=a).returncode == 0
     before = stat(cluster, "/f")
 
@@ -85,6 +98,10 @@ def test_crash_at_failpoint_leaves_old_or_new_version_everywhere(
     cluster.wait_until(lambda: not cluster.running(process), timeout=30,
                        message=f"{process} to crash at {failpoint}")
     cluster.restart(process, env={})
+    if size == "one-chunk" and process.startswith("node"):
+        # It died with the copy forced PREPARED by the STAGE, before its reply (the vote): the
+        # restarted node found it, and must resolve it (OUTCOME) for I3 below to hold.
+        assert "recovery: 1 prepared, 0 staged blobs" in cluster.log(process, 400)
 
     acked = write.returncode == 0
     after = stat(cluster, "/f")

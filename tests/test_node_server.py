@@ -298,6 +298,62 @@ async def test_list_delete_node_info(node: NodeUnderTest) -> None:
     assert info["capacity"] > info["used"] > 0
 
 
+async def stage_prepare(node: NodeUnderTest, txid: int, data: bytes, index: int = 0,
+                        **override: Any) -> dict:
+    """A STAGE of `data`'s last chunk carrying the prepare fields (docs/design.md §5, rule 2)."""
+    fields = dict(size=len(data), checksum=file_checksum(data), nchunks=nchunks(len(data)))
+    return await node.peer.call("stage", txid=txid, index=index,
+                                data=split(data)[index], **{**fields, **override})
+
+
+async def test_a_stage_carrying_prepare_stores_and_votes_yes(node: NodeUnderTest) -> None:
+    data = blob_bytes(4096)
+    assert (await stage_prepare(node, 21, data))["ok"] is True  # the YES vote
+    info = node.store.stat(21)
+    assert info.state == BlobState.PREPARED and info.size == len(data)
+    assert info.checksum == file_checksum(data) and info.nchunks == 1
+    assert node.service.participant.state(21) == "PREPARED"  # its OUTCOME timer runs
+    await stage_prepare(node, 21, data)  # re-sent: YES again
+    with raises(Code.CONFLICT):
+        await stage_prepare(node, 21, data, checksum=file_checksum(b"other"))
+    await node.peer.call("commit", txid=21)
+    assert node.store.read_chunk(21, 0)[0] == data
+    await stage_prepare(node, 21, data)  # even after COMMIT, as PREPARE
+
+
+async def test_a_stage_carrying_prepare_votes_no_like_prepare(node: NodeUnderTest) -> None:
+    data = blob_bytes(3000)
+    with raises(Code.CHECKSUM):
+        await stage_prepare(node, 22, data, checksum=file_checksum(b"something else"))
+    assert node.store.stat(22) is None  # nothing stored: one write does both, or neither
+    with raises(Code.EINVAL):
+        await stage_prepare(node, 22, data, size=len(data) + 1)
+    with raises(Code.BAD_REQUEST):
+        await stage_prepare(node, 22, data, checksum=b"short")
+    await stage_prepare(node, 22, data)  # and a good one after all that is a YES
+    await node.stage_all(23, data)
+    await node.peer.call("abort", txid=23)
+    with raises(Code.CONFLICT):
+        await stage_prepare(node, 23, data)  # aborted: NO
+
+
+async def test_the_last_chunk_may_carry_prepare_once_the_others_are_staged(
+    node: NodeUnderTest,
+) -> None:
+    data = blob_bytes(2 * CHUNK_SIZE + 5)
+    with raises(Code.ENOENT):
+        await stage_prepare(node, 24, data, index=2)  # chunks 0 and 1 are not here
+    assert node.store.stat(24) is None
+    with raises(Code.EINVAL):
+        await stage_prepare(node, 24, data, index=1)  # not the last chunk
+    for index in (0, 1):
+        await node.peer.call("stage", txid=24, index=index, data=split(data)[index])
+    await stage_prepare(node, 24, data, index=2)
+    assert node.store.stat(24).state == BlobState.PREPARED
+    got = [node.store.read_chunk(24, i)[0] for i in range(3)]
+    assert b"".join(got) == data
+
+
 # ---------------------------------------------------------------- failpoints
 
 
@@ -319,6 +375,14 @@ async def test_failpoints_fire_after_the_durable_step(
     assert node.store.stat(7).state == BlobState.COMMITTED
     armed("")
     await node.peer.call("commit", txid=7)
+    # A STAGE carrying the prepare fields passes both points after its one forced write.
+    for point in ("node.after_stage", "node.before_vote"):
+        armed(f"{point}=error")
+        txid = 8 if point == "node.after_stage" else 9
+        with raises(Code.INTERNAL):
+            await stage_prepare(node, txid, data)
+        assert node.store.stat(txid).state == BlobState.PREPARED
+    armed("")
 
 
 # ---------------------------------------------------------------- with a coordinator

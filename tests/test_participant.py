@@ -15,6 +15,7 @@ from storage_node.participant import (
     Participant,
     Refuse,
     Reply,
+    StageAndPrepare,
     StoreChunk,
     TxState,
 )
@@ -74,6 +75,45 @@ def test_failed_prepare_leaves_blob_staged_and_stageable() -> None:
     p.on_prepare_failed(1, 1.0)
     assert p.state(1) == TxState.STAGED
     assert p.on_stage(1, STAGED, 1.5) == StoreChunk(1)
+
+
+def test_stage_carrying_prepare_stores_and_votes_in_one_forced_write() -> None:
+    """docs/design.md §5, rule 2: a one-chunk blob staged and prepared in one message is
+    PREPARED from then on, and its OUTCOME timer runs as after PREPARE (a client that dies
+    before COMMIT leaves a copy that must be asked about, never kept forever)."""
+    p = Participant(outcome_after=10.0)
+    assert p.on_stage_prepare(1, None, 1, 0.0) == StageAndPrepare(1)
+    refused = p.on_stage(1, STAGED, 0.1)  # no staging while it is being verified
+    assert isinstance(refused, Refuse) and refused.code == Code.CONFLICT
+    assert p.on_prepared(1, 0.5) == Reply()
+    assert p.state(1) == TxState.PREPARED
+    assert p.leftovers_to_name(100.0) == []  # PREPARED: never presumed aborted by heartbeat
+    assert p.on_tick(10.0) == []
+    assert p.on_tick(10.6) == [AskOutcome(1)]
+    assert p.on_outcome(1, "inflight", 10.7) is None  # the client is still STAGING
+    assert p.on_tick(11.0) == []  # asked again after a backoff
+    assert p.on_tick(20.0) == [AskOutcome(1)]
+    assert p.on_outcome(1, "aborted", 20.1) == Drop(1)
+    late = p.on_stage_prepare(1, None, 1, 21.0)
+    assert isinstance(late, Refuse) and late.code == Code.CONFLICT
+
+
+def test_stage_carrying_prepare_follows_the_stage_and_prepare_rules() -> None:
+    p = Participant()
+    # Already PREPARED or COMMITTED (a re-sent message): a YES again if the content matches.
+    assert p.on_stage_prepare(2, PREPARED, 1, 0.0) == ForcePrepared(2)
+    assert p.on_stage_prepare(3, COMMITTED, 1, 0.0) == ForcePrepared(3)
+    # Aborted: NO, as both STAGE and PREPARE say.
+    p.on_stage(4, None, 0.0)
+    assert p.on_abort(4, STAGED) == Drop(4)
+    assert isinstance(p.on_stage_prepare(4, None, 1, 0.0), Refuse)
+    # The last chunk of a blob whose others are staged: a STAGED record is fine.
+    p.on_stage(5, None, 0.0)
+    assert p.on_stage_prepare(5, STAGED, 2, 0.0) == StageAndPrepare(5)
+    # A failure is a NO that leaves the blob STAGED and stageable again.
+    p.on_prepare_failed(5, 1.0)
+    assert p.state(5) == TxState.STAGED
+    assert p.on_stage(5, STAGED, 1.5) == StoreChunk(5)
 
 
 def test_stage_refused_after_prepare_or_abort() -> None:

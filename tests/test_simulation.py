@@ -47,6 +47,18 @@ def test_many_more_seeds_keep_every_invariant() -> None:
     _run_seeds(range(2000, 2200))
 
 
+# Seeds that once failed on correct code, each for a reason since fixed: 1012 hung in wall
+# time (a shielded write waited for a stopped database writer, dfs/db.py WriterStopped); 14
+# flagged rule 5 while a repair re-made a rotted copy on its listed node (dfs/sim/watch.py).
+FOUND_SEEDS = (1012, 14)
+
+
+@pytest.mark.parametrize("seed", FOUND_SEEDS)
+def test_seeds_that_once_failed_keep_every_invariant(seed: int) -> None:
+    result = simulate(seed)
+    assert result.ok, f"seed {seed}: {result.violations[:5]} (replay: scripts/simulate --seed {seed})"
+
+
 def test_same_seed_same_trace_byte_for_byte() -> None:
     a, b, c = simulate(42, duration=8.0), simulate(42, duration=8.0), simulate(43, duration=8.0)
     assert a.trace == b.trace and a.trace_digest() == b.trace_digest()

@@ -44,6 +44,39 @@ def test_happy_path_decides_once_all_vote_yes_and_ends_after_all_acks() -> None:
     assert p.phase(7) is None
 
 
+def test_replicas_that_voted_in_their_stage_are_not_sent_prepare() -> None:
+    """docs/design.md §5, rule 2: a STAGE carrying the prepare fields is a YES vote; the
+    commit names those replicas and only the others are sent PREPARE."""
+    p = started()
+    assert p.request_commit(7, 10, CK, 1, voted=[1, 3]) == [SendPrepare(2, 7, 10, CK, 1)]
+    assert p.phase(7) is Phase.PREPARING
+    assert p.vote(7, 2, True) == [WriteDecision(7)]
+
+
+def test_every_replica_voted_goes_straight_to_the_decision() -> None:
+    p = started()
+    assert p.request_commit(7, 10, CK, 1, voted=R) == [WriteDecision(7)]
+    assert p.phase(7) is Phase.DECIDING and p.is_in_flight(7)
+    assert p.request_commit(7, 10, CK, 1, voted=R) == [], "a duplicate commit changes nothing"
+    assert p.decision_written(7) == [ReplyOk(7), *(SendCommit(n, 7) for n in R)]
+
+
+def test_a_vote_from_a_node_that_is_not_a_replica_earns_nothing() -> None:
+    p = started()
+    actions = p.request_commit(7, 10, CK, 1, voted=[1, 2, 9, 9])
+    assert actions == [SendPrepare(3, 7, 10, CK, 1)]
+    assert p.vote(7, 9, True) == []
+    assert p.vote(7, 3, True) == [WriteDecision(7)]
+
+
+def test_a_no_from_a_replica_that_was_sent_prepare_aborts_the_voters_too() -> None:
+    p = started()
+    p.request_commit(7, 10, CK, 1, voted=[1, 2])
+    actions = p.vote(7, 3, False, Code.ENOSPC, "full")
+    assert actions[:3] == [SendAbort(n, 7) for n in R]  # the voters' PREPARED copies go too
+    assert isinstance(actions[3], ReplyError) and actions[3].failed == (3,)
+
+
 def test_one_no_vote_aborts_everywhere_and_names_the_node() -> None:
     p = started()
     p.request_commit(7, 10, CK, 1)

@@ -193,11 +193,16 @@ class Client:
         return reply["txid"], replicas
 
     async def commit(
-        self, txid: int, size: int, checksum: bytes, nchunks: int, mtime_ns: int | None = None
+        self, txid: int, size: int, checksum: bytes, nchunks: int, mtime_ns: int | None = None,
+        voted: list[int] | None = None,
     ) -> Attr:
+        """`voted`: replicas that already voted YES in a STAGE carrying the prepare fields
+        (docs/design.md §5, rule 2); the coordinator sends PREPARE only to the others."""
         fields: dict[str, Any] = dict(txid=txid, size=size, checksum=checksum, nchunks=nchunks)
         if mtime_ns is not None:
             fields["mtime_ns"] = mtime_ns
+        if voted:
+            fields["voted"] = list(voted)
         reply = await self.coordinator.call("commit", timeout=self.commit_timeout, **fields)
         return Attr.from_wire(reply["attr"])
 

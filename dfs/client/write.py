@@ -1,6 +1,9 @@
 """The write transaction, client side (docs/design.md §5): begin, stage to every replica, commit.
 
-Memory stays bounded whatever the file size: one task reads the source a chunk at a time in a
+A file that fits in one chunk takes a short path: its one STAGE carries the prepare fields,
+each replica votes in its reply, and the commit names the voters (`voted`), so the coordinator
+sends no PREPARE (rule 2). Larger files stream, and memory stays bounded whatever the file
+size: one task reads the source a chunk at a time in a
 worker thread (hashing it there too), and `window` stager tasks each carry one chunk to all R
 replicas at once, so at most about window + 1 chunks are in memory.
 
@@ -58,6 +61,7 @@ class Staged:
     size: int
     checksum: bytes
     nchunks: int
+    voted: tuple[int, ...] = ()  # replicas that voted YES in their STAGE (the one-chunk path)
 
 
 def _read_chunk(source: BinaryIO, hasher: FileHasher) -> bytes:
@@ -95,6 +99,8 @@ async def stage(
     """
     hasher = FileHasher()
     size, first = await runtime.in_thread(_start, source, hasher)
+    if size <= CHUNK_SIZE:
+        return await _stage_one(client, txid, replicas, first, hasher, progress)
     count = 0
     done = 0
     send, receive = trio.open_memory_channel[tuple[int, bytes]](0)
@@ -115,14 +121,7 @@ async def stage(
                     return
 
     async def to_replica(node_id: int, address: str, index: int, chunk: bytes) -> None:
-        try:
-            await client.peers[address].call("stage", txid=txid, index=index, data=chunk)
-        except DfsError as e:
-            # Errors about this replica (down, full, failing) are worth a placement without
-            # it; only a transaction the coordinator already aborted (CONFLICT) is not.
-            if e.code in REPLICA_FAULTS:
-                raise ReplicaFailed(node_id, e) from None
-            raise
+        await _stage_to(client, node_id, address, dict(txid=txid, index=index, data=chunk))
 
     async def stager(chunks: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
         nonlocal done
@@ -148,6 +147,44 @@ async def stage(
         outer.start_soon(pipeline, finished)
         outer.start_soon(_keepalive, client, txid, finished)
     return Staged(hasher.size, hasher.digest(), count)
+
+
+async def _stage_to(client: Client, node_id: int, address: str, fields: dict[str, Any]) -> None:
+    try:
+        await client.peers[address].call("stage", **fields)
+    except DfsError as e:
+        # Errors about this replica (down, full, failing) are worth a placement without it;
+        # only a transaction the coordinator already aborted (CONFLICT) is not.
+        if e.code in REPLICA_FAULTS:
+            raise ReplicaFailed(node_id, e) from None
+        raise
+
+
+async def _stage_one(
+    client: Client,
+    txid: int,
+    replicas: list[tuple[int, str]],
+    chunk: bytes,
+    hasher: FileHasher,
+    progress: Callable[[int], Any] | None,
+) -> Staged:
+    """A file of one chunk (or none), read and hashed in the one thread hop already made: its
+    STAGE carries the prepare fields, so each replica stores it and votes in one forced write
+    (docs/design.md §5, rule 2), and the commit names them in `voted` (no PREPARE round).
+    No reader, stager or keepalive task: it is one round to all replicas at once. An empty
+    file stages nothing; the coordinator prepares it as usual."""
+    staged = Staged(hasher.size, hasher.digest(), nchunks(hasher.size))
+    if not chunk:
+        return staged
+    fields = dict(txid=txid, index=0, data=chunk, size=staged.size,
+                  checksum=staged.checksum, nchunks=staged.nchunks)
+    async with task_group() as fanout:
+        for node_id, address in replicas:
+            fanout.start_soon(_stage_to, client, node_id, address, fields)
+    if progress is not None:
+        progress(staged.size)
+    staged.voted = tuple(node_id for node_id, _ in replicas)
+    return staged
 
 
 async def _keepalive(client: Client, txid: int, finished: trio.Event) -> None:
@@ -234,7 +271,8 @@ async def write_file(
             raise
         try:
             return await client.commit(
-                txid, staged.size, staged.checksum, staged.nchunks, mtime_ns
+                txid, staged.size, staged.checksum, staged.nchunks, mtime_ns,
+                voted=list(staged.voted),
             )
         except PeerUnavailable as e:
             if await _settle(client, txid) == "committed":

@@ -99,9 +99,11 @@ class CommitDriver(Delivery):
                 "keepalive_s": self.config.txn_timeout / 4}
 
     async def commit(self, txid: int, size: int, checksum: bytes, nchunks: int,
-                     mtime_ns: int | None) -> dict[str, Any]:
+                     mtime_ns: int | None, voted: tuple[int, ...] = ()) -> dict[str, Any]:
         """Returns the new attr once the decision is durable; a retried COMMIT of the same
-        txid gets the same answer (it waits for the first, or finds the record)."""
+        txid gets the same answer (it waits for the first, or finds the record). `voted`:
+        the replicas whose STAGE carried the prepare fields and voted YES (docs/design.md §5,
+        rule 2); the machine sends PREPARE only to the others."""
         txn = self.open.get(txid)
         if txn is None:
             record = self.store.db.read(lambda t: self.store.txnlog.get(t, txid))
@@ -119,7 +121,7 @@ class CommitDriver(Delivery):
                                f"not {nchunks}")
             txn.size, txn.checksum, txn.nchunks, txn.mtime_ns = size, checksum, nchunks, mtime_ns
             txn.committing = True
-            self.spawn(self._run_commit, txn)
+            self.spawn(self._run_commit, txn, voted)
         return await txn.wait()
 
     async def abort(self, txid: int) -> None:
@@ -194,7 +196,7 @@ class CommitDriver(Delivery):
 
     # ------------------------------------------------------------ the commit
 
-    async def _run_commit(self, txn: OpenTxn) -> None:
+    async def _run_commit(self, txn: OpenTxn, voted: tuple[int, ...] = ()) -> None:
         try:
             # Fail fast, before any PREPARE, when the namespace already says no.
             inode = self.store.db.read(
@@ -212,7 +214,7 @@ class CommitDriver(Delivery):
             await self._apply(self.protocol.abort(txn.txid, e.msg))
             return
         await self._apply(
-            self.protocol.request_commit(txn.txid, txn.size, txn.checksum, txn.nchunks))
+            self.protocol.request_commit(txn.txid, txn.size, txn.checksum, txn.nchunks, voted))
 
     async def _prepare_all(self, prepares: list[SendPrepare]) -> None:
         async with trio.open_nursery() as nursery:

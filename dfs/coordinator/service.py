@@ -92,7 +92,10 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         txid, size = req.int("txid"), req.int("size")
         checksum, nchunks = req.bytes("checksum"), req.int("nchunks")
         mtime_ns = req.opt_int("mtime_ns")
-        return await self.driver.commit(txid, size, checksum, nchunks, mtime_ns)
+        voted = req.list("voted", [])
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in voted):
+            raise DfsError(Code.BAD_REQUEST, "commit: 'voted' must hold node ids")
+        return await self.driver.commit(txid, size, checksum, nchunks, mtime_ns, tuple(voted))
 
     async def op_abort(self, req: Request) -> Reply:
         await self.driver.abort(req.int("txid"))

@@ -9,6 +9,8 @@ code that runs (the real coordinator, node, machine and database), not in a mode
 - vote_before_force: a node votes YES with PREPARED written but not forced (rule 2 broken);
 - commit_ack_before_force: a node acks a (batched) COMMIT with COMMITTED written but not
   forced (rule 5 broken: "a participant forces COMMITTED before it acks");
+- vote_in_stage_before_force: the same, only in the reply to a STAGE carrying the prepare
+  fields (a one-chunk write's one message), PREPARE itself kept right;
 - decision_visible_unforced: a durable batch is readable before its fsync (issue 8 item 5).
 """
 
@@ -59,23 +61,35 @@ def _outcome_forgets_repairs() -> contextlib.AbstractContextManager[None]:
 _in_prepare: contextvars.ContextVar[bool] = contextvars.ContextVar("in_prepare", default=False)
 
 
+def _unforced(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` with every write it makes left unforced (see _vote_before_force)."""
+
+    async def unforced(self: BlobStore, *args: Any, **kwargs: Any) -> Any:
+        token = _in_prepare.set(True)
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            _in_prepare.reset(token)
+
+    return unforced
+
+
 @contextlib.contextmanager
-def _vote_before_force() -> Iterator[None]:
-    write, prepare = BlobStore._write, BlobStore.prepare
+def _vote_before_force(methods: tuple[str, ...] = ("prepare", "stage_prepared")
+                       ) -> Iterator[None]:
+    """The store's verify-and-force of `methods` writes PREPARED without forcing it, and the
+    node votes YES all the same: by PREPARE, or in the reply to a STAGE carrying the prepare
+    fields (`stage_prepared`)."""
+    write = BlobStore._write
 
     async def unforced_write(self: BlobStore, fn: Callable[..., Any], *, durable: bool,
                              need: int = 0) -> Any:
         return await write(self, fn, durable=durable and not _in_prepare.get(), need=need)
 
-    async def unforced_prepare(self: BlobStore, *args: Any, **kwargs: Any) -> Any:
-        token = _in_prepare.set(True)
-        try:
-            return await prepare(self, *args, **kwargs)
-        finally:
-            _in_prepare.reset(token)
-
-    with _patched(BlobStore, "_write", unforced_write), \
-            _patched(BlobStore, "prepare", unforced_prepare):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(BlobStore, "_write", unforced_write))
+        for name in methods:
+            stack.enter_context(_patched(BlobStore, name, _unforced(getattr(BlobStore, name))))
         yield
 
 
@@ -111,6 +125,7 @@ _BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "outcome_forgets_repairs": _outcome_forgets_repairs,
     "vote_before_force": _vote_before_force,
     "commit_ack_before_force": _commit_ack_before_force,
+    "vote_in_stage_before_force": lambda: _vote_before_force(("stage_prepared",)),
     "decision_visible_unforced": _decision_visible_unforced,
 }
 

@@ -4,15 +4,17 @@ The end-of-run checks judge the state a run leaves; some broken rules leave no t
 because the rest of the system heals what they break (a repair re-makes a copy a node lost).
 These are checked at the moment they must hold, against what each disk has *forced* (a
 crash may take the rest):
-- rule 2: a node that answers PREPARE with YES holds the blob PREPARED (or COMMITTED) on its
-  forced state;
+- rule 2: a node that answers PREPARE with YES, or a STAGE carrying the prepare fields with
+  ok (the one-message stage-and-vote), holds the blob PREPARED (or COMMITTED) on its forced
+  state;
 - rule 5: a node that acks a COMMIT holds the blob COMMITTED on its forced state, for each txid
   a batched COMMIT acks (`acked`; its `refused` ones are no ack). Gone is fine only where
   the node is no longer listed: GC may delete a superseded copy while the ack is on its way;
 - nothing observable before it is forced: when the coordinator tells anyone a transaction
   committed (a commit reply, OUTCOME "committed"), its forced state holds that decision;
 - rule 5: a decision record that ENDED while its blob is current had every replica the file
-  lists acknowledge, so each holds the blob COMMITTED on its forced state.
+  lists acknowledge, so each holds the blob COMMITTED on its forced state (but for a copy the
+  world rotted, which a repair may be re-making on the same node).
 """
 
 from __future__ import annotations
@@ -71,12 +73,13 @@ class Watcher:
             return
         op = msg.get("op")
         node = self.nodes.get(dst)
-        if op == "prepare" and node is not None:
+        # A STAGE carrying the prepare fields is a vote too: its ok reply is a YES.
+        if node is not None and (op == "prepare" or (op == "stage" and "checksum" in msg)):
             self.checks += 1
             state = self._node_state(node, msg["txid"])
             if state not in ("PREPARED", "COMMITTED"):
-                self.world.violation(f"rule 2: {dst} voted YES for txid {msg['txid']} with "
-                                     f"{state or 'nothing'} forced")
+                self.world.violation(f"rule 2: {dst} voted YES ({op}) for txid {msg['txid']} "
+                                     f"with {state or 'nothing'} forced")
         elif op == "commit" and node is not None:
             for txid in _acked(msg, reply):
                 self.checks += 1
@@ -113,6 +116,11 @@ class Watcher:
                                disk.stores.get(b"blobs"))
         by_id = {n.node_id: n for n in self.nodes.values() if n.node_id}
         removed = self._removed(disk)
+        # A copy the world rotted is dropped by its node and fetched again by a repair that
+        # keeps the node listed: until that lands the node holds nothing forced. The judge and
+        # the end checks still require the copy back (dfs/sim/invariants.py).
+        disks = self.world.disks
+        rotted = disks.rotted if disks is not None else set()
         for key in list(txns.keys):
             raw = txns.value_at(key, disk.forced)
             if raw is None:
@@ -130,7 +138,7 @@ class Watcher:
             listed = msgpack.unpackb(inode_raw, raw=False).get("replicas") or []
             for node_id in listed:
                 node = by_id.get(node_id)
-                if node is None or node_id in removed:
+                if node is None or node_id in removed or (node_id, txid) in rotted:
                     continue
                 self.checks += 1
                 state = self._node_state(node, txid)

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from dfs import runtime
+from dfs.db import WriterStopped
 
 EPOCH_NS = 1_800_000_000 * 10**9  # the simulated wall clock starts here (2027)
 
@@ -73,18 +74,36 @@ class SimProcess(abc.ABC):
         while True:
             if self.up:
                 self.world.enter(self)
-                with trio.CancelScope() as scope:
-                    self._scope = scope
-                    try:
-                        await self.run()
-                    except Exception as e:  # a server that dies on its own is a finding
-                        self.world.violation(f"{self.name} died: {e!r}")
+                incarnation = self.incarnation
+                try:
+                    await self._incarnation()
+                except* WriterStopped:
+                    # Shielded code of this incarnation still writing as it was torn down
+                    # (a repair's decision): its writes fail, as the crash meant (dfs/db.py).
+                    if not self._torn_down(incarnation):
+                        self.world.violation(f"{self.name}: its database writer stopped")
                         self.world.crash(self)
                 self._scope = None
             if self.world.stopping:
                 return
             await self._restarted.wait()
             self._restarted = trio.Event()
+
+    def _torn_down(self, incarnation: int) -> bool:
+        """Was that incarnation crashed, or is the world ending it?"""
+        return self.incarnation != incarnation or self.world.stopping
+
+    async def _incarnation(self) -> None:
+        incarnation = self.incarnation
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                await self.run()
+            except Exception as e:  # a server that dies on its own is a finding
+                if self._torn_down(incarnation) and _only(e, WriterStopped):
+                    raise  # the teardown of a crashed incarnation (see supervise)
+                self.world.violation(f"{self.name} died: {e!r}")
+                self.world.crash(self)
 
     def crash(self) -> None:
         if not self.up:
@@ -102,6 +121,13 @@ class SimProcess(abc.ABC):
         self.world.log(f"RESTART {self.name}")
         self.up = True
         self._restarted.set()
+
+
+def _only(error: BaseException, kind: type[BaseException]) -> bool:
+    """Is `error` (or every leaf of its exception group) a `kind`?"""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_only(e, kind) for e in error.exceptions)
+    return isinstance(error, kind)
 
 
 class SimHost(runtime.Host):
