@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster import Cluster
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A /dev/null that became a regular file (something renamed over it) hands every reader
+    what was written there before: `git gc` then reads old log lines as revisions. Say so once
+    instead of failing tests far away from the cause."""
+    if not stat.S_ISCHR(os.stat(os.devnull).st_mode):
+        raise pytest.UsageError(
+            f"{os.devnull} is not a character device here (recreate it: "
+            f"rm {os.devnull}; mknod -m 666 {os.devnull} c 1 3)")
 
 
 @pytest.fixture

@@ -155,8 +155,9 @@ def run(
     env: dict[str, str] | None = None, check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run a real program (stdin /dev/null: what pytest's caller left there is not its
-    input; `git gc` read a shell's stray stderr as revisions); on failure the assertion shows
-    its output."""
+    input); on failure the assertion shows its output. (`git gc` once read old log lines as
+    revisions: `dfs get f /dev/null` had renamed a regular file over the device; conftest.py
+    now refuses to start on such a machine.)"""
     result = subprocess.run(
         [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -63,6 +64,32 @@ def test_get_default_dest_and_into_directory(shared_cluster: Cluster, tmp_path: 
     (tmp_path / "d").mkdir()
     ok(shared_cluster.dfs("get", "/named", tmp_path / "d"))
     assert (tmp_path / "d" / "named").read_bytes() == b"abc"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_get_into_a_device_or_fifo_writes_into_it(shared_cluster: Cluster,
+                                                  tmp_path: Path) -> None:
+    """`dfs get f /dev/null` must not put a regular file where the device was (the rename a
+    regular destination gets would; every later reader of /dev/null then read old output)."""
+    ok(shared_cluster.dfs("put", "-", "/into-dev", input=b"x" * 5000))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        ok(shared_cluster.dfs("get", "/into-dev", fifo))
+        assert reader.communicate(timeout=30)[0] == b"x" * 5000
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert fifo.is_fifo()
+    if os.geteuid() == 0:  # a null device of our own (never the machine's), and a symlink
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (tmp_path / "link").symlink_to(tmp_path / "null")
+        for target in (tmp_path / "null", tmp_path / "link"):
+            ok(shared_cluster.dfs("get", "/into-dev", target))
+            assert target.is_char_device(), target
+        assert (tmp_path / "link").is_symlink()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

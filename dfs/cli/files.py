@@ -140,10 +140,14 @@ async def _readable(client: Client, path: str) -> Attr:
 
 
 async def cat(client: Client, args: argparse.Namespace) -> int:
-    """Stream to stdout; a version collected before its first byte went out is re-read."""
-    out = sys.stdout.buffer
+    return await _stream(client, args.path, sys.stdout.buffer)
+
+
+async def _stream(client: Client, path: str, out: IO[bytes]) -> int:
+    """Stream into `out`, which can't be rewound (stdout, a FIFO, a device): a version
+    collected before its first byte went out is re-read, after that the read fails."""
     for _ in range(3):
-        attr = await _readable(client, args.path)
+        attr = await _readable(client, path)
         written = 0
 
         def count(done: int) -> None:
@@ -157,7 +161,7 @@ async def cat(client: Client, args: argparse.Namespace) -> int:
         except DfsError as e:
             if e.code is not Code.ESTALE or written:
                 raise
-    raise DfsError(Code.ESTALE, f"{args.path} keeps changing while being read")
+    raise DfsError(Code.ESTALE, f"{path} keeps changing while being read")
 
 
 async def _read_with_retry(client: Client, path: str, sink: IO[bytes], label: str) -> Attr:
@@ -183,6 +187,11 @@ async def get(client: Client, args: argparse.Namespace) -> int:
     dest = Path(args.dest if args.dest is not None else name)
     if dest.is_dir():
         dest = dest / name
+    if dest.exists() and not dest.is_file():
+        # A device, FIFO or socket (`dfs get f /dev/null`): written into, never renamed over,
+        # which would put a regular file where the device was.
+        with open(dest, "wb", buffering=0) as out:
+            return await _stream(client, args.path, out)
     # Into a temporary file beside DEST, renamed over it at the end: no half-written DEST.
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".dfs-get")
     try:
@@ -306,7 +315,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH")
     p = command(subparsers, "get", with_client(get), "copy a file out of the cluster")
     p.add_argument("path", metavar="PATH")
-    p.add_argument("dest", nargs="?", metavar="DEST", help="local file or directory, - = stdout")
+    p.add_argument("dest", nargs="?", metavar="DEST", help="local file (replaced whole, by a rename), directory, device or FIFO "
+                   "(written into), - = stdout")
     p = command(subparsers, "put", with_client(put), "store a file (one atomic new version)")
     p.add_argument("src", metavar="SRC", help="local file, - = standard input")
     p.add_argument("path", metavar="PATH", help="cluster file (created if missing) or directory")
