@@ -21,7 +21,6 @@ from typing import Any
 import trio
 
 from dfs import runtime
-from dfs.db import WriterStopped
 
 EPOCH_NS = 1_800_000_000 * 10**9  # the simulated wall clock starts here (2027)
 
@@ -74,15 +73,7 @@ class SimProcess(abc.ABC):
         while True:
             if self.up:
                 self.world.enter(self)
-                incarnation = self.incarnation
-                try:
-                    await self._incarnation()
-                except* WriterStopped:
-                    # Shielded code of this incarnation still writing as it was torn down
-                    # (a repair's decision): its writes fail, as the crash meant (dfs/db.py).
-                    if not self._torn_down(incarnation):
-                        self.world.violation(f"{self.name}: its database writer stopped")
-                        self.world.crash(self)
+                await self._incarnation()
                 self._scope = None
             if self.world.stopping:
                 return
@@ -99,11 +90,20 @@ class SimProcess(abc.ABC):
             self._scope = scope
             try:
                 await self.run()
-            except Exception as e:  # a server that dies on its own is a finding
-                if self._torn_down(incarnation) and _only(e, WriterStopped):
-                    raise  # the teardown of a crashed incarnation (see supervise)
-                self.world.violation(f"{self.name} died: {e!r}")
-                self.world.crash(self)
+            except BaseException as e:
+                errors, rest = _errors_and_rest(e)
+                if errors is not None:
+                    if self._torn_down(incarnation):
+                        # Shielded code of a crashed incarnation (a repair's decision, a
+                        # replica marked bad) ran on into the writer and environment the
+                        # crash took away (WriterStopped, a closed LMDB). A real crash stops
+                        # it dead: an artifact of crashing inside one process, not a finding.
+                        self.world.log(f"{self.name}: after its crash: {errors!r}")
+                    else:  # a server that dies on its own is a finding
+                        self.world.violation(f"{self.name} died: {errors!r}")
+                        self.world.crash(self)
+                if rest is not None:
+                    raise rest from None  # Cancelled: this scope (or the world's) takes it
 
     def crash(self) -> None:
         if not self.up:
@@ -123,11 +123,15 @@ class SimProcess(abc.ABC):
         self._restarted.set()
 
 
-def _only(error: BaseException, kind: type[BaseException]) -> bool:
-    """Is `error` (or every leaf of its exception group) a `kind`?"""
+def _errors_and_rest(
+    error: BaseException,
+) -> tuple[BaseException | None, BaseException | None]:
+    """Split what a process's run raised into its Exceptions and the rest (Cancelled)."""
     if isinstance(error, BaseExceptionGroup):
-        return all(_only(e, kind) for e in error.exceptions)
-    return isinstance(error, kind)
+        return error.split(Exception)
+    if isinstance(error, Exception):
+        return error, None
+    return None, error
 
 
 class SimHost(runtime.Host):
