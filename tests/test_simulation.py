@@ -50,7 +50,7 @@ def test_many_more_seeds_keep_every_invariant() -> None:
 # Seeds that once failed on correct code, each for a reason since fixed: 1012 hung in wall
 # time (a shielded write waited for a stopped database writer, dfs/db.py WriterStopped); 14
 # flagged rule 5 while a repair re-made a rotted copy on its listed node (dfs/sim/watch.py).
-FOUND_SEEDS = (1012, 14, 5475)
+FOUND_SEEDS = (1012, 14, 5475, 5538)
 
 
 @pytest.mark.parametrize("seed", FOUND_SEEDS)

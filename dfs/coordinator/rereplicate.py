@@ -6,7 +6,10 @@ free between them), collects the files with a replica on an evacuated node or wi
 R replicas listed, and repairs each with `Replicator.fix` (its own transaction), many at once.
 A node with nothing left is "clean" until its state changes; a round starts at once when an
 operator drains or removes a node, else every few seconds while work is left, and a full
-sweep for under-replicated files runs every `SWEEP_INTERVAL`.
+sweep for under-replicated files runs every `SWEEP_INTERVAL`. A round whose repairs failed is
+retried with backoff (`BUSY_INTERVAL` doubling to `RETRY_MAX`) even when no evacuated node
+waits on it: a file short of replicas after a repair failed (say, right after a restart,
+before the nodes have reported) must not wait for the next sweep.
 
 Progress is kept for `dfs status` (files done / to do, files per second, replicas left on each
 evacuated node) and for `dfs node drain|remove`, which wait for the node to be clean.
@@ -33,6 +36,7 @@ PAGE = 2000
 BUSY_INTERVAL = 1.0  # look again this soon while an evacuated node is not clean
 IDLE_INTERVAL = 5.0
 SWEEP_INTERVAL = 600.0
+RETRY_MAX = 60.0  # the longest wait before a round that had failed repairs is tried again
 CONCURRENCY = 48
 
 
@@ -83,6 +87,8 @@ class ReReplicator:
         self._wake = trio.Event()
         self._since = 0.0
         self._next_sweep = 0.0
+        self._retry_at: float | None = None  # a round had failed repairs: try again then
+        self._retry_delay = BUSY_INTERVAL
 
     def wake(self) -> None:
         """An operator drained or removed a node: start a round now."""
@@ -112,19 +118,33 @@ class ReReplicator:
             for node, reason in evac.items():
                 nodes.setdefault(node, NodeProgress(reason))
             pending = {n for n, p in nodes.items() if not p.clean}
-            sweep = trio.current_time() >= self._next_sweep
-            if pending or sweep:
-                await self.round(evac, pending)
+            now = trio.current_time()
+            sweep = now >= self._next_sweep
+            retry = self._retry_at is not None and now >= self._retry_at
+            if pending or sweep or retry:
+                failed = await self.round(evac, pending)
                 if sweep:
                     self._next_sweep = trio.current_time() + SWEEP_INTERVAL
+                self._schedule_retry(failed, retry)
             interval = BUSY_INTERVAL if any(not p.clean for p in nodes.values()) \
                 else IDLE_INTERVAL
+            if self._retry_at is not None:
+                interval = max(0.0, min(interval, self._retry_at - trio.current_time()))
             with trio.move_on_after(interval):
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    async def round(self, evac: dict[int, str], pending: set[int]) -> None:
-        """One walk over the inodes and the repair of every file that needs one."""
+    def _schedule_retry(self, failed: int, was_retry: bool) -> None:
+        if not failed:
+            self._retry_at, self._retry_delay = None, BUSY_INTERVAL
+            return
+        if was_retry:
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+        self._retry_at = trio.current_time() + self._retry_delay
+
+    async def round(self, evac: dict[int, str], pending: set[int]) -> int:
+        """One walk over the inodes and the repair of every file that needs one; how many of
+        those repairs failed."""
         # A write placed on a node before it was drained may commit onto it after the walk
         # below read its inode: the node is not clean while such a write was open at the start
         # (no new write is placed on an evacuated node, so the next round settles it).
@@ -160,6 +180,7 @@ class ReReplicator:
                                   and node not in placed)
                 if progress.clean:
                     log.info("node %d (%s) holds no replica any more", node, progress.reason)
+        return p.failed if todo else 0
 
     async def _collect(self, evac: dict[int, str]
                        ) -> tuple[list[tuple[int, int, list[int]]], Counter[int]]:
