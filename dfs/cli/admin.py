@@ -51,9 +51,28 @@ async def status(client: Client, args: argparse.Namespace) -> int:
     line = describe_rereplication(doc)
     if line:
         print(line)
+    meta = doc.get("meta") or {}
+    if meta.get("store") == "etcd":
+        print(describe_etcd(meta))
     if nodes:
         show(_nodes_table(nodes))
     return 0
+
+
+def describe_etcd(meta: dict[str, Any]) -> str:
+    """One line on the etcd the metadata is in: members, the backend's size against the quota."""
+    members = []
+    for m in meta.get("members", []):
+        state = ("leader" if m.get("leader") else "ok") if m.get("healthy") else "DOWN"
+        members.append(f"{m.get('endpoint', '?').removeprefix('http://')} {state}")
+    line = (f"metadata in etcd: {', '.join(members) or 'no member answers'}; backend "
+            f"{size_text(meta.get('db_size'))} of {size_text(meta.get('quota'))} "
+            f"({100 * meta.get('quota_used', 0):.0f}%)")
+    if meta.get("quota_warning"):
+        line += "  WARNING: near etcd's quota (writes stop there; compact and defragment)"
+    if meta.get("alarms"):
+        line += f"  ALARMS: {', '.join(meta['alarms'])}"
+    return line
 
 
 async def node_list(client: Client, args: argparse.Namespace) -> int:

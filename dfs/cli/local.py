@@ -1,7 +1,9 @@
 """`dfs local up`: a whole cluster on this machine, in the foreground, for trying dfs out.
 
 DIR/secret (32 random bytes, hex), DIR/coordinator and DIR/node-1 .. DIR/node-N as data dirs,
-DIR/*.log for each child's output. Ctrl-C or SIGTERM stops every child and exits 0; a child
+DIR/*.log for each child's output. With `--ha`: three etcd members under DIR/etcd/ and two
+coordinators (DIR/coordinator-1, -2: caches of etcd) on the --coordinator port and the next
+one; nodes and the mount are given both (docs/coordinator.md, "Standby coordinators"). Ctrl-C or SIGTERM stops every child and exits 0; a child
 that dies on its own stops the rest and exits 1. The children die with it even when it is
 killed with SIGKILL (procs.die_with). `--log-format` reaches every child.
 """
@@ -20,10 +22,13 @@ from types import FrameType
 
 from dfs import sdnotify
 from dfs.cli.common import command
+from dfs.cli.etcd_members import LocalEtcd
 from dfs.cli.procs import DFS, Child
 from dfs.errors import Code, DfsError
+from dfs.rpc import parse_address
 
 READY_TIMEOUT = 30.0
+ETCD_MEMBERS = 3  # --ha: a majority survives one member's loss
 
 
 class Stop(Exception):
@@ -107,22 +112,33 @@ def up(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     secret = ensure_secret(root)
+    listens = _coordinator_addresses(args.coordinator, 2 if args.ha else 1)
+    args.coordinator = ",".join(listens)
     common = ["--coordinator", args.coordinator, "--secret-file", str(secret.resolve()),
               "--log-format", getattr(args, "log_format", None) or "text"]
     children: list[Child] = []
     # Under systemd it is the cluster that is ready, once all of it is: not each child.
     notify_socket = os.environ.pop(sdnotify.ENV, None)
     signal.signal(signal.SIGTERM, _raise_stop)
+    etcd: LocalEtcd | None = None
     try:
-        coordinator = Child(
-            "coordinator",
-            [*DFS, *common, "coordinator", "--data", str(root / "coordinator"),
-             "--listen", args.coordinator, "--replicas", str(args.replicas)],
-            root / "coordinator.log", die_with_parent=True,
-        )
-        children.append(coordinator)
-        coordinator.start()
-        coordinator.wait_listening(READY_TIMEOUT)
+        meta: list[str] = []
+        if args.ha:
+            etcd = LocalEtcd(root, ETCD_MEMBERS)
+            children.extend(etcd.children)
+            etcd.start()
+            meta = ["--meta", etcd.url]
+        for i, listen in enumerate(listens, 1):
+            name = f"coordinator-{i}" if args.ha else "coordinator"
+            coordinator = Child(
+                name,
+                [*DFS, *common, "coordinator", "--data", str(root / name),
+                 "--listen", listen, "--replicas", str(args.replicas), *meta],
+                root / f"{name}.log", die_with_parent=True,
+            )
+            children.append(coordinator)
+            coordinator.start()
+            coordinator.wait_listening(READY_TIMEOUT)
         nodes = [
             Child(
                 f"node-{i}",
@@ -172,6 +188,17 @@ def up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _coordinator_addresses(first: str, count: int) -> list[str]:
+    """`count` coordinator addresses: the given one, then the ports after it."""
+    if count == 1:
+        return [first]
+    host, port = parse_address(first)
+    if port == 0:
+        raise DfsError(Code.EINVAL, "--ha needs a fixed --coordinator port: the nodes and "
+                                    "mounts are given every coordinator's address")
+    return [f"{host}:{port + i}" for i in range(count)]
+
+
 def _wait_mounted(mount: Child, mountpoint: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while not os.path.ismount(mountpoint):
@@ -199,3 +226,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mount", metavar="DIR", help="also mount the cluster at DIR")
     p.add_argument("--page-cache", action="store_true",
                    help="with --mount: mount with --page-cache (see dfs mount -h)")
+    p.add_argument("--ha", action="store_true",
+                   help="metadata on 3 local etcd members and 2 coordinators (one leads)")

@@ -18,7 +18,7 @@ from dfs import logs
 from dfs.cli.common import Parser, UsageError, add_global_options, fail
 from dfs.errors import DfsError
 
-COMMANDS = ("dfs.cli.servers", "dfs.cli.files", "dfs.cli.admin", "dfs.cli.local")
+COMMANDS = ("dfs.cli.servers", "dfs.cli.files", "dfs.cli.admin", "dfs.cli.local", "dfs.cli.meta")
 OPTIONAL_COMMANDS = ("dfs.cli.mount", "dfs.cli.check", "dfs.cli.bench")
 
 

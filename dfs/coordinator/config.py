@@ -29,6 +29,9 @@ class CoordinatorConfig:
     rpc_timeout: float = 10.0  # COMMIT, ABORT, delete calls to nodes; x3 for a repair fetch
     txid_block: int = 1024  # txids leased per forced write
     rereplicate_after: float = 600.0  # a node down this long has its replicas re-made elsewhere
+    meta: str | None = None  # etcd://HOST:PORT[,...]: metadata in etcd, standbys (ha.py)
+    leader_ttl: int = 2  # seconds of the leader's etcd lease: a standby takes over after it
+    etcd_quota: int = 2 * 1024**3  # etcd's --quota-backend-bytes (its default): status warns
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -63,8 +66,9 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `dfs coordinator`; the CLI adds --secret-file globally."""
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
                         help="directory of the coordinator's LMDB environment")
+    single = os.environ.get("DFS_COORDINATOR", "")
     parser.add_argument("--listen", type=_address, metavar="HOST:PORT",
-                        default=os.environ.get("DFS_COORDINATOR") or DEFAULT_LISTEN,
+                        default=(single if single and "," not in single else DEFAULT_LISTEN),
                         help="address to serve on (default: $DFS_COORDINATOR or %(default)s)")
     parser.add_argument("--replicas", type=_replicas, default=3, metavar="N",
                         help="replicas per file, fixed at the cluster's first start")
@@ -82,6 +86,24 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rereplicate-after", type=_positive, default=600.0, metavar="S",
                         help="seconds a node may be down before its replicas are re-made "
                              "on other nodes (default 600)")
+    parser.add_argument("--meta", type=_etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                        help="keep the metadata in etcd; several coordinators may then run, "
+                             "one leads (--data is then only its cache)")
+    parser.add_argument("--leader-ttl", type=int, default=2, metavar="S",
+                        help="with --meta: seconds of the leader's lease; a standby takes "
+                             "over this long after the leader is gone (default 2)")
+    parser.add_argument("--etcd-quota", type=int, default=2 * 1024**3, metavar="BYTES",
+                        help="with --meta: etcd's --quota-backend-bytes, so `dfs status` "
+                             "warns before writes stop (default 2 GiB, etcd's own)")
+
+
+def _etcd_url(value: str) -> str:
+    endpoints = value.removeprefix("etcd://").split(",") if value.startswith("etcd://") else []
+    if not endpoints or not all(endpoints):
+        raise argparse.ArgumentTypeError(f"{value!r}: want etcd://HOST:PORT[,HOST:PORT...]")
+    for endpoint in endpoints:
+        _address(endpoint)
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -95,4 +117,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         txn_timeout=args.txn_timeout,
         txn_retention=getattr(args, "txn_retention", 60.0),
         rereplicate_after=getattr(args, "rereplicate_after", 600.0),
+        meta=getattr(args, "meta", None),
+        leader_ttl=max(1, getattr(args, "leader_ttl", 2)),
+        etcd_quota=getattr(args, "etcd_quota", 2 * 1024**3),
     )

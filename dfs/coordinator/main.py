@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         secret = load_secret(getattr(args, "secret_file", None)
                              or os.environ.get("DFS_SECRET_FILE"))
         lock_data_dir(config)
+        if config.meta:
+            return _run_ha(config, secret)
         store = MetaStore.open(config.data, replicas=config.replicas,
                                gc_grace_ns=int(config.gc_grace * 1e9))
     except STARTUP_ERRORS as e:
@@ -99,3 +101,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
+
+
+def _run_ha(config: CoordinatorConfig, secret: bytes) -> int:
+    """--meta etcd://...: a standby until elected (dfs/coordinator/ha.py)."""
+    from dfs.etcd.client import EtcdClient
+
+    from .ha import HaCoordinator
+
+    assert config.meta is not None
+    with EtcdClient.from_url(config.meta) as client:
+        try:
+            return trio.run(HaCoordinator(config, secret, client).run)
+        except BaseException as e:
+            cause = _startup_error(e)
+            if cause is None:
+                raise
+            print(f"dfs coordinator: {_describe(cause)}", file=sys.stderr)
+            return 1

@@ -172,6 +172,8 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
             "repairs": {"queued": self.repair_worker.pending(),
                         "fixed": self.repair_worker.fixed, "lost": self.repair_worker.lost},
             "rereplication": self.rereplicator.progress.to_wire(),
+            "meta": await ha.describe() if (ha := getattr(self, "ha", None)) is not None
+            else {"store": "lmdb"},
         }
 
     async def op_node_list(self, req: Request) -> Reply:

@@ -1,0 +1,223 @@
+"""`dfs coordinator --meta etcd://...`: a standby until elected, the leader until its lease goes.
+
+docs/coordinator.md, "Standby coordinators". One process, two roles on one address:
+- Standby: serves `dfs.coordinator.standby.Standby` (every request answered NOT_LEADER with
+  the leader's address, which it polls from etcd) and campaigns (dfs/etcd/election.py).
+- Leader: its LMDB cache is emptied and loaded from etcd (dfs/etcd/mirror.py), then the very
+  coordinator of the LMDB-only case runs over it: start-up recovery resumes COMMIT delivery
+  for every decided transaction and presumes abort for the rest, as after a restart. Every
+  batch it writes is one fenced etcd transaction. The lease kept alive is the leadership: the
+  moment a keepalive finds it gone, or a fenced write is refused, the service is cancelled
+  and the process is a standby again (with a fresh cache at its next term).
+Error policy: the top nursery ends on SIGINT/SIGTERM; a lost leadership ends only the leader
+nursery; anything else is a bug and ends the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+from typing import Any
+
+import trio
+
+from dfs import rpc, runtime, sdnotify
+from dfs.errors import DfsError
+from dfs.etcd.client import Compacted, EtcdClient, EtcdError
+from dfs.etcd.election import Election, Leadership, LostLeadership
+from dfs.etcd.mirror import EtcdMirror, subdb_prefix
+from dfs.meta import MetaStore
+from dfs.meta.cluster import CLUSTER_ID
+from dfs.meta.codec import unpack
+
+from .config import CoordinatorConfig
+from .service import CoordinatorService
+from .standby import Standby
+
+log = logging.getLogger("dfs.coordinator")
+
+PREFIX = "/dfs"  # every key dfs keeps in etcd is under it
+LEADER_KEY = f"{PREFIX}/leader".encode()
+MIGRATING = f"{PREFIX}/migrating".encode()  # `dfs meta migrate` has not finished (cli/meta.py)
+MIGRATION_WAIT = 5.0  # a leader that finds an unfinished migration looks again after this
+LEADER_POLL = 0.25  # a standby refreshes the leader it names this often
+DEPOSED_POLL = 0.05  # a leader checks that its fenced writes still land this often
+COMPACT_EVERY = 300.0  # the leader compacts etcd's history this often...
+COMPACT_KEEP = 10_000  # ...keeping this many revisions (reads of a load span a few)
+QUOTA_WARN = 0.8  # `dfs status` warns once etcd's backend is this full (writes stop at 1.0)
+
+
+def _address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class HaCoordinator:
+    """The two roles of one coordinator process over one etcd cluster."""
+
+    def __init__(self, config: CoordinatorConfig, secret: bytes, client: EtcdClient) -> None:
+        self.config = config
+        self.secret = secret
+        self.client = client
+        self.election = Election(client, LEADER_KEY, ttl=config.leader_ttl)
+        self.leader: str | None = None  # as last read from etcd (standby role)
+        self.cluster_id = ""
+        self.role = "standby"
+        self.terms = 0
+        self._announced = False
+
+    # ------------------------------------------------------------ the whole process
+
+    async def run(self) -> int:
+        await runtime.in_thread(self.client.status)  # an unreachable etcd: a clear start error
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            while True:
+                leadership = await self._stand_by()
+                await self._lead(leadership)
+                await trio.sleep(LEADER_POLL)  # let the next leader's key appear first
+        return 0
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    def _announce(self, address: str) -> None:
+        """The first bind: the address is fixed for good (a port 0 becomes the one picked)."""
+        if self._announced:
+            return
+        self._announced = True
+        self.config = dataclasses.replace(self.config, listen=address)
+        print(f"dfs coordinator listening on {address}", flush=True)
+        sdnotify.ready(f"listening on {address}")
+
+    # ------------------------------------------------------------ standby
+
+    async def _stand_by(self) -> Leadership:
+        self.role = "standby"
+        host, port = self.config.host_port
+        standby = Standby(lambda: self.leader, info=self.info)
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                rpc.serve, standby, host, port, self.secret, lambda: self.cluster_id)
+            address = _address(listeners[0])
+            self._announce(address)
+            nursery.start_soon(self._follow)
+            log.info("standby on %s; campaigning", address)
+            leadership = await self.election.campaign(self.config.listen)
+            nursery.cancel_scope.cancel()
+        return leadership
+
+    async def _follow(self) -> None:
+        """Keep `leader` and the cluster id fresh for the NOT_LEADER replies."""
+        while True:
+            try:
+                self.leader = await self.election.current_leader()
+                if not self.cluster_id:
+                    self.cluster_id = await runtime.in_thread(self._stored_cluster_id)
+            except EtcdError as e:
+                log.debug("leader poll: %s", e.msg)
+                self.leader = None
+            await trio.sleep(LEADER_POLL)
+
+    def _stored_cluster_id(self) -> str:
+        kv = self.client.get(subdb_prefix(PREFIX, "meta") + CLUSTER_ID)
+        value = unpack(kv.value) if kv is not None else ""
+        return value if isinstance(value, str) else ""
+
+    # ------------------------------------------------------------ leader
+
+    async def _lead(self, leadership: Leadership) -> None:
+        self.role = "leader"
+        self.terms += 1
+        mirror = EtcdMirror(self.client, PREFIX, leadership)
+        try:
+            if await runtime.in_thread(self.client.get, MIGRATING) is not None:
+                log.error("etcd holds an unfinished `dfs meta migrate`: not leading until "
+                          "it is run again to the end")
+                await self.election.resign(leadership)
+                await trio.sleep(MIGRATION_WAIT)
+                return
+            store = await runtime.in_thread(functools.partial(
+                MetaStore.open, self.config.data, replicas=self.config.replicas,
+                gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror))
+        except (DfsError, LostLeadership) as e:
+            log.warning("could not take over (%s): standing by again", e.msg)
+            await self.election.resign(leadership)
+            return
+        self.cluster_id = store.cluster_id
+        self.leader = self.config.listen
+        log.info("leading (term %d, etcd revision %d): cluster %s", self.terms,
+                 leadership.create_revision, store.cluster_id)
+        service = CoordinatorService(store, self.config, self.secret)
+        service.ha = self  # type: ignore[attr-defined]  # op_status reports the roles
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.election.keep_alive, leadership)
+                nursery.start_soon(self._watch_fence, mirror)
+                nursery.start_soon(self._compact)
+                await nursery.start(service.run)
+        except* LostLeadership as group:
+            log.warning("stepping down: %s", group.exceptions[0])
+        finally:
+            self.role = "standby"
+            self.leader = None
+            store.close()
+
+    @staticmethod
+    async def _watch_fence(mirror: EtcdMirror) -> None:
+        """A fenced write refused (another leader's key): step down now, not at the TTL."""
+        while not mirror.deposed:
+            await trio.sleep(DEPOSED_POLL)
+        raise LostLeadership("a fenced etcd write was refused: another coordinator leads")
+
+    async def _compact(self) -> None:
+        """Compaction is configured, not left to chance: etcd keeps COMPACT_KEEP revisions."""
+        while True:
+            await trio.sleep(COMPACT_EVERY)
+            try:
+                now = await runtime.in_thread(functools.partial(
+                    self.client.range, LEADER_KEY, count_only=True))
+                if now.revision > COMPACT_KEEP:
+                    await runtime.in_thread(self.client.compact, now.revision - COMPACT_KEEP)
+            except Compacted:
+                pass
+            except EtcdError as e:
+                log.warning("etcd compaction: %s", e.msg)
+
+    # ------------------------------------------------------------ status
+
+    def info(self) -> dict[str, Any]:
+        return {"role": self.role, "leader": self.leader, "address": self.config.listen,
+                "terms": self.terms}
+
+    async def describe(self) -> dict[str, Any]:
+        """For `dfs status`: the store, each etcd member's health and the quota headroom."""
+        return await runtime.in_thread(self._describe)
+
+    def _describe(self) -> dict[str, Any]:
+        members = []
+        largest = 0
+        for endpoint in self.client.endpoints:
+            try:
+                st = self.client.status(endpoint)
+            except EtcdError as e:
+                members.append({"endpoint": endpoint, "healthy": False, "error": e.msg})
+                continue
+            largest = max(largest, st.db_size)
+            members.append({"endpoint": endpoint, "healthy": True, "leader": st.leader == st.member_id,
+                            "db_size": st.db_size, "version": st.version})
+        try:
+            alarms = [kind for _, kind in self.client.alarms()]
+        except EtcdError as e:
+            alarms = [f"unknown: {e.msg}"]
+        quota = self.config.etcd_quota
+        used = largest / quota if quota else 0.0
+        return {"store": "etcd", "leader": self.config.listen, "members": members,
+                "alarms": alarms, "db_size": largest, "quota": quota,
+                "quota_used": round(used, 4), "quota_warning": used >= QUOTA_WARN}
