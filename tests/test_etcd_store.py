@@ -318,3 +318,30 @@ async def test_keep_alive_steps_down_the_moment_the_lease_is_gone(etcd: EtcdClus
     assert lead.lost and time.monotonic() - started < TTL / 2 + 0.5
     with pytest.raises(LostLeadership):
         lead.check()
+
+
+async def test_three_members_writes_go_on_when_one_is_killed(tmp_path: Path) -> None:
+    with EtcdCluster(tmp_path / "etcd", members=3) as etcd:
+        client = etcd.client(timeout=1.0)
+        e = Election(client, b"/t3/leader", ttl=5)  # outlives an etcd leader election
+        lead = await e.campaign("coord-a")
+        store = open_mirrored(tmp_path / "a", client, "/t3", lead)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(e.keep_alive, lead)
+            await nursery.start(store.db.run_writer)
+            await mkdir(store, ROOT_INO, b"before")
+            etcd.kill(0)  # kill -9 of the member the client talks to first
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        await mkdir(store, ROOT_INO, b"after")
+                        break
+                    except DfsError as err:
+                        if err.code is Code.EEXIST:  # an earlier try did land
+                            break
+                        assert err.code is Code.UNAVAILABLE, err
+                        await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        assert {b"before", b"after"} <= names(store)
+        assert etcd_dump(client, "/t3") == dump(store)
+        store.close()

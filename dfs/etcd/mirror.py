@@ -64,6 +64,9 @@ MARKER = "_mirror"
 # Room a txn keeps for the marker put and the two compares (ops and bytes).
 RESERVED_OPS = 1
 RESERVED_BYTES = 4096
+# The most keys one request (one db.write) may change on etcd: callers that touch many keys
+# (GC sweeps, purges, bulk repair queueing) chunk their writes by it.
+MAX_REQUEST_KEYS = MAX_TXN_OPS - RESERVED_OPS
 LOAD_PAGE = 2000  # keys per range call while loading
 LOAD_ATTEMPTS = 3  # a load that meets a compaction starts over at a newer revision
 CACHE_TAG = "ETCD_CACHE"  # marks an LMDB directory as a disposable cache of etcd
