@@ -387,6 +387,8 @@ class Database:
 
     @staticmethod
     def _fail_all(batch: list[_Request], error: DfsError) -> None:
+        """Every request gets its own copy of error (one instance raised in many tasks would
+        pile up their tracebacks); DfsError subclasses differ in their constructors."""
         for req in batch:
             req.result, req.error = None, type(error).__new__(type(error))
             req.error.__dict__.update(error.__dict__)

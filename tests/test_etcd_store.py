@@ -345,3 +345,16 @@ async def test_three_members_writes_go_on_when_one_is_killed(tmp_path: Path) -> 
         assert {b"before", b"after"} <= names(store)
         assert etcd_dump(client, "/t3") == dump(store)
         store.close()
+
+
+def test_a_cache_dir_is_emptied_but_real_lmdb_metadata_is_refused(tmp_path: Path) -> None:
+    plain = MetaStore.open(tmp_path / "plain", map_size=1 << 20)  # an LMDB coordinator's
+    plain.close()
+    with pytest.raises(DfsError) as info:
+        EtcdMirror.prepare(tmp_path / "plain")
+    assert info.value.code is Code.BAD_REQUEST and "migrate" in info.value.msg
+    assert (tmp_path / "plain" / "data.mdb").exists()
+    EtcdMirror.prepare(tmp_path / "cache")
+    (tmp_path / "cache" / "data.mdb").write_bytes(b"torn by a power cut")
+    EtcdMirror.prepare(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "data.mdb").exists()

@@ -348,12 +348,17 @@ def load(client: EtcdClient, prefix: str, db: Database, *, page: int = LOAD_PAGE
     """Replace every sub-db of db with its copy in etcd, all read at one revision; that
     revision. Runs before the writer task (like `Database.write_now`), never through a mirror.
     """
-    for _ in range(LOAD_ATTEMPTS):
+    attempts = 0
+    while True:
         try:
             return _load_once(client, prefix, db, page)
         except Compacted:
+            attempts += 1
+            if attempts >= LOAD_ATTEMPTS:
+                raise EtcdError("etcd kept compacting while the metadata was loaded") from None
             log.warning("etcd compacted the revision being loaded; loading again")
-    raise EtcdError("etcd kept compacting while the metadata was loaded")
+        except lmdb.MapFullError:  # nothing was written (the transaction aborted): grow
+            db.env.set_mapsize(db.env.info()["map_size"] * 2)
 
 
 def _load_once(client: EtcdClient, prefix: str, db: Database, page: int) -> int:
