@@ -24,6 +24,12 @@ Power loss (issue 8 item 5). The environment is opened `sync=True, metasync=Fals
   prepare fail, a lost ENDED or ack is redone, a lost GC removal is retried).
 
 `install_environments` replaces `lmdb.open` (the simulator runs dfs/sim/lmdb_model.py).
+
+With a `mirror` (dfs/etcd/mirror.py) every batch is also written to etcd, fenced by the
+coordinator's leadership, before the outer LMDB commit; an etcd failure aborts the batch.
+The LMDB is then a cache that a leader always rebuilds from etcd, so it is opened without
+fsync (sync=False), no batch is flushed and nothing is pinned: a write is durable, on an
+etcd quorum, before LMDB shows it to anyone.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import lmdb
 import trio
@@ -72,6 +78,31 @@ class WriterStopped(DfsError):
         super().__init__(Code.UNAVAILABLE, "the database writer has stopped")
 
 
+class Mirror(Protocol):
+    """A durable copy that every write batch goes to before the outer commit (the etcd
+    mirror implements it). Called in the writer's worker thread, one batch at a time."""
+
+    def begin(self, txn: Any, dbs: dict[str, Any]) -> None:
+        """The outer transaction started; raising fails the whole batch."""
+
+    def wrap(self, txn: Any) -> Any:
+        """What a request's fn gets instead of its nested transaction (it records)."""
+
+    def admit(self, view: Any) -> None:
+        """The request's fn returned, inside its nested transaction; raising rolls back
+        that request only."""
+
+    def flush(self) -> None:
+        """Write every admitted request to the copy; raising fails the whole batch."""
+
+    def end(self, committed: bool) -> None:
+        """The outer transaction committed, or was aborted."""
+
+
+class _BatchFailed(Exception):
+    """The mirror failed a whole batch: abort the outer transaction (requests hold the error)."""
+
+
 @dataclass
 class _Request:
     fn: Callable[[lmdb.Transaction], Any]
@@ -94,8 +125,10 @@ class Database:
         *,
         map_size: int = 1 << 30,
         readonly: bool = False,
+        mirror: Mirror | None = None,
     ) -> None:
         self.path = Path(path)
+        self.mirror = mirror
         opener = _opener
         if opener is None:
             opener = lmdb.open
@@ -109,7 +142,7 @@ class Database:
             map_size=map_size,
             max_dbs=len(subdbs) + 2,
             subdir=True,
-            sync=True,
+            sync=mirror is None,
             metasync=False,
             readonly=readonly,
             lock=not readonly,
@@ -165,9 +198,23 @@ class Database:
 
     def write_now(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """A synchronous durable write, for start-up code that runs before the writer task."""
-        with self.env.begin(write=True) as txn:
-            result = fn(txn)
-        self._sync()
+        mirror = self.mirror
+        if mirror is None:
+            with self.env.begin(write=True) as txn:
+                result = fn(txn)
+            self._sync()
+            return result
+        committed = False
+        try:
+            with self.env.begin(write=True) as txn:
+                mirror.begin(txn, self.dbs)
+                view = mirror.wrap(txn)
+                result = fn(view)
+                mirror.admit(view)
+                mirror.flush()
+            committed = True
+        finally:
+            mirror.end(committed)
         return result
 
     async def write(self, fn: Callable[[lmdb.Transaction], T], *, durable: bool = True) -> T:
@@ -228,7 +275,7 @@ class Database:
         the failpoint between them can fire (tests, the simulator): a thread hop saved per
         durable write.
         """
-        pin = self.hide_unforced and any(r.durable for r in batch)
+        pin = self.hide_unforced and self.mirror is None and any(r.durable for r in batch)
         while True:
             if pin:
                 self._pin()
@@ -251,9 +298,8 @@ class Database:
             log.warning("LMDB map full; growing map to %d bytes", new_size)
             self.env.set_mapsize(new_size)
 
-    @staticmethod
-    def _owes_flush(batch: list[_Request]) -> bool:
-        return any(r.durable and r.error is None for r in batch)
+    def _owes_flush(self, batch: list[_Request]) -> bool:
+        return self.mirror is None and any(r.durable and r.error is None for r in batch)
 
     def _commit_and_flush(self, batch: list[_Request]) -> bool | None:
         committed = self._commit_batch(batch)
@@ -279,6 +325,8 @@ class Database:
     def _commit_batch(self, batch: list[_Request]) -> bool | None:
         """Commit one batch; None when the map is full (nothing written: grow and retry),
         False when the commit failed (every request holds the error), True when committed."""
+        if self.mirror is not None:
+            return self._commit_mirrored(batch, self.mirror)
         try:
             with self.env.begin(write=True) as outer:
                 for req in batch:
@@ -293,15 +341,68 @@ class Database:
         except lmdb.MapFullError:
             return None
         except lmdb.Error as e:
-            # The outer commit failed (a full disk shows up as ENOSPC or, after a short
-            # write, EIO): nothing of the batch was written. Every request gets the error
-            # and the writer keeps serving; the environment stays usable.
-            log.error("LMDB write batch of %d failed: %s", len(batch), e)
-            for req in batch:
-                req.result = None
-                req.error = type(e)(*e.args)
+            self._commit_failed(batch, e)
             return False
         return True
+
+    def _commit_mirrored(self, batch: list[_Request], mirror: Mirror) -> bool | None:
+        """_commit_batch with the mirror: each request's changes recorded in its nested
+        transaction, all of them written to the mirror before the outer commit."""
+        committed = False
+        try:
+            with self.env.begin(write=True) as outer:
+                try:
+                    mirror.begin(outer, self.dbs)
+                except DfsError as e:
+                    self._fail_all(batch, e)
+                    raise _BatchFailed() from None
+                for req in batch:
+                    req.error = None
+                    try:
+                        with self.env.begin(write=True, parent=outer) as inner:
+                            view = mirror.wrap(inner)
+                            req.result = req.fn(view)
+                            mirror.admit(view)
+                    except lmdb.MapFullError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - handed back to the caller
+                        req.result, req.error = None, e
+                try:
+                    mirror.flush()
+                except DfsError as e:
+                    log.warning("metadata batch of %d not written to etcd: %s", len(batch), e)
+                    self._fail_all([r for r in batch if r.error is None], e)
+                    raise _BatchFailed() from None
+            committed = True
+        except _BatchFailed:
+            return False
+        except lmdb.MapFullError:
+            return None
+        except lmdb.Error as e:
+            self._commit_failed(batch, e)
+            return False
+        finally:
+            mirror.end(committed)
+        return True
+
+    @staticmethod
+    def _fail_all(batch: list[_Request], error: DfsError) -> None:
+        """Every request gets its own copy of error (one instance raised in many tasks would
+        pile up their tracebacks); DfsError subclasses differ in their constructors."""
+        for req in batch:
+            req.result, req.error = None, type(error).__new__(type(error))
+            req.error.__dict__.update(error.__dict__)
+            req.error.args = error.args
+
+    @staticmethod
+    def _commit_failed(batch: list[_Request], e: lmdb.Error) -> None:
+        # The outer commit failed (a full disk shows up as ENOSPC or, after a short
+        # write, EIO): nothing of the batch was written. Every request gets the error
+        # and the writer keeps serving; the environment stays usable.
+        log.error("LMDB write batch of %d failed: %s", len(batch), e)
+        for req in batch:
+            req.result = None
+            req.error = type(e)(*e.args)
 
     def _sync(self) -> None:
         try:

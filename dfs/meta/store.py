@@ -8,6 +8,7 @@ later provide the same objects (docs/design.md §3).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lmdb
 
@@ -20,6 +21,9 @@ from dfs.meta.nodes import NodeTable
 from dfs.meta.repairs import RepairQueue
 from dfs.meta.scan import MetaScan
 from dfs.meta.txnlog import TxnLog
+
+if TYPE_CHECKING:
+    from dfs.etcd.mirror import EtcdMirror
 
 SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta", "repairs", "blobs"]
 DEFAULT_GC_GRACE_NS = 60 * 1_000_000_000
@@ -40,14 +44,22 @@ class MetaStore:
 
     @classmethod
     def open(cls, path: Path | str, *, replicas: int = 3, gc_grace_ns: int = DEFAULT_GC_GRACE_NS,
-             map_size: int = 1 << 30) -> MetaStore:
+             map_size: int = 1 << 30, mirror: EtcdMirror | None = None) -> MetaStore:
         """Open (creating at first start) the environment in directory `path` (path/data.mdb).
 
         Runs before the writer task exists, hence the synchronous durable write. `replicas` is
         used at first start only; afterwards the stored R wins.
+
+        With `mirror` the metadata lives in etcd (dfs/etcd/mirror.py) and `path` is only its
+        cache: emptied, loaded from etcd, and every write goes to etcd first.
         """
-        store = cls(Database(path, SUBDBS, map_size=map_size), gc_grace_ns=gc_grace_ns)
+        if mirror is not None:
+            mirror.prepare(path)
+        store = cls(Database(path, SUBDBS, map_size=map_size, mirror=mirror),
+                    gc_grace_ns=gc_grace_ns)
         try:
+            if mirror is not None:
+                mirror.load(store.db)
             store.db.write_now(lambda txn: store._initialize(txn, replicas))
         except BaseException:
             store.db.close()
