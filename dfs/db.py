@@ -88,9 +88,10 @@ class Mirror(Protocol):
     def wrap(self, txn: Any) -> Any:
         """What a request's fn gets instead of its nested transaction (it records)."""
 
-    def admit(self, view: Any) -> None:
+    def admit(self, view: Any, *, divisible: bool = False) -> None:
         """The request's fn returned, inside its nested transaction; raising rolls back
-        that request only."""
+        that request only. `divisible`: its changes are independent of each other (a GC
+        sweep) and may be split across several writes of the copy."""
 
     def flush(self) -> None:
         """Write every admitted request to the copy; raising fails the whole batch."""
@@ -107,6 +108,7 @@ class _BatchFailed(Exception):
 class _Request:
     fn: Callable[[lmdb.Transaction], Any]
     durable: bool
+    divisible: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -217,14 +219,18 @@ class Database:
             mirror.end(committed)
         return result
 
-    async def write(self, fn: Callable[[lmdb.Transaction], T], *, durable: bool = True) -> T:
+    async def write(self, fn: Callable[[lmdb.Transaction], T], *, durable: bool = True,
+                    divisible: bool = False) -> T:
         """Run fn in its own (nested) write transaction of the next batch; return its result.
 
         An exception raised by fn rolls back fn's changes only and is re-raised here.
+        `divisible`: fn's changes are independent of each other (many GC entries, many ended
+        records): a mirror may write them in several pieces, where one piece could exceed
+        etcd's limits on one transaction. Only such bulk sweeps say so.
         """
         if self._stopped:
             raise WriterStopped()
-        req = _Request(fn, durable)
+        req = _Request(fn, durable, divisible)
         await self._send.send(req)
         await req.done.wait()
         if req.error is not None:
@@ -362,7 +368,7 @@ class Database:
                         with self.env.begin(write=True, parent=outer) as inner:
                             view = mirror.wrap(inner)
                             req.result = req.fn(view)
-                            mirror.admit(view)
+                            mirror.admit(view, divisible=req.divisible)
                     except lmdb.MapFullError:
                         raise
                     except Exception as e:  # noqa: BLE001 - handed back to the caller

@@ -180,6 +180,31 @@ async def test_a_large_batch_spans_etcd_txns_but_each_request_stays_atomic(
     store.close()
 
 
+async def test_a_divisible_sweep_over_etcds_limits_lands_in_pieces(
+        etcd: EtcdCluster, prefix: str, tmp_path: Path) -> None:
+    """A GC sweep of 300 independent entries (db.write(divisible=True)) must not fail as one
+    too-big etcd txn forever: it lands, in txns each within 128 operations."""
+    client = etcd.client()
+    lead = await election(client, prefix).campaign("coord-a")
+    store = open_mirrored(tmp_path / "a", client, prefix, lead)
+    mirror = store.db.mirror
+    assert isinstance(mirror, EtcdMirror)
+    gc = store.db["gc"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.db.run_writer)
+        before = mirror.txns_sent
+        await store.db.write(lambda t: [t.put(b"k%03d" % i, b"v", db=gc) for i in range(300)],
+                             divisible=True)
+        sent = mirror.txns_sent - before
+        await store.db.write(lambda t: [t.delete(b"k%03d" % i, db=gc) for i in range(300)],
+                             durable=False, divisible=True)
+        nursery.cancel_scope.cancel()
+    assert sent >= 3
+    assert dump(store)["gc"] == [] and etcd_dump(client, prefix)["gc"] == []
+    assert etcd_dump(client, prefix) == dump(store)
+    store.close()
+
+
 async def test_unreachable_etcd_is_unavailable_within_the_timeout(
         etcd: EtcdCluster, prefix: str, tmp_path: Path) -> None:
     client = etcd.client(timeout=0.5)

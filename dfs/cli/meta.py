@@ -84,7 +84,7 @@ def _copy(db: Any, client: Any, subdbs: list[str], *, show: bool) -> dict[str, i
     """Every key of every sub-db into etcd, whole etcd transactions within etcd's limits."""
     from rich.progress import Progress
 
-    from dfs.coordinator.ha import MIGRATING, PREFIX
+    from dfs.coordinator.ha import META_PREFIX, MIGRATING
     from dfs.etcd.client import MAX_REQUEST_BYTES, MAX_TXN_OPS, OP_OVERHEAD, op_delete, op_put
     from dfs.etcd.mirror import subdb_prefix
 
@@ -104,7 +104,7 @@ def _copy(db: Any, client: Any, subdbs: list[str], *, show: bool) -> dict[str, i
             db.snapshot() as txn:
         task = progress.add_task("migrating keys", total=sum(counts.values()))
         for name in subdbs:
-            base = subdb_prefix(PREFIX, name)
+            base = subdb_prefix(META_PREFIX, name)
             for key, value in txn.cursor(db=db[name]):
                 k = base + bytes(key)
                 cost = len(k) + len(value) + OP_OVERHEAD

@@ -172,7 +172,7 @@ class CheckOps:
                     kept.append([blob, verdict])
             return queued, kept
 
-        queued, kept = await store.db.write(write)
+        queued, kept = await store.db.write(write, divisible=True)  # independent GC entries
         return {"queued": queued, "kept": kept}
 
     async def op_repair_namespace(self, req: Request) -> Reply:

@@ -86,7 +86,7 @@ class GarbageCollector:
                 store.gc.remove(txn, gone)
                 store.gc.postpone(txn, later, postpone_to)
 
-            await store.db.write(reshuffle, durable=False)
+            await store.db.write(reshuffle, durable=False, divisible=True)
         confirmed: list[GcEntry] = []
         async with trio.open_nursery() as nursery:
             for node, pairs in live.items():
@@ -98,7 +98,8 @@ class GarbageCollector:
                     nursery.start_soon(self._delete_guarded, node, guarded, confirmed)
         if confirmed:
             # Unforced: an entry that reappears after a crash is deleted again, harmlessly.
-            await store.db.write(lambda txn: store.gc.remove(txn, confirmed), durable=False)
+            await store.db.write(lambda txn: store.gc.remove(txn, confirmed), durable=False,
+                                 divisible=True)
         return len(confirmed)
 
     def _due(self, txn: lmdb.Transaction, now_ns: int
@@ -158,4 +159,5 @@ class GarbageCollector:
         before = runtime.wall_ns() - int(self.config.txn_retention * 1e9)
         txnlog = self.store.txnlog
         return await self.store.db.write(
-            lambda txn: txnlog.purge_ended(txn, before, PURGE_LIMIT), durable=False)
+            lambda txn: txnlog.purge_ended(txn, before, PURGE_LIMIT), durable=False,
+            divisible=True)

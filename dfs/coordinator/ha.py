@@ -25,6 +25,7 @@ import trio
 
 from dfs import rpc, runtime, sdnotify
 from dfs.errors import DfsError
+from dfs.etcd import leader_key, meta_prefix
 from dfs.etcd.client import Compacted, EtcdClient, EtcdError
 from dfs.etcd.election import Election, Leadership, LostLeadership
 from dfs.etcd.mirror import EtcdMirror, subdb_prefix
@@ -39,7 +40,8 @@ from .standby import Standby
 log = logging.getLogger("dfs.coordinator")
 
 PREFIX = "/dfs"  # every key dfs keeps in etcd is under it
-LEADER_KEY = f"{PREFIX}/leader".encode()
+LEADER_KEY = leader_key(PREFIX)
+META_PREFIX = meta_prefix(PREFIX)  # the sub-databases, as dfs/etcd/mirror.py lays them out
 MIGRATING = f"{PREFIX}/migrating".encode()  # `dfs meta migrate` has not finished (cli/meta.py)
 MIGRATION_WAIT = 5.0  # a leader that finds an unfinished migration looks again after this
 LEADER_POLL = 0.25  # a standby refreshes the leader it names this often
@@ -126,7 +128,7 @@ class HaCoordinator:
             await trio.sleep(LEADER_POLL)
 
     def _stored_cluster_id(self) -> str:
-        kv = self.client.get(subdb_prefix(PREFIX, "meta") + CLUSTER_ID)
+        kv = self.client.get(subdb_prefix(META_PREFIX, "meta") + CLUSTER_ID)
         value = unpack(kv.value) if kv is not None else ""
         return value if isinstance(value, str) else ""
 
@@ -135,7 +137,7 @@ class HaCoordinator:
     async def _lead(self, leadership: Leadership) -> None:
         self.role = "leader"
         self.terms += 1
-        mirror = EtcdMirror(self.client, PREFIX, leadership)
+        mirror = EtcdMirror(self.client, META_PREFIX, leadership)
         try:
             if await runtime.in_thread(self.client.get, MIGRATING) is not None:
                 log.error("etcd holds an unfinished `dfs meta migrate`: not leading until "

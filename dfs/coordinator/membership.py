@@ -152,4 +152,4 @@ class Membership:
             for r in records:
                 store.nodes.update_usage(txn, r.id, r.capacity, r.used, r.last_seen_ns)
 
-        await store.db.write(write, durable=False)
+        await store.db.write(write, durable=False, divisible=True)

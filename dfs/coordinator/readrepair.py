@@ -103,7 +103,7 @@ class RepairWorker:
         if not entries:
             return
         queue = self.store.repairs
-        await self.store.db.write(lambda t: [queue.add(t, e) for e in entries])
+        await self.store.db.write(lambda t: [queue.add(t, e) for e in entries], divisible=True)
         self._wake.set()
 
     def pending(self) -> int:

@@ -217,15 +217,20 @@ class EtcdMirror:
     def wrap(self, txn: lmdb.Transaction) -> RecordingTxn:
         return RecordingTxn(txn, self._names)
 
-    def admit(self, view: RecordingTxn) -> None:
+    def admit(self, view: RecordingTxn, *, divisible: bool = False) -> None:
         """A request finished (inside its nested transaction): keep its changes, or raise
-        TOO_BIG so that only this request rolls back."""
+        TOO_BIG so that only this request rolls back. A divisible request's changes are
+        independent: kept in pieces that each fit one etcd txn."""
         changes = view.changes
         view.changes = {}
         if not changes:
             return
         ops, size = len(changes), _size(self.prefix, changes)
-        if ops + RESERVED_OPS > self.max_ops or size + RESERVED_BYTES > self.max_bytes:
+        too_big = ops + RESERVED_OPS > self.max_ops or size + RESERVED_BYTES > self.max_bytes
+        if too_big and divisible:
+            self._admitted.extend(self._pieces(changes))
+            return
+        if too_big:
             raise DfsError(Code.TOO_BIG, f"one metadata change of {ops} keys ({size} bytes) is "
                                          f"over etcd's limits ({self.max_ops} operations, "
                                          f"{self.max_bytes} bytes per transaction)")
@@ -246,6 +251,26 @@ class EtcdMirror:
         self._admitted, self._landed = [], []
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _pieces(self, changes: Changes) -> list[Changes]:
+        """A divisible request's changes cut into pieces within the limits of one etcd txn."""
+        pieces: list[Changes] = []
+        piece: Changes = {}
+        size = 0
+        for key, value in changes.items():
+            extra = _size(self.prefix, {key: value})
+            if extra + RESERVED_BYTES > self.max_bytes:
+                raise DfsError(Code.TOO_BIG, f"one metadata value of {extra} bytes is over "
+                                             f"etcd's {self.max_bytes} bytes per transaction")
+            if piece and (len(piece) + 1 + RESERVED_OPS > self.max_ops
+                          or size + extra + RESERVED_BYTES > self.max_bytes):
+                pieces.append(piece)
+                piece, size = {}, 0
+            piece[key] = value
+            size += extra
+        if piece:
+            pieces.append(piece)
+        return pieces
 
     def _groups(self) -> list[Changes]:
         groups: list[Changes] = []
