@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from dfs import rpc, runtime, sdnotify
+from dfs import runtime, sdnotify
 from dfs.errors import DfsError
 from dfs.etcd import leader_key, meta_prefix
 from dfs.etcd.client import Compacted, EtcdClient, EtcdError
@@ -49,11 +49,6 @@ DEPOSED_POLL = 0.05  # a leader checks that its fenced writes still land this of
 COMPACT_EVERY = 300.0  # the leader compacts etcd's history this often...
 COMPACT_KEEP = 10_000  # ...keeping this many revisions (reads of a load span a few)
 QUOTA_WARN = 0.8  # `dfs status` warns once etcd's backend is this full (writes stop at 1.0)
-
-
-def _address(listener: trio.SocketListener) -> str:
-    host, port = listener.socket.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class HaCoordinator:
@@ -103,11 +98,9 @@ class HaCoordinator:
     async def _stand_by(self) -> Leadership:
         self.role = "standby"
         host, port = self.config.host_port
-        standby = Standby(lambda: self.leader, info=self.info)
+        standby = Standby(lambda: self.leader, lambda: self.cluster_id or None)
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                rpc.serve, standby, host, port, self.secret, lambda: self.cluster_id)
-            address = _address(listeners[0])
+            address = await nursery.start(standby.run, host, port, self.secret)
             self._announce(address)
             nursery.start_soon(self._follow)
             log.info("standby on %s; campaigning", address)
@@ -193,10 +186,6 @@ class HaCoordinator:
                 log.warning("etcd compaction: %s", e.msg)
 
     # ------------------------------------------------------------ status
-
-    def info(self) -> dict[str, Any]:
-        return {"role": self.role, "leader": self.leader, "address": self.config.listen,
-                "terms": self.terms}
 
     async def describe(self) -> dict[str, Any]:
         """For `dfs status`: the store, each etcd member's health and the quota headroom."""
