@@ -180,6 +180,24 @@ def test_fsync_reports_the_conflict(fail_mounts: tuple[Mount, Mount]) -> None:
     assert path_d.read_bytes() == b"the other writer's"
 
 
+def test_an_o_trunc_handle_is_based_on_the_version_it_truncated(
+    fail_mounts: tuple[Mount, Mount]
+) -> None:
+    c, d = fail_mounts
+    name = fresh_dir(c)
+    (c / name / "f").write_bytes(b"old")
+    replacing = open(d / name / "f", "wb")  # O_TRUNC
+    try:
+        replacing.write(b"replacement")
+        (c / name / "f").write_bytes(b"committed meanwhile")
+        with pytest.raises(OSError) as raised:
+            replacing.close()
+        assert raised.value.errno == errno.ESTALE
+    finally:
+        replacing.close()
+    assert (d / name / "f").read_bytes() == b"committed meanwhile"
+
+
 def test_a_file_created_by_one_handle_and_committed_by_another(
     fail_mounts: tuple[Mount, Mount]
 ) -> None:
