@@ -152,6 +152,30 @@ def test_fail_between_two_handles_of_one_mount(fail_mounts: tuple[Mount, Mount])
     assert (c / name / "f").read_bytes() == b"first writer"
 
 
+def test_two_increments_to_the_same_content_still_conflict(
+    fail_mounts: tuple[Mount, Mount]
+) -> None:
+    """The check is on versions, not content: two writers that both turn 5 into 6 are two
+    updates, and the second must not pass for the first."""
+    c, d = fail_mounts
+    name = fresh_dir(c)
+    (c / name / "n").write_bytes(b"5")
+    one, two = open(c / name / "n", "r+b"), open(d / name / "n", "r+b")
+    try:
+        for f in (one, two):
+            value = int(f.read())
+            f.seek(0)
+            f.write(str(value + 1).encode())
+        one.close()
+        with pytest.raises(OSError) as raised:
+            two.close()
+        assert raised.value.errno == errno.ESTALE
+    finally:
+        one.close()
+        two.close()
+    assert (d / name / "n").read_bytes() == b"6"
+
+
 def test_fsync_reports_the_conflict(fail_mounts: tuple[Mount, Mount]) -> None:
     c, d = fail_mounts
     name = fresh_dir(c)
