@@ -254,8 +254,19 @@ class FilesMixin:
                     "keeps version %s (on_conflict=fail)", self.table.path(handle.ino),
                     handle.ino, handle.base.version, current, current)
         log.debug("conflict of inode %d: %s", handle.ino, e)
-        self.invalidate_later(handle.ino)
+        await self._drop_kernel_attrs(handle.ino)
         return True
+
+    async def _drop_kernel_attrs(self, ino: int) -> None:
+        """A direct write that extends a file sets the kernel's i_size to the spool's: after a
+        refused commit, drop its attributes before close()/fsync() return, so the next stat
+        asks (and gets the other writer's size). Attributes only, which takes no inode or page
+        lock, so this is safe inside flush and fsync; in a worker thread all the same."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBADF):
+                log.debug("invalidate_inode(%d, attr_only): %s", ino, e)
 
     async def _gone(self, ino: int) -> bool:
         try:

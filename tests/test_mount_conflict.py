@@ -125,6 +125,7 @@ def test_fail_refuses_the_second_commit_and_keeps_the_first(
     opened = version(c / name / "f")
     error = rmw_race(c / name / "f", d / name / "f")
     assert isinstance(error, OSError) and error.errno == errno.ESTALE, error
+    assert os.stat(d / name / "f").st_size == len(b"first writer")  # not the refused spool's
     # Nothing of the refused handle landed; a later open anywhere sees the first writer's.
     assert (d / name / "f").read_bytes() == b"first writer"
     assert (c / name / "f").read_bytes() == b"first writer"
@@ -190,6 +191,7 @@ def test_fsync_reports_the_conflict(fail_mounts: tuple[Mount, Mount]) -> None:
             os.fsync(late)
         assert raised.value.errno == errno.ESTALE
         assert path_c.read_bytes() == b"the other writer's"
+        assert os.stat(path_d).st_size == len(b"the other writer's")
         # Reported once, as a local fsync error is: nothing new to commit, close is clean;
         # but more writes on the same stale handle are refused again.
         os.pwrite(late, b"later", 0)
