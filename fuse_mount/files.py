@@ -29,6 +29,7 @@ from dfs.client.attr import Attr
 from dfs.errors import Code, DfsError
 from fuse_mount import privs
 from fuse_mount.cache import ReadCache
+from fuse_mount.conflict import CONFLICT_ERRNO, ConflictPolicy
 from fuse_mount.handler import check_name, handler
 from fuse_mount.handles import FileHandle, Services
 from fuse_mount.inodes import InodeTable
@@ -57,6 +58,7 @@ class FilesMixin:
     _recent: dict[int, tuple[float, Attr]]
     pages: PageCacheRule | None  # None: no page cache (every handle direct_io)
     sizeback: SizeBack | None
+    conflicts: ConflictPolicy
 
     if TYPE_CHECKING:  # provided by Operations, which mixes this class in
         async def fresh(self, ino: int) -> Attr: ...
@@ -99,7 +101,8 @@ class FilesMixin:
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         recent = self._recent.pop(inode, None)
-        if recent is not None and time.monotonic() - recent[0] < OPEN_FRESH:
+        if recent is not None and time.monotonic() - recent[0] < OPEN_FRESH and \
+                not self._knows_newer(recent[1]):
             attr = recent[1]
         else:
             attr = await self.fresh(inode)
@@ -145,7 +148,7 @@ class FilesMixin:
         except BaseException:
             self._drop_handle(handle)
             raise
-        return self._file_info(handle, admission), self.table.looked_up(attr)
+        return self._file_info(handle, admission), self.table.looked_up(attr, parent_inode, name)
 
     def _kernel_truncates(self, handle: FileHandle, admission: Admission) -> None:
         """After this O_TRUNC open's reply the kernel sets i_size to 0 (atomic_o_trunc, which
@@ -203,10 +206,27 @@ class FilesMixin:
             attr = dataclasses.replace(node.attr, mode=privs.dropped(node.attr.mode))
         self.table.update(attr)
 
+    def _knows_newer(self, attr: Attr) -> bool:
+        """Whether this mount has seen a newer version than attr (a commit of its own since
+        that lookup): a handle based on attr would be stale from the start."""
+        node = self.table.get(attr.ino)
+        return node is not None and node.attr.generation == attr.generation and \
+            node.attr.version > attr.version
+
     async def _commit(self, handle: FileHandle) -> None:
+        # Only a handle with something to commit needs its directory's policy (conflict.py).
         try:
-            attr = await handle.commit()
+            conditional = handle.dirty and await self.conflicts.fails(
+                self.table.parent_of(handle.ino))
         except DfsError as e:
+            log.error("commit of inode %d not tried: its on_conflict policy is unknown: %s",
+                      handle.ino, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        try:
+            attr = await handle.commit(conditional)
+        except DfsError as e:
+            if conditional and e.code is Code.CONFLICT and await self._refused(handle, e):
+                raise pyfuse3.FUSEError(CONFLICT_ERRNO) from None
             if e.code is Code.ENOENT and await self._gone(handle.ino):
                 # Its last name was removed (here or by another client) while it was open:
                 # as on a local disk the writes succeed, and nobody can ever read them.
@@ -218,6 +238,35 @@ class FilesMixin:
             raise pyfuse3.FUSEError(errno.ENOSPC if e.code is Code.ENOSPC else errno.EIO) from None
         if attr is not None:
             self.table.update(attr)
+
+    async def _refused(self, handle: FileHandle, e: DfsError) -> bool:
+        """A conditional commit lost to another writer: one log line naming the file and both
+        versions; the kernel's attributes (this handle's spool size) are dropped. False if
+        the file did not move on after all (the transaction was refused for another reason)."""
+        try:
+            current = str((await self.fresh(handle.ino)).version)
+        except DfsError:
+            current = "?"
+        if current == str(handle.base.version):
+            return False
+        log.warning("conflict: %s (inode %d): this handle was based on version %d, another "
+                    "writer committed version %s since; its writes were refused, the file "
+                    "keeps version %s (on_conflict=fail)", self.table.path(handle.ino),
+                    handle.ino, handle.base.version, current, current)
+        log.debug("conflict of inode %d: %s", handle.ino, e)
+        await self._drop_kernel_attrs(handle.ino)
+        return True
+
+    async def _drop_kernel_attrs(self, ino: int) -> None:
+        """A direct write that extends a file sets the kernel's i_size to the spool's: after a
+        refused commit, drop its attributes before close()/fsync() return, so the next stat
+        asks (and gets the other writer's size). Attributes only, which takes no inode or page
+        lock, so this is safe inside flush and fsync; in a worker thread all the same."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBADF):
+                log.debug("invalidate_inode(%d, attr_only): %s", ino, e)
 
     async def _gone(self, ino: int) -> bool:
         try:

@@ -171,11 +171,13 @@ class FileHandle:
 
     # ---------------------------------------------------------------- commit
 
-    async def commit(self) -> Attr | None:
+    async def commit(self, conditional: bool = False) -> Attr | None:
         """Commit the spool as the file's next version; None if there was nothing to commit.
 
         A failure leaves the file at its previous version and the handle clean: the error is
         what close()/fsync() returns, as a local file system drops pages after a failed fsync.
+        `conditional` (on_conflict=fail): only if the file is still at the handle's base, the
+        version it opened or last committed itself, else CONFLICT (conflict.py).
         """
         async with self._commit_lock:
             if not self.dirty or self.spool is None:
@@ -185,7 +187,7 @@ class FileHandle:
             async with AsyncExitStack() as stack:
                 if self.spool.size > CHUNK_SIZE:
                     await stack.enter_async_context(self._s.big_commits)
-                attr = await self._send(gen)
+                attr = await self._send(gen, conditional)
             if self.gen == gen:
                 self.dirty = False
                 self.synced = True
@@ -193,7 +195,7 @@ class FileHandle:
             self.base = attr
             return attr
 
-    async def _send(self, gen: int) -> Attr:
+    async def _send(self, gen: int, conditional: bool) -> Attr:
         """Stream the spool as one transaction; a failure cleans the handle (see commit)."""
         assert self.spool is not None
         reader = self.spool.reader()
@@ -203,6 +205,7 @@ class FileHandle:
                 self.ino,
                 reader,
                 base_version=self.base.version,
+                if_version=conditional,
                 mtime_ns=self.mtime_ns,
             )
         except BaseException:

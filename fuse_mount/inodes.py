@@ -24,13 +24,16 @@ if TYPE_CHECKING:
 #: through FUSE costs a round trip, so advertise the chunk size.
 BLKSIZE = 1024 * 1024
 ROOT = pyfuse3.ROOT_INODE
+#: How many directories a path for a log line climbs.
+PATH_DEPTH_MAX = 64
 
 
 @dataclasses.dataclass(eq=False)
 class Inode:
     attr: Attr
     lookups: int = 0
-    parent: int = ROOT
+    parent: int = ROOT  # the directory it was last looked up in (a file's policy, `..`)
+    name: bytes | None = None  # and its name there (for log lines)
     handles: set[FileHandle] = dataclasses.field(default_factory=set)
     presented: int | None = None  # the version the kernel last got attributes for
     presented_size: int | None = None  # and the size it was told
@@ -87,12 +90,14 @@ class InodeTable:
         left = self.timeout - (time.monotonic() - node.fetched)
         return (node.attr, left) if left > 0.05 else None
 
-    def looked_up(self, attr: Attr, parent: int | None = None) -> pyfuse3.EntryAttributes:
+    def looked_up(self, attr: Attr, parent: int | None = None, name: bytes | None = None
+                  ) -> pyfuse3.EntryAttributes:
         """The reply to a successful lookup-like request: the kernel now owes one forget."""
         node = self.update(attr)
         node.lookups += 1
-        if parent is not None and attr.is_dir():
+        if parent is not None:
             node.parent = parent
+            node.name = name
         return self.entry(attr)
 
     def looked_up_again(self, ino: int, left: float) -> pyfuse3.EntryAttributes | None:
@@ -132,6 +137,19 @@ class InodeTable:
     def parent_of(self, ino: int) -> int:
         node = self._inodes.get(ino)
         return node.parent if node is not None else ROOT
+
+    def path(self, ino: int) -> str:
+        """ino's path under the mount as last looked up here ("?" where a name is unknown)."""
+        parts: list[str] = []
+        for _ in range(PATH_DEPTH_MAX):
+            node = self._inodes.get(ino)
+            if ino == ROOT or node is None or node.name is None:
+                if ino != ROOT:
+                    parts.append("?")
+                break
+            parts.append(node.name.decode(errors="replace"))
+            ino = node.parent
+        return "/" + "/".join(reversed(parts))
 
     def with_local_writes(self, attr: Attr) -> Attr:
         """attr as this host sees it: the newest uncommitted content of an open writer wins,

@@ -33,6 +33,7 @@ from dfs.client import Client
 from dfs.errors import Code, DfsError
 from dfs.rpc import load_secret
 from fuse_mount.cache import ReadCache
+from fuse_mount.conflict import CHOICES, OVERWRITE
 from fuse_mount.daemon import (
     EXIT_TIMEOUT,
     PidFile,
@@ -95,6 +96,13 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the serving process's pid here (removed when it exits)")
     parser.add_argument("--read-only", action="store_true",
                         help="mount read-only (the kernel refuses every write: EROFS)")
+    parser.add_argument("--on-conflict", choices=CHOICES, default=OVERWRITE,
+                        help="when another writer committed a file after this handle opened "
+                             "it: 'overwrite' (default) is last-writer-wins; 'fail' refuses "
+                             "the handle's commit, close()/fsync() return ESTALE and the other "
+                             "writer's version stays. A directory's xattr user.dfs.on_conflict "
+                             "(fail|overwrite, inherited by subdirectories) overrides it "
+                             "(docs/mount.md, \"Conflicting writers\")")
 
 
 def add_umount_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +284,7 @@ async def _amain(
             client, cache, spool_dir,
             attr_timeout=args.attr_timeout, retry_for=args.retry_timeout,
             page_cache=args.page_cache,
+            on_conflict=getattr(args, "on_conflict", OVERWRITE),
         )
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options(getattr(args, "read_only", False)))

@@ -32,6 +32,7 @@ from dfs.client import Client
 from dfs.client.attr import Attr
 from dfs.errors import Code, DfsError
 from fuse_mount.cache import ReadCache
+from fuse_mount.conflict import OVERWRITE, ConflictPolicy
 from fuse_mount.files import FilesMixin
 from fuse_mount.handler import NAME_MAX, check_name, handler
 from fuse_mount.handles import FileHandle, Services
@@ -75,6 +76,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         attr_timeout: float = 1.0,
         retry_for: float = 30.0,
         page_cache: bool = False,
+        on_conflict: str = OVERWRITE,
     ) -> None:
         super().__init__()
         self.client = client
@@ -83,6 +85,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         self.listings = Listings(attr_timeout)
         self.cache = cache
         self.services = Services(client, self.remote, cache, spool_dir)
+        self.conflicts = ConflictPolicy(on_conflict, client, self.remote, attr_timeout)
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._fhs = itertools.count(1)
@@ -157,7 +160,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
                     return self.table.negative()
                 raise
         self._remember(attr)
-        return self.table.looked_up(attr, parent_inode)
+        return self.table.looked_up(attr, parent_inode, name)
 
     async def _relisted(self, parent: int, name: bytes) -> Attr | None:
         """A name listed here before, looked up again after its timeout (`ls -l` of a big
@@ -307,7 +310,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         make = self.remote.call(
             self.client.mkdir, parent_inode, name, mode, ctx.uid, gid, done_if=Code.EEXIST
         )
-        return self.table.looked_up(await self._made(parent_inode, name, make), parent_inode)
+        return self.table.looked_up(await self._made(parent_inode, name, make), parent_inode,
+                                    name)
 
     @handler
     async def mknod(
@@ -326,7 +330,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
                 self.client.mknod, parent_inode, name, mode, ctx.uid, gid, rdev,
                 done_if=Code.EEXIST,
             )
-        return self.table.looked_up(await self._made(parent_inode, name, make))
+        return self.table.looked_up(await self._made(parent_inode, name, make), parent_inode,
+                                    name)
 
     @handler
     async def symlink(
@@ -337,7 +342,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         make = self.remote.call(
             self.client.symlink, parent_inode, name, target, ctx.uid, gid, done_if=Code.EEXIST
         )
-        return self.table.looked_up(await self._made(parent_inode, name, make))
+        return self.table.looked_up(await self._made(parent_inode, name, make), parent_inode,
+                                    name)
 
     @handler
     async def link(
@@ -347,7 +353,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         make = self.remote.call(
             self.client.link, inode, new_parent_inode, new_name, done_if=Code.EEXIST
         )
-        return self.table.looked_up(await self._made(new_parent_inode, new_name, make))
+        return self.table.looked_up(await self._made(new_parent_inode, new_name, make),
+                                    new_parent_inode, new_name)
 
     # --------------------------------------------------------------- removal
 
@@ -412,6 +419,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
             pass
         finally:
             self.table.changed()
+            self.conflicts.forget()  # a directory that moved may inherit another policy
         self._orphaned(victim)
 
     # ------------------------------------------------------------ directories
@@ -452,7 +460,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self.table.entry(attr), cookie + DOTS):
                     d.buffer, d.buffer_after = batch[i:], after
                     return
-                self.table.looked_up(attr, d.ino)
+                self.table.looked_up(attr, d.ino, name)
                 self.listings.listed(d.ino, name, cookie, attr.ino, d.buffer_epoch,
                                      d.buffer_time)
                 after = cookie

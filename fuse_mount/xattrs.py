@@ -5,6 +5,8 @@
 listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them onto other files
 (where setting them must fail). `user.dfs.calls` on the mount's root counts the cluster calls
 this mount has made, by kind ("getattr=3,lookup=12,readdir=10"): what a listing really costs.
+`user.dfs.on_conflict` on a directory is a real, stored and listed xattr (conflict.py); setting
+or removing it here makes this mount look every directory's policy up again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyfuse3
 
 from dfs.client import Client
 from dfs.client.attr import Attr
+from fuse_mount.conflict import ON_CONFLICT, ConflictPolicy
 from fuse_mount.handler import handler
 from fuse_mount.inodes import InodeTable
 from fuse_mount.remote import Remote
@@ -50,6 +53,7 @@ class XattrMixin:
     client: Client
     remote: Remote
     table: InodeTable
+    conflicts: ConflictPolicy
 
     if TYPE_CHECKING:  # provided by Operations, which mixes this class in
         async def fresh(self, ino: int) -> Attr: ...
@@ -77,6 +81,8 @@ class XattrMixin:
             await self.remote.call(self.client.setxattr, inode, name, value, 0)
         finally:
             self.table.stale(inode)  # its ctime moved
+            if name == ON_CONFLICT:
+                self.conflicts.forget()
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -92,3 +98,5 @@ class XattrMixin:
             await self.remote.call(self.client.removexattr, inode, name)
         finally:
             self.table.stale(inode)
+            if name == ON_CONFLICT:
+                self.conflicts.forget()

@@ -203,6 +203,30 @@ def test_setattr_and_truncate_make_a_new_empty_version(store: MetaStore, ns: Syn
     raises(Code.EISDIR, ns.setattr, ROOT_INO, {"size": 0}, NOW)
 
 
+def test_policy_xattrs_are_stored_on_directories_and_inherited(ns: Sync) -> None:
+    """user.dfs.on_conflict (docs/mount.md): the one user.dfs.* name anyone may store, on
+    directories only, with its values only; the nearest ancestor that sets it wins."""
+    a = ns.mkdir(ROOT_INO, b"a", 0o755, 0, 0, NOW)["ino"]
+    b = ns.mkdir(a, b"b", 0o755, 0, 0, NOW)["ino"]
+    c = ns.mkdir(b, b"c", 0o755, 0, 0, NOW)["ino"]
+    f = ns.create(c, b"f", 0o644, 0, 0, NOW)["ino"]
+    name = b"user.dfs.on_conflict"
+    raises(Code.ENODATA, ns.getxattr_inherited, c, name)
+    ns.setxattr(a, name, b"fail", 0, NOW)
+    assert ns.getxattr_inherited(c, name) == b"fail"
+    assert ns.listxattr(a) == [name]
+    ns.setxattr(b, name, b"overwrite", 0, NOW)
+    assert ns.getxattr_inherited(c, name) == b"overwrite"
+    assert ns.getxattr_inherited(a, name) == b"fail"
+    raises(Code.EINVAL, ns.setxattr, f, name, b"fail", 0, NOW)
+    raises(Code.EINVAL, ns.setxattr, a, name, b"later", 0, NOW)
+    raises(Code.EPERM, ns.setxattr, a, b"user.dfs.keep_versions", b"1", 0, NOW)
+    ns.removexattr(b, name, NOW)
+    assert ns.getxattr_inherited(c, name) == b"fail"
+    ns.removexattr(a, name, NOW)
+    raises(Code.ENODATA, ns.getxattr_inherited, c, name)
+
+
 def test_xattrs_flags_and_errors(store: MetaStore, ns: Sync) -> None:
     f = ns.create(ROOT_INO, b"f", 0o644, 0, 0, NOW)["ino"]
     raises(Code.ENODATA, ns.getxattr, f, b"user.a")

@@ -198,6 +198,10 @@ def test_mount_helper_translates_mount_options() -> None:
     assert "frobnicate" not in translate("h:1", "/mnt", "frobnicate", sloppy=True)
     with pytest.raises(HelperUsage, match="needs a value|needs value"):
         translate("h:1", "/mnt", "cache_dir")
+    # -o on_conflict=fail is `dfs mount --on-conflict fail` (docs/mount.md, "Conflicting writers")
+    assert translate("h:1", "/mnt", "on_conflict=fail")[-2:] == ["--on-conflict", "fail"]
+    assert translate("h:1", "/mnt", "on-conflict=overwrite")[-2:] == ["--on-conflict",
+                                                                       "overwrite"]
     with pytest.raises(HelperUsage, match="takes no value"):
         translate("h:1", "/mnt", "page_cache=1")
 

@@ -52,7 +52,10 @@ class NamespaceOps:
 
     async def op_getxattr(self, req: Request) -> Reply:
         ino, name = req.int("ino"), req.bytes("name")
-        return {"value": self._read(lambda t: self.store.namespace.getxattr(t, ino, name))}
+        ns = self.store.namespace
+        if req.bool("inherit", False):  # the nearest ancestor's (policy xattrs)
+            return {"value": self._read(lambda t: ns.getxattr_inherited(t, ino, name))}
+        return {"value": self._read(lambda t: ns.getxattr(t, ino, name))}
 
     async def op_listxattr(self, req: Request) -> Reply:
         ino = req.int("ino")

@@ -17,6 +17,14 @@ XATTR_REPLACE = 2
 XATTR_TOTAL_MAX = 256 * 1024
 # Names the mount serves itself (user.dfs.version, ...): nobody may store them.
 RESERVED_XATTR_PREFIX = b"user.dfs."
+#: The exceptions: per-directory policies dfs reads itself, inherited by subdirectories (the
+#: nearest ancestor that sets one wins), stored like any xattr but only on directories and only
+#: with one of these values (docs/mount.md, "Conflicting writers").
+POLICY_XATTRS: dict[bytes, frozenset[bytes]] = {
+    b"user.dfs.on_conflict": frozenset({b"fail", b"overwrite"}),
+}
+#: How many directories an inherited lookup climbs before giving up (a loop would be a bug).
+INHERIT_DEPTH_MAX = 4096
 SETATTR_FIELDS = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size",
                             "kill_suid"})
 
@@ -37,6 +45,15 @@ def _xattr_name(name: bytes) -> bytes:
     if len(name) > NAME_MAX:
         raise DfsError(Code.ENAMETOOLONG, f"xattr name of {len(name)} bytes (limit {NAME_MAX})")
     return name
+
+
+def _check_policy(inode: Inode, name: bytes, value: bytes) -> None:
+    if not inode.is_dir:
+        raise DfsError(Code.EINVAL, f"{name.decode()} is set on directories only")
+    allowed = POLICY_XATTRS[name]
+    if value not in allowed:
+        raise DfsError(Code.EINVAL, f"{name.decode()} is one of "
+                                    f"{', '.join(sorted(v.decode() for v in allowed))}")
 
 
 class AttrOps:
@@ -133,13 +150,27 @@ class AttrOps:
             raise DfsError(Code.ENODATA, f"no xattr {name!r}")
         return value
 
+    def getxattr_inherited(self, txn: lmdb.Transaction, ino: int, name: bytes) -> bytes:
+        """name's value on ino or its nearest ancestor directory that has it (policy xattrs
+        are inherited); ENODATA if none has. ino is a directory (a file has no parent here)."""
+        _xattr_name(name)
+        for _ in range(INHERIT_DEPTH_MAX):
+            inode = self.inodes.get(txn, ino)
+            value = inode.xattrs.get(name)
+            if value is not None:
+                return value
+            if not inode.is_dir or inode.parent in (0, ino):
+                break
+            ino = inode.parent
+        raise DfsError(Code.ENODATA, f"no xattr {name!r} on {ino} or above")
+
     def listxattr(self, txn: lmdb.Transaction, ino: int) -> list[bytes]:
         return sorted(self.inodes.get(txn, ino).xattrs)
 
     def setxattr(self, txn: lmdb.Transaction, ino: int, name: bytes, value: bytes, flags: int,
                  now_ns: int) -> None:
         _xattr_name(name)
-        if name.startswith(RESERVED_XATTR_PREFIX):
+        if name.startswith(RESERVED_XATTR_PREFIX) and name not in POLICY_XATTRS:
             raise DfsError(Code.EPERM, f"{name!r} is reserved for dfs")
         if flags not in (0, XATTR_CREATE, XATTR_REPLACE):
             raise DfsError(Code.EINVAL, f"bad xattr flags {flags}")
@@ -149,6 +180,8 @@ class AttrOps:
             raise DfsError(Code.ENOSPC, f"xattr value of {len(value)} bytes "
                                         f"(limit {XATTR_VALUE_MAX})")
         inode = self.inodes.get(txn, ino)
+        if name in POLICY_XATTRS:
+            _check_policy(inode, name, value)
         exists = name in inode.xattrs
         if flags == XATTR_CREATE and exists:
             raise DfsError(Code.EEXIST, f"xattr {name!r} exists")
@@ -162,7 +195,7 @@ class AttrOps:
 
     def removexattr(self, txn: lmdb.Transaction, ino: int, name: bytes, now_ns: int) -> None:
         _xattr_name(name)
-        if name.startswith(RESERVED_XATTR_PREFIX):
+        if name.startswith(RESERVED_XATTR_PREFIX) and name not in POLICY_XATTRS:
             raise DfsError(Code.EPERM, f"{name!r} is reserved for dfs")
         inode = self.inodes.get(txn, ino)
         if inode.xattrs.pop(name, None) is None:
