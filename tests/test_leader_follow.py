@@ -10,8 +10,6 @@ import io
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +17,14 @@ import pytest
 import trio
 from cluster import COORDINATOR, Cluster
 from coord_helpers import SECRET, running_coordinator, start_nodes
+from standby_helpers import Leader, standby
 
 from dfs.chunks import CHUNK_SIZE
 from dfs.client import Client
-from dfs.coordinator.standby import Standby
 from dfs.errors import Code, DfsError
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
-
-
-class Leader:
-    """What a standby believes: the leader's address, or None while an election runs."""
-
-    def __init__(self, address: str | None = None) -> None:
-        self.address = address
-
-    def __call__(self) -> str | None:
-        return self.address
-
-
-@asynccontextmanager
-async def standby(leader: Leader, secret: bytes = SECRET) -> AsyncIterator[Standby]:
-    service = Standby(leader)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run, "127.0.0.1", 0, secret)
-        yield service
-        nursery.cancel_scope.cancel()
 
 
 def dead_address() -> str:
