@@ -45,7 +45,8 @@ async def test_a_client_given_standby_first_ends_up_at_the_leader(tmp_path: Path
         node_list = f"{s.address},{coord.address}"
         # start_nodes registers each through the list: the standby refuses, the leader takes it.
         coord.address, real = node_list, coord.address
-        await start_nodes(nursery, coord, 3, capacity=1 << 30)
+        with trio.fail_after(10):
+            await start_nodes(nursery, coord, 3, capacity=1 << 30)
         coord.address = real
         async with Client([s.address, real], SECRET, retry_for=2) as client:
             assert client.address == s.address
