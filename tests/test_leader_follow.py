@@ -102,6 +102,23 @@ async def test_an_election_is_waited_out_and_never_surfaces(tmp_path: Path) -> N
             assert client.coordinator.addresses == [s.address]
 
 
+async def test_stale_standbys_naming_each_other_pause_and_give_up() -> None:
+    """Two standbys each naming the other (stale views mid-election): the link hops a bounded
+    number of times, backs off, and after failover_for says UNAVAILABLE; a refused request was
+    never executed anywhere, so it was safe to send it around."""
+    a, b = Leader(), Leader()
+    async with standby(a) as sa, standby(b) as sb:
+        a.address, b.address = sb.address, sa.address
+        async with Client([sa.address], SECRET, retry_for=0, failover_for=0.5) as client:
+            started = trio.current_time()
+            with pytest.raises(DfsError) as e:
+                await client.mkdir(1, b"d", DIR, 0, 0)
+            assert e.value.code is Code.UNAVAILABLE
+            assert 0.3 < trio.current_time() - started < 3
+            assert client.coordinator.addresses == [sa.address, sb.address]  # learned one
+            assert sa.refused + sb.refused < 50  # paused between rounds, no tight loop
+
+
 # ---------------------------------------------------------------- a leader change, processes
 
 

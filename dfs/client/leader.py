@@ -33,9 +33,9 @@ from dfs.rpc import NotSent, Peer, PeerUnavailable, parse_address
 FAILOVER_FOR = 10.0
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
-#: Addresses a link learns from NOT_LEADER replies beyond those it was given (a bound on what
-#: a confused or hostile standby can make it remember).
-MAX_ADDRESSES = 16
+#: Addresses a link remembers from NOT_LEADER replies beyond those it was given (a bound on
+#: what a confused standby can make it remember); past it the oldest learned one is forgotten.
+MAX_LEARNED = 8
 
 
 def split_addresses(coordinators: str | Sequence[str]) -> list[str]:
@@ -65,6 +65,7 @@ class LeaderLink:
         failover_for: float = FAILOVER_FOR,
     ) -> None:
         self.addresses = split_addresses(coordinators)
+        self._given = len(self.addresses)  # the first ones were given; the rest were learned
         self.secret = secret
         self.timeout = timeout
         self.failover_for = failover_for
@@ -115,8 +116,12 @@ class LeaderLink:
                 parse_address(leader)
             except DfsError:
                 return False
-            if len(self.addresses) >= MAX_ADDRESSES:
-                return False
+            learned = self.addresses[self._given:]
+            if len(learned) >= MAX_LEARNED:
+                stale = next((a for a in learned if a != self._current), None)
+                if stale is None:
+                    return False
+                self.addresses.remove(stale)
             self.addresses.append(leader)
         self._move(leader)
         return True
