@@ -51,7 +51,7 @@ async def test_a_client_given_standby_first_ends_up_at_the_leader(tmp_path: Path
         async with Client([s.address, real], SECRET, retry_for=2) as client:
             assert client.address == s.address
             root = await client.resolve("/")
-            assert client.address == real
+            assert client.address == real and client.coordinator.switches == 1
             d = await client.mkdir(root.ino, b"d", DIR, 0, 0)
             with pytest.raises(DfsError) as e:  # executed once: a second one finds it there
                 await client.mkdir(root.ino, b"d", DIR, 0, 0)

@@ -20,6 +20,7 @@ An UNAVAILABLE reply is the leader speaking: retried in place when idempotent, e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ import trio
 
 from dfs.errors import Code, DfsError, leader_of
 from dfs.rpc import NotSent, Peer, PeerUnavailable, parse_address
+
+log = logging.getLogger(__name__)
 
 #: How long a request refused by NOT_LEADER, or never sent, is re-aimed while the cluster
 #: finds its leader (standbys take over within 5 s of the leader's death).
@@ -106,6 +109,7 @@ class LeaderLink:
 
     def _move(self, address: str) -> None:
         if address != self._current:
+            log.info("coordinator %s -> %s", self._current, address)
             self._current = address
             self.switches += 1
 
