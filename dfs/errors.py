@@ -25,6 +25,9 @@ class Code(enum.StrEnum):
     CHECKSUM = "CHECKSUM"
     TOO_BIG = "TOO_BIG"
     INTERNAL = "INTERNAL"
+    # A standby coordinator refused the request unexecuted; the reply's `leader` names the
+    # leader's address (nil while an election runs). Clients follow it, never show it.
+    NOT_LEADER = "NOT_LEADER"
 
 
 ERRNO: dict[Code, int] = {
@@ -46,6 +49,7 @@ ERRNO: dict[Code, int] = {
     Code.CHECKSUM: errno.EIO,
     Code.TOO_BIG: errno.EFBIG,
     Code.INTERNAL: errno.EIO,
+    Code.NOT_LEADER: errno.EIO,
 }
 
 
@@ -75,3 +79,16 @@ def raise_for_reply(reply: dict) -> dict:
         return reply
     details = {k: v for k, v in reply.items() if k not in ("ok", "error", "msg", "id")}
     raise DfsError(reply.get("error", "INTERNAL"), str(reply.get("msg", "")), **details)
+
+
+def not_leader(leader: str | None) -> DfsError:
+    """The refusal of a coordinator that does not lead: nothing was executed, so the caller
+    may resend the request, to `leader` if one is known."""
+    where = f"the leader is {leader}" if leader else "no leader is known (an election runs)"
+    return DfsError(Code.NOT_LEADER, f"not the leader: {where}", leader=leader or None)
+
+
+def leader_of(error: DfsError) -> str | None:
+    """The leader address a NOT_LEADER error names, if any."""
+    leader = error.details.get("leader")
+    return leader if isinstance(leader, str) and leader else None

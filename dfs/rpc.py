@@ -370,6 +370,11 @@ class PeerUnavailable(DfsError):
         super().__init__(Code.UNAVAILABLE, msg)
 
 
+class NotSent(PeerUnavailable):
+    """PeerUnavailable before the request went out (no connection could be opened): the peer
+    cannot have acted on it, so even a non-idempotent request may be sent elsewhere."""
+
+
 MAX_CONNECTIONS = 4  # connections per peer; calls share them (one is enough for small calls)
 BULK_BYTES = 64 * 1024  # a request carrying more payload than this is bulk: kept off the
 #                         connection small calls use, so they do not queue behind its frames
@@ -437,17 +442,20 @@ class Peer:
         async with self._slots:
             if _network is not None:
                 return await _network.call(self.address, op, fields, timeout)
+            bulk = _payload(fields) > BULK_BYTES
+            conn: Connection | None = None
             try:
                 with trio.fail_after(timeout):
-                    return await self._exchange(op, fields)
+                    conn = await self._pick(bulk)
+                    return await self._exchange(conn, op, fields, bulk)
             except trio.TooSlowError:
-                raise PeerUnavailable(f"{self.address}: no reply in {timeout:g} s") from None
+                error = PeerUnavailable if conn is not None else NotSent
+                raise error(f"{self.address}: no reply in {timeout:g} s") from None
 
-    async def _exchange(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    async def _exchange(self, conn: Connection, op: str, fields: dict[str, Any],
+                        bulk: bool) -> dict[str, Any]:
         """Once a request has gone out, a broken connection is PeerUnavailable: the request
         may have reached the peer, and it is not resent here."""
-        bulk = _payload(fields) > BULK_BYTES
-        conn = await self._pick(bulk)
         try:
             return await conn.call(op, fields, bulk=bulk)
         except _NETWORK_ERRORS as e:
@@ -470,7 +478,7 @@ class Peer:
             try:
                 conn = await connect(self.address, self.secret, self.expect_cluster)
             except _NETWORK_ERRORS as e:
-                raise PeerUnavailable(
+                raise NotSent(
                     f"{self.address}: {type(e).__name__} {e}".strip()) from None
             self.cluster = conn.cluster
             self.connections_opened += 1

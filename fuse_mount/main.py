@@ -30,6 +30,7 @@ import trio
 
 from dfs import logs, sdnotify
 from dfs.client import Client
+from dfs.client.leader import split_addresses
 from dfs.errors import Code, DfsError
 from dfs.rpc import load_secret
 from fuse_mount.cache import ReadCache
@@ -51,8 +52,6 @@ READY = "dfs mount ready at {}"
 CONNECT_TIMEOUT = 15.0
 #: How long a detached mount's parent waits for the child to answer before giving up on it.
 READY_TIMEOUT = CONNECT_TIMEOUT + 30.0
-#: With several coordinators given, how long one that does not answer is retried at start.
-PROBE_RETRY = 1.0
 #: The mount's read-ahead window: one FUSE request of the chunk size per page-cache miss.
 READ_AHEAD_KB = 1024
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -243,32 +242,26 @@ def _serve(
 
 
 async def _connect(coordinators: str, secret: bytes, retry_timeout: float) -> Client:
-    """A client of the first coordinator in the comma-separated list that answers."""
-    addresses = [a.strip() for a in coordinators.split(",") if a.strip()]
-    if not addresses:
-        raise DfsError(Code.EINVAL, "no coordinator given")
-    retry_for = min(retry_timeout, 15.0)
-    # With a list, a coordinator that refuses is left for the next at once, not retried.
-    probe_retry = retry_for if len(addresses) == 1 else min(retry_for, PROBE_RETRY)
-    for address in addresses:
-        client = Client(address, secret, retry_for=probe_retry)
-        answered = False
-        with trio.move_on_after(CONNECT_TIMEOUT / len(addresses)):
-            try:
-                await client.getattr(pyfuse3.ROOT_INODE)
-                answered = True
-            except DfsError as e:
-                if e.code is not Code.UNAVAILABLE or address == addresses[-1]:
-                    with trio.CancelScope(shield=True):
-                        await client.aclose()
-                    raise
-        if answered:
-            log.info("cluster at %s reachable", address)
-            client.retry_for = retry_for
-            return client
+    """A client of the comma-separated coordinators, once the leader among them answered.
+
+    The client's link finds the leader (a standby names it, an unreachable one is skipped) and
+    keeps following it for the life of the mount, through every later failover."""
+    client = Client(split_addresses(coordinators), secret, retry_for=min(retry_timeout, 15.0))
+    answered = False
+    try:
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            await client.getattr(pyfuse3.ROOT_INODE)
+            answered = True
+    except BaseException:
         with trio.CancelScope(shield=True):
             await client.aclose()
-    raise DfsError(Code.UNAVAILABLE, f"no answer from the coordinator {coordinators}")
+        raise
+    if not answered:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        raise DfsError(Code.UNAVAILABLE, f"no answer from the coordinator {coordinators}")
+    log.info("cluster at %s reachable", client.address)
+    return client
 
 
 async def _amain(

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 from dfs.errors import Code, DfsError
-from dfs.rpc import PeerUnavailable
+from dfs.rpc import NotSent, PeerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class Remote:
                 if e.code not in TRANSIENT or trio.current_time() + delay > deadline:
                     raise
                 error: Exception = e
-                lost = lost or isinstance(e, PeerUnavailable)
+                # Never sent (NotSent) is not lost: a retry's EEXIST is then someone else's.
+                lost = lost or (isinstance(e, PeerUnavailable) and not isinstance(e, NotSent))
             except _NETWORK as e:
                 if trio.current_time() + delay > deadline:
                     raise DfsError(Code.UNAVAILABLE, f"{type(e).__name__}: {e}") from None

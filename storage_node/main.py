@@ -19,6 +19,7 @@ import lmdb
 import trio
 
 from dfs import logs, runtime, sdnotify
+from dfs.client.leader import split_addresses
 from dfs.errors import DfsError
 from dfs.rpc import load_secret, parse_address
 from storage_node.node import Node, NodeConfig
@@ -106,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         parse_address(args.advertise)
     coordinator = getattr(args, "coordinator", None) or None
     if coordinator:
-        parse_address(coordinator)
+        coordinator = ",".join(split_addresses(coordinator))
     return NodeConfig(
         data=Path(args.data),
         secret=load_secret(getattr(args, "secret_file", None)),
@@ -197,7 +198,7 @@ def main_node(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--coordinator",
         default=os.environ.get("DFS_COORDINATOR", "127.0.0.1:7700"),
-        help="coordinator HOST:PORT ('' for none)",
+        help="coordinators HOST:PORT[,HOST:PORT...]; the leader is followed ('' for none)",
     )
     parser.add_argument("--secret-file", default=os.environ.get("DFS_SECRET_FILE"))
     return run(parser.parse_args(argv))

@@ -16,8 +16,9 @@ from pathlib import Path
 import trio
 
 from dfs import logs
+from dfs.client.leader import LeaderLink
 from dfs.errors import Code, DfsError
-from dfs.rpc import Peer, Peers, parse_address, serve
+from dfs.rpc import Peers, parse_address, serve
 from storage_node.maintenance import Scrubber
 from storage_node.participant import Participant
 from storage_node.server import NodeService
@@ -35,7 +36,7 @@ class NodeConfig:
     secret: bytes
     listen: str = "127.0.0.1:0"
     advertise: str | None = None
-    coordinator: str | None = None
+    coordinator: str | None = None  # HOST:PORT, or "A,B,C": the leader among them is followed
     capacity: int | None = None
     staged_timeout: float = 300.0
     heartbeat: float = 0.5
@@ -54,7 +55,8 @@ def join_address(host: str, port: int) -> str:
 
 
 class CoordinatorLink:
-    """Registration, heartbeats every `heartbeat` seconds, and OUTCOME queries.
+    """Registration, heartbeats every `heartbeat` seconds, and OUTCOME queries, all to the
+    leading coordinator of the node's list (`LeaderLink`: a standby's NOT_LEADER re-aims them).
 
     Each heartbeat names the node's idle STAGED txids (`staged`) and carries back the
     coordinator's incarnation and which of them it does not know (`unknown`: presumed aborted,
@@ -62,7 +64,7 @@ class CoordinatorLink:
     """
 
     def __init__(
-        self, peer: Peer, store: BlobStore, advertise: str, *, heartbeat: float = 0.5,
+        self, peer: LeaderLink, store: BlobStore, advertise: str, *, heartbeat: float = 0.5,
         service: NodeService | None = None,
     ) -> None:
         self.peer = peer
@@ -194,7 +196,7 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve; task_status.started() gets the bound HOST:PORT."""
-        peer: Peer | None = None
+        peer: LeaderLink | None = None
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.store.db.run_writer)
@@ -211,7 +213,7 @@ class Node:
                 port = listeners[0].socket.getsockname()[1]
                 self.address = join_address(host, port)
                 if self.config.coordinator:
-                    peer = Peer(
+                    peer = LeaderLink(
                         self.config.coordinator,
                         self.config.secret,
                         expect_cluster=self.store.cluster or None,

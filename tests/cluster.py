@@ -65,6 +65,8 @@ class Cluster:
         self.secret = load_secret(self.secret_file)
         self.procs: dict[str, Child] = {}
         self.coordinator = ""  # HOST:PORT once started
+        # Standby coordinators (HOST:PORT) nodes are also given: `--coordinator A,S1,S2`.
+        self.standbys: list[str] = []
 
     # ------------------------------------------------------------ processes
 
@@ -78,9 +80,14 @@ class Cluster:
             return [*DFS, *common, "coordinator", "--data", str(self.data_dir(name)),
                     "--listen", listen, "--replicas", str(self.replicas),
                     *self.coordinator_args, *self.extra_args.get(name, ())]
-        return [*DFS, *common, "--coordinator", self.coordinator, "node",
+        return [*DFS, *common, "--coordinator", self.coordinators, "node",
                 "--data", str(self.data_dir(name)), "--listen", listen, *self.node_args,
                 *self.extra_args.get(name, ())]
+
+    @property
+    def coordinators(self) -> str:
+        """The coordinator list nodes are started with: the coordinator, then the standbys."""
+        return ",".join([self.coordinator, *self.standbys])
 
     def _spawn(self, name: str, listen: str, env: Mapping[str, str] | None) -> str:
         if env is not None:
@@ -117,8 +124,10 @@ class Cluster:
         return self.procs[name].stop()
 
     def restart(self, name: str, env: Mapping[str, str] | None = None, *,
-                wait: bool = True, args: Sequence[str] | None = None) -> None:
-        """Start `name` again on the same address and data dir (stopping it first if running).
+                wait: bool = True, args: Sequence[str] | None = None,
+                listen: str | None = None) -> None:
+        """Start `name` again on the same address and data dir (stopping it first if running);
+        listen="127.0.0.1:0" moves it to a new address (a new leader on the same metadata).
 
         env replaces that process's extra environment (e.g. DFS_FAILPOINTS); None keeps it.
         args likewise replaces its extra command-line arguments (e.g. ["--capacity", "65536"]).
@@ -128,7 +137,7 @@ class Cluster:
         child = self.procs[name]
         if child.running():
             child.stop()
-        listen = child.address or "127.0.0.1:0"
+        listen = listen or child.address or "127.0.0.1:0"
         address = self._spawn(name, listen, env)
         if name == COORDINATOR:
             self.coordinator = address

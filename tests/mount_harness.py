@@ -91,7 +91,7 @@ class Mount:
         self.path.mkdir(parents=True, exist_ok=True)
         argv = [
             *mount_command(), str(self.path), "--foreground",
-            "--coordinator", self.cluster.coordinator,
+            "--coordinator", self.cluster.coordinators,
             "--secret-file", str(self.cluster.secret_file),
             "--cache-dir", str(self.cache_dir), *self.args,
         ]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cluster import COORDINATOR, Cluster
 from mount_harness import Mount, mounted, require_fuse, tree_listing
+from standby_helpers import standby_thread
 
 from dfs.chunks import CHUNK_SIZE
 
@@ -213,6 +214,46 @@ def test_rides_out_coordinator_restart_and_fails_cleanly(
         assert results["listing"] == ["before", "during", "during-dir"]
         assert (m / "during").read_bytes() == b"written while the coordinator restarted"
         assert (m / "before").read_bytes() == b"new version"
+
+
+def test_rides_out_a_leader_moving_to_another_address(fuse_ok: None, tmp_path: Path) -> None:
+    """Mounted with [A, standby]: A dies holding a commit (before its decision), and the same
+    metadata is led from another address, which the standby names. The write in flight is
+    settled there (aborted), written again, and closes without EIO; later calls follow too."""
+    cluster = Cluster(tmp_path / "ha")
+    with standby_thread(cluster.secret) as s:
+        cluster.standbys = [s.address]
+        try:
+            cluster.start()
+            s.leader.address = cluster.coordinator
+            with mounted(cluster, tmp_path / "m", args=["--retry-timeout", "20"]) as m:
+                (m / "f").write_bytes(b"old version")
+                cluster.restart(COORDINATOR, env={
+                    "DFS_FAILPOINTS": "coordinator.before_decision=crash"})
+                old = s.leader.address = cluster.coordinator
+                results: dict[str, object] = {}
+
+                def work() -> None:
+                    try:
+                        (m / "f").write_bytes(b"new version, committed at the new leader")
+                        (m / "d").mkdir()
+                        results["listing"] = sorted(os.listdir(m.path))
+                    except OSError as e:
+                        results["error"] = e
+
+                worker = threading.Thread(target=work)
+                worker.start()
+                cluster.wait_until(lambda: not cluster.running(COORDINATOR), timeout=20)
+                s.leader.address = None  # an election runs
+                cluster.restart(COORDINATOR, env={}, wait=False, listen="127.0.0.1:0")
+                s.leader.address = cluster.coordinator
+                assert cluster.coordinator != old
+                worker.join(60)
+                assert "error" not in results, f"{results}\n{m.log()}"
+                assert results["listing"] == ["d", "f"]
+                assert (m / "f").read_bytes() == b"new version, committed at the new leader"
+        finally:
+            cluster.stop_all()
 
 
 def test_failed_commit_is_eio_and_keeps_the_previous_version(

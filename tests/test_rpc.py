@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 from functools import partial
 from pathlib import Path
@@ -266,6 +267,18 @@ async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(s
     await peer.aclose()
 
 
+async def test_a_request_no_connection_could_carry_is_not_sent() -> None:
+    """Nobody listens: the request never went out (NotSent), which a caller of a change may
+    send elsewhere; a timed-out call on an open connection is PeerUnavailable only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    peer = rpc.Peer(dead, SECRET, timeout=2)
+    with pytest.raises(rpc.NotSent):
+        await peer.call("echo", text="x")
+    await peer.aclose()
+
+
 async def test_a_timed_out_call_leaves_the_connection_to_the_others(slow) -> None:
     """The first call waiting reads replies for everyone; when it times out, the others keep
     their replies, later calls go on the same connection, and its late reply is dropped."""
@@ -274,8 +287,9 @@ async def test_a_timed_out_call_leaves_the_connection_to_the_others(slow) -> Non
     results: list[int] = []
 
     async def timed_out() -> None:
-        with pytest.raises(rpc.PeerUnavailable):
+        with pytest.raises(rpc.PeerUnavailable) as e:
             await peer.call("sleep", n=0, ms=400, timeout=0.2)
+        assert not isinstance(e.value, rpc.NotSent)  # it went out: maybe served
 
     async def quick(n: int) -> None:
         results.append((await peer.call("sleep", n=n, ms=300))["n"])
@@ -324,6 +338,7 @@ async def test_a_server_gone_mid_flight_fails_every_call_in_flight() -> None:
             scope.cancel()
         assert len(failures) == 20
         assert all(isinstance(e, rpc.PeerUnavailable) for e in failures)
+        assert not any(isinstance(e, rpc.NotSent) for e in failures)  # they went out
         assert trio.current_time() - start < 3
         assert len(service.connections) == 1
         await peer.aclose()

@@ -47,9 +47,10 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
 
     parser.add_argument(
         "--coordinator",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,...]",
         default=default(os.environ.get("DFS_COORDINATOR") or DEFAULT_COORDINATOR),
-        help="the cluster's coordinator (env DFS_COORDINATOR, default 127.0.0.1:7700)",
+        help="the cluster's coordinators, comma-separated: the leader among them is found and "
+             "followed (env DFS_COORDINATOR, default 127.0.0.1:7700)",
     )
     parser.add_argument(
         "--secret-file",

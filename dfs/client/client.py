@@ -1,20 +1,22 @@
 """The client library: one method per coordinator op, plus whole-file writes and reads.
 
-Used by the CLI and the FUSE mount. Metadata goes to the coordinator; file bytes go straight
-to the storage nodes (docs/design.md §1). Idempotent requests retry on UNAVAILABLE for a bounded
-time; requests that change the namespace are sent once, since a lost reply leaves their effect
-unknown and a blind retry could apply them twice.
+Used by the CLI and the FUSE mount. Metadata goes to the leading coordinator (of a list: the
+link follows it, dfs/client/leader.py); file bytes go straight to the storage nodes
+(docs/design.md §1). Idempotent requests retry on UNAVAILABLE for a bounded time; requests that
+change the namespace are sent once, since a lost reply leaves their effect unknown and a blind
+retry could apply them twice (a request a standby refused, or that never went out, is resent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import trio
 
 from dfs.client import read, write
 from dfs.client.attr import Attr
+from dfs.client.leader import FAILOVER_FOR, LeaderLink
 from dfs.errors import Code, DfsError
 from dfs.rpc import Peer, Peers
 
@@ -28,11 +30,14 @@ def _fields(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 class Client:
-    """A connection to one cluster: `async with Client(addr, secret) as c: ...`."""
+    """A connection to one cluster: `async with Client("A,B,C", secret) as c: ...`.
+
+    `coordinators`: one HOST:PORT, "A,B,C" or a list; calls go to whichever leads, followed
+    through failovers (dfs/client/leader.py)."""
 
     def __init__(
         self,
-        coordinator: str,
+        coordinators: str | Sequence[str],
         secret: bytes,
         *,
         timeout: float = 10.0,
@@ -41,8 +46,8 @@ class Client:
         window: int = 8,
         readahead: int = 8,
         attempts: int = 5,
+        failover_for: float = FAILOVER_FOR,
     ) -> None:
-        self.address = coordinator
         self.timeout = timeout
         self.retry_for = retry_for
         self.keepalive = 2.0  # seconds between `touch`es while staging; begin replies set it
@@ -51,7 +56,8 @@ class Client:
         self.readahead = readahead
         self.attempts = attempts
         self.peers = Peers(secret, timeout=timeout)
-        self.coordinator: Peer = self.peers[coordinator]
+        self.coordinator = LeaderLink(coordinators, secret, timeout=timeout,
+                                      failover_for=failover_for)
         self._nodes: dict[int, str] = {}
         self._nodes_at = -1e9
 
@@ -61,7 +67,13 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    @property
+    def address(self) -> str:
+        """The coordinator currently used: the leader, as far as this client knows."""
+        return self.coordinator.address
+
     async def aclose(self) -> None:
+        await self.coordinator.aclose()
         await self.peers.aclose()
 
     # ------------------------------------------------------------ plumbing
@@ -244,6 +256,12 @@ class Client:
 
     async def status(self) -> dict[str, Any]:
         return await self.query("status")
+
+    async def coordinator_info(self, address: str | None = None) -> dict[str, Any]:
+        """One coordinator's role ("leader" / "standby"), its address and the leader it knows:
+        of `address` itself, not followed (default: the one in use)."""
+        peer = self.coordinator.peer(address or self.address)
+        return _fields(await peer.call("coordinator_info", retry_for=self.retry_for))
 
     async def txn_list(self) -> list[dict[str, Any]]:
         return list((await self.query("txn_list"))["txns"])

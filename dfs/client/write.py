@@ -10,7 +10,9 @@ replicas at once, so at most about window + 1 chunks are in memory.
 A replica that fails while staging, or a commit refused because a replica voted NO or timed out,
 aborts this txid and starts over with a fresh placement that excludes the failed nodes. If the
 commit's reply is lost (the coordinator connection broke), the outcome is asked for instead of
-guessed: a retry of a write that did commit would, under if_version, conflict with itself.
+guessed: a retry of a write that did commit would, under if_version, conflict with itself. The
+question goes to whichever coordinator leads by then (the client's link follows a failover), and
+an "aborted" there starts the write over.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dfs.chunks import CHUNK_SIZE, FileHasher, nchunks
 from dfs.client.attr import Attr
 from dfs.client.tasks import task_group
 from dfs.errors import Code, DfsError
-from dfs.rpc import PeerUnavailable
+from dfs.rpc import NotSent, PeerUnavailable
 
 if TYPE_CHECKING:
     from dfs.client.client import Client
@@ -274,7 +276,12 @@ async def write_file(
                 txid, staged.size, staged.checksum, staged.nchunks, mtime_ns,
                 voted=list(staged.voted),
             )
+        except NotSent as e:
+            # No coordinator could be reached: the commit never went out, nothing to settle.
+            await _abort_quietly(client, txid)
+            last = e
         except PeerUnavailable as e:
+            # The reply was lost (the leader may have died): ask the leader there is now.
             if await _settle(client, txid) == "committed":
                 return await client.getattr(ino)
             last = e

@@ -27,6 +27,7 @@ from .namespace_ops import NamespaceOps, Reply
 from .readrepair import RepairWorker
 from .replicate import Replicator
 from .rereplicate import ReReplicator
+from .standby import info_reply, join_address
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         self.replicator.on_suspects = self.repair_worker.suspects
         self.driver.on_refused = self.repair_worker.refused_commit
         self.gc.file_locks = self.replicator.file_locks  # GC of a current blob vs its repair
+        self.address: str | None = None  # HOST:PORT once serving (coordinator_info)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -67,9 +69,8 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
                 nursery.start_soon(self.repair_worker.run)
                 listeners = await nursery.start(
                     rpc.serve, self, host, port, self.secret, lambda: self.store.cluster_id)
-                bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-                address = (f"[{bound_host}]:{bound_port}" if ":" in bound_host
-                           else f"{bound_host}:{bound_port}")
+                address = join_address(*listeners[0].socket.getsockname()[:2])
+                self.address = address
                 log.info("cluster %s, R=%d, serving on %s", self.store.cluster_id,
                          self.store.replicas, address)
                 task_status.started(address)
@@ -175,6 +176,10 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
             "meta": await ha.describe() if (ha := getattr(self, "ha", None)) is not None
             else {"store": "lmdb"},
         }
+
+    async def op_coordinator_info(self, req: Request) -> Reply:
+        """This coordinator's role, as a standby answers it too (dfs/coordinator/standby.py)."""
+        return info_reply("leader", self.address, self.address, self.store.cluster_id)
 
     async def op_node_list(self, req: Request) -> Reply:
         return {"nodes": self.membership.describe()}
