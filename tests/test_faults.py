@@ -84,36 +84,68 @@ MATRIX = [(f, "multi-chunk") for f in sorted(CASES)] + \
 def test_crash_at_failpoint_leaves_old_or_new_version_everywhere(
     cluster_factory, failpoint: str, size: str
 ) -> None:
-    process, unacked_result = CASES[failpoint]
-    cluster = cluster_factory(node_args=NODE_ARGS)
+    process, _ = CASES[failpoint]
+    crash_case(cluster_factory(node_args=NODE_ARGS), process, failpoint, size)
+
+
+# The same matrix with the metadata in etcd (tests/ha_cluster.py, one coordinator that comes
+# back on a fresh cache loaded from etcd): every coordinator failpoint, both write paths.
+ETCD_MATRIX = [(f, s) for f, s in MATRIX if CASES[f][0] == "coordinator"]
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One cluster for the etcd cases: each crashes and restarts its coordinator, on its own
+    file, and leaves the cluster whole."""
+    from ha_cluster import HaCluster
+
+    with HaCluster(tmp_path_factory.mktemp("ha"), coordinators=1, etcd_members=1,
+                   node_args=NODE_ARGS).start() as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize(("failpoint", "size"), ETCD_MATRIX)
+def test_crash_matrix_with_the_metadata_in_etcd(etcd_cluster: Cluster, failpoint: str,
+                                                size: str) -> None:
+    crash_case(etcd_cluster, "coordinator-1", failpoint, size,
+               path=f"/{failpoint}-{size}")
+
+
+def crash_case(cluster: Cluster, process: str, failpoint: str, size: str,
+               path: str = "/f") -> None:
+    """Version A, the failpoint armed in `process`, a write of B, `process` restarted clean:
+    then exactly A or B everywhere (B if acknowledged)."""
+    _, unacked_result = CASES[failpoint]
     if size == "one-chunk":
         a, b = os.urandom(4096), os.urandom(3000)
     else:
         a, b = os.urandom(3 * 1024 * 1024 + 17), os.urandom(2 * 1024 * 1024 + 5)
-    assert cluster.dfs("put", "-", "/f", input=a).returncode == 0
-    before = stat(cluster, "/f")
+    assert cluster.dfs("put", "-", path, input=a).returncode == 0
+    before = stat(cluster, path)
 
     cluster.restart(process, env={"DFS_FAILPOINTS": f"{failpoint}=crash"})
-    write = cluster.dfs("put", "-", "/f", input=b, timeout=90)
+    cluster.wait_nodes_up()
+    write = cluster.dfs("put", "-", path, input=b, timeout=90)
     cluster.wait_until(lambda: not cluster.running(process), timeout=30,
                        message=f"{process} to crash at {failpoint}")
     cluster.restart(process, env={})
+    cluster.wait_nodes_up()
     if size == "one-chunk" and process.startswith("node"):
         # It died with the copy forced PREPARED by the STAGE, before its reply (the vote): the
         # restarted node found it, and must resolve it (OUTCOME) for I3 below to hold.
         assert "recovery: 1 prepared, 0 staged blobs" in cluster.log(process, 400)
 
     acked = write.returncode == 0
-    after = stat(cluster, "/f")
+    after = stat(cluster, path)
     if acked or unacked_result == "B":
         # I2: an acknowledged write is never lost; a decided one is finished after restart.
         assert after["version"] == before["version"] + 1
-        assert_converged(cluster, "/f", b)
+        assert_converged(cluster, path, b)
     else:
         assert write.stderr.count(b"\n") == 1, write.stderr
         assert after["version"] == before["version"]
         assert after["checksum"] == before["checksum"]
-        assert_converged(cluster, "/f", a)
+        assert_converged(cluster, path, a)
 
 
 def test_write_with_one_of_four_nodes_dead_lands_on_the_other_three(cluster_factory) -> None:

@@ -32,8 +32,9 @@ NODE_ARGS = ("--heartbeat-interval", "0.2", "--scrub-rate", "0")
 
 
 class LocalCluster:
-    def __init__(self, root: Path, nodes: int) -> None:
+    def __init__(self, root: Path, nodes: int, meta: str = "lmdb") -> None:
         self.root = root
+        self.meta = meta
         self.secret = root / "secret"
         self.secret.write_text(secrets.token_hex(32) + "\n")
         self.children: dict[str, Child] = {}
@@ -42,9 +43,16 @@ class LocalCluster:
 
     def start(self) -> None:
         common = ["--secret-file", str(self.secret)]
+        meta: list[str] = []
+        if self.meta == "etcd":  # three local members, as `dfs local up --ha` runs them
+            from dfs.cli.etcd_members import LocalEtcd
+
+            self.etcd = LocalEtcd(self.root, 3)
+            self.etcd.start()
+            meta = ["--meta", self.etcd.url]
         coordinator = Child("coordinator", [*DFS, *common, "coordinator", "--data",
                                             str(self.root / "coordinator"), "--listen",
-                                            "127.0.0.1:0", *COORDINATOR_ARGS],
+                                            "127.0.0.1:0", *COORDINATOR_ARGS, *meta],
                             self.root / "coordinator.log")
         coordinator.start()
         self.children["coordinator"] = coordinator
@@ -77,6 +85,8 @@ class LocalCluster:
     def stop(self) -> None:
         for name in reversed(list(self.children)):
             self.children[name].stop(timeout=5)
+        if getattr(self, "etcd", None) is not None:
+            self.etcd.stop()
 
 
 async def write_files(cluster: LocalCluster, count: int, size: int, writers: int) -> float:
@@ -120,10 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writers", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's tmp dir")
+    parser.add_argument("--meta", choices=("lmdb", "etcd"), default="lmdb",
+                        help="the coordinator's metadata store (etcd: 3 local members)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="dfs-bench-check."))
-    cluster = LocalCluster(root, args.nodes)
-    out: dict[str, Any] = {"files": args.files, "size": args.size, "nodes": args.nodes}
+    cluster = LocalCluster(root, args.nodes, args.meta)
+    out: dict[str, Any] = {"files": args.files, "size": args.size, "nodes": args.nodes,
+                           "meta": args.meta}
     try:
         cluster.start()
         out["write_s"] = round(trio.run(write_files, cluster, args.files, args.size,
@@ -163,7 +176,7 @@ def _table(out: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"dfs check on {out['files']} files of {out['size']} B, "
-                        f"{out['nodes']} nodes, R=3")
+                        f"{out['nodes']} nodes, R=3, metadata in {out['meta']}")
     table.add_column("measure")
     table.add_column("time", justify="right")
     table.add_column("rate", justify="right")

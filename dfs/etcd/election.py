@@ -143,7 +143,10 @@ class Election:
         task_status.started()
         try:
             while True:
-                await trio.sleep(interval)
+                # Wake by the expiry at the latest: a leader whose renewals fail must stop
+                # (and stop serving reads) before etcd can hand the key to another.
+                await trio.sleep(max(0.0, min(interval,
+                                              leadership.expires_at - time.monotonic())))
                 left = leadership.expires_at - time.monotonic()
                 if left <= 0 or leadership.lost:
                     raise LostLeadership("this coordinator's etcd lease ran out without renewal")
