@@ -130,8 +130,12 @@ def test_standby_names_the_leader_and_status_shows_etcd(ha: HaCluster) -> None:
                  env={"DFS_COORDINATOR": ha.addresses["coordinator-2"]})
     assert put.returncode == 0, put.stderr
     assert ha.dfs("cat", "/via-standby").stdout == b"x" * 100
+    roles = {c["address"]: c["role"] for c in doc["coordinators"]}
+    assert roles == {ha.addresses["coordinator-1"]: "leader",
+                     ha.addresses["coordinator-2"]: "standby"}, doc["coordinators"]
     text = ha.dfs("status")
     assert b"metadata in etcd" in text.stdout, text.stdout
+    assert f"{ha.addresses['coordinator-2']} standby".encode() in text.stdout, text.stdout
 
 
 def test_leader_killed_during_writes_loses_no_acknowledged_write(ha: HaCluster) -> None:

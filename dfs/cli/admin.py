@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 from dfs.cli.common import add_json, command, print_json, show, size_text, with_client
 from dfs.cli.lifecycle import describe_rereplication, wait_evacuated
+from dfs.errors import DfsError
 
 if TYPE_CHECKING:
     from dfs.client import Client
 
 STATE_STYLE = {"up": "green", "down": "red", "draining": "yellow", "removed": "dim"}
+ROLE_TIMEOUT = 2.0  # s: `dfs status` waits this long for each coordinator to say its role
 
 
 def _nodes_table(nodes: list[dict[str, Any]]) -> Any:
@@ -35,6 +37,7 @@ def _nodes_table(nodes: list[dict[str, Any]]) -> Any:
 
 async def status(client: Client, args: argparse.Namespace) -> int:
     doc = await client.status()
+    doc["coordinators"] = await coordinator_roles(client)
     if args.json:
         print_json(doc)
         return 0
@@ -53,10 +56,31 @@ async def status(client: Client, args: argparse.Namespace) -> int:
         print(line)
     meta = doc.get("meta") or {}
     if meta.get("store") == "etcd":
+        print("coordinators: " + ", ".join(f"{c['address']} {c['role']}"
+                                           for c in doc["coordinators"]))
         print(describe_etcd(meta))
     if nodes:
         show(_nodes_table(nodes))
     return 0
+
+
+async def coordinator_roles(client: Client) -> list[dict[str, Any]]:
+    """Each coordinator the client was given (and learned), as it answers for itself."""
+    import trio
+
+    out: list[dict[str, Any]] = []
+    for address in list(client.coordinator.addresses):
+        with trio.move_on_after(ROLE_TIMEOUT):
+            try:
+                info = await client.coordinator.peer(address).call("coordinator_info")
+                out.append({"address": address, "role": info.get("role", "?"),
+                            "leader": info.get("leader")})
+                continue
+            except DfsError as e:
+                out.append({"address": address, "role": "unreachable", "error": e.msg})
+                continue
+        out.append({"address": address, "role": "unreachable", "error": "no answer"})
+    return out
 
 
 def describe_etcd(meta: dict[str, Any]) -> str:
