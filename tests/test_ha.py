@@ -251,3 +251,35 @@ def test_local_up_ha_runs_etcd_and_two_coordinators(tmp_path: Path) -> None:
     finally:
         up.stop()
     assert up.poll() is not None
+
+
+def test_an_unreachable_etcd_is_one_clear_line_at_start(tmp_path: Path) -> None:
+    from etcd_harness import free_port
+
+    start = time.monotonic()
+    result = subprocess.run(
+        [*DFS, "--secret-file", str(_secret(tmp_path)), "coordinator", "--data",
+         str(tmp_path / "c"), "--listen", "127.0.0.1:0", "--meta",
+         f"etcd://127.0.0.1:{free_port()}"], capture_output=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count(b"\n") == 1 and b"Traceback" not in result.stderr, result.stderr
+    assert b"etcd" in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_status_warns_before_the_etcd_quota_is_hit(tmp_path: Path) -> None:
+    from cluster import COORDINATOR_ARGS
+
+    with HaCluster(tmp_path / "ha", coordinators=1, etcd_members=1, nodes=3,
+                   coordinator_args=[*COORDINATOR_ARGS, "--etcd-quota", "25000"]
+                   ).start() as cluster:
+        meta = cluster.status()["meta"]
+        assert meta["db_size"] > 0.8 * 25_000 and meta["quota_warning"] is True, meta
+        assert meta["quota"] == 25_000
+        assert b"near etcd's quota" in cluster.dfs("status").stdout
+
+
+def _secret(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text(os.urandom(32).hex() + "\n")
+    return path
