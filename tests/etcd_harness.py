@@ -29,15 +29,13 @@ from pathlib import Path
 
 import pytest
 
+from dfs.cli import etcd_members
+from dfs.cli.etcd_members import free_port
 from dfs.etcd.client import EtcdClient, EtcdError
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 QUOTA_BYTES = 256 * 1024 * 1024
-# Lowered from etcd's defaults (100 ms / 1000 ms) so that a lost member or leader is noticed
-# quickly on a shared test machine, with room for scheduling jitter.
-HEARTBEAT_MS = 100
-ELECTION_MS = 1000
 
 
 def etcd_binary() -> str | None:
@@ -54,28 +52,14 @@ def require_etcd() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Member(etcd_members.Member):
+    """A member of a test cluster: ports from the OS, its data dir, log and process."""
 
-
-class Member:
     def __init__(self, root: Path, name: str) -> None:
-        self.name = name
+        super().__init__(name, free_port(), free_port())
         self.data_dir = root / f"{name}.data"
         self.log = root / f"{name}.log"
-        self.client_port = free_port()
-        self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
 
 
 class EtcdCluster:
@@ -100,20 +84,9 @@ class EtcdCluster:
 
     def _command(self, i: int) -> list[str]:
         m = self.members[i]
-        cluster = ",".join(f"{o.name}={o.peer_url}" for o in self.members)
-        return [
-            self.binary, "--name", m.name, "--data-dir", str(m.data_dir),
-            "--listen-client-urls", f"http://{m.endpoint}",
-            "--advertise-client-urls", f"http://{m.endpoint}",
-            "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
-            "--initial-cluster", cluster, "--initial-cluster-token", f"dfs-test-{os.getpid()}",
-            "--initial-cluster-state", "new",
-            "--auto-compaction-mode", "revision",
-            "--auto-compaction-retention", self.compaction_retention,
-            "--quota-backend-bytes", str(self.quota_bytes),
-            "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
-            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-        ]
+        return etcd_members.member_command(
+            self.binary, m, self.members, m.data_dir, token=f"dfs-test-{os.getpid()}",
+            retention=self.compaction_retention, quota=self.quota_bytes)
 
     def start(self) -> EtcdCluster:
         for i in range(len(self.members)):

@@ -14,6 +14,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,21 +95,8 @@ class LocalEtcd:
         return "etcd://" + ",".join(self.endpoints)
 
     def command(self, m: Member) -> list[str]:
-        cluster = ",".join(f"{o.name}={o.peer_url}" for o in self.members)
-        data = self.root / f"{m.name}.data"
-        return [
-            etcd_binary(), "--name", m.name, "--data-dir", str(data),
-            "--listen-client-urls", f"http://{m.endpoint}",
-            "--advertise-client-urls", f"http://{m.endpoint}",
-            "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
-            "--initial-cluster", cluster, "--initial-cluster-token", self.token,
-            "--initial-cluster-state", "new",
-            "--auto-compaction-mode", "revision",
-            "--auto-compaction-retention", COMPACTION_RETENTION,
-            "--quota-backend-bytes", str(QUOTA_BYTES),
-            "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
-            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-        ]
+        return member_command(etcd_binary(), m, self.members, self.root / f"{m.name}.data",
+                              token=self.token)
 
     def start(self) -> None:
         for child in self.children:
@@ -128,6 +116,25 @@ class LocalEtcd:
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
+
+
+def member_command(binary: str, m: Member, members: Sequence[Member], data: Path, *,
+                   token: str, retention: str = COMPACTION_RETENTION,
+                   quota: int = QUOTA_BYTES) -> list[str]:
+    """The etcd command line of member m of `members` (all on loopback)."""
+    cluster = ",".join(f"{o.name}={o.peer_url}" for o in members)
+    return [
+        binary, "--name", m.name, "--data-dir", str(data),
+        "--listen-client-urls", f"http://{m.endpoint}",
+        "--advertise-client-urls", f"http://{m.endpoint}",
+        "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+        "--initial-cluster", cluster, "--initial-cluster-token", token,
+        "--initial-cluster-state", "new",
+        "--auto-compaction-mode", "revision", "--auto-compaction-retention", retention,
+        "--quota-backend-bytes", str(quota),
+        "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
+        "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+    ]
 
 
 def healthy(endpoint: str, timeout: float = 1.0) -> bool:

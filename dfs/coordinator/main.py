@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import lmdb
 import trio
@@ -92,15 +94,21 @@ def run(args: argparse.Namespace) -> int:
         log.warning("this cluster keeps R=%d from its first start (--replicas %d ignored)",
                     store.replicas, config.replicas)
     try:
-        return trio.run(serve, store, config, secret)
+        return _trio_run(serve, store, config, secret)
+    finally:
+        store.close()
+
+
+def _trio_run(fn: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """trio.run, an operator's error (port taken, etcd unreachable) as one line: exit 1."""
+    try:
+        return trio.run(fn, *args)
     except BaseException as e:
         cause = _startup_error(e)
         if cause is None:
             raise
         print(f"dfs coordinator: {_describe(cause)}", file=sys.stderr)
         return 1
-    finally:
-        store.close()
 
 
 def _run_ha(config: CoordinatorConfig, secret: bytes) -> int:
@@ -111,11 +119,4 @@ def _run_ha(config: CoordinatorConfig, secret: bytes) -> int:
 
     assert config.meta is not None
     with EtcdClient.from_url(config.meta) as client:
-        try:
-            return trio.run(HaCoordinator(config, secret, client).run)
-        except BaseException as e:
-            cause = _startup_error(e)
-            if cause is None:
-                raise
-            print(f"dfs coordinator: {_describe(cause)}", file=sys.stderr)
-            return 1
+        return _trio_run(HaCoordinator(config, secret, client).run)
