@@ -28,6 +28,7 @@ from dfs.nemesis.ha_faults import HA_KINDS
 from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
 from dfs.nemesis.judge import Ledger, attribute
 from dfs.nemesis.proxy import BLACKHOLE, REFUSE, Proxies, Proxy
+from dfs.wire import decode, encode
 
 # ---------------------------------------------------------------- the checker
 
@@ -218,17 +219,20 @@ async def _echo_server(nursery: trio.Nursery) -> str:
     return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
-async def _roundtrip(address: str, payload: bytes = b"ping") -> bytes:
+async def _roundtrip(address: str, payload: bytes = b"ping", expect: int | None = None
+                     ) -> bytes:
     host, port = address.split(":")
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
-        await stream.send_all(payload)
+        for i in range(0, len(payload), 7000):  # in pieces: frames split across reads
+            await stream.send_all(payload[i:i + 7000])
         got = b""
-        while len(got) < len(payload):
-            data = await stream.receive_some(65536)
-            if not data:
-                break
-            got += data
+        with trio.move_on_after(5):
+            while len(got) < (expect or len(payload)):
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                got += data
         return got
 
 
@@ -255,6 +259,31 @@ async def test_the_proxy_forwards_cuts_blackholes_slows_and_heals() -> None:
         assert trio.current_time() - start >= 0.4  # both directions
         proxy.heal()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_proxy_rewrites_the_leader_a_standby_names() -> None:
+    """--ha: a NOT_LEADER reply naming a real address is rewritten (frame by frame, also when
+    split across reads); every other frame passes byte for byte."""
+    def rewrite(msg: dict[str, object]) -> None:
+        if msg.get("error") == "NOT_LEADER":
+            msg["leader"] = "127.0.0.1:2222"
+
+    refusal = encode({"ok": False, "error": "NOT_LEADER", "leader": "127.0.0.1:1111", "id": 3})
+    other = encode({"ok": True, "id": 4, "data": b"NOT_LEADER" * 3})  # holds the mark too
+    plain = encode({"ok": True, "id": 5, "data": os.urandom(200_000)})
+    async with trio.open_nursery() as nursery:
+        proxy = Proxy("p", await _echo_server(nursery), rewrite=rewrite)
+        await nursery.start(proxy.run)
+        sent = refusal + other + plain
+        got = await _roundtrip(proxy.address, sent)  # the same length: same-length ports
+        nursery.cancel_scope.cancel()
+    frames = []
+    while got:
+        size = int.from_bytes(got[:4], "big")
+        frames.append(decode(got[4:4 + size]))
+        got = got[4 + size:]
+    assert frames[0]["leader"] == "127.0.0.1:2222"
+    assert frames[1] == decode(other[4:]) and frames[2] == decode(plain[4:])
 
 
 # ---------------------------------------------------------------- campaigns
