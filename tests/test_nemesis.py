@@ -23,6 +23,7 @@ from mount_harness import fuse_unavailable
 from dfs.nemesis.campaign import Options, campaign
 from dfs.nemesis.checker import check_history
 from dfs.nemesis.cluster import NemesisCluster
+from dfs.nemesis.faults import KINDS
 from dfs.nemesis.final import replica_problem
 from dfs.nemesis.ha_faults import HA_KINDS
 from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
@@ -332,10 +333,23 @@ def test_short_ha_campaign_finds_no_violation(tmp_path: Path) -> None:
     """Issue 10: the leader killed, paused and cut off from etcd, one etcd member killed and
     then two of three: a standby takes over, no write is lost or seen half-made, a write
     without etcd's majority never succeeds, and the judged check finds only the last flip."""
+    _run_ha(tmp_path, duration=25, seed=int(os.environ.get("DFS_NEMESIS_SEED", "3")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_long_ha_campaign_finds_no_violation(tmp_path: Path) -> None:
+    """Every fault kind, the HA ones among them, for DFS_NEMESIS_DURATION seconds."""
+    _run_ha(tmp_path, duration=float(os.environ.get("DFS_NEMESIS_DURATION", "300")),
+            seed=int(os.environ.get("DFS_NEMESIS_SEED", "12")), kinds=KINDS, max_faults=2)
+
+
+def _run_ha(tmp_path: Path, duration: float, seed: int,
+            kinds: tuple[str, ...] = HA_TEST_KINDS, max_faults: int = 3) -> None:
     require_etcd()
-    options = Options(duration=40, seed=int(os.environ.get("DFS_NEMESIS_SEED", "3")),
-                      root=tmp_path / "nemesis", mount=_mount_wanted(), keep=True, ha=True,
-                      cover=True, kinds=HA_TEST_KINDS)
+    options = Options(duration=duration, seed=seed, root=tmp_path / "nemesis",
+                      mount=_mount_wanted(), keep=True, ha=True, cover=True, kinds=kinds,
+                      max_faults=max_faults)
     summary = trio.run(campaign, options)
     problems = "\n".join(f"{v.kind} {v.file}: {v.msg}" for v in summary.violations[:20])
     assert summary.error is None, f"{summary.error} (history {summary.history})"

@@ -177,12 +177,18 @@ class NemesisCluster:
     async def etcd_start(self) -> None:
         """Three etcd members under the root; each coordinator reaches each through a proxy."""
         self.etcd = LocalEtcd(self.root, ETCD_MEMBERS, token=f"dfs-nemesis-{self.root.name}")
-        await trio.to_thread.run_sync(self.etcd.start)
+        # Started here, not by LocalEtcd.start in a worker thread: the members die with the
+        # thread that spawned them (PR_SET_PDEATHSIG), and trio retires idle worker threads.
         for member, child in zip(self.etcd.members, self.etcd.children, strict=True):
             self.etcd_members.append(member.name)
             self.procs[member.name] = Proc(member.name, child, listen=member.endpoint)
+            child.start()
             for k in range(1, len(self.coordinators) + 1):
                 await self.proxies.add(f"e{k}-{member.name}", member.endpoint)
+        for name in self.etcd_members:
+            if not await self._etcd_healthy(name, START_TIMEOUT):
+                raise RuntimeError(f"{name} is not healthy after {START_TIMEOUT:g} s: "
+                                   f"{self.procs[name].child.log_tail(5)}")
 
     def _argv(self, name: str, proc: Proc) -> list[str]:
         common = [*DFS, "--secret-file", str(self.secret_file)]
@@ -334,12 +340,18 @@ class NemesisCluster:
         assert not proc.child.running(), f"{name} is running"
         proc.paused = False
         proc.child.start()
-        with trio.move_on_after(ETCD_READY):
+        await self._etcd_healthy(name, ETCD_READY)
+
+    async def _etcd_healthy(self, name: str, timeout: float) -> bool:
+        proc = self.procs[name]
+        with trio.move_on_after(timeout):
             while not await trio.to_thread.run_sync(healthy, proc.listen, 0.5):
                 if not proc.child.running():
                     raise RuntimeError(f"{name} exited with {proc.child.poll()}: "
                                        f"{proc.child.log_tail(5)}")
                 await trio.sleep(0.2)
+            return True
+        return False
 
     async def roles(self) -> dict[str, str]:
         """Each coordinator's own word on its role ("leader", "standby"; "down", "paused"
