@@ -387,9 +387,13 @@ class NemesisCluster:
         """Wait (bounded) for a leader (`name`, or any but `other_than`); None if none came."""
         with trio.move_on_after(timeout):
             while True:
-                leader = await self.leader()
-                if leader is not None and leader != other_than and name in (None, leader):
-                    return leader
+                if not self.ha:
+                    return COORDINATOR
+                # Another than `other_than` leads, whatever `other_than` still believes.
+                leaders = [n for n, role in (await self.roles()).items() if role == "leader"
+                           and n != other_than and name in (None, n)]
+                if len(leaders) == 1:
+                    return leaders[0]
                 await trio.sleep(0.1)
         return None
 
