@@ -1,5 +1,6 @@
-"""The nemesis (issues 5 and 8): its checker on made-up histories, its judge of the first
-`dfs check` after healing, its proxy, and real campaigns.
+"""The nemesis (issues 5, 8 and 10): its checker on made-up histories, its judge of the first
+`dfs check` after healing, its proxy, and real campaigns (one with the metadata on etcd and
+two coordinators, `--ha`).
 
 The checker and judge tests feed histories and findings with a known flaw and expect exactly
 that violation, so a campaign that reports 0 violations means something. The short campaign runs in the default
