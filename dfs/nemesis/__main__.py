@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
                              "takeover); adds the leader and etcd faults")
     parser.add_argument("--faults", default=",".join(KINDS),
                         help=f"fault kinds to inject (default all: {','.join(KINDS)})")
+    parser.add_argument("--strict-exits", action="store_true",
+                        help="with --ha: a coordinator that exits by itself is a violation "
+                             "(by default it is restarted and counted)")
     parser.add_argument("--cover", action="store_true",
                         help="inject each fault kind once first, then draw at random")
     parser.add_argument("--max-faults", type=int, default=2, help="faults at once (default 2)")
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
                    kinds=kinds, max_faults=args.max_faults, lib_writers=args.writers,
                    lib_readers=args.readers, keep=args.keep, repairs=not args.no_repairs,
                    gc_grace=args.gc_grace, txn_retention=args.txn_retention,
-                   ha=args.ha, cover=args.cover), args.json
+                   ha=args.ha, cover=args.cover, strict_exits=args.strict_exits), args.json
 
 
 def render(summary: Summary, console: Console) -> None:

@@ -56,6 +56,7 @@ class Options:
     txn_retention: float = TXN_RETENTION
     ha: bool = False  # metadata on three etcd members, two coordinators (issue 10)
     cover: bool = False  # each fault kind once before the random draws
+    strict_exits: bool = False  # HA: a coordinator exiting by itself is a violation
 
 
 @dataclass
@@ -149,7 +150,7 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
                             cold=[f"cold{i}" for i in range(opts.cold_files)])
         await workload.setup()
     nemesis = Nemesis(cluster, history, rng, max_active=opts.max_faults, kinds=opts.kinds,
-                      mount=opts.mount, cover=opts.cover)
+                      mount=opts.mount, cover=opts.cover, strict_exits=opts.strict_exits)
     history.note("campaign start", duration=opts.duration, seed=opts.seed)
     try:
         async with trio.open_nursery() as nursery:

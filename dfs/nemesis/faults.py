@@ -50,8 +50,8 @@ WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1, 1, 1, 3, 2, 2, 1, 2)
 class Nemesis(HaFaults):
     def __init__(self, cluster: NemesisCluster, history: History, rng: random.Random, *,
                  max_active: int = 2, interval: tuple[float, float] = (0.5, 3.0),
-                 kinds: tuple[str, ...] = KINDS, mount: bool = True, cover: bool = False
-                 ) -> None:
+                 kinds: tuple[str, ...] = KINDS, mount: bool = True, cover: bool = False,
+                 strict_exits: bool = False) -> None:
         self.cluster = cluster
         self.history = history
         self.rng = rng
@@ -70,6 +70,7 @@ class Nemesis(HaFaults):
         self.findings: list[Violation] = []  # what a fault itself saw go wrong (ha_faults)
         self.takeovers: list[float] = []  # seconds from a leader's loss to the next leader
         self.etcd_down: set[str] = set()
+        self.strict_exits = strict_exits
         self.busy: set[str] = set()
         self.active = 0
         self._heal_now = trio.Event()

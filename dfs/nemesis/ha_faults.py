@@ -57,6 +57,7 @@ class HaFaults:
     findings: list[Violation]
     takeovers: list[float]
     etcd_down: set[str]
+    strict_exits: bool  # a coordinator that exits by itself is a violation, not a restart
 
     def _recorded(self, kind: str, target: str, **details: Any
                   ) -> AbstractAsyncContextManager[Any]:
@@ -80,6 +81,11 @@ class HaFaults:
                     try:
                         status = self.cluster.exit_status(name)
                         self.details[f"{name} exited by itself (restarted)"] += 1
+                        if self.strict_exits:
+                            self.findings.append(Violation(
+                                "coordinator-exit", "*", f"{name} exited with status "
+                                f"{status} while no fault owned it: "
+                                f"{_last_lines(self.cluster.log_tail(name, 200), 2)}"))
                         self.history.note("coordinator exited", target=name, status=status,
                                           log=_last_lines(self.cluster.log_tail(name, 200)))
                         with trio.CancelScope(shield=True):
