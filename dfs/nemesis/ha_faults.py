@@ -26,7 +26,7 @@ import trio
 from dfs.client import Client
 from dfs.errors import DfsError
 from dfs.nemesis.checker import Violation
-from dfs.nemesis.cluster import LEADER_TTL
+from dfs.nemesis.ha_cluster import LEADER_TTL
 from dfs.nemesis.history import History
 from dfs.nemesis.proxy import BLACKHOLE, REFUSE
 
