@@ -39,8 +39,16 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's data even when the campaign passes")
     parser.add_argument("--no-mount", action="store_true", help="no FUSE mount workers")
+    parser.add_argument("--ha", action="store_true",
+                        help="metadata on three etcd members, two coordinators (standby "
+                             "takeover); adds the leader and etcd faults")
     parser.add_argument("--faults", default=",".join(KINDS),
                         help=f"fault kinds to inject (default all: {','.join(KINDS)})")
+    parser.add_argument("--strict-exits", action="store_true",
+                        help="with --ha: a coordinator that exits by itself is a violation "
+                             "(by default it is restarted and counted)")
+    parser.add_argument("--cover", action="store_true",
+                        help="inject each fault kind once first, then draw at random")
     parser.add_argument("--max-faults", type=int, default=2, help="faults at once (default 2)")
     parser.add_argument("--writers", type=int, default=3, help="library writers (default 3)")
     parser.add_argument("--readers", type=int, default=2, help="library readers (default 2)")
@@ -60,7 +68,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     return Options(duration=args.duration, seed=seed, root=root, mount=not args.no_mount,
                    kinds=kinds, max_faults=args.max_faults, lib_writers=args.writers,
                    lib_readers=args.readers, keep=args.keep, repairs=not args.no_repairs,
-                   gc_grace=args.gc_grace, txn_retention=args.txn_retention), args.json
+                   gc_grace=args.gc_grace, txn_retention=args.txn_retention,
+                   ha=args.ha, cover=args.cover, strict_exits=args.strict_exits), args.json
 
 
 def render(summary: Summary, console: Console) -> None:
@@ -81,6 +90,10 @@ def render(summary: Summary, console: Console) -> None:
     for detail, count in sorted(summary.fault_details.items()):
         faults.add_row(f"  {detail}", str(count), style="dim")
     console.print(faults)
+    if summary.takeovers:
+        took = sorted(summary.takeovers)
+        console.print(f"leader takeovers: {len(took)}, median {took[len(took) // 2]:.1f} s, "
+                      f"worst {took[-1]:.1f} s")
     console.print(f"healed at the end: {', '.join(summary.healed) or 'nothing left to heal'}")
     if summary.repairs:
         console.print("found by the repairs under faults: " + ", ".join(

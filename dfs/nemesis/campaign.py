@@ -54,6 +54,9 @@ class Options:
     repairs: bool = True  # `dfs check --deep --repair` now and then, under the faults
     gc_grace: float = GC_GRACE
     txn_retention: float = TXN_RETENTION
+    ha: bool = False  # metadata on three etcd members, two coordinators (issue 10)
+    cover: bool = False  # each fault kind once before the random draws
+    strict_exits: bool = False  # HA: a coordinator exiting by itself is a violation
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Summary:
     root: str = ""
     error: str | None = None
     fault_errors: list[str] = field(default_factory=list)
+    takeovers: list[float] = field(default_factory=list)  # HA: seconds until a new leader
 
     @property
     def passed(self) -> bool:
@@ -95,6 +99,7 @@ class Summary:
             "unrepaired": self.unrepaired,
             "corrupted": self.corrupted, "files": self.files, "history": self.history,
             "dir": self.root, "error": self.error, "fault_errors": self.fault_errors,
+            "takeovers": self.takeovers,
         }
 
 
@@ -112,7 +117,7 @@ async def campaign(opts: Options) -> Summary:
             await nursery.start(proxies.run)
             cluster = NemesisCluster(root, proxies, nodes=opts.nodes, replicas=opts.replicas,
                                      mount=opts.mount, gc_grace=opts.gc_grace,
-                                     txn_retention=opts.txn_retention)
+                                     txn_retention=opts.txn_retention, ha=opts.ha)
             try:
                 await _campaign(opts, cluster, history, rng, summary)
             finally:
@@ -145,7 +150,7 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
                             cold=[f"cold{i}" for i in range(opts.cold_files)])
         await workload.setup()
     nemesis = Nemesis(cluster, history, rng, max_active=opts.max_faults, kinds=opts.kinds,
-                      mount=opts.mount)
+                      mount=opts.mount, cover=opts.cover, strict_exits=opts.strict_exits)
     history.note("campaign start", duration=opts.duration, seed=opts.seed)
     try:
         async with trio.open_nursery() as nursery:
@@ -159,6 +164,10 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
         summary.fault_details = nemesis.details
         summary.corrupted = nemesis.corrupted
         summary.fault_errors = nemesis.errors
+        summary.takeovers = nemesis.takeovers
+        nemesis.details.update(cluster.notes)
+        if cluster.start_errors:
+            history.note("coordinator start errors", errors=cluster.start_errors)
     history.note("campaign end; healing")
     report = FinalReport()
     with trio.fail_after(FINISH_TIMEOUT):
@@ -175,6 +184,7 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
         await judge_then_repair(cluster, nemesis.ledger, report)
         await check_files(cluster, workload, history, nemesis.corrupted, report)
         await wait_no_orphans(cluster, workload, report)
+    summary.violations += nemesis.findings
     summary.violations += report.violations
     summary.corrupted = nemesis.corrupted  # with the last bit flip
     summary.checker = report.checker

@@ -10,6 +10,19 @@ through that one link; cutting `n-i` and `c-node-i` isolates node-i completely. 
 processes know stay fixed across restarts (they are the proxies'); a process that comes back on
 another real port only needs its proxy retargeted.
 
+With `ha` (issue 10), the metadata is in three etcd members (dfs/cli/etcd_members.py, under
+the campaign root) and two coordinators run with `--meta`; each has its own set of links, so
+a partition or a kill means one coordinator, not "the" coordinator:
+
+    clients --c1-clients--> coordinator-1 --e1-etcd-j--> etcd-j   (j = 1..3)
+            --c2-clients--> coordinator-2 --e2-etcd-j--> etcd-j
+
+and so on for the mount and each node (`c1-node-i`, `c2-node-i`). Clients, the mount and the
+nodes are given both of their proxies (`--coordinator c1,c2`) and follow the leader. A standby
+names the leader by its real address; the c-proxies rewrite that NOT_LEADER reply into the
+address of the same link to the leader (proxy.py), so nobody ever bypasses a proxy. Cutting
+`e<k>-*` is "coordinator k cut off from etcd while it still reaches the nodes".
+
 Unlike tests/cluster.py (a synchronous pytest helper), this one is driven from trio while a
 workload runs: the blocking parts (spawning, waiting for the ready line, LMDB surgery) run in
 worker threads. Every process is started in its own session and stopped by its pid alone.
@@ -23,7 +36,9 @@ import shutil
 import signal
 import struct
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +46,25 @@ import lmdb
 import msgpack
 import trio
 
+from dfs.cli.etcd_members import LocalEtcd
 from dfs.cli.procs import DFS, Child
 from dfs.client import Client
+from dfs.nemesis.ha_cluster import (
+    COORDINATOR,
+    HA_COORDINATORS,
+    LEADER_TTL,
+    START_TIMEOUT,
+    HaMembers,
+)
 from dfs.nemesis.proxy import Proxies
 from dfs.rpc import load_secret
 
-COORDINATOR = "coordinator"
 MOUNT = "mount"
 COORDINATOR_ARGS = ("--node-timeout", "1.5", "--vote-timeout", "2", "--txn-timeout", "10")
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "0.5", "--staged-timeout", "8")
 GC_GRACE = 2.0  # seconds: superseded blobs are purged mid-campaign
 TXN_RETENTION = 3.0  # seconds: ENDED transaction records are purged mid-campaign
 MAX_NODES = 24  # node processes ever started (fresh ones replace removed ones)
-START_TIMEOUT = 30.0
 MOUNT_READY = b"dfs mount ready at"
 
 
@@ -59,12 +80,13 @@ class Proc:
     listen: str = "127.0.0.1:0"
 
 
-class NemesisCluster:
-    """A coordinator, `nodes` storage nodes (R=`replicas`) and one FUSE mount."""
+class NemesisCluster(HaMembers):
+    """A coordinator (or, with `ha`, two over three etcd members), `nodes` storage nodes
+    (R=`replicas`) and one FUSE mount."""
 
     def __init__(self, root: Path, proxies: Proxies, *, nodes: int = 4, replicas: int = 3,
                  mount: bool = True, gc_grace: float = GC_GRACE,
-                 txn_retention: float = TXN_RETENTION) -> None:
+                 txn_retention: float = TXN_RETENTION, ha: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.proxies = proxies
@@ -83,14 +105,56 @@ class NemesisCluster:
         self.procs: dict[str, Proc] = {}
         self.mount_path = self.root / "mnt"
         self.mount_child: Child | None = None
-        self.coordinator = ""  # the real address (admin tools only; processes use proxies)
+        self.ha = ha
+        self.coordinators = list(HA_COORDINATORS if ha else (COORDINATOR,))
+        self.real: dict[str, str] = {}  # coordinator -> its real address
+        self.etcd: LocalEtcd | None = None
+        self.etcd_members: list[str] = []  # "etcd-1", ... (processes in self.procs)
+        self.notes: Counter[str] = Counter()  # what the cluster itself worked around
+        self.start_errors: list[str] = []
+
+    @property
+    def coordinator(self) -> str:
+        """The real addresses, "A,B" (admin tools only; processes use proxies)."""
+        return ",".join(self.real[c] for c in self.coordinators if c in self.real)
+
+    # ------------------------------------------------------------ links
+
+    def link(self, coordinator: str, who: str) -> str:
+        """The proxy `who` ("clients", "mount", a node) reaches `coordinator` through."""
+        if not self.ha:
+            return f"c-{who}"
+        return f"c{self.coordinators.index(coordinator) + 1}-{who}"
+
+    def links_of(self, coordinator: str) -> list[str]:
+        """Every link into `coordinator` (clients', the mount's and the nodes' heartbeats)."""
+        prefix = self.link(coordinator, "")
+        return [p for p in self.proxies.by_name if p.startswith(prefix)]
+
+    def etcd_links(self, coordinator: str) -> list[str]:
+        k = self.coordinators.index(coordinator) + 1
+        return [f"e{k}-{m}" for m in self.etcd_members]
+
+    def coordinator_list(self, who: str) -> str:
+        """What `who` is given as --coordinator: its proxy to each coordinator."""
+        return ",".join(self.proxies[self.link(c, who)].address for c in self.coordinators)
+
+    async def add_links(self, who: str) -> None:
+        for c in self.coordinators:
+            await self.proxies.add(self.link(c, who), self.real.get(c, "127.0.0.1:1"),
+                                   rewrite=partial(self._translate, who) if self.ha else None)
 
     # ------------------------------------------------------------ start-up
 
     async def start(self) -> None:
-        await self.start_proc(COORDINATOR)
-        for name in ("c-clients", "c-mount", *(f"c-{n}" for n in self.nodes)):
-            await self.proxies.add(name, self.coordinator)
+        if self.ha:
+            await self.etcd_start()
+        for coordinator in self.coordinators:
+            await self.start_proc(coordinator)
+            if self.ha and coordinator == self.coordinators[0]:
+                await self.wait_leader(coordinator)  # the first one leads, as in tests
+        for who in ("clients", "mount", *self.nodes):
+            await self.add_links(who)
         for node in self.nodes:
             await self.proxies.add(f"n-{node}", "127.0.0.1:1")  # retargeted once it listens
             await self.start_proc(node)
@@ -101,11 +165,15 @@ class NemesisCluster:
     def _argv(self, name: str, proc: Proc) -> list[str]:
         common = [*DFS, "--secret-file", str(self.secret_file)]
         data = str(self.root / name)
-        if name == COORDINATOR:
+        if name in self.coordinators:
+            meta: list[str] = []
+            if self.ha:
+                endpoints = ",".join(self.proxies[e].address for e in self.etcd_links(name))
+                meta = ["--meta", f"etcd://{endpoints}", "--leader-ttl", str(LEADER_TTL)]
             return [*common, "coordinator", "--data", data, "--listen", proc.listen,
-                    "--replicas", str(self.replicas), *COORDINATOR_ARGS,
+                    "--replicas", str(self.replicas), *meta, *COORDINATOR_ARGS,
                     "--gc-grace", str(self.gc_grace), "--txn-retention", str(self.txn_retention)]
-        argv = [*common, "--coordinator", self.proxies[f"c-{name}"].address, "node",
+        argv = [*common, "--coordinator", self.coordinator_list(name), "node",
                 "--data", data, "--listen", proc.listen,
                 "--advertise", self.proxies[f"n-{name}"].address, *NODE_ARGS]
         if proc.capacity is not None:
@@ -119,29 +187,43 @@ class NemesisCluster:
         It listens on its previous real port if it had one (falling back to a fresh port if
         that one is taken) and its proxies are pointed at wherever it listens now.
         """
+        if name in self.etcd_members:
+            await self.etcd_restart(name)
+            return
         proc = self.procs.get(name)
         if proc is None:
             proc = self.procs[name] = Proc(name, Child(name, [], self.root / f"{name}.log"))
         assert not proc.child.running(), f"{name} is running"
         proc.env, proc.capacity, proc.paused = dict(env or {}), capacity, False
-        for listen in dict.fromkeys([proc.listen, "127.0.0.1:0"]):
-            proc.listen = listen
+        candidates = list(dict.fromkeys([proc.listen, "127.0.0.1:0"]))
+        supervised = self.ha and name in self.coordinators
+        retry_until = trio.current_time() + START_TIMEOUT
+        while True:
+            proc.listen = candidates[0]
             proc.child.argv = self._argv(name, proc)
             proc.child.start({"DFS_LOG_LEVEL": "INFO", **proc.env})
             try:
                 address = await trio.to_thread.run_sync(proc.child.wait_listening, START_TIMEOUT)
                 break
-            except Exception:
+            except Exception as e:
                 if proc.child.running():
                     await self.kill(name)
-                if listen == "127.0.0.1:0":
+                in_use = "in use" in proc.child.log_tail(5).lower()
+                if len(candidates) > 1 and (in_use or not supervised):
+                    candidates.pop(0)  # its old port is taken: a fresh one
+                    continue
+                # An HA coordinator that cannot start (etcd unreachable at start is a clear
+                # error, by design) is started again, as a supervisor would; counted.
+                if not supervised or trio.current_time() > retry_until:
                     raise
+                self.notes[f"{name} failed to start, started again"] += 1
+                self.start_errors.append(str(e)[-300:])
+                await trio.sleep(0.5)
         proc.listen = address
-        if name == COORDINATOR:
-            self.coordinator = address
-            for proxy in self.proxies.by_name.values():
-                if proxy.name.startswith("c-"):
-                    proxy.retarget(address)
+        if name in self.coordinators:
+            self.real[name] = address
+            for link in self.links_of(name):
+                self.proxies[link].retarget(address)
         else:
             self.proxies[f"n-{name}"].retarget(address)
 
@@ -159,7 +241,7 @@ class NemesisCluster:
         itself with the coordinator when it can reach it."""
         self.started_nodes += 1
         name = f"node-{self.started_nodes}"
-        await self.proxies.add(f"c-{name}", self.coordinator)
+        await self.add_links(name)
         await self.proxies.add(f"n-{name}", "127.0.0.1:1")
         await self.start_proc(name)
         self.nodes.append(name)
@@ -174,7 +256,7 @@ class NemesisCluster:
         self.nodes.remove(name)
         self.draining.discard(name)
         self.removed.append(name)
-        for link in (f"n-{name}", f"c-{name}"):
+        for link in (f"n-{name}", *(self.link(c, name) for c in self.coordinators)):
             self.proxies[link].retarget("127.0.0.1:1")  # nothing listens there
             self.proxies[link].cut("refuse")
 
@@ -217,7 +299,7 @@ class NemesisCluster:
     async def stop_all(self) -> None:
         """Unmount, then stop every process (nodes first), each by its own pid."""
         await self.mount_stop()
-        for name in [*self.all_nodes, COORDINATOR]:
+        for name in [*self.all_nodes, *self.coordinators, *self.etcd_members]:
             if name in self.procs and self.running(name):
                 await self.stop(name)
 
@@ -240,13 +322,13 @@ class NemesisCluster:
 
     # ------------------------------------------------------------ clients and tools
 
-    def client(self, via: str = "c-clients", factory: type[Client] = Client,
+    def client(self, via: str = "clients", factory: type[Client] = Client,
                **options: Any) -> Any:
-        """A library client reaching the coordinator through proxy `via` ("": directly)."""
+        """A library client reaching the coordinators through the links of `via` ("": directly)."""
         options.setdefault("timeout", 5.0)
         options.setdefault("retry_for", 10.0)
         options.setdefault("commit_timeout", 30.0)
-        address = self.proxies[via].address if via else self.coordinator
+        address = self.coordinator_list(via) if via else self.coordinator
         return factory(address, self.secret, **options)
 
     async def dfs(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
@@ -286,7 +368,7 @@ class NemesisCluster:
         """`dfs mount --foreground`, through its own coordinator proxy; ready when it says so."""
         self.mount_path.mkdir(parents=True, exist_ok=True)
         argv = [*DFS, "mount", str(self.mount_path), "--foreground",
-                "--coordinator", self.proxies["c-mount"].address,
+                "--coordinator", self.coordinator_list("mount"),
                 "--secret-file", str(self.secret_file),
                 "--cache-dir", str(self.root / "mount-cache"), "--retry-timeout", "10"]
         if self.mount_child is None:

@@ -11,7 +11,9 @@ the timeouts, then SIGCONT), partition-node and partition-coordinator (through t
 refusing or black-holing), slow (latency on a link), disk-full (a node restarted with a
 capacity it has already used up), bitflip (a byte of a stopped node's LMDB flipped), failpoint
 (a process restarted with a §8 failpoint armed: crash, error or delay), kill-mount, and the
-operator's drain and remove of a node (membership.py).
+operator's drain and remove of a node (membership.py). With the metadata on etcd (`--ha`),
+also kill-leader, pause-leader, kill-etcd, etcd-majority and partition-leader-etcd
+(ha_faults.py); they are drawn only in that mode.
 
 Every bit flip goes into the `Ledger` (judge.py), with the nodes removed or left down: the
 final check's findings are judged against it. A blob is only ever flipped on one node, so the
@@ -31,7 +33,9 @@ from typing import Any
 import trio
 
 from dfs.failpoints import NAMES as FAILPOINTS
-from dfs.nemesis.cluster import COORDINATOR, MOUNT, NemesisCluster
+from dfs.nemesis.checker import Violation
+from dfs.nemesis.cluster import MOUNT, NemesisCluster
+from dfs.nemesis.ha_faults import HA_KINDS, HaFaults
 from dfs.nemesis.history import History
 from dfs.nemesis.judge import Ledger
 from dfs.nemesis.membership import Membership
@@ -39,26 +43,34 @@ from dfs.nemesis.proxy import BLACKHOLE, REFUSE
 from dfs.rpc import Peer
 
 KINDS = ("kill", "pause", "partition-node", "partition-coordinator", "slow", "disk-full",
-         "bitflip", "failpoint", "kill-mount", "drain", "remove")
-WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1, 1, 1)
+         "bitflip", "failpoint", "kill-mount", "drain", "remove", *HA_KINDS)
+WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1, 1, 1, 3, 2, 2, 1, 2)
 
 
-class Nemesis:
+class Nemesis(HaFaults):
     def __init__(self, cluster: NemesisCluster, history: History, rng: random.Random, *,
                  max_active: int = 2, interval: tuple[float, float] = (0.5, 3.0),
-                 kinds: tuple[str, ...] = KINDS, mount: bool = True) -> None:
+                 kinds: tuple[str, ...] = KINDS, mount: bool = True, cover: bool = False,
+                 strict_exits: bool = False) -> None:
         self.cluster = cluster
         self.history = history
         self.rng = rng
         self.max_active = max_active
         self.interval = interval
-        self.kinds = [k for k in kinds if mount or k != "kill-mount"]
+        self.kinds = [k for k in kinds if (mount or k != "kill-mount")
+                      and (cluster.ha or k not in HA_KINDS)]
         self.mount = mount
+        # cover: each kind once first (in order; one that finds no target now goes last)
+        self.uncovered = list(self.kinds) if cover else []
         self.counts: Counter[str] = Counter()
         self.details: Counter[str] = Counter()  # e.g. failpoint fired, cut modes
         self.ledger = Ledger()
         self.membership = Membership(cluster, history, rng)
         self.errors: list[str] = []  # faults that could not be injected or healed
+        self.findings: list[Violation] = []  # what a fault itself saw go wrong (ha_faults)
+        self.takeovers: list[float] = []  # seconds from a leader's loss to the next leader
+        self.etcd_down: set[str] = set()
+        self.strict_exits = strict_exits
         self.busy: set[str] = set()
         self.active = 0
         self._heal_now = trio.Event()
@@ -69,33 +81,46 @@ class Nemesis:
         """Start faults for `duration` seconds, then end the held ones and wait for the heals."""
         deadline = trio.current_time() + duration
         async with trio.open_nursery() as nursery:
+            if self.cluster.ha:
+                supervisor = trio.CancelScope()
+                nursery.start_soon(self._supervise, supervisor)
             while trio.current_time() < deadline:
                 await trio.sleep(min(self.rng.uniform(*self.interval),
                                      max(0.0, deadline - trio.current_time())))
                 if self.active >= self.max_active or trio.current_time() >= deadline:
                     continue
                 weights = [WEIGHTS[KINDS.index(k)] for k in self.kinds]
-                kind = self.rng.choices(self.kinds, weights)[0]
+                kind = self.uncovered[0] if self.uncovered else \
+                    self.rng.choices(self.kinds, weights)[0]
                 fault = getattr(self, "_" + kind.replace("-", "_"))
-                target = self._choose(kind)
-                if target is None:
+                target = await self._choose(kind)
+                if self.uncovered:  # tried: next time the next one (this one again later)
+                    self.uncovered.remove(kind)
+                    if target is None or target in self.busy:
+                        self.uncovered.append(kind)
+                if target is None or target in self.busy:
                     continue
                 self.active += 1
                 self.busy.add(target)
                 nursery.start_soon(self._run_fault, kind, target, fault)
             self._heal_now.set()
+            if self.cluster.ha:
+                supervisor.cancel()
 
-    def _choose(self, kind: str) -> str | None:
+    async def _choose(self, kind: str) -> str | None:
+        if kind in HA_KINDS:
+            return await self._choose_ha(kind)
         nodes = list(self.cluster.nodes)
+        coordinators = list(self.cluster.coordinators)
         options: list[str] = {
-            "kill": [COORDINATOR, *nodes],
-            "pause": [COORDINATOR, *nodes, *([MOUNT] if self.mount else [])],
+            "kill": [*coordinators, *nodes],
+            "pause": [*coordinators, *nodes, *([MOUNT] if self.mount else [])],
             "partition-node": nodes,
-            "partition-coordinator": [COORDINATOR],
-            "slow": [COORDINATOR, *nodes],
+            "partition-coordinator": coordinators,
+            "slow": [*coordinators, *nodes],
             "disk-full": nodes,
             "bitflip": nodes,
-            "failpoint": [COORDINATOR, *nodes],
+            "failpoint": [*coordinators, *nodes],
             "kill-mount": [MOUNT],
             "drain": self.membership.drain_targets(),
             "remove": self.membership.remove_targets(),
@@ -171,7 +196,7 @@ class Nemesis:
         return {}
 
     async def _failpoint(self, target: str) -> dict[str, Any]:
-        prefix = "coordinator." if target == COORDINATOR else "node."
+        prefix = "coordinator." if target in self.cluster.coordinators else "node."
         name = self.rng.choice(sorted(n for n in FAILPOINTS if n.startswith(prefix)))
         action = self.rng.choices(
             ["crash", "error", f"delay:{self.rng.randrange(500, 4000)}"], [5, 2, 2])[0]
@@ -202,18 +227,25 @@ class Nemesis:
         # the coordinator keeps placing replicas on a node no one can reach; heartbeat: only
         # its link to the coordinator is cut, so it is declared down while clients reach it.
         shape = self.rng.choice(["isolated", "isolated", "inbound", "heartbeat"])
-        links = {"isolated": [f"n-{target}", f"c-{target}"], "inbound": [f"n-{target}"],
-                 "heartbeat": [f"c-{target}"]}[shape]
+        heartbeats = [self.cluster.link(c, target) for c in self.cluster.coordinators]
+        links = {"isolated": [f"n-{target}", *heartbeats], "inbound": [f"n-{target}"],
+                 "heartbeat": heartbeats}[shape]
         self.details[f"partition-node {shape}/{mode}"] += 1
         async with self._recorded("partition-node", target, mode=mode, shape=shape):
             await self._cut(links, mode, 2.0, 8.0)
         return {}
 
     async def _partition_coordinator(self, target: str) -> dict[str, Any]:
+        """Every link into the coordinator; in HA mode half the time its etcd links too
+        (isolated: it loses its lease and the standby takes over)."""
         mode = self.rng.choice([REFUSE, BLACKHOLE])
-        links = [p for p in self.cluster.proxies.by_name if p.startswith("c-")]
-        self.details[f"partition-coordinator/{mode}"] += 1
-        async with self._recorded("partition-coordinator", target, mode=mode):
+        links = self.cluster.links_of(target)
+        shape = "clients"
+        if self.cluster.ha and self.rng.random() < 0.5:
+            shape = "isolated"
+            links += self.cluster.etcd_links(target)
+        self.details[f"partition-coordinator {shape}/{mode}"] += 1
+        async with self._recorded("partition-coordinator", target, mode=mode, shape=shape):
             await self._cut(links, mode, 2.0, 6.0)
         return {}
 
@@ -228,8 +260,8 @@ class Nemesis:
                 proxy.heal()
 
     async def _slow(self, target: str) -> dict[str, Any]:
-        if target == COORDINATOR:
-            links = [p for p in self.cluster.proxies.by_name if p.startswith("c-")]
+        if target in self.cluster.coordinators:
+            links = self.cluster.links_of(target)
         else:
             links = [f"n-{target}"]
         delay = self.rng.choice([0.02, 0.1, 0.3, 0.8, 1.5])
@@ -347,7 +379,12 @@ class Nemesis:
         """After the campaign: whatever state anything is in, make it whole. What was done."""
         done: list[str] = []
         self.cluster.proxies.heal_all()
-        for name in [COORDINATOR, *self.cluster.nodes]:
+        for name in self.cluster.etcd_members:
+            if not self.cluster.running(name):
+                await self.cluster.start_proc(name)
+                done.append(f"restarted {name}")
+        self.etcd_down.clear()
+        for name in [*self.cluster.coordinators, *self.cluster.nodes]:
             proc = self.cluster.procs[name]
             if proc.paused:
                 self.cluster.resume(name)
@@ -355,6 +392,9 @@ class Nemesis:
             if not self.cluster.running(name) or proc.env or proc.capacity is not None:
                 await self._restart_clean(name)
                 done.append(f"restarted {name} clean")
+        if self.cluster.ha:
+            leader = await self.cluster.wait_leader()
+            done.append(f"{leader or 'no coordinator'} leads")
         if self.mount and not self.cluster.mount_running():
             await self.cluster.mount_kill()
             await self.cluster.mount_start()

@@ -10,18 +10,27 @@ each: `refuse` resets every connection at once and refuses new ones (a crashed h
 unreachable: fast errors), `blackhole` keeps connections open but moves no byte until healed
 (dropped packets: only timeouts notice). `slow` adds latency to every piece in both directions
 without capping throughput (the pieces are stamped on arrival and released `delay` later).
+
+A proxy may also translate the replies it carries (`rewrite`, frame by frame, only frames that
+contain `REWRITE_MARK`): standby coordinators name the leader by its real address in their
+NOT_LEADER replies, and a client that followed that address would bypass its proxy, so the
+nemesis rewrites it into the proxy of the same link to that leader, as a NAT would.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgpack
 import trio
 
 from dfs.rpc import parse_address
+from dfs.wire import MAX_FRAME
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,11 @@ BLACKHOLE = "blackhole"
 PIECE = 64 * 1024
 IN_FLIGHT = 256  # pieces buffered per direction before the reader stops (backpressure)
 CONNECT_TIMEOUT = 5.0
+REWRITE_MARK = b"NOT_LEADER"  # only frames holding this are decoded by a rewriting proxy
+_LEN = struct.Struct(">I")
+
+#: Given one decoded reply frame, change it in place (the proxy re-encodes it).
+Rewrite = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -45,8 +59,10 @@ class ProxyStats:
 class Proxy:
     """Forwards 127.0.0.1:port (0 = the OS picks) to `target`; only loopback is allowed."""
 
-    def __init__(self, name: str, target: str, port: int = 0) -> None:
+    def __init__(self, name: str, target: str, port: int = 0, rewrite: Rewrite | None = None
+                 ) -> None:
         self.name = name
+        self.rewrite = rewrite  # applied to frames from the target back to the client
         self.target = target
         self.port = port
         self.mode = OK
@@ -124,7 +140,8 @@ class Proxy:
                     return  # the target is down: the client sees the connection close
                 async with upstream, trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, downstream, upstream, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, upstream, downstream, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, upstream, downstream, nursery.cancel_scope,
+                                       self.rewrite)
             finally:
                 self._scopes.discard(scope)
                 with trio.CancelScope(shield=True):
@@ -133,7 +150,8 @@ class Proxy:
             self.stats.reset += 1
 
     async def _pump(
-        self, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope
+        self, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope,
+        rewrite: Rewrite | None = None,
     ) -> None:
         """One direction: pieces are read at once, stamped, and sent when due and flowing.
 
@@ -143,11 +161,16 @@ class Proxy:
         send, receive = trio.open_memory_channel[tuple[float, bytes]](IN_FLIGHT)
 
         async def read() -> None:
+            frames = _Frames(rewrite) if rewrite is not None else None
             async with send:
                 while True:
                     data = await source.receive_some(PIECE)
                     if not data:
                         return
+                    if frames is not None:
+                        data = frames.feed(data)
+                        if not data:
+                            continue
                     await send.send((trio.current_time(), data))
 
         async def write() -> None:
@@ -171,6 +194,43 @@ class Proxy:
             nursery.start_soon(guarded, write)
 
 
+class _Frames:
+    """Cuts a byte stream into RPC frames (4-byte length, msgpack body) and passes each on,
+    rewritten when it holds REWRITE_MARK; bytes of an incomplete frame wait for the rest."""
+
+    def __init__(self, rewrite: Rewrite) -> None:
+        self.rewrite = rewrite
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        self.buf += data
+        out = bytearray()
+        while len(self.buf) >= 4:
+            (size,) = _LEN.unpack_from(self.buf)
+            if size > MAX_FRAME:  # not our protocol: pass everything through untouched
+                out += self.buf
+                self.buf.clear()
+                break
+            if len(self.buf) < 4 + size:
+                break
+            body = bytes(self.buf[4:4 + size])
+            del self.buf[:4 + size]
+            if REWRITE_MARK in body:
+                body = self._rewritten(body)
+            out += _LEN.pack(len(body)) + body
+        return bytes(out)
+
+    def _rewritten(self, body: bytes) -> bytes:
+        try:
+            msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception:  # noqa: BLE001 - msgpack raises several types; pass it on as is
+            return body
+        if not isinstance(msg, dict):
+            return body
+        self.rewrite(msg)
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+
 def _check_loopback(address: str) -> None:
     host, _ = parse_address(address)
     if host not in ("127.0.0.1", "localhost"):
@@ -190,9 +250,9 @@ class Proxies:
             task_status.started()
             await trio.sleep(math.inf)
 
-    async def add(self, name: str, target: str) -> Proxy:
+    async def add(self, name: str, target: str, rewrite: Rewrite | None = None) -> Proxy:
         assert self._nursery is not None, "Proxies.run is not running"
-        proxy = self.by_name[name] = Proxy(name, target)
+        proxy = self.by_name[name] = Proxy(name, target, rewrite=rewrite)
         await self._nursery.start(proxy.run)
         return proxy
 
