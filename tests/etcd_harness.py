@@ -237,7 +237,11 @@ class TcpProxy:
                 continue
             except OSError:
                 return
-            upstream = socket.create_connection(self.upstream)
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:  # nothing behind: accept, then close (a dead member)
+                client.close()
+                continue
             for s in (client, upstream):
                 s.settimeout(0.1)
             with self._lock:

@@ -383,3 +383,20 @@ def test_a_cache_dir_is_emptied_but_real_lmdb_metadata_is_refused(tmp_path: Path
     (tmp_path / "cache" / "data.mdb").write_bytes(b"torn by a power cut")
     EtcdMirror.prepare(tmp_path / "cache")
     assert not (tmp_path / "cache" / "data.mdb").exists()
+
+
+def test_a_dead_member_behind_a_proxy_is_skipped(etcd: EtcdCluster, prefix: str) -> None:
+    """A member that accepts and then drops the connection (dead behind a proxy or load
+    balancer) must not fail reads, nor a coordinator's start: the next endpoint answers."""
+    with TcpProxy(f"127.0.0.1:{free_port()}") as dead:  # nothing listens behind it
+        client = EtcdClient([dead.endpoint, *etcd.endpoints], timeout=2.0)
+        assert client.status().version.startswith("3.")  # a read goes on to the next
+        reader = EtcdClient([dead.endpoint, *etcd.endpoints], timeout=2.0)
+        assert reader.get(f"{prefix}/nothing".encode()) is None
+        writer = EtcdClient([dead.endpoint, *etcd.endpoints], timeout=2.0)
+        with pytest.raises(EtcdError):  # a write's outcome is unknown: the caller settles it
+            writer.put(f"{prefix}/k".encode(), b"v")
+        writer.put(f"{prefix}/k".encode(), b"v")  # ...and it is not sent there again
+        assert reader.get(f"{prefix}/k".encode()).value == b"v"  # type: ignore[union-attr]
+        for c in (client, reader, writer):
+            c.close()

@@ -55,8 +55,11 @@ class GarbageCollector:
     async def run(self) -> None:
         while True:
             await trio.sleep(self.config.gc_interval)
-            await self.collect_once()
-            await self.purge_ended()
+            try:
+                await self.collect_once()
+                await self.purge_ended()
+            except DfsError as e:  # the store is unavailable (etcd without quorum): retry
+                log.warning("GC pass not written (%s): will retry", e.msg)
 
     async def collect_once(self) -> int:
         """One pass over the due entries; returns how many deletions nodes confirmed."""

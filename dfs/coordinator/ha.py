@@ -159,6 +159,11 @@ class HaCoordinator:
                 await nursery.start(service.run)
         except* LostLeadership as group:
             log.warning("stepping down: %s", group.exceptions[0])
+        except* DfsError as group:
+            # The metadata store failed under the leader (etcd unreachable or without a
+            # quorum): stand by again rather than exit; whoever can reach etcd leads next.
+            log.warning("stepping down: the metadata store failed: %s", group.exceptions[0])
+            await self.election.resign(leadership)
         finally:
             self.role = "standby"
             self.leader = None

@@ -152,4 +152,8 @@ class Membership:
             for r in records:
                 store.nodes.update_usage(txn, r.id, r.capacity, r.used, r.last_seen_ns)
 
-        await store.db.write(write, durable=False, divisible=True)
+        try:
+            await store.db.write(write, durable=False, divisible=True)
+        except DfsError as e:  # the store is unavailable (etcd lost its quorum): next round
+            log.warning("node usage not written back (%s): will retry", e.msg)
+            self._dirty |= dirty

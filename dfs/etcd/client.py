@@ -232,7 +232,14 @@ class EtcdClient:
                     continue
                 raise EtcdError(f"etcd at {last}") from None
             except httpx.HTTPError as e:
-                raise EtcdError(f"etcd at {base} failed on {path}: {_short(e)}") from None
+                # A reset or a dropped connection (a dead member behind a proxy or balancer
+                # accepts, then closes): skip this endpoint from now on; an idempotent call
+                # goes on to the next, a write's outcome is the caller's to settle.
+                self._avoid(base)
+                last = f"{base} failed on {path}: {_short(e)}"
+                if idempotent:
+                    continue
+                raise EtcdError(f"etcd at {last}") from None
             with self._lock:
                 self._preferred = self.endpoints.index(base) if base in self.endpoints else 0
             return _decode(base, path, reply)
