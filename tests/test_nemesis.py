@@ -350,7 +350,7 @@ def _run_ha(tmp_path: Path, duration: float, seed: int,
     require_etcd()
     options = Options(duration=duration, seed=seed, root=tmp_path / "nemesis",
                       mount=_mount_wanted(), keep=True, ha=True, cover=True, kinds=kinds,
-                      max_faults=max_faults)
+                      max_faults=max_faults, strict_exits=True)
     summary = trio.run(campaign, options)
     problems = "\n".join(f"{v.kind} {v.file}: {v.msg}" for v in summary.violations[:20])
     assert summary.error is None, f"{summary.error} (history {summary.history})"
