@@ -165,6 +165,7 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
             users += [SimUser(world, f"r{i}", "reader", files, history, until)
                       for i in range(readers)]
             users.append(SimUser(world, "churn", "churner", files, history, until))
+            users.append(SimUser(world, "g0", "grouper", files, history, until))
             operator = SimOperator(world, nodes, history, until,
                                    remove_one=n_nodes > replicas)
             for process in (*users, operator):
