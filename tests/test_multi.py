@@ -161,3 +161,25 @@ def test_put_atomic_cli(shared_cluster: Cluster, tmp_path: Path) -> None:
     assert line.count("\n") == 1 and "/m7-c is at version 1" in line, line
     assert shared_cluster.dfs("cat", "/m7-b").stdout == b"cli b", "nothing was committed"
     assert shared_cluster.dfs_json("stat", "/m7-a")["version"] == 1
+
+
+def test_txn_run_and_get_consistent_cli(shared_cluster: Cluster, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"from txn run")
+    assert shared_cluster.dfs("put", "-", "/m8-old", input=b"old").returncode == 0
+    ops = tmp_path / "ops.json"
+    ops.write_text(
+        '[{"op": "mkdir", "path": "/m8-d"}, {"op": "write", "src": "%s", "path": "/m8-d/f",'
+        ' "if_version": 0}, {"op": "rename", "src": "/m8-old", "dst": "/m8-d/renamed"}]'
+        % src)
+    ok = shared_cluster.dfs("txn", "run", ops)
+    assert ok.returncode == 0, ok.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    got = shared_cluster.dfs("get", "--consistent", "/m8-d/f", "/m8-d/renamed", out)
+    assert got.returncode == 0, got.stderr
+    assert (out / "f").read_bytes() == b"from txn run"
+    assert (out / "renamed").read_bytes() == b"old"
+    again = shared_cluster.dfs("txn", "run", ops)  # /m8-d exists now: none of it applies
+    assert again.returncode == 1 and again.stderr.count(b"\n") == 1, again.stderr
+    assert shared_cluster.dfs_json("stat", "/m8-d/f")["version"] == 1

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 from typing import IO, Any
 
 import trio
@@ -107,3 +109,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+async def get_consistent(client: Client, args: argparse.Namespace) -> int:
+    """`dfs get --consistent PATH... DESTDIR`: every PATH as of one decision point."""
+    names = [args.path, *([args.dest] if args.dest is not None else []), *args.more]
+    if len(names) < 2:
+        raise UsageError("get --consistent takes PATH... DESTDIR")
+    paths, destdir = [cluster_path(p) for p in names[:-1]], Path(names[-1])
+    if not destdir.is_dir():
+        raise UsageError(f"{destdir} is not a local directory")
+    bases = [posixpath.basename(p) for p in paths]
+    if len(set(bases)) != len(bases):
+        raise UsageError("get --consistent: two PATHs have the same file name")
+    contents = await client.read_consistent(paths)
+    for path, base in zip(paths, bases, strict=True):
+        await trio.to_thread.run_sync((destdir / base).write_bytes, contents[path])
+    return 0

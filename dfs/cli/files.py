@@ -182,6 +182,12 @@ async def _read_with_retry(client: Client, path: str, sink: IO[bytes], label: st
 
 
 async def get(client: Client, args: argparse.Namespace) -> int:
+    if args.consistent:
+        from dfs.cli.atomic import get_consistent
+
+        return await get_consistent(client, args)
+    if args.more:
+        raise UsageError("more than PATH DEST needs --consistent (PATH... DESTDIR)")
     if args.dest == "-":
         return await cat(client, args)
     name = posixpath.basename(cluster_path(args.path)) or "root"
@@ -328,6 +334,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH")
     p.add_argument("dest", nargs="?", metavar="DEST", help="local file (replaced whole, by a rename), directory, device or FIFO "
                    "(written into), - = stdout")
+    p.add_argument("more", nargs="*", metavar="PATH", help="with --consistent: PATH... DESTDIR")
+    p.add_argument("--consistent", action="store_true",
+                   help="PATH... DESTDIR: read every PATH at one decision point (all before "
+                        "or all after any multi-file commit) into DESTDIR")
     p = command(subparsers, "put", with_client(put), "store a file (one atomic new version)",
                 epilog="dfs put --atomic SRC DST [SRC DST ...] [--if-version DST=N ...] "
                        "replaces every DST in ONE commit: all of them, or (exit 1, one line "

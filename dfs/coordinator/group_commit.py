@@ -145,7 +145,12 @@ class GroupCommit:
         """Every write member's file is writable and, under if_version, still at its base."""
         for op in group.writes:
             txn = self.open[op["txid"]]
-            inode = self._member_inode(t, txn.ino, op["path"])
+            try:
+                inode = self._member_inode(t, txn.ino, op["path"])
+            except DfsError as e:
+                if e.code is not Code.ENOENT or txn.ino:
+                    raise
+                continue  # its directory may be made by this transaction: the decision says
             if inode is not None:
                 self._check_writable(inode)
             if txn.if_version:
