@@ -5,6 +5,7 @@ never see a mix; the named limits are enforced."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -168,10 +169,10 @@ def test_txn_run_and_get_consistent_cli(shared_cluster: Cluster, tmp_path: Path)
     src.write_bytes(b"from txn run")
     assert shared_cluster.dfs("put", "-", "/m8-old", input=b"old").returncode == 0
     ops = tmp_path / "ops.json"
-    ops.write_text(
-        '[{"op": "mkdir", "path": "/m8-d"}, {"op": "write", "src": "%s", "path": "/m8-d/f",'
-        ' "if_version": 0}, {"op": "rename", "src": "/m8-old", "dst": "/m8-d/renamed"}]'
-        % src)
+    ops.write_text(json.dumps([
+        {"op": "mkdir", "path": "/m8-d"},
+        {"op": "write", "src": str(src), "path": "/m8-d/f", "if_version": 0},
+        {"op": "rename", "src": "/m8-old", "dst": "/m8-d/renamed"}]))
     ok = shared_cluster.dfs("txn", "run", ops)
     assert ok.returncode == 0, ok.stderr
     out = tmp_path / "out"

@@ -61,6 +61,10 @@ class _Write:
     staged: write.Staged | None = None
 
 
+class OutcomeUnknown(DfsError):
+    """The commit's reply was lost and its outcome could not be learned: not retried."""
+
+
 def _size(source: BinaryIO) -> int:
     position = source.seek(0, io.SEEK_END)
     source.seek(0)
@@ -159,6 +163,8 @@ class Transaction:
                 exclude.add(f.node_id)
             except write.TransactionLost as e:
                 last = e
+            except OutcomeUnknown:
+                raise
             except DfsError as e:
                 failed = [int(n) for n in e.details.get("failed") or ()]
                 if e.code is not Code.UNAVAILABLE and not (
@@ -235,8 +241,18 @@ class Transaction:
         try:
             reply = await client.coordinator.call("commit_txn", timeout=client.commit_timeout,
                                                   ops=ops)
-        except PeerUnavailable:
-            if not writes or await write._settle(client, writes[0].txid) != "committed":
+        except PeerUnavailable as lost:
+            if not writes:
+                raise OutcomeUnknown(Code.UNAVAILABLE, "the transaction's reply was lost: "
+                                     f"whether it was applied is unknown ({lost.msg})") from None
+            try:
+                state = await write._settle(client, writes[0].txid)
+            except DfsError as e:
+                # Never retried: the first attempt may have landed (and a retry under
+                # if_version would conflict with it, or report it failed).
+                raise OutcomeUnknown(Code.UNAVAILABLE, f"the transaction's outcome is unknown: "
+                                     f"{e.msg}") from None
+            if state != "committed":
                 raise
             # One decision: a member committed, so all did. Their attrs as they are now.
             for w in writes:
