@@ -65,6 +65,14 @@ class OutcomeUnknown(DfsError):
     """The commit's reply was lost and its outcome could not be learned: not retried."""
 
 
+class _BeginFailed(Exception):
+    """A member's BEGIN found no placement (UNAVAILABLE): retry with no exclusions."""
+
+    def __init__(self, error: DfsError) -> None:
+        super().__init__(error.msg)
+        self.error = error
+
+
 def _size(source: BinaryIO) -> int:
     position = source.seek(0, io.SEEK_END)
     source.seek(0)
@@ -165,6 +173,11 @@ class Transaction:
                 last = e
             except OutcomeUnknown:
                 raise
+            except _BeginFailed as b:
+                # Maybe too few nodes are left without the excluded ones: let the
+                # coordinator place freely (its failure detector knows who is down by now).
+                last = b.error
+                exclude.clear()
             except DfsError as e:
                 failed = [int(n) for n in e.details.get("failed") or ()]
                 if e.code is not Code.UNAVAILABLE and not (
@@ -179,7 +192,12 @@ class Transaction:
         writes = [op for op in self._ops if isinstance(op, _Write)]
         try:
             for w in writes:
-                await self._begin(w, exclude)
+                try:
+                    await self._begin(w, exclude)
+                except DfsError as e:
+                    if e.code is not Code.UNAVAILABLE:
+                        raise
+                    raise _BeginFailed(e) from None
             await self._stage_all(writes)
             return await self._commit(writes)
         except BaseException:

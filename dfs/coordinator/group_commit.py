@@ -174,9 +174,7 @@ class GroupCommit:
     async def _decide_group(self: CommitDriver, gid: int, members: tuple[int, ...]) -> None:
         group = self.groups[gid]
         try:
-            await failpoint("coordinator.before_decision")
-            now = runtime.wall_ns()
-            attrs = await self.store.db.write(lambda t: self._write_group(t, group, now))
+            attrs = await self._force_group_decision(group)
         except DfsError as e:
             await self._apply(self.protocol.group_decision_refused(gid, e.code, e.msg))
             return
@@ -203,6 +201,13 @@ class GroupCommit:
         except DfsError as e:
             group.settle(e)  # like a lost reply: the transaction is durable all the same
         self.spawn(self._deliver_group, per_member)
+
+    async def _force_group_decision(self: CommitDriver, group: OpenGroup
+                                    ) -> list[dict[str, Any] | None]:
+        """The commit point: ONE forced LMDB write of every operation (rule 1)."""
+        await failpoint("coordinator.before_decision")
+        now = runtime.wall_ns()
+        return await self.store.db.write(lambda t: self._write_group(t, group, now))
 
     async def _deliver_group(self: CommitDriver, per_member: dict[int, list[int]]) -> None:
         """COMMIT to the union of the members' replicas: the first replica of the first

@@ -73,6 +73,7 @@ class History:
     churn: dict[str, int] = field(default_factory=dict)
     admin: dict[str, int] = field(default_factory=dict)
     groups: dict[int, list[Write]] = field(default_factory=dict)
+    group_seq: int = 0
     group_reads: list[GroupRead] = field(default_factory=list)
 
     def count(self, table: dict[str, int], what: str) -> None:
@@ -157,25 +158,27 @@ class SimUser(SimProcess):
 
     async def _grouper(self, client: Client) -> None:
         """Half the time one transaction over 2-3 of the shared files (each member
-        conditional on the version read, half the time); else all of them read at one
+        conditional on the version read, 30% of the time); else all of them read at one
         decision point."""
         paths = {ino: f"/f{i}" for i, ino in enumerate(self.files)}
         if self.rng.random() < 0.5:
             await self._read_group(client, paths)
             return
         chosen = self.rng.sample(self.files, self.rng.randint(2, min(3, len(self.files))))
-        conditional = self.rng.random() < 0.5
-        gid = len(self.history.groups) + 1
+        conditional = self.rng.random() < 0.3
         members: list[Write] = []
         t = client.transaction()
         for ino in chosen:
             attr = await client.getattr(ino)
             op = Write(self.name, ino, self.content(), trio.current_time(),
-                       conditional=conditional, group=gid)
+                       conditional=conditional)
             members.append(op)
             t.write(paths[ino], op.content, if_version=attr.version if conditional else None)
+        self.history.group_seq += 1
+        gid = self.history.group_seq
         self.history.groups[gid] = members
         for op in members:
+            op.group = gid
             self.history.writes.append(op)
             self.history.by_content[op.content] = op
         try:
