@@ -13,6 +13,7 @@ task to write its decision, `MarkBad` queues the repair of a replica that refuse
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,6 +62,7 @@ class CommitDriver(Delivery, GroupCommit):
         self.protocol = CommitProtocol()
         self.open: dict[int, OpenTxn] = {}
         self.groups: dict[int, OpenGroup] = {}  # multi-file commits, undecided (group_commit)
+        self.recent_groups: OrderedDict[int, OpenGroup] = OrderedDict()  # by first member
         self.txids = TxidAllocator(store, config.txid_block)
         self._nursery: trio.Nursery | None = None
         self._delivering: set[int] = set()

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Groups remembered by their first member's txid, so a duplicated `commit_txn` gets the
+#: first one's answer (txids are never reused: a real retry begins new members).
+GROUPS_REMEMBERED = 1024
+
 @dataclass(eq=False)
 class OpenGroup:
     """A multi-file commit of this incarnation, undecided (memory only: presumed abort)."""
@@ -100,9 +104,20 @@ class GroupCommit:
         txids = [op["txid"] for op in writes]
         if len(set(txids)) != len(txids):
             raise DfsError(Code.BAD_REQUEST, "commit_txn: a txid is written twice")
-        gid = await self.txids.allocate()
-        group = OpenGroup(gid, ops, writes)
-        self.groups[gid] = group
+        if txids and txids[0] in self.recent_groups:
+            # A duplicate (or retried) request: the first one's answer answers it too.
+            return await self.recent_groups[txids[0]].wait()
+        group = OpenGroup(0, ops, writes)
+        if txids:  # before any await: a duplicate arriving meanwhile must find it
+            self.recent_groups[txids[0]] = group
+            while len(self.recent_groups) > GROUPS_REMEMBERED:
+                self.recent_groups.popitem(last=False)
+        try:
+            group.gid = await self.txids.allocate()
+        except DfsError as e:
+            group.settle(e)
+            raise
+        self.groups[group.gid] = group
         self.spawn(self._run_group, group)
         return await group.wait()
 
