@@ -30,7 +30,8 @@ later decision changes the listed set — a repair that re-makes the copy (owed 
 re-sent) or drops it, or the removal of the node for good (`forget_node`, whose durable record
 is the node table's REMOVED) — and then the acks of the new list end the record.
 
-A repair is a transaction of the same machine, keyed by the blob id; its events live in
+A multi-file transaction (a group) ties several write entries to one decision; its events
+live in `dfs.twopc_group`. A repair is a transaction of the same machine, keyed by the blob id; its events live in
 `dfs.twopc_repair` (mixed in here), the phases and actions in `dfs.twopc_types` (re-exported
 here: drivers import them from this module).
 """
@@ -40,11 +41,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from dfs.errors import Code
+from dfs.twopc_group import Group, GroupEvents
 from dfs.twopc_repair import Repair, RepairEvents
 from dfs.twopc_types import (
     Action,
     Entry,
     MarkBad,
+    MemberCommit,
     Phase,
     ReplyError,
     ReplyOk,
@@ -53,23 +56,25 @@ from dfs.twopc_types import (
     SendPrepare,
     WriteDecision,
     WriteEnd,
+    WriteGroupDecision,
     WriteRepairDecision,
 )
 
-__all__ = ["Action", "CommitProtocol", "MarkBad", "Phase", "ReplyError", "ReplyOk",
-           "SendAbort", "SendCommit", "SendPrepare", "WriteDecision", "WriteEnd",
-           "WriteRepairDecision"]
+__all__ = ["Action", "CommitProtocol", "MarkBad", "MemberCommit", "Phase", "ReplyError",
+           "ReplyOk", "SendAbort", "SendCommit", "SendPrepare", "WriteDecision", "WriteEnd",
+           "WriteGroupDecision", "WriteRepairDecision"]
 
 # NO votes that say something about the node rather than the write come back as these codes.
 _PASSTHROUGH = {Code.ENOSPC, Code.CONFLICT, Code.ENOENT}
 
 
-class CommitProtocol(RepairEvents):
+class CommitProtocol(RepairEvents, GroupEvents):
     """All transactions a coordinator incarnation knows of, past BEGIN and not yet ended."""
 
     def __init__(self) -> None:
         self._txns: dict[int, Entry] = {}
         self._repairs: dict[int, Repair] = {}
+        self._groups: dict[int, Group] = {}
 
     # -------------------------------------------------------------- queries
 
@@ -139,8 +144,10 @@ class CommitProtocol(RepairEvents):
         txn = self._txns.get(txid)
         if txn is None or txn.phase is not Phase.PREPARING or node not in txn.replicas:
             return []  # late, duplicate or stray: the outcome is already settled
+        code = code if code in _PASSTHROUGH else Code.UNAVAILABLE
+        if txn.group:
+            return self._member_voted(txn, node, yes, code, msg)
         if not yes:
-            code = code if code in _PASSTHROUGH else Code.UNAVAILABLE
             return self._abort(txn, code, f"replica {node} voted no: {msg or code.value}", (node,))
         txn.yes.add(node)
         if len(txn.yes) == len(txn.replicas):
@@ -153,6 +160,8 @@ class CommitProtocol(RepairEvents):
         txn = self._txns.get(txid)
         if txn is None or txn.phase is not Phase.PREPARING:
             return []
+        if txn.group:
+            return self._member_timed_out(txn)
         missing = tuple(n for n in txn.replicas if n not in txn.yes)
         return self._abort(txn, Code.UNAVAILABLE, f"no vote from replicas {list(missing)}", missing)
 

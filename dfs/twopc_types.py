@@ -53,6 +53,17 @@ class WriteDecision:
 
 
 @dataclass(frozen=True)
+class WriteGroupDecision:
+    """Force, in ONE transaction, the COMMITTED records of every member of group `group` and
+    every member's inode switch (and the group's namespace operations): all of them or none.
+
+    The driver reports back `group_decision_written` or `group_decision_refused`."""
+
+    group: int
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class WriteEnd:
     """Every replica acked: the driver marks the record ENDED (no force needed)."""
 
@@ -92,8 +103,8 @@ class ReplyError:
     failed: tuple[int, ...] = ()
 
 
-Action = (SendPrepare | SendCommit | SendAbort | WriteDecision | WriteEnd | WriteRepairDecision
-          | MarkBad | ReplyOk | ReplyError)
+Action = (SendPrepare | SendCommit | SendAbort | WriteDecision | WriteGroupDecision | WriteEnd
+          | WriteRepairDecision | MarkBad | ReplyOk | ReplyError)
 
 
 # ------------------------------------------------------------------ state
@@ -110,3 +121,15 @@ class Entry:
     yes: set[int] = field(default_factory=set)
     acked: set[int] = field(default_factory=set)
     refused: set[int] = field(default_factory=set)  # owed, but COMMIT is not re-sent (MarkBad)
+    group: int = 0  # the multi-file transaction this write is a member of (0: none)
+
+
+@dataclass(frozen=True)
+class MemberCommit:
+    """One member write of a multi-file commit: what `request_commit` takes for one file."""
+
+    txid: int
+    size: int
+    checksum: bytes
+    nchunks: int
+    voted: tuple[int, ...] = ()

@@ -176,3 +176,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         subject="coordinator",
     )
     add_json(p)
+    from dfs.cli.atomic import txn_run
+
+    p = command(
+        txn_commands, "run", with_client(txn_run),
+        "run a JSON list of operations as ONE atomic transaction (all or none)",
+        subject="file",
+        epilog='FILE (- = stdin) holds e.g. [{"op": "write", "src": "local", "path": "/a", '
+               '"if_version": 3}, {"op": "remove", "path": "/b"}, {"op": "rename", "src": '
+               '"/c", "dst": "/d"}, {"op": "mkdir", "path": "/e"}]',
+    )
+    p.add_argument("file", metavar="FILE")
+    add_json(p)

@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING
 import trio
 
 from dfs.cli.common import (
+    UsageError,
     add_json,
     cluster_path,
     command,
@@ -181,6 +182,12 @@ async def _read_with_retry(client: Client, path: str, sink: IO[bytes], label: st
 
 
 async def get(client: Client, args: argparse.Namespace) -> int:
+    if args.consistent:
+        from dfs.cli.atomic import get_consistent
+
+        return await get_consistent(client, args)
+    if args.more:
+        raise UsageError("more than PATH DEST needs --consistent (PATH... DESTDIR)")
     if args.dest == "-":
         return await cat(client, args)
     name = posixpath.basename(cluster_path(args.path)) or "root"
@@ -218,6 +225,16 @@ def _spool_stdin() -> IO[bytes]:
 
 
 async def put(client: Client, args: argparse.Namespace) -> int:
+    if args.atomic:
+        from dfs.cli.atomic import put_atomic
+
+        return await put_atomic(client, args)
+    if args.more:
+        raise UsageError("more than one SRC DST pair needs --atomic")
+    if args.if_version is not None:
+        if len(args.if_version) != 1 or not args.if_version[0].isdigit():
+            raise UsageError("--if-version N takes one version number (DST=N with --atomic)")
+        args.if_version = int(args.if_version[0])
     path = cluster_path(args.path)
     if args.src == "-":
         source = await trio.to_thread.run_sync(_spool_stdin)
@@ -317,12 +334,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH")
     p.add_argument("dest", nargs="?", metavar="DEST", help="local file (replaced whole, by a rename), directory, device or FIFO "
                    "(written into), - = stdout")
-    p = command(subparsers, "put", with_client(put), "store a file (one atomic new version)")
+    p.add_argument("more", nargs="*", metavar="PATH", help="with --consistent: PATH... DESTDIR")
+    p.add_argument("--consistent", action="store_true",
+                   help="PATH... DESTDIR: read every PATH at one decision point (all before "
+                        "or all after any multi-file commit) into DESTDIR")
+    p = command(subparsers, "put", with_client(put), "store a file (one atomic new version)",
+                epilog="dfs put --atomic SRC DST [SRC DST ...] [--if-version DST=N ...] "
+                       "replaces every DST in ONE commit: all of them, or (exit 1, one line "
+                       "saying why, e.g. which file is at which version) none.")
     p.add_argument("src", metavar="SRC", help="local file, - = standard input")
     p.add_argument("path", metavar="PATH", help="cluster file (created if missing) or directory")
+    p.add_argument("more", nargs="*", metavar="SRC DST", help="more pairs (with --atomic)")
+    p.add_argument("--atomic", action="store_true",
+                   help="every SRC DST pair in one multi-file commit: all or none")
     p.add_argument(
-        "--if-version", type=int, metavar="N",
-        help="commit only if the file is still at version N (else CONFLICT)",
+        "--if-version", action="append", metavar="N|DST=N",
+        help="commit only if the file is still at version N (else CONFLICT); with --atomic "
+             "DST=N, repeatable (0: DST must not exist)",
     )
     add_json(p)
     p = command(subparsers, "rm", with_client(rm), "remove a file")

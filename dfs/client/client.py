@@ -17,6 +17,7 @@ import trio
 from dfs.client import read, write
 from dfs.client.attr import Attr
 from dfs.client.leader import FAILOVER_FOR, LeaderLink
+from dfs.client.transaction import Transaction, read_consistent
 from dfs.errors import Code, DfsError
 from dfs.rpc import Peer, Peers
 
@@ -220,6 +221,15 @@ class Client:
 
     async def abort(self, txid: int) -> None:
         await self.change("abort", txid=txid)
+
+    def transaction(self) -> Transaction:
+        """Several files in one atomic commit: `async with client.transaction() as t:`
+        (dfs/client/transaction.py, docs/client.md)."""
+        return Transaction(self)
+
+    async def read_consistent(self, paths: list[str]) -> dict[str, bytes]:
+        """Several whole files as of one decision point (dfs/client/transaction.py)."""
+        return await read_consistent(self, paths)
 
     async def outcome(self, txid: int) -> str:
         """'committed', 'aborted', 'inflight' (ask again later) or 'unknown' (the decision's

@@ -13,6 +13,7 @@ task to write its decision, `MarkBad` queues the repair of a replica that refuse
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,11 +38,13 @@ from dfs.twopc import (
     SendPrepare,
     WriteDecision,
     WriteEnd,
+    WriteGroupDecision,
     WriteRepairDecision,
 )
 
 from .config import CoordinatorConfig
 from .delivery import Delivery
+from .group_commit import GroupCommit, OpenGroup
 from .membership import Membership
 from .outbox import Outbox
 from .transactions import OpenTxn, TxidAllocator
@@ -49,7 +52,7 @@ from .transactions import OpenTxn, TxidAllocator
 log = logging.getLogger(__name__)
 
 
-class CommitDriver(Delivery):
+class CommitDriver(Delivery, GroupCommit):
     def __init__(self, store: MetaStore, membership: Membership, peers: Peers,
                  config: CoordinatorConfig) -> None:
         self.store = store
@@ -58,6 +61,8 @@ class CommitDriver(Delivery):
         self.config = config
         self.protocol = CommitProtocol()
         self.open: dict[int, OpenTxn] = {}
+        self.groups: dict[int, OpenGroup] = {}  # multi-file commits, undecided (group_commit)
+        self.recent_groups: OrderedDict[int, OpenGroup] = OrderedDict()  # by first member
         self.txids = TxidAllocator(store, config.txid_block)
         self._nursery: trio.Nursery | None = None
         self._delivering: set[int] = set()
@@ -88,8 +93,9 @@ class CommitDriver(Delivery):
                     exclude: list[int]) -> dict[str, Any]:
         if if_version and base_version is None:
             raise DfsError(Code.BAD_REQUEST, "begin: if_version needs base_version")
-        self._check_writable(self.store.db.read(lambda txn: self.store.namespace.inodes.get(
-            txn, ino)))
+        if ino:  # ino 0: a new file, which a multi-file decision creates (group_commit.py)
+            self._check_writable(self.store.db.read(
+                lambda txn: self.store.namespace.inodes.get(txn, ino)))
         nodes = self.membership.place(self.store.replicas, exclude)
         txid = await self.txids.allocate()
         ids = [n.id for n in nodes]
@@ -327,6 +333,8 @@ class CommitDriver(Delivery):
                 self.spawn(self.send_abort, action.node, action.txid)
             elif isinstance(action, WriteDecision):
                 await self._decide(action.txid)
+            elif isinstance(action, WriteGroupDecision):
+                await self._decide_group(action.group, action.members)
             elif isinstance(action, WriteEnd):
                 await self.write_end(action.txid)
             elif isinstance(action, WriteRepairDecision):
@@ -335,6 +343,14 @@ class CommitDriver(Delivery):
                     go.set()  # the repair's own task writes it (it knows the new list)
             elif isinstance(action, MarkBad):
                 self.spawn(self.mark_bad, action.txid, action.node, action.reason)
+            elif isinstance(action, ReplyError) and action.txid in self.groups:
+                group = self.groups.pop(action.txid)
+                error = DfsError(action.code, action.msg, failed=list(action.failed))
+                for op in group.writes:
+                    member = self.open.pop(op["txid"], None)
+                    if member is not None:
+                        member.settle(error)
+                group.settle(error)
             elif isinstance(action, ReplyError):
                 txn = self.open.pop(action.txid, None)
                 if txn is not None:

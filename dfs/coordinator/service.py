@@ -17,6 +17,7 @@ from dfs import rpc, runtime
 from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore, NodeState
 from dfs.rpc import Peers, Request
+from dfs.txnops import MAX_TXN_OPS
 
 from .check_ops import CheckOps
 from .commit import CommitDriver
@@ -97,6 +98,19 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in voted):
             raise DfsError(Code.BAD_REQUEST, "commit: 'voted' must hold node ids")
         return await self.driver.commit(txid, size, checksum, nchunks, mtime_ns, tuple(voted))
+
+    async def op_commit_txn(self, req: Request) -> Reply:
+        """A multi-file transaction: every operation in `ops` or none (docs/protocol.md)."""
+        return await self.driver.commit_txn(req.list("ops"))
+
+    async def op_resolve_many(self, req: Request) -> Reply:
+        """Several paths' attributes at ONE decision point (one read transaction): all
+        before a multi-file commit or all after it (`dfs get --consistent`)."""
+        paths = req.list("paths")
+        if not paths or len(paths) > MAX_TXN_OPS or not all(isinstance(p, str) for p in paths):
+            raise DfsError(Code.BAD_REQUEST, f"resolve_many: 1 to {MAX_TXN_OPS} paths")
+        ns = self.store.namespace
+        return {"attrs": self.store.db.read(lambda t: [ns.resolve(t, p) for p in paths])}
 
     async def op_abort(self, req: Request) -> Reply:
         await self.driver.abort(req.int("txid"))

@@ -40,10 +40,16 @@ class TxnRecord:
     acked: list[int] = field(default_factory=list)
     decided_ns: int = 0
     ended_ns: int = 0
+    # A member of a multi-file transaction: the group's id and every member's txid (the
+    # members' records are written in the one LMDB write of the group's decision).
+    group: int = 0
+    members: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
         record = asdict(self)
         del record["txid"]
+        if not self.group:  # single-file records stay as they were
+            del record["group"], record["members"]
         record["state"] = str(self.state)
         return pack(record)
 

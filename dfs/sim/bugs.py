@@ -11,7 +11,9 @@ code that runs (the real coordinator, node, machine and database), not in a mode
   forced (rule 5 broken: "a participant forces COMMITTED before it acks");
 - vote_in_stage_before_force: the same, only in the reply to a STAGE carrying the prepare
   fields (a one-chunk write's one message), PREPARE itself kept right;
-- decision_visible_unforced: a durable batch is readable before its fsync (issue 8 item 5).
+- decision_visible_unforced: a durable batch is readable before its fsync (issue 8 item 5);
+- group_decision_split: a multi-file commit's decision is one LMDB write per operation, not
+  one for all (each forced, a crash point between them), so a reader or a crash sees a mix.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+from dfs import runtime
 from dfs.coordinator.commit import CommitDriver
+from dfs.coordinator.group_commit import GroupCommit, OpenGroup
 from dfs.db import Database
+from dfs.failpoints import failpoint
 from dfs.sim.world import Faults
 from dfs.twopc import CommitProtocol, Phase
 from storage_node.store import BlobStore
@@ -120,6 +125,20 @@ def _decision_visible_unforced() -> contextlib.AbstractContextManager[None]:
     return _patched(Database, "hide_unforced", False)
 
 
+def _group_decision_split() -> contextlib.AbstractContextManager[None]:
+    async def force(self: CommitDriver, group: OpenGroup) -> list[Any]:
+        attrs: list[Any] = []
+        for op in group.ops:
+            await failpoint("coordinator.before_decision")
+            one = replace(group, ops=[op])
+            now = runtime.wall_ns()
+            attrs += await self.store.db.write(lambda t, one=one, now=now: self._write_group(
+                t, one, now))
+        return attrs
+
+    return _patched(GroupCommit, "_force_group_decision", force)
+
+
 _BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "refused_commit_acked": _refused_commit_acked,
     "outcome_forgets_repairs": _outcome_forgets_repairs,
@@ -127,6 +146,7 @@ _BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "commit_ack_before_force": _commit_ack_before_force,
     "vote_in_stage_before_force": lambda: _vote_before_force(("stage_prepared",)),
     "decision_visible_unforced": _decision_visible_unforced,
+    "group_decision_split": _group_decision_split,
 }
 
 BUGS: tuple[str, ...] = tuple(_BUGS)

@@ -149,6 +149,36 @@ def check_history(history: History, final: dict[int, bytes]) -> list[str]:
         if last is not None and final.get(ino) != last.content:
             out.append(f"I2: ino={ino}: the acknowledged write of {last.client} at "
                        f"{last.completed:.3f} is lost (nothing could land after it)")
+    return out + check_groups(history)
+
+
+def check_groups(history: History) -> list[str]:
+    """All or none visible: a read at one decision point that shows one member of a
+    multi-file transaction shows every other member it read, or a later version of it."""
+    out: list[str] = []
+    for read in history.group_reads:
+        for ino, (_, content) in read.seen.items():
+            op = history.by_content.get(content)
+            if op is None or not op.group:
+                continue
+            for member in history.groups[op.group]:
+                if member.ino == ino or member.ino not in read.seen:
+                    continue
+                version, other = read.seen[member.ino]
+                if other == member.content:
+                    continue
+                if member.version is not None and version >= member.version:
+                    continue  # a later write superseded that member
+                seen_op = history.by_content.get(other)
+                if member.version is None and seen_op is not None and not (
+                        seen_op.outcome == "ok" and seen_op.completed < member.invoked):
+                    continue  # outcome unknown, and that write may have been decided later
+                out.append(f"a mix: a read at {read.invoked:.3f} by {read.client} saw group "
+                           f"{op.group}'s write of ino={ino} but ino={member.ino} at version "
+                           f"{version} without the group's write of it")
+    for gid, members in history.groups.items():
+        if len({m.outcome for m in members}) != 1:
+            out.append(f"group {gid}: members with different outcomes")
     return out
 
 

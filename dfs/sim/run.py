@@ -34,6 +34,7 @@ SETTLE = 20.0  # simulated seconds after the faults stop before the judge looks
 RUN_SLACK = 600.0  # simulated seconds past the load a run may take before it is a violation
 WATCH_EVERY = 0.5  # rule 5 is checked over the log this often (dfs/sim/watch.py)
 FILES = 3
+GROUPERS = 2  # users whose every write is a multi-file transaction
 
 
 @dataclass
@@ -165,6 +166,8 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
             users += [SimUser(world, f"r{i}", "reader", files, history, until)
                       for i in range(readers)]
             users.append(SimUser(world, "churn", "churner", files, history, until))
+            users += [SimUser(world, f"g{i}", "grouper", files, history, until)
+                      for i in range(GROUPERS)]
             operator = SimOperator(world, nodes, history, until,
                                    remove_one=n_nodes > replicas)
             for process in (*users, operator):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from dfs.checker.run import run_check
-from dfs.client import Client
+from dfs.client import Attr, Client
 from dfs.errors import Code, DfsError
 from dfs.sim.processes import COORDINATOR, SECRET
 from dfs.sim.world import SimProcess, World
@@ -43,6 +43,7 @@ class Write:
     blob: int | None = None
     conditional: bool = False
     detail: str = ""
+    group: int = 0  # a member of this multi-file transaction (0: a single write)
 
 
 @dataclass
@@ -56,12 +57,24 @@ class Read:
 
 
 @dataclass
+class GroupRead:
+    """Several files read at one decision point (`resolve_many`): ino -> (version, bytes)."""
+
+    client: str
+    invoked: float
+    seen: dict[int, tuple[int, bytes]]
+
+
+@dataclass
 class History:
     writes: list[Write] = field(default_factory=list)
     reads: list[Read] = field(default_factory=list)
     by_content: dict[bytes, Write] = field(default_factory=dict)
     churn: dict[str, int] = field(default_factory=dict)
     admin: dict[str, int] = field(default_factory=dict)
+    groups: dict[int, list[Write]] = field(default_factory=dict)
+    group_seq: int = 0
+    group_reads: list[GroupRead] = field(default_factory=list)
 
     def count(self, table: dict[str, int], what: str) -> None:
         table[what] = table.get(what, 0) + 1
@@ -143,6 +156,62 @@ class SimUser(SimProcess):
         self.history.reads.append(Read(self.name, ino, invoked, trio.current_time(),
                                        sink.getvalue(), attr.version))
 
+    async def _grouper(self, client: Client) -> None:
+        """Half the time one transaction over 2-3 of the shared files (each member
+        conditional on the version read, 30% of the time); else all of them read at one
+        decision point."""
+        paths = {ino: f"/f{i}" for i, ino in enumerate(self.files)}
+        if self.rng.random() < 0.5:
+            await self._read_group(client, paths)
+            return
+        chosen = self.rng.sample(self.files, self.rng.randint(2, min(3, len(self.files))))
+        conditional = self.rng.random() < 0.3
+        members: list[Write] = []
+        t = client.transaction()
+        for ino in chosen:
+            attr = await client.getattr(ino)
+            op = Write(self.name, ino, self.content(), trio.current_time(),
+                       conditional=conditional)
+            members.append(op)
+            t.write(paths[ino], op.content, if_version=attr.version if conditional else None)
+        self.history.group_seq += 1
+        gid = self.history.group_seq
+        self.history.groups[gid] = members
+        for op in members:
+            op.group = gid
+            self.history.writes.append(op)
+            self.history.by_content[op.content] = op
+        try:
+            attrs = await t.commit()
+        except DfsError as e:
+            outcome = "failed" if _definitely_failed(e) else "info"
+            for op in members:
+                op.outcome, op.detail = outcome, f"{e.code.value}: {e.msg}"
+            self.world.log(f"{self.name} group {gid} {outcome}: {e.code.value}: {e.msg}")
+        except BaseException:
+            for op in members:
+                op.outcome = "info"
+            raise
+        else:
+            for op in members:
+                attr = attrs[paths[op.ino]]
+                op.outcome, op.version, op.blob = "ok", attr.version, attr.blob
+            self.world.log(f"{self.name} group {gid} ok: {len(members)} files")
+        now = trio.current_time()
+        for op in members:
+            op.completed = now
+
+    async def _read_group(self, client: Client, paths: dict[int, str]) -> None:
+        invoked = trio.current_time()
+        reply = await client.query("resolve_many", paths=list(paths.values()))
+        seen: dict[int, tuple[int, bytes]] = {}
+        for ino, wire in zip(paths, reply["attrs"], strict=True):
+            attr = Attr.from_wire(wire)
+            sink = io.BytesIO()
+            await client.read_file(attr, sink)
+            seen[ino] = (attr.version, sink.getvalue())
+        self.history.group_reads.append(GroupRead(self.name, invoked, seen))
+
     async def _churner(self, client: Client) -> None:
         """Create, write, rename over and unlink files nobody else reads."""
         a = f"churn-{self.name}-{self.rng.randrange(CHURN_NAMES)}".encode()
@@ -220,5 +289,8 @@ def describe(history: History) -> dict[str, Any]:
     outcomes: dict[str, int] = {}
     for op in history.writes:
         outcomes[op.outcome] = outcomes.get(op.outcome, 0) + 1
+    groups: dict[str, int] = {}
+    for members in history.groups.values():
+        groups[members[0].outcome] = groups.get(members[0].outcome, 0) + 1
     return {"writes": outcomes, "reads": len(history.reads), "churn": history.churn,
-            "admin": history.admin}
+            "admin": history.admin, "groups": groups, "group_reads": len(history.group_reads)}
