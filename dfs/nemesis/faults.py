@@ -358,19 +358,19 @@ class Nemesis(HaFaults):
 
     # ------------------------------------------------------------ the end
 
-    async def last_bitflip(self, current: frozenset[int]) -> None:
+    async def last_bitflip(self, current: dict[str, frozenset[int]]) -> None:
         """One more flipped bit once the load has stopped, in a file's current blob (the
         oldest, a cold file's, if it may) on a node that holds one: no reader will trip over
         it, so the judged check must find it and `dfs check --deep --repair` repair it."""
         self.counts["bitflip"] += 1
         self.details["bitflip after the load (for dfs check)"] += 1
-        nodes = list(self.membership.eligible() or self.cluster.nodes)
+        nodes = [n for n in (self.membership.eligible() or self.cluster.nodes) if current.get(n)]
         self.rng.shuffle(nodes)
         for target in nodes:
             async with self._recorded("bitflip", target, last=True):
                 await self.cluster.stop(target)
                 try:
-                    if await self._flip(target, oldest=True, only=current):
+                    if await self._flip(target, oldest=True, only=current[target]):
                         return
                 finally:
                     await self.cluster.start_proc(target)

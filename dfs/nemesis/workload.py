@@ -156,11 +156,19 @@ class Workload:
                                                io.BytesIO(content))
                 self.history.complete(op, OK, version=attr.version, version_known=True)
 
-    async def current_blobs(self) -> frozenset[int]:
-        """The blob each file holds now (the load has stopped)."""
+    async def current_blobs(self) -> dict[str, frozenset[int]]:
+        """Each node's listed copies of the files' current blobs (the load has stopped): a
+        copy a node still holds but no file lists there (GC will delete it) is not one."""
         async with self.cluster.client(via="") as client:
             attrs = [await client.getattr(self.inos[f]) for f in self.all_files]
-        return frozenset(a.blob for a in attrs if a.blob is not None)
+            names = self.cluster.names_by_id(await client.node_list())
+        listed: dict[str, set[int]] = {}
+        for a in attrs:
+            if a.blob is not None:
+                for node_id in a.replicas:
+                    if node_id in names:
+                        listed.setdefault(names[node_id], set()).add(a.blob)
+        return {name: frozenset(blobs) for name, blobs in listed.items()}
 
     async def run(self, lib_writers: int, lib_readers: int, mount: bool,
                   repairs: bool = False) -> None:
