@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writers", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's tmp dir")
+    parser.add_argument("--no-remove", action="store_true",
+                        help="skip the node-remove re-replication part (big N: it is slow)")
     parser.add_argument("--meta", choices=("lmdb", "etcd"), default="lmdb",
                         help="the coordinator's metadata store (etcd: 3 local members)")
     args = parser.parse_args(argv)
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                                         args.writers), 3)
         out["check"] = timed_check(cluster)
         out["check_deep"] = timed_check(cluster, "--deep")
+        if args.no_remove:
+            return _finish(out, args)
         victim = cluster.children[f"node-{args.nodes}"]
         node_id = next(n["id"] for n in cluster.status()["nodes"]
                        if n["address"] == victim.address)
@@ -163,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    return _finish(out, args)
+
+
+def _finish(out: dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -186,13 +194,16 @@ def _table(out: dict[str, Any]) -> None:
                   f"{n / out['write_s']:.0f} files/s", "")
     for key, label in (("check", "dfs check"), ("check_deep", "dfs check --deep"),
                        ("check_after", "dfs check --deep (after)")):
+        if key not in out:
+            continue
         c = out[key]
         table.add_row(label, f"{c['wall_s']:.2f} s", f"{c['files'] / c['check_s']:.0f} files/s",
                       f"exit {c['exit']}, {c['findings']} findings, in-process "
                       f"{c['check_s']:.2f} s")
-    rr = out["rereplication"]
-    table.add_row("re-replication (node remove)", f"{rr['wall_s']:.2f} s",
-                  f"{rr['files_per_s']:.0f} files/s", f"{rr['files']} files moved")
+    rr = out.get("rereplication")
+    if rr is not None:
+        table.add_row("re-replication (node remove)", f"{rr['wall_s']:.2f} s",
+                      f"{rr['files_per_s']:.0f} files/s", f"{rr['files']} files moved")
     Console().print(table)
 
 
