@@ -34,6 +34,7 @@ from dfs.cli.etcd_members import free_port
 from dfs.etcd.client import EtcdClient, EtcdError
 
 START_TIMEOUT = 20.0
+PORT_ATTEMPTS = 5  # first starts redone on fresh ports when a picked one was taken meanwhile
 STOP_TIMEOUT = 5.0
 QUOTA_BYTES = 256 * 1024 * 1024
 
@@ -89,10 +90,24 @@ class EtcdCluster:
             retention=self.compaction_retention, quota=self.quota_bytes)
 
     def start(self) -> EtcdCluster:
-        for i in range(len(self.members)):
-            self.spawn(i)
-        for i in range(len(self.members)):
-            self.wait_ready(i)
+        """Start every member. etcd needs its ports on the command line, so they are picked
+        by binding port 0 and passed on: another process may take one in between (two test
+        workers start servers at once). A first start that loses a port that way is redone
+        on fresh ports, from empty data dirs (nothing was ever stored)."""
+        for attempt in range(PORT_ATTEMPTS):
+            for i in range(len(self.members)):
+                self.spawn(i)
+            try:
+                for i in range(len(self.members)):
+                    self.wait_ready(i)
+                return self
+            except RuntimeError as e:
+                if "address already in use" not in str(e) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+            self.stop_all()
+            for i, m in enumerate(self.members):
+                shutil.rmtree(m.data_dir, ignore_errors=True)
+                self.members[i] = Member(self.root, m.name)
         return self
 
     def spawn(self, i: int) -> None:

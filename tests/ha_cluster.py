@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster import COORDINATOR_ARGS, START_TIMEOUT, Cluster
-from etcd_harness import EtcdCluster, TcpProxy, free_port
+from etcd_harness import PORT_ATTEMPTS, EtcdCluster, TcpProxy, free_port
 
 from dfs.cli.procs import DFS
+from dfs.errors import DfsError
 
 LEADER_TTL = "1"  # seconds: failover tests take a few seconds, not many
 
@@ -71,14 +72,28 @@ class HaCluster(Cluster):
         for proxies in self.proxies.values():
             proxies.extend(TcpProxy(endpoint) for endpoint in self.etcd.endpoints)
         first, *others = self.coordinator_names
-        self._spawn(first, self.addresses[first], None)
+        self._spawn_coordinator(first)
         self.wait_leader(first)
         for name in others:
-            self._spawn(name, self.addresses[name], None)
+            self._spawn_coordinator(name)
         for i in range(1, self.nodes + 1):
             self.add_node(f"node-{i}", wait=False)
         self.wait_nodes_up()
         return self
+
+    def _spawn_coordinator(self, name: str) -> None:
+        """Its address is picked before it starts (the nodes get the list): if another
+        process took the port meanwhile, pick again (nobody has been given it yet)."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._spawn(name, self.addresses[name], None)
+                return
+            except DfsError:
+                if attempt == PORT_ATTEMPTS - 1 or \
+                        "address already in use" not in self.log(name, 20).lower():
+                    raise
+            self.addresses[name] = f"127.0.0.1:{free_port()}"
+            self.coordinator = ",".join(self.addresses.values())
 
     def restart(self, name: str, env: Any = None, *, wait: bool = True,
                 args: Sequence[str] | None = None) -> None:
