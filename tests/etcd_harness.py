@@ -102,9 +102,9 @@ class EtcdCluster:
                     self.wait_ready(i)
                 return self
             except RuntimeError as e:
+                self.stop_all()  # a failed start leaves no member behind
                 if "address already in use" not in str(e) or attempt == PORT_ATTEMPTS - 1:
                     raise
-            self.stop_all()
             for i, m in enumerate(self.members):
                 shutil.rmtree(m.data_dir, ignore_errors=True)
                 self.members[i] = Member(self.root, m.name)

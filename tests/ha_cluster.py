@@ -67,7 +67,15 @@ class HaCluster(Cluster):
                 *self.extra_args.get(name, ())]
 
     def start(self) -> HaCluster:
-        """etcd, then the first coordinator (it leads), the others, then the nodes."""
+        """etcd, then the first coordinator (it leads), the others, then the nodes; a start
+        that fails stops what it started (the caller's `with` is never entered)."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop_all()
+            raise
+
+    def _start(self) -> HaCluster:
         self.etcd.start()
         for proxies in self.proxies.values():
             proxies.extend(TcpProxy(endpoint) for endpoint in self.etcd.endpoints)
