@@ -135,6 +135,24 @@ class EtcdCluster:
                                            f"{m.log.read_text()[-2000:]}") from None
                     time.sleep(0.05)
 
+    def leader_index(self) -> int:
+        """Which member is etcd's raft leader now (as the members that answer agree)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            for i, m in enumerate(self.members):
+                if m.proc is None or m.proc.poll() is not None:
+                    continue
+                try:
+                    with EtcdClient([m.endpoint], timeout=1.0) as client:
+                        st = client.status(m.endpoint)
+                except EtcdError:
+                    continue
+                if st.leader and st.leader == st.member_id:
+                    return i
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no etcd leader after {START_TIMEOUT} s")
+            time.sleep(0.05)
+
     def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Stop member i at once (kill -9 by default) by its pid."""
         proc = self.members[i].proc

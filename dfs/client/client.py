@@ -123,7 +123,10 @@ class Client:
     async def create(
         self, parent: int, name: bytes, mode: int, uid: int, gid: int, exclusive: bool = True
     ) -> Attr:
-        reply = await self.change(
+        # Without `exclusive` a create opens what is there, so sending it twice does what
+        # sending it once does: it is retried like a read across a lost reply or a failover.
+        send = self.change if exclusive else self.query
+        reply = await send(
             "create", parent=parent, name=name, mode=mode, uid=uid, gid=gid, exclusive=exclusive
         )
         return Attr.from_wire(reply["attr"])
