@@ -220,7 +220,7 @@ def test_policy_xattrs_are_stored_on_directories_and_inherited(ns: Sync) -> None
     assert ns.getxattr_inherited(a, name) == b"fail"
     raises(Code.EINVAL, ns.setxattr, f, name, b"fail", 0, NOW)
     raises(Code.EINVAL, ns.setxattr, a, name, b"later", 0, NOW)
-    raises(Code.EPERM, ns.setxattr, a, b"user.dfs.keep_versions", b"1", 0, NOW)
+    raises(Code.EPERM, ns.setxattr, a, b"user.dfs.versions", b"1", 0, NOW)
     ns.removexattr(b, name, NOW)
     assert ns.getxattr_inherited(c, name) == b"fail"
     ns.removexattr(a, name, NOW)

@@ -130,25 +130,29 @@ async def stat_(client: Client, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- cat / get
 
 
-async def _readable(client: Client, path: str) -> Attr:
+async def _readable(client: Client, path: str, version: int | None = None) -> Attr:
+    """The file at path, at `version` if given (a kept one: docs/coordinator.md)."""
     attr = await client.resolve(cluster_path(path))
     if attr.is_dir():
         raise DfsError(Code.EISDIR, f"{path} is a directory")
     if attr.is_special():
         raise DfsError(Code.EINVAL, f"{path} is a {attr.kind}: its data never passes "
                                     "through dfs, only a mount's kernel serves it")
+    if version is not None and version != attr.version:
+        return await client.version(attr.ino, version)
     return attr
 
 
 async def cat(client: Client, args: argparse.Namespace) -> int:
-    return await _stream(client, args.path, sys.stdout.buffer)
+    return await _stream(client, args.path, sys.stdout.buffer, args.version)
 
 
-async def _stream(client: Client, path: str, out: IO[bytes]) -> int:
+async def _stream(client: Client, path: str, out: IO[bytes], version: int | None = None
+                  ) -> int:
     """Stream into `out`, which can't be rewound (stdout, a FIFO, a device): a version
     collected before its first byte went out is re-read, after that the read fails."""
     for _ in range(3):
-        attr = await _readable(client, path)
+        attr = await _readable(client, path, version)
         written = 0
 
         def count(done: int) -> None:
@@ -165,10 +169,11 @@ async def _stream(client: Client, path: str, out: IO[bytes]) -> int:
     raise DfsError(Code.ESTALE, f"{path} keeps changing while being read")
 
 
-async def _read_with_retry(client: Client, path: str, sink: IO[bytes], label: str) -> Attr:
+async def _read_with_retry(client: Client, path: str, sink: IO[bytes], label: str,
+                           version: int | None = None) -> Attr:
     """Read the current version; if it is superseded and collected mid-read, start over."""
     for _ in range(3):
-        attr = await _readable(client, path)
+        attr = await _readable(client, path, version)
         await trio.to_thread.run_sync(sink.seek, 0)
         await trio.to_thread.run_sync(sink.truncate)
         try:
@@ -185,11 +190,15 @@ async def get(client: Client, args: argparse.Namespace) -> int:
     if args.consistent:
         from dfs.cli.atomic import get_consistent
 
+        if args.version is not None:
+            raise UsageError("--version reads one file; --consistent reads current versions")
+
         return await get_consistent(client, args)
     if args.more:
         raise UsageError("more than PATH DEST needs --consistent (PATH... DESTDIR)")
     if args.dest == "-":
         return await cat(client, args)
+    version = args.version
     name = posixpath.basename(cluster_path(args.path)) or "root"
     dest = Path(args.dest if args.dest is not None else name)
     if dest.is_dir():
@@ -198,12 +207,12 @@ async def get(client: Client, args: argparse.Namespace) -> int:
         # A device, FIFO or socket (`dfs get f /dev/null`): written into, never renamed over,
         # which would put a regular file where the device was.
         with open(dest, "wb", buffering=0) as out:
-            return await _stream(client, args.path, out)
+            return await _stream(client, args.path, out, version)
     # Into a temporary file beside DEST, renamed over it at the end: no half-written DEST.
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".dfs-get")
     try:
         with os.fdopen(fd, "w+b") as sink:
-            attr = await _read_with_retry(client, args.path, sink, str(dest))
+            attr = await _read_with_retry(client, args.path, sink, str(dest), version)
             await trio.to_thread.run_sync(os.fsync, sink.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.utime(tmp, ns=(attr.atime_ns, attr.mtime_ns))
@@ -330,8 +339,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_json(p)
     p = command(subparsers, "cat", with_client(cat), "write a file to standard output")
     p.add_argument("path", metavar="PATH")
+    p.add_argument("--version", type=int, metavar="N",
+                   help="a kept version instead of the current one (dfs versions PATH)")
     p = command(subparsers, "get", with_client(get), "copy a file out of the cluster")
     p.add_argument("path", metavar="PATH")
+    p.add_argument("--version", type=int, metavar="N",
+                   help="a kept version instead of the current one (dfs versions PATH)")
     p.add_argument("dest", nargs="?", metavar="DEST", help="local file (replaced whole, by a rename), directory, device or FIFO "
                    "(written into), - = stdout")
     p.add_argument("more", nargs="*", metavar="PATH", help="with --consistent: PATH... DESTDIR")

@@ -9,6 +9,7 @@ retry could apply them twice (a request a standby refused, or that never went ou
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
@@ -259,6 +260,25 @@ class Client:
         """Chunk `index` of the version `attr` describes, verified; fails over between replicas."""
         return await read.read_chunk(self, attr, index)
 
+    # ------------------------------------------------------------ versions
+
+    async def versions(self, ino: int) -> list[Attr]:
+        """The file's retained versions, newest first, each as the attrs of the file at that
+        version (read one with `read_file`); the current version is `getattr`."""
+        current = await self.getattr(ino)
+        wire = (await self.query("versions", ino=ino))["versions"]
+        return [_as_version(current, v) for v in wire]
+
+    async def version(self, ino: int, version: int) -> Attr:
+        """The file at `version` (retained or current), to read with `read_file`."""
+        current = await self.getattr(ino)
+        return _as_version(current, (await self.query("version", ino=ino, version=version))[
+            "version"])
+
+    async def restore(self, ino: int, version: int) -> Attr:
+        """Make version N's content the file's new current version (no data is copied)."""
+        return Attr.from_wire((await self.change("restore", ino=ino, version=version))["attr"])
+
     async def read_file(
         self, attr: Attr, sink: BinaryIO | Callable[[bytes], Any], progress: Progress | None = None
     ) -> int:
@@ -309,3 +329,11 @@ class Client:
         if address is None:
             raise DfsError(Code.UNAVAILABLE, f"node {node_id} is not in the node table")
         return self.peers[address]
+
+
+def _as_version(current: Attr, version: dict[str, Any]) -> Attr:
+    """The file's attrs with one version's content fields (what reading it needs)."""
+    return dataclasses.replace(
+        current, version=version["version"], blob=version.get("blob"), size=version["size"],
+        checksum=version.get("checksum"), replicas=tuple(version.get("replicas") or ()),
+        mtime_ns=version.get("mtime_ns", current.mtime_ns))

@@ -110,8 +110,8 @@ class CheckOps:
         record: after retention every current blob has none."""
         driver = self.driver
         protocol = driver.protocol
-        inode = self.store.namespace.inodes.current(txn, blob)
-        ino = inode.ino if inode is not None else 0
+        holders = self.store.namespace.inodes.holders(txn, blob)  # current or retained
+        ino = holders[0].ino if holders else 0
         if blob in driver.open or protocol.is_in_flight(blob) \
                 or blob in self.replicator.active:
             return "inflight", ino
@@ -121,7 +121,7 @@ class CheckOps:
         if record is not None and record.state is TxnState.COMMITTED \
                 and node in record.unacked:
             return "inflight", ino or record.ino
-        if inode is not None and node in inode.replicas:
+        if any(node in h.replicas for h in holders):
             return "current", ino
         return "unreferenced", ino
 

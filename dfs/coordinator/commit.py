@@ -170,7 +170,7 @@ class CommitDriver(Delivery, GroupCommit):
 
         def known(txn: lmdb.Transaction) -> bool:
             return store.txnlog.get(txn, txid) is not None or \
-                store.namespace.inodes.current(txn, txid) is not None
+                bool(store.namespace.inodes.holders(txn, txid))
 
         if store.db.read(known):
             return "committed"
@@ -195,8 +195,7 @@ class CommitDriver(Delivery, GroupCommit):
             record = store.txnlog.get(txn, txid)
             if record is not None and node in record.replicas:
                 return True
-            inode = store.namespace.inodes.current(txn, txid)
-            return inode is not None and node in inode.replicas
+            return store.namespace.inodes.lists(txn, txid, node)
 
         return "committed" if store.db.read(listed) else "aborted"
 
@@ -295,8 +294,8 @@ class CommitDriver(Delivery, GroupCommit):
 
         def owner(t: lmdb.Transaction) -> int:
             record = store.txnlog.get(t, txid)
-            inode = store.namespace.inodes.current(t, txid)
-            return inode.ino if inode is not None else (record.ino if record else 0)
+            holders = store.namespace.inodes.holders(t, txid)
+            return holders[0].ino if holders else (record.ino if record else 0)
 
         ino = store.db.read(owner)
         log.warning("node %d %s of txid %d (ino %d); its copy is queued for repair", node,
@@ -310,8 +309,7 @@ class CommitDriver(Delivery, GroupCommit):
         if node not in self.protocol.refused(txid):
             return
         inodes = self.store.namespace.inodes
-        inode = self.store.db.read(lambda t: inodes.current(t, txid))
-        if inode is None or node not in inode.replicas:
+        if not self.store.db.read(lambda t: inodes.lists(t, txid, node)):
             await self._apply(self.protocol.release(txid, node))
 
     # ------------------------------------------------------------ actions

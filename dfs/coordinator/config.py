@@ -32,6 +32,7 @@ class CoordinatorConfig:
     meta: str | None = None  # etcd://HOST:PORT[,...]: metadata in etcd, standbys (ha.py)
     leader_ttl: int = 2  # seconds of the leader's etcd lease: a standby takes over after it
     etcd_quota: int = 2 * 1024**3  # etcd's --quota-backend-bytes (its default): status warns
+    keep_versions: int = 0  # old versions a file keeps unless a directory says otherwise
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -86,6 +87,10 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rereplicate-after", type=_positive, default=600.0, metavar="S",
                         help="seconds a node may be down before its replicas are re-made "
                              "on other nodes (default 600)")
+    parser.add_argument("--keep-versions", type=_keep, default=0, metavar="K",
+                        help="old versions each file keeps, readable and restorable (default "
+                             "0: none); a directory's xattr user.dfs.keep_versions overrides "
+                             "it for its subtree")
     parser.add_argument("--meta", type=_etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
                         help="keep the metadata in etcd; several coordinators may then run, "
                              "one leads (--data is then only its cache)")
@@ -95,6 +100,14 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-quota", type=int, default=2 * 1024**3, metavar="BYTES",
                         help="with --meta: etcd's --quota-backend-bytes, so `dfs status` "
                              "warns before writes stop (default 2 GiB, etcd's own)")
+
+
+def _keep(value: str) -> int:
+    from dfs.meta.versions import KEEP_VERSIONS_MAX
+
+    if not value.isdigit() or int(value) > KEEP_VERSIONS_MAX:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number from 0 to {KEEP_VERSIONS_MAX}")
+    return int(value)
 
 
 def _etcd_url(value: str) -> str:
@@ -120,4 +133,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         meta=getattr(args, "meta", None),
         leader_ttl=max(1, getattr(args, "leader_ttl", 2)),
         etcd_quota=getattr(args, "etcd_quota", 2 * 1024**3),
+        keep_versions=getattr(args, "keep_versions", 0),
     )

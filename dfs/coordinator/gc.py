@@ -119,11 +119,12 @@ class GarbageCollector:
         relisted: list[GcEntry] = []
         inodes = self.store.namespace.inodes
         for entry in entries:
-            inode = inodes.current(txn, entry.blob)
-            if inode is not None and entry.node in inode.replicas:
+            # The blob's reference count: its file's current content and retained versions.
+            holders = inodes.holders(txn, entry.blob)
+            if any(entry.node in h.replicas for h in holders):
                 relisted.append(entry)
             else:
-                due.append((entry, inode.ino if inode is not None else 0))
+                due.append((entry, holders[0].ino if holders else 0))
         return due, relisted
 
     async def _delete_guarded(self, node: int, pairs: list[tuple[GcEntry, int]],

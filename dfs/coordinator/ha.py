@@ -140,7 +140,8 @@ class HaCoordinator:
                 return
             store = await runtime.in_thread(functools.partial(
                 MetaStore.open, self.config.data, replicas=self.config.replicas,
-                gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror))
+                gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror,
+                keep_versions=self.config.keep_versions))
         except (DfsError, LostLeadership) as e:
             log.warning("could not take over (%s): standing by again", e.msg)
             await self.election.resign(leadership)

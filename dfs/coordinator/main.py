@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         if config.meta:
             return _run_ha(config, secret)
         store = MetaStore.open(config.data, replicas=config.replicas,
-                               gc_grace_ns=int(config.gc_grace * 1e9))
+                               gc_grace_ns=int(config.gc_grace * 1e9),
+                               keep_versions=config.keep_versions)
     except STARTUP_ERRORS as e:
         print(f"dfs coordinator: {_describe(e)}", file=sys.stderr)
         return 1

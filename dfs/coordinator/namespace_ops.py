@@ -57,11 +57,30 @@ class NamespaceOps:
             return {"value": self._read(lambda t: ns.getxattr_inherited(t, ino, name))}
         return {"value": self._read(lambda t: ns.getxattr(t, ino, name))}
 
+    async def op_versions(self, req: Request) -> Reply:
+        """The file's retained versions, newest first (docs/protocol.md, "Versions")."""
+        ino = req.int("ino")
+        ns = self.store.namespace
+        return {"versions": [v.to_json() for v in self._read(lambda t: ns.versions(t, ino))]}
+
+    async def op_version(self, req: Request) -> Reply:
+        """One version to read (retained or current): where its blob's copies are."""
+        ino, version = req.int("ino"), req.int("version")
+        ns = self.store.namespace
+        return {"version": self._read(lambda t: ns.version(t, ino, version)).to_json()}
+
     async def op_listxattr(self, req: Request) -> Reply:
         ino = req.int("ino")
         return {"names": self._read(lambda t: self.store.namespace.listxattr(t, ino))}
 
     # ------------------------------------------------------------ writes
+
+    async def op_restore(self, req: Request) -> Reply:
+        """Version N's content as the new current version: one forced transaction, no data
+        copied (the blob is shared with the retained version)."""
+        ino, version = req.int("ino"), req.int("version")
+        ns = self.store.namespace
+        return {"attr": await self._write(lambda t, now: ns.restore(t, ino, version, now))}
 
     async def op_mkdir(self, req: Request) -> Reply:
         parent, name, mode = req.int("parent"), req.name(), req.int("mode")

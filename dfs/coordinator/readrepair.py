@@ -145,16 +145,16 @@ class RepairWorker:
 
         def read(txn: lmdb.Transaction) -> None:
             for e in entries:
-                if not e.ino and (inode := inodes.current(txn, e.blob)) is not None:
-                    e.ino = inode.ino
+                if not e.ino and (holders := inodes.holders(txn, e.blob)):
+                    e.ino = holders[0].ino  # the file, current or retained version
 
         self.store.db.read(read)
 
     async def _handle(self, e: RepairEntry) -> int:
         queue = self.store.repairs
         inode = self.store.db.read(
-            lambda t: self.store.namespace.inodes.find(t, e.ino)) if e.ino else None
-        if inode is None or inode.blob != e.blob or e.node not in inode.replicas:
+            lambda t: self.store.namespace.inodes.holder(t, e.ino, e.blob)) if e.ino else None
+        if inode is None or e.node not in inode.replicas:
             await self.store.db.write(lambda t: queue.remove(t, e.node, e.blob), durable=False)
             # No longer listed (a later decision): a COMMIT the node refused is owed no more.
             await self.replicator.driver.release(e.blob, e.node)

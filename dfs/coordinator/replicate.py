@@ -121,9 +121,10 @@ class Replicator:
 
     async def _fix(self, ino: int, blob: int | None, bad: set[int], evacuate_down: bool
                    ) -> FixResult:
-        inode = self.store.db.read(lambda t: self.store.namespace.inodes.find(t, ino))
-        if inode is None or not inode.is_reg or inode.blob is None or (
-                blob is not None and inode.blob != blob):
+        # The file's current content, or a retained version of it (docs/coordinator.md,
+        # "Version history"): both are repaired the same way.
+        inode = self.store.db.read(lambda t: self.store.namespace.inodes.holder(t, ino, blob))
+        if inode is None:
             return FixResult(ino, "moved_on", "the file changed or is gone")
         states, live = self.node_view()
         plan = plan_copy(inode.replicas, self.store.replicas, states, live, bad,
@@ -302,15 +303,14 @@ class Replicator:
         grace = store.namespace.inodes.gc_grace_ns
 
         def write(txn: lmdb.Transaction) -> TxnRecord:
-            current = store.namespace.inodes.find(txn, ino)
-            if current is None or current.blob != blob or \
-                    list(dict.fromkeys(current.replicas)) != plan.replicas:
+            inodes = store.namespace.inodes
+            current = inodes.holder(txn, ino, blob)
+            if current is None or list(dict.fromkeys(current.replicas)) != plan.replicas:
                 raise DfsError(Code.CONFLICT, f"file {ino} changed during its repair")
             dropped = [n for n in plan.replicas if n not in replicas]
             for node in dropped:
                 store.gc.add(txn, now + grace, node, blob, ino)
-            current.replicas = list(replicas)
-            store.namespace.inodes.put(txn, current)
+            inodes.set_replicas(txn, ino, blob, replicas)
             record = store.txnlog.get(txn, blob)
             if record is not None and record.state is TxnState.COMMITTED:
                 record.replicas += [t for t in targets if t not in record.replicas]

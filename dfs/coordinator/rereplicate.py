@@ -184,25 +184,41 @@ class ReReplicator:
 
     async def _collect(self, evac: dict[int, str]
                        ) -> tuple[list[tuple[int, int, list[int]]], Counter[int]]:
-        r = self.store.replicas
-        todo: list[tuple[int, int, list[int]]] = []
-        remaining: Counter[int] = Counter()
-        after = 0
+        todo: dict[tuple[int, int], list[int]] = {}  # (ino, blob): its copies on evac nodes
         scan = self.store.scan
+        after = 0
         while True:
             page = self.store.db.read(lambda t, a=after: scan.inodes(t, a, PAGE))
             if not page:
                 break
             after = page[-1].ino
             for inode in page:
-                if not inode.is_reg or inode.blob is None:
-                    continue
-                hit = [n for n in inode.replicas if n in evac]
-                if hit or len(set(inode.replicas)) < r:
-                    todo.append((inode.ino, inode.blob, hit))
-                    remaining.update(hit)
+                if inode.is_reg and inode.blob is not None:
+                    self._consider(inode.ino, inode.blob, inode.replicas, evac, todo)
             await trio.sleep(0)
-        return todo, remaining
+        # Retained versions (docs/coordinator.md, "Version history") hold copies too. A
+        # restored version's blob is current and retained at once: one repair fixes both.
+        key = b""
+        while True:
+            versions, next_key = self.store.db.read(
+                lambda t, k=key: scan.versions(t, k, PAGE))
+            for v in versions:
+                if v.blob is not None:
+                    self._consider(v.ino, v.blob, v.replicas, evac, todo)
+            await trio.sleep(0)
+            if next_key is None:
+                break
+            key = next_key
+        remaining: Counter[int] = Counter()
+        for hit in todo.values():
+            remaining.update(hit)
+        return [(ino, blob, hit) for (ino, blob), hit in todo.items()], remaining
+
+    def _consider(self, ino: int, blob: int, replicas: list[int], evac: dict[int, str],
+                  todo: dict[tuple[int, int], list[int]]) -> None:
+        hit = [n for n in replicas if n in evac]
+        if (hit or len(set(replicas)) < self.store.replicas) and (ino, blob) not in todo:
+            todo[(ino, blob)] = hit
 
     async def _one(self, limit: trio.Semaphore, ino: int, blob: int, hit: list[int],
                    evac: dict[int, str]) -> None:

@@ -11,6 +11,7 @@ import lmdb
 
 from dfs.errors import Code, DfsError
 from dfs.meta.inode import NAME_MAX, XATTR_VALUE_MAX, Inode, InodeTable
+from dfs.meta.versions import Version, validate_keep
 
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -20,8 +21,10 @@ RESERVED_XATTR_PREFIX = b"user.dfs."
 #: The exceptions: per-directory policies dfs reads itself, inherited by subdirectories (the
 #: nearest ancestor that sets one wins), stored like any xattr but only on directories and only
 #: with one of these values (docs/mount.md, "Conflicting writers").
-POLICY_XATTRS: dict[bytes, frozenset[bytes]] = {
+KEEP_VERSIONS_XATTR = b"user.dfs.keep_versions"
+POLICY_XATTRS: dict[bytes, frozenset[bytes] | None] = {
     b"user.dfs.on_conflict": frozenset({b"fail", b"overwrite"}),
+    KEEP_VERSIONS_XATTR: None,  # a number, 0 to KEEP_VERSIONS_MAX (docs/coordinator.md)
 }
 #: How many directories an inherited lookup climbs before giving up (a loop would be a bug).
 INHERIT_DEPTH_MAX = 4096
@@ -51,6 +54,11 @@ def _check_policy(inode: Inode, name: bytes, value: bytes) -> None:
     if not inode.is_dir:
         raise DfsError(Code.EINVAL, f"{name.decode()} is set on directories only")
     allowed = POLICY_XATTRS[name]
+    if allowed is None:
+        if not value.isdigit():
+            raise DfsError(Code.EINVAL, f"{name.decode()} is a number of versions")
+        validate_keep(int(value))
+        return
     if value not in allowed:
         raise DfsError(Code.EINVAL, f"{name.decode()} is one of "
                                     f"{', '.join(sorted(v.decode() for v in allowed))}")
@@ -60,6 +68,7 @@ class AttrOps:
     """Mixed into Namespace; everything here works on one inode."""
 
     inodes: InodeTable
+    keep_versions: int  # the cluster's default (`--keep-versions`), where no directory sets one
 
     def getattr(self, txn: lmdb.Transaction, ino: int) -> dict[str, Any]:
         return self.inodes.get(txn, ino).attr()
@@ -102,7 +111,7 @@ class AttrOps:
             raise DfsError(Code.EINVAL, "setattr truncates to 0 only; write a new version")
         if inode.size == 0 and inode.blob is None:
             return
-        self.inodes.retire_blob(txn, inode, now_ns)
+        self.inodes.supersede(txn, inode, self.keep_for(txn, inode), now_ns)
         inode.blob = None
         inode.checksum = None
         inode.replicas = []
@@ -124,13 +133,11 @@ class AttrOps:
         inode = self.inodes.find(txn, ino)
         if inode is None:
             raise DfsError(Code.ENOENT, f"file {ino} was deleted during the write")
-        if not inode.is_reg:
-            raise DfsError(Code.EISDIR if inode.is_dir else Code.EINVAL,
-                           f"inode {ino} is not a regular file")
+        self._check_writable_file(inode)
         if if_version and base_version != inode.version:
             raise DfsError(Code.CONFLICT, f"file {ino} is at version {inode.version}, "
                                           f"the write was based on version {base_version}")
-        self.inodes.retire_blob(txn, inode, now_ns)
+        self.inodes.supersede(txn, inode, self.keep_for(txn, inode), now_ns)
         inode.blob = txid
         inode.size = size
         inode.checksum = checksum
@@ -141,6 +148,62 @@ class AttrOps:
         self.inodes.put(txn, inode)
         self.inodes.index_blob(txn, inode)
         return inode.attr()
+
+    def keep_for(self, txn: lmdb.Transaction, inode: Inode) -> int:
+        """How many old versions this file keeps: `user.dfs.keep_versions` of its directory
+        or the nearest ancestor that sets it, else the cluster's `--keep-versions`."""
+        if not inode.parent:
+            return self.keep_versions
+        try:
+            value = self.getxattr_inherited(txn, inode.parent, KEEP_VERSIONS_XATTR)
+        except DfsError:  # none set, or the first name's directory is gone (hard links)
+            return self.keep_versions
+        return int(value) if value.isdigit() else self.keep_versions
+
+    def versions(self, txn: lmdb.Transaction, ino: int) -> list[Version]:
+        """The file's retained versions, newest first (its current one is its attr)."""
+        inode = self.inodes.get(txn, ino)
+        if not inode.is_reg:
+            raise DfsError(Code.EINVAL, f"inode {ino} is not a regular file")
+        return self.inodes.versions.list(txn, ino)
+
+    def version(self, txn: lmdb.Transaction, ino: int, version: int) -> Version:
+        """One version of the file to read: a retained one, or the current one."""
+        inode = self.inodes.get(txn, ino)
+        if not inode.is_reg:
+            raise DfsError(Code.EINVAL, f"inode {ino} is not a regular file")
+        if version == inode.version:
+            return Version(ino, version, inode.blob, inode.size, inode.checksum,
+                           list(inode.replicas), inode.mtime_ns)
+        found = self.inodes.versions.find(txn, ino, version)
+        if found is None:
+            raise DfsError(Code.ENOENT, f"file {ino} keeps no version {version}")
+        return found
+
+    def restore(self, txn: lmdb.Transaction, ino: int, version: int, now_ns: int
+                ) -> dict[str, Any]:
+        """Version N's content becomes the file's new current version, in this one
+        transaction and without copying data: the new version names N's blob, whose copies
+        are COMMITTED on N's replicas (docs/coordinator.md, "Version history")."""
+        inode = self.inodes.get(txn, ino)
+        old = self.version(txn, ino, version)
+        self._check_writable_file(inode)
+        self.inodes.supersede(txn, inode, self.keep_for(txn, inode), now_ns)
+        inode.blob = old.blob
+        inode.size = old.size
+        inode.checksum = old.checksum
+        inode.replicas = list(old.replicas)
+        inode.version += 1
+        inode.mtime_ns = inode.ctime_ns = now_ns
+        self.inodes.put(txn, inode)
+        self.inodes.index_blob(txn, inode)
+        return inode.attr()
+
+    @staticmethod
+    def _check_writable_file(inode: Inode) -> None:
+        if not inode.is_reg:
+            raise DfsError(Code.EISDIR if inode.is_dir else Code.EINVAL,
+                           f"inode {inode.ino} is not a regular file")
 
     # ------------------------------------------------------------ xattrs
 

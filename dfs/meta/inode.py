@@ -17,6 +17,7 @@ from dfs.errors import Code, DfsError
 from dfs.meta.cluster import NEXT_INO, ClusterMeta
 from dfs.meta.codec import k64, pack, unk64, unpack
 from dfs.meta.gcqueue import GcQueue
+from dfs.meta.versions import Version, VersionTable
 
 ROOT_INO = 1
 NAME_MAX = 255
@@ -44,7 +45,9 @@ def validate_name(name: bytes) -> bytes:
 
 @dataclass(slots=True)
 class Inode:
-    """One inode record. Directories also carry `parent` and `next_cookie`."""
+    """One inode record. Directories also carry `parent` and `next_cookie`; a regular file
+    carries `parent` too: the directory of its first name, where its inherited policies
+    (`user.dfs.keep_versions`) are looked up (0 in records from before)."""
 
     ino: int
     mode: int
@@ -107,7 +110,9 @@ class Inode:
     def encode(self) -> bytes:
         record = {f.name: getattr(self, f.name) for f in _FIELDS if f.name != "ino"}
         if not self.is_dir:
-            del record["parent"], record["next_cookie"]
+            del record["next_cookie"]
+            if not (self.is_reg and self.parent):
+                del record["parent"]
         if not self.rdev:
             del record["rdev"]
         return pack(record)
@@ -138,6 +143,7 @@ class InodeTable:
         self._meta = meta
         self._gc = gc
         self.gc_grace_ns = gc_grace_ns
+        self.versions = VersionTable(db, gc, gc_grace_ns)
 
     def find(self, txn: lmdb.Transaction, ino: int) -> Inode | None:
         raw = txn.get(k64(ino), db=self._db)
@@ -199,14 +205,66 @@ class InodeTable:
             for node in inode.replicas:
                 self._gc.add(txn, not_before, node, inode.blob, inode.ino)
 
+    def supersede(self, txn: lmdb.Transaction, inode: Inode, keep: int, now_ns: int) -> None:
+        """The inode's current content is being replaced: kept as a retained version when
+        the file keeps any (docs/coordinator.md, "Version history"), else queued for GC."""
+        if keep <= 0 or not inode.is_reg:
+            self.retire_blob(txn, inode, now_ns)
+            return
+        if inode.version == 0 and inode.blob is None:
+            return  # the empty file create made is no content worth a place in the history
+        if inode.blob is not None:
+            txn.delete(k64(inode.blob), db=self._blobs)  # current no more; `retained` holds it
+        self.versions.retain(txn, Version(inode.ino, inode.version, inode.blob, inode.size,
+                                          inode.checksum, list(inode.replicas),
+                                          inode.mtime_ns), keep, now_ns)
+
+    def holders(self, txn: lmdb.Transaction, blob: int) -> list[Inode | Version]:
+        """Everything that still names `blob`: the file whose current blob it is, and every
+        retained version of it (the reference count the GC and the checker go by)."""
+        out: list[Inode | Version] = []
+        inode = self.current(txn, blob)
+        if inode is not None:
+            out.append(inode)
+        out.extend(self.versions.holders(txn, blob))
+        return out
+
+    def holder(self, txn: lmdb.Transaction, ino: int, blob: int | None) -> Inode | Version | None:
+        """What of file `ino` names `blob` (its current content first, else a retained
+        version); blob None: its current content. None if neither does (it moved on)."""
+        inode = self.find(txn, ino)
+        if inode is None or not inode.is_reg:
+            return None
+        if blob is None or inode.blob == blob:
+            return inode if inode.blob is not None else None
+        return next((v for v in self.versions.holders(txn, blob) if v.ino == ino), None)
+
+    def set_replicas(self, txn: lmdb.Transaction, ino: int, blob: int, replicas: list[int]
+                     ) -> None:
+        """A repair moved blob's copies: every record of file `ino` naming it says so."""
+        for held in self.holders(txn, blob):
+            if held.ino != ino:
+                continue
+            held.replicas = list(replicas)
+            if isinstance(held, Inode):
+                self.put(txn, held)
+            else:
+                self.versions.put(txn, held)
+
+    def lists(self, txn: lmdb.Transaction, blob: int, node: int) -> bool:
+        """Does anything that names `blob` list a copy of it on `node`?"""
+        return any(node in h.replicas for h in self.holders(txn, blob))
+
     def drop_link(self, txn: lmdb.Transaction, inode: Inode, now_ns: int) -> None:
-        """One name of a non-directory is gone: delete the inode with its last link."""
+        """One name of a non-directory is gone: delete the inode with its last link (and its
+        retained versions: a version history belongs to a file that exists)."""
         inode.nlink -= 1
         inode.ctime_ns = now_ns
         if inode.nlink > 0:
             self.put(txn, inode)
             return
         self.retire_blob(txn, inode, now_ns)
+        self.versions.drop_all(txn, inode.ino, now_ns)
         txn.delete(k64(inode.ino), db=self._db)
 
     def delete_dir(self, txn: lmdb.Transaction, inode: Inode) -> None:

@@ -41,9 +41,11 @@ Attr = dict[str, Any]
 class Namespace(AttrOps):
     """Directory operations; attribute, xattr and version operations come from AttrOps."""
 
-    def __init__(self, db: Database, meta: ClusterMeta, gc: GcQueue, gc_grace_ns: int) -> None:
+    def __init__(self, db: Database, meta: ClusterMeta, gc: GcQueue, gc_grace_ns: int,
+                 keep_versions: int = 0) -> None:
         self.inodes = InodeTable(db, meta, gc, gc_grace_ns)
         self.entries = EntryTable(db)
+        self.keep_versions = keep_versions
 
     def init_root(self, txn: lmdb.Transaction, now_ns: int) -> bool:
         """Create the root directory (ino 1, mode 0o40755) unless it exists."""
@@ -127,7 +129,8 @@ class Namespace(AttrOps):
             if inode.is_dir:
                 raise DfsError(Code.EISDIR, f"{name!r} is a directory")
             return inode.attr()
-        child = self.inodes.allocate(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, now_ns)
+        child = self.inodes.allocate(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, now_ns,
+                                     parent=parent)
         return self._link_new(txn, directory, name, child, now_ns)
 
     def symlink(self, txn: lmdb.Transaction, parent: int, name: bytes, target: bytes, uid: int,
@@ -273,10 +276,13 @@ class Namespace(AttrOps):
 
     @staticmethod
     def _reparent(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
-        """A directory's '..' moves with it: nlink = 2 + subdirectories on both sides."""
+        """A directory's '..' moves with it: nlink = 2 + subdirectories on both sides. A
+        file's `parent` (where its policies are inherited from) follows the name it moves by."""
         if inode.is_dir:
             old_dir.nlink -= 1
             new_dir.nlink += 1
+            inode.parent = new_dir.ino
+        elif inode.is_reg:
             inode.parent = new_dir.ino
 
     # ------------------------------------------------------------ helpers

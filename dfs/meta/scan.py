@@ -15,6 +15,7 @@ import lmdb
 from dfs.db import Database
 from dfs.meta.codec import U64x2, U64x3, k64, unk64
 from dfs.meta.inode import Inode
+from dfs.meta.versions import Version
 
 PAGE_MAX = 10_000
 
@@ -30,6 +31,7 @@ class MetaScan:
         self._inodes = db["inodes"]
         self._dentries = db["dentries"]
         self._gc = db["gc"]
+        self._versions = db["versions"]
 
     def inodes(self, txn: lmdb.Transaction, after: int, limit: int) -> list[Inode]:
         """Up to `limit` inodes with ino > after, in ino order."""
@@ -45,6 +47,14 @@ class MetaScan:
                 if len(out) >= limit:
                     break
         return out
+
+    def versions(self, txn: lmdb.Transaction, after: bytes, limit: int
+                 ) -> tuple[list[Version], bytes | None]:
+        """Retained versions after the key `after` (b"": from the start), in (ino, version)
+        order, and the key to continue after (None at the end)."""
+        rows, last = self._page(txn, self._versions, after, limit,
+                                lambda k, v: Version.decode(bytes(k), v))
+        return rows, last
 
     def dentries(self, txn: lmdb.Transaction, after: bytes, limit: int
                  ) -> tuple[list[list[Any]], bytes | None]:

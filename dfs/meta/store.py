@@ -25,16 +25,18 @@ from dfs.meta.txnlog import TxnLog
 if TYPE_CHECKING:
     from dfs.etcd.mirror import EtcdMirror
 
-SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta", "repairs", "blobs"]
+SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta", "repairs", "blobs",
+          "versions", "retained"]
 DEFAULT_GC_GRACE_NS = 60 * 1_000_000_000
 
 
 class MetaStore:
-    def __init__(self, db: Database, *, gc_grace_ns: int = DEFAULT_GC_GRACE_NS) -> None:
+    def __init__(self, db: Database, *, gc_grace_ns: int = DEFAULT_GC_GRACE_NS,
+                 keep_versions: int = 0) -> None:
         self.db = db
         self.cluster = ClusterMeta(db)
         self.gc = GcQueue(db)
-        self.namespace = Namespace(db, self.cluster, self.gc, gc_grace_ns)
+        self.namespace = Namespace(db, self.cluster, self.gc, gc_grace_ns, keep_versions)
         self.txnlog = TxnLog(db, self.cluster)
         self.nodes = NodeTable(db, self.cluster)
         self.repairs = RepairQueue(db)
@@ -44,7 +46,8 @@ class MetaStore:
 
     @classmethod
     def open(cls, path: Path | str, *, replicas: int = 3, gc_grace_ns: int = DEFAULT_GC_GRACE_NS,
-             map_size: int = 1 << 30, mirror: EtcdMirror | None = None) -> MetaStore:
+             map_size: int = 1 << 30, mirror: EtcdMirror | None = None,
+             keep_versions: int = 0) -> MetaStore:
         """Open (creating at first start) the environment in directory `path` (path/data.mdb).
 
         Runs before the writer task exists, hence the synchronous durable write. `replicas` is
@@ -56,7 +59,7 @@ class MetaStore:
         if mirror is not None:
             mirror.prepare(path)
         store = cls(Database(path, SUBDBS, map_size=map_size, mirror=mirror),
-                    gc_grace_ns=gc_grace_ns)
+                    gc_grace_ns=gc_grace_ns, keep_versions=keep_versions)
         try:
             if mirror is not None:
                 mirror.load(store.db)
