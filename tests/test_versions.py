@@ -147,3 +147,18 @@ def test_deleting_the_file_drops_its_versions(store, ns) -> None:
     assert gc_blobs(store) == {(n, b) for n in (1, 2, 3) for b in (100, 101)}
     assert holders(store, 100) == [] and holders(store, 101) == []
     assert all(e.not_before_ns == NOW + GRACE for e in store.db.read(store.gc.all))
+
+
+def test_the_mounts_virtual_names_are_reserved(store, ns) -> None:
+    d = ns.mkdir(ROOT_INO, b"d", 0o755, 0, 0, NOW)["ino"]
+    f = ns.create(d, b"f", 0o644, 0, 0, NOW)["ino"]
+    for name in (b".versions", b".snapshots"):
+        for call, args in ((ns.mkdir, (d, name, 0o755, 0, 0, NOW)),
+                           (ns.create, (d, name, 0o644, 0, 0, NOW, False)),
+                           (ns.symlink, (d, name, b"x", 0, 0, NOW)),
+                           (ns.link, (f, d, name, NOW)),
+                           (ns.rename, (d, b"f", d, name, 0, NOW))):
+            with pytest.raises(DfsError) as info:
+                call(*args)
+            assert info.value.code is Code.EINVAL and b"reserved" in info.value.msg.encode()
+    assert store.db.read(lambda t: store.namespace.lookup(t, d, b"f"))["ino"] == f

@@ -32,6 +32,20 @@ DEVICE_KINDS = frozenset({stat.S_IFCHR, stat.S_IFBLK})
 RDEV_MAX = (1 << 64) - 1
 
 
+#: Names no entry may take: a mount shows every directory's kept versions and snapshots under
+#: them (docs/mount.md, "Versions and snapshots"), so a real entry could never clash with them.
+RESERVED_NAMES = frozenset({b".versions", b".snapshots"})
+
+
+def validate_new_name(name: bytes) -> bytes:
+    """A name an entry is about to take: valid, and not one of the mount's virtual ones."""
+    validate_name(name)
+    if name in RESERVED_NAMES:
+        raise DfsError(Code.EINVAL, f"{name.decode()} is reserved: a mount shows a "
+                                    "directory's versions and snapshots there")
+    return name
+
+
 def validate_name(name: bytes) -> bytes:
     """A directory entry name (docs/design.md §3): 1-255 bytes, no '/', no NUL, not '.' or '..'."""
     if not isinstance(name, bytes):

@@ -28,6 +28,7 @@ from dfs.meta.inode import (
     Inode,
     InodeTable,
     validate_name,
+    validate_new_name,
 )
 
 RENAME_NOREPLACE = 1
@@ -120,7 +121,7 @@ class Namespace(AttrOps):
         if kind not in (0, stat.S_IFREG):
             raise DfsError(Code.EINVAL, "create makes regular files only")
         directory = self.inodes.get_dir(txn, parent)
-        validate_name(name)
+        validate_new_name(name)
         existing = self.entries.find(txn, parent, name)
         if existing is not None:
             if exclusive:
@@ -204,7 +205,7 @@ class Namespace(AttrOps):
         """POSIX rename(2)/renameat2(2): replaces a target atomically, or with
         RENAME_NOREPLACE refuses to, or with RENAME_EXCHANGE swaps the two names."""
         validate_name(name)
-        validate_name(new_name)
+        validate_new_name(new_name)
         if flags not in (0, RENAME_NOREPLACE, RENAME_EXCHANGE):
             raise DfsError(Code.EINVAL, f"unsupported rename flags {flags}")
         src_dir = self.inodes.get_dir(txn, parent)
@@ -296,7 +297,7 @@ class Namespace(AttrOps):
     def _vacant(self, txn: lmdb.Transaction, parent: int, name: bytes) -> Inode:
         """The parent directory, after checking `name` is valid and free in it."""
         directory = self.inodes.get_dir(txn, parent)
-        if self.entries.find(txn, parent, validate_name(name)) is not None:
+        if self.entries.find(txn, parent, validate_new_name(name)) is not None:
             raise DfsError(Code.EEXIST, f"{name!r} exists")
         return directory
 
