@@ -18,6 +18,7 @@ class Code(enum.StrEnum):
     EPERM = "EPERM"
     ENODATA = "ENODATA"
     ESTALE = "ESTALE"
+    EROFS = "EROFS"  # a snapshot (or a file's kept version) is read-only
     CONFLICT = "CONFLICT"
     UNAVAILABLE = "UNAVAILABLE"
     BAD_REQUEST = "BAD_REQUEST"
@@ -42,6 +43,7 @@ ERRNO: dict[Code, int] = {
     Code.EPERM: errno.EPERM,
     Code.ENODATA: errno.ENODATA,
     Code.ESTALE: errno.ESTALE,
+    Code.EROFS: errno.EROFS,
     Code.CONFLICT: errno.EBUSY,
     Code.UNAVAILABLE: errno.EIO,
     Code.BAD_REQUEST: errno.EINVAL,

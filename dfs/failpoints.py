@@ -37,6 +37,9 @@ REPAIR_NAMES = frozenset(
     }
 )
 
+# A snapshot has written a piece of its copy, not yet the last (dfs/coordinator/snapshot_ops.py).
+SNAPSHOT_NAMES = frozenset({"snapshot.after_piece"})
+
 # A durable batch committed, not yet flushed: in the simulator a crash here is a power cut
 # that loses the batch, so whatever was observable of it before the flush is caught.
 STORAGE_NAMES = frozenset({"db.before_flush"})
@@ -57,7 +60,7 @@ def arm(spec: str) -> None:
     _armed.clear()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, action = item.partition("=")
-        if name not in NAMES | REPAIR_NAMES | STORAGE_NAMES:
+        if name not in NAMES | REPAIR_NAMES | STORAGE_NAMES | SNAPSHOT_NAMES:
             raise ValueError(f"unknown failpoint {name!r}")
         if action not in ("crash", "error") and not action.startswith("delay:"):
             raise ValueError(f"bad failpoint action {action!r} for {name}")

@@ -279,6 +279,24 @@ class Client:
         """Make version N's content the file's new current version (no data is copied)."""
         return Attr.from_wire((await self.change("restore", ino=ino, version=version))["attr"])
 
+    # ------------------------------------------------------------ snapshots
+
+    async def snapshot_create(self, path: str, name: bytes, *, timeout: float = 600.0
+                              ) -> dict[str, Any]:
+        """A read-only, point-in-time copy of the subtree at path, reachable as
+        PATH/.snapshots/NAME (metadata only; the coordinator takes seconds per 10^5 files)."""
+        return await self.coordinator.call("snapshot_create", timeout=timeout, path=path,
+                                           name=name)
+
+    async def snapshot_list(self, path: str | None = None) -> list[dict[str, Any]]:
+        fields = {} if path is None else {"path": path}
+        return list((await self.query("snapshot_list", **fields))["snapshots"])
+
+    async def snapshot_delete(self, path: str, name: bytes, *, timeout: float = 600.0
+                              ) -> dict[str, Any]:
+        return await self.coordinator.call("snapshot_delete", timeout=timeout, path=path,
+                                           name=name)
+
     async def read_file(
         self, attr: Attr, sink: BinaryIO | Callable[[bytes], Any], progress: Progress | None = None
     ) -> int:

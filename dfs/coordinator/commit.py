@@ -25,6 +25,7 @@ from dfs.chunks import nchunks as expected_nchunks
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.meta import MetaStore, TxnRecord, TxnState
+from dfs.meta.attrs import check_regular
 from dfs.rpc import Peers
 from dfs.twopc import (
     Action,
@@ -362,11 +363,7 @@ class CommitDriver(Delivery, GroupCommit):
         if prepares:
             await self._prepare_all(prepares)
 
-    @staticmethod
-    def _check_writable(inode: Any) -> None:
-        if not inode.is_reg:
-            raise DfsError(Code.EISDIR if inode.is_dir else Code.EINVAL,
-                           f"inode {inode.ino} is not a regular file")
+    _check_writable = staticmethod(check_regular)
 
     # ------------------------------------------------------------ reporting
 

@@ -33,6 +33,7 @@ class CoordinatorConfig:
     leader_ttl: int = 2  # seconds of the leader's etcd lease: a standby takes over after it
     etcd_quota: int = 2 * 1024**3  # etcd's --quota-backend-bytes (its default): status warns
     keep_versions: int = 0  # old versions a file keeps unless a directory says otherwise
+    snapshot_piece: int = 4_000  # keys a snapshot writes per group commit (SNAPSHOT_PIECE)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -91,6 +92,7 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
                         help="old versions each file keeps, readable and restorable (default "
                              "0: none); a directory's xattr user.dfs.keep_versions overrides "
                              "it for its subtree")
+    parser.add_argument("--snapshot-piece", type=int, default=4_000, help=argparse.SUPPRESS)
     parser.add_argument("--meta", type=_etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
                         help="keep the metadata in etcd; several coordinators may then run, "
                              "one leads (--data is then only its cache)")
@@ -134,4 +136,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         leader_ttl=max(1, getattr(args, "leader_ttl", 2)),
         etcd_quota=getattr(args, "etcd_quota", 2 * 1024**3),
         keep_versions=getattr(args, "keep_versions", 0),
+        snapshot_piece=max(1, getattr(args, "snapshot_piece", 4_000)),
     )

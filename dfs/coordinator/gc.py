@@ -14,6 +14,11 @@ after the delete (and copies afresh). Checking in a read transaction and deletin
 let a repair decision list the copy in between. An entry whose blob is current nowhere needs no
 lock: a superseded or unreferenced blob is never listed again (blob ids are never reused, and a
 repair's decision requires the file to still hold the blob).
+
+GC against snapshots: a snapshot copies, as of one read transaction, the blobs its files name
+then; one of them may be superseded before the snapshot's holder entries are written. So a
+whole pass holds `barrier`, which snapshot creation holds from before its read until its last
+piece is written: no copy it took can be deleted in between (docs/coordinator.md, "Snapshots").
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class GarbageCollector:
         self.peers = peers
         self.config = config
         self.file_locks = file_locks or KeyedLocks()  # the Replicator's, per inode
+        self.barrier = trio.Lock()  # held by each pass and by a snapshot being taken
 
     async def run(self) -> None:
         while True:
@@ -63,6 +69,10 @@ class GarbageCollector:
 
     async def collect_once(self) -> int:
         """One pass over the due entries; returns how many deletions nodes confirmed."""
+        async with self.barrier:
+            return await self._collect_once()
+
+    async def _collect_once(self) -> int:
         now_ns = runtime.wall_ns()
         store = self.store
         due, relisted = store.db.read(lambda txn: self._due(txn, now_ns))

@@ -198,21 +198,27 @@ class ReReplicator:
             await trio.sleep(0)
         # Retained versions (docs/coordinator.md, "Version history") hold copies too. A
         # restored version's blob is current and retained at once: one repair fixes both.
-        key = b""
-        while True:
-            versions, next_key = self.store.db.read(
-                lambda t, k=key: scan.versions(t, k, PAGE))
-            for v in versions:
-                if v.blob is not None:
-                    self._consider(v.ino, v.blob, v.replicas, evac, todo)
-            await trio.sleep(0)
-            if next_key is None:
-                break
-            key = next_key
+        await self._walk(scan.versions, evac, todo)
+        # And snapshots' copies of files (a deleted file lives on in a snapshot).
+        await self._walk(self.store.namespace.snapshots.files, evac, todo)
         remaining: Counter[int] = Counter()
         for hit in todo.values():
             remaining.update(hit)
         return [(ino, blob, hit) for (ino, blob), hit in todo.items()], remaining
+
+    async def _walk(self, pages: Any, evac: dict[int, str],
+                    todo: dict[tuple[int, int], list[int]]) -> None:
+        """Every record a keyed, paged table yields (kept versions, snapshots' files)."""
+        key = b""
+        while True:
+            rows, next_key = self.store.db.read(lambda t, k=key: pages(t, k, PAGE))
+            for row in rows:
+                if row.blob is not None:
+                    self._consider(row.ino, row.blob, row.replicas, evac, todo)
+            await trio.sleep(0)
+            if next_key is None:
+                return
+            key = next_key
 
     def _consider(self, ino: int, blob: int, replicas: list[int], evac: dict[int, str],
                   todo: dict[tuple[int, int], list[int]]) -> None:

@@ -28,6 +28,7 @@ from .namespace_ops import NamespaceOps, Reply
 from .readrepair import RepairWorker
 from .replicate import Replicator
 from .rereplicate import ReReplicator
+from .snapshot_ops import SnapshotOps
 from .standby import info_reply, join_address
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ BAD_REPORTS_KEPT = 1000
 HEARTBEAT_STAGED_MAX = 1000
 
 
-class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
+class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, rpc.Service):
     def __init__(self, store: MetaStore, config: CoordinatorConfig, secret: bytes) -> None:
         self.store = store
         self.config = config
@@ -68,6 +69,7 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
                 nursery.start_soon(self.gc.run)
                 nursery.start_soon(self.rereplicator.run)
                 nursery.start_soon(self.repair_worker.run)
+                nursery.start_soon(self.drop_unfinished)
                 listeners = await nursery.start(
                     rpc.serve, self, host, port, self.secret, lambda: self.store.cluster_id)
                 address = join_address(*listeners[0].socket.getsockname()[:2])

@@ -11,6 +11,8 @@ import lmdb
 
 from dfs.errors import Code, DfsError
 from dfs.meta.inode import NAME_MAX, XATTR_VALUE_MAX, Inode, InodeTable
+from dfs.meta.snapshots import is_snap_ino
+from dfs.meta.snapview import SnapshotView
 from dfs.meta.versions import Version, validate_keep
 
 XATTR_CREATE = 1
@@ -42,6 +44,13 @@ def killed_privs(mode: int) -> int:
     return mode
 
 
+def check_regular(inode: Inode) -> None:
+    """Only a regular file takes a new version (a write, a restore)."""
+    if not inode.is_reg:
+        raise DfsError(Code.EISDIR if inode.is_dir else Code.EINVAL,
+                       f"inode {inode.ino} is not a regular file")
+
+
 def _xattr_name(name: bytes) -> bytes:
     if not isinstance(name, bytes) or not name or b"\0" in name:
         raise DfsError(Code.EINVAL, f"invalid xattr name {name!r}")
@@ -68,13 +77,20 @@ class AttrOps:
     """Mixed into Namespace; everything here works on one inode."""
 
     inodes: InodeTable
+    snapview: SnapshotView
     keep_versions: int  # the cluster's default (`--keep-versions`), where no directory sets one
 
     def getattr(self, txn: lmdb.Transaction, ino: int) -> dict[str, Any]:
+        if is_snap_ino(ino):
+            return self.snapview.getattr(txn, ino)
         return self.inodes.get(txn, ino).attr()
 
+    def _readable(self, txn: lmdb.Transaction, ino: int) -> Inode:
+        """The record a read of ino looks at: live, or a snapshot's copy."""
+        return self.snapview.inode(txn, ino) if is_snap_ino(ino) else self.inodes.get(txn, ino)
+
     def readlink(self, txn: lmdb.Transaction, ino: int) -> bytes:
-        inode = self.inodes.get(txn, ino)
+        inode = self._readable(txn, ino)
         if not inode.is_symlink or inode.target is None:
             raise DfsError(Code.EINVAL, f"inode {ino} is not a symlink")
         return inode.target
@@ -133,7 +149,7 @@ class AttrOps:
         inode = self.inodes.find(txn, ino)
         if inode is None:
             raise DfsError(Code.ENOENT, f"file {ino} was deleted during the write")
-        self._check_writable_file(inode)
+        check_regular(inode)
         if if_version and base_version != inode.version:
             raise DfsError(Code.CONFLICT, f"file {ino} is at version {inode.version}, "
                                           f"the write was based on version {base_version}")
@@ -162,20 +178,20 @@ class AttrOps:
 
     def versions(self, txn: lmdb.Transaction, ino: int) -> list[Version]:
         """The file's retained versions, newest first (its current one is its attr)."""
-        inode = self.inodes.get(txn, ino)
+        inode = self._readable(txn, ino)
         if not inode.is_reg:
             raise DfsError(Code.EINVAL, f"inode {ino} is not a regular file")
-        return self.inodes.versions.list(txn, ino)
+        return [] if is_snap_ino(ino) else self.inodes.versions.list(txn, ino)
 
     def version(self, txn: lmdb.Transaction, ino: int, version: int) -> Version:
         """One version of the file to read: a retained one, or the current one."""
-        inode = self.inodes.get(txn, ino)
+        inode = self._readable(txn, ino)
         if not inode.is_reg:
             raise DfsError(Code.EINVAL, f"inode {ino} is not a regular file")
         if version == inode.version:
             return Version(ino, version, inode.blob, inode.size, inode.checksum,
                            list(inode.replicas), inode.mtime_ns)
-        found = self.inodes.versions.find(txn, ino, version)
+        found = None if is_snap_ino(ino) else self.inodes.versions.find(txn, ino, version)
         if found is None:
             raise DfsError(Code.ENOENT, f"file {ino} keeps no version {version}")
         return found
@@ -187,7 +203,7 @@ class AttrOps:
         are COMMITTED on N's replicas (docs/coordinator.md, "Version history")."""
         inode = self.inodes.get(txn, ino)
         old = self.version(txn, ino, version)
-        self._check_writable_file(inode)
+        check_regular(inode)
         self.inodes.supersede(txn, inode, self.keep_for(txn, inode), now_ns)
         inode.blob = old.blob
         inode.size = old.size
@@ -199,16 +215,11 @@ class AttrOps:
         self.inodes.index_blob(txn, inode)
         return inode.attr()
 
-    @staticmethod
-    def _check_writable_file(inode: Inode) -> None:
-        if not inode.is_reg:
-            raise DfsError(Code.EISDIR if inode.is_dir else Code.EINVAL,
-                           f"inode {inode.ino} is not a regular file")
 
     # ------------------------------------------------------------ xattrs
 
     def getxattr(self, txn: lmdb.Transaction, ino: int, name: bytes) -> bytes:
-        value = self.inodes.get(txn, ino).xattrs.get(_xattr_name(name))
+        value = self._readable(txn, ino).xattrs.get(_xattr_name(name))
         if value is None:
             raise DfsError(Code.ENODATA, f"no xattr {name!r}")
         return value
@@ -217,6 +228,8 @@ class AttrOps:
         """name's value on ino or its nearest ancestor directory that has it (policy xattrs
         are inherited); ENODATA if none has. ino is a directory (a file has no parent here)."""
         _xattr_name(name)
+        if is_snap_ino(ino):  # a snapshot inherits nothing: nothing is written there
+            raise DfsError(Code.ENODATA, f"no xattr {name!r} in a snapshot")
         for _ in range(INHERIT_DEPTH_MAX):
             inode = self.inodes.get(txn, ino)
             value = inode.xattrs.get(name)
@@ -228,7 +241,7 @@ class AttrOps:
         raise DfsError(Code.ENODATA, f"no xattr {name!r} on {ino} or above")
 
     def listxattr(self, txn: lmdb.Transaction, ino: int) -> list[bytes]:
-        return sorted(self.inodes.get(txn, ino).xattrs)
+        return sorted(self._readable(txn, ino).xattrs)
 
     def setxattr(self, txn: lmdb.Transaction, ino: int, name: bytes, value: bytes, flags: int,
                  now_ns: int) -> None:

@@ -6,8 +6,6 @@ stale (ino, version) can never name another file's content.
 
 from __future__ import annotations
 
-import stat
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import lmdb
@@ -15,130 +13,24 @@ import lmdb
 from dfs.db import Database
 from dfs.errors import Code, DfsError
 from dfs.meta.cluster import NEXT_INO, ClusterMeta
-from dfs.meta.codec import k64, pack, unk64, unpack
+from dfs.meta.codec import k64, unk64
 from dfs.meta.gcqueue import GcQueue
+from dfs.meta.record import (  # noqa: F401 - re-exported: the table and its record
+    DEVICE_KINDS,
+    FIRST_COOKIE,
+    NAME_MAX,
+    RDEV_MAX,
+    RESERVED_NAMES,
+    ROOT_INO,
+    SPECIAL_KINDS,
+    SYMLINK_MAX,
+    XATTR_VALUE_MAX,
+    Inode,
+    validate_name,
+    validate_new_name,
+)
+from dfs.meta.snapshots import SnapFile, SnapshotTable, is_snap_ino
 from dfs.meta.versions import Version, VersionTable
-
-ROOT_INO = 1
-NAME_MAX = 255
-SYMLINK_MAX = 4096
-XATTR_VALUE_MAX = 64 * 1024
-# The first readdir cookie of a directory; 1 and 2 stay free for a client's "." and "..".
-FIRST_COOKIE = 3
-# The metadata-only kinds (FIFOs, devices, sockets): the kernel serves their data, dfs only
-# stores the inode; devices also keep their device number (`rdev`).
-SPECIAL_KINDS = frozenset({stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK})
-DEVICE_KINDS = frozenset({stat.S_IFCHR, stat.S_IFBLK})
-RDEV_MAX = (1 << 64) - 1
-
-
-#: Names no entry may take: a mount shows every directory's kept versions and snapshots under
-#: them (docs/mount.md, "Versions and snapshots"), so a real entry could never clash with them.
-RESERVED_NAMES = frozenset({b".versions", b".snapshots"})
-
-
-def validate_new_name(name: bytes) -> bytes:
-    """A name an entry is about to take: valid, and not one of the mount's virtual ones."""
-    validate_name(name)
-    if name in RESERVED_NAMES:
-        raise DfsError(Code.EINVAL, f"{name.decode()} is reserved: a mount shows a "
-                                    "directory's versions and snapshots there")
-    return name
-
-
-def validate_name(name: bytes) -> bytes:
-    """A directory entry name (docs/design.md §3): 1-255 bytes, no '/', no NUL, not '.' or '..'."""
-    if not isinstance(name, bytes):
-        raise DfsError(Code.EINVAL, f"a name must be bytes, not {type(name).__name__}")
-    if len(name) > NAME_MAX:
-        raise DfsError(Code.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
-    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise DfsError(Code.EINVAL, f"invalid name {name!r}")
-    return name
-
-
-@dataclass(slots=True)
-class Inode:
-    """One inode record. Directories also carry `parent` and `next_cookie`; a regular file
-    carries `parent` too: the directory of its first name, where its inherited policies
-    (`user.dfs.keep_versions`) are looked up (0 in records from before)."""
-
-    ino: int
-    mode: int
-    uid: int = 0
-    gid: int = 0
-    nlink: int = 1
-    size: int = 0
-    atime_ns: int = 0
-    mtime_ns: int = 0
-    ctime_ns: int = 0
-    version: int = 0
-    blob: int | None = None
-    checksum: bytes | None = None
-    replicas: list[int] = field(default_factory=list)
-    target: bytes | None = None
-    generation: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    parent: int = 0
-    next_cookie: int = FIRST_COOKIE
-    rdev: int = 0
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
-
-    @property
-    def is_special(self) -> bool:
-        """A FIFO, device or socket: an inode with no content in dfs."""
-        return stat.S_IFMT(self.mode) in SPECIAL_KINDS
-
-    def attr(self) -> dict[str, Any]:
-        """The wire `attr` map (docs/protocol.md), without xattrs or directory bookkeeping."""
-        return {
-            "ino": self.ino,
-            "mode": self.mode,
-            "uid": self.uid,
-            "gid": self.gid,
-            "nlink": self.nlink,
-            "size": self.size,
-            "atime_ns": self.atime_ns,
-            "mtime_ns": self.mtime_ns,
-            "ctime_ns": self.ctime_ns,
-            "version": self.version,
-            "blob": self.blob,
-            "checksum": self.checksum,
-            "replicas": list(self.replicas),
-            "target": self.target,
-            "generation": self.generation,
-            "rdev": self.rdev,
-        }
-
-    def encode(self) -> bytes:
-        record = {f.name: getattr(self, f.name) for f in _FIELDS if f.name != "ino"}
-        if not self.is_dir:
-            del record["next_cookie"]
-            if not (self.is_reg and self.parent):
-                del record["parent"]
-        if not self.rdev:
-            del record["rdev"]
-        return pack(record)
-
-    @classmethod
-    def decode(cls, ino: int, data: bytes) -> Inode:
-        record = unpack(data)
-        return cls(ino=ino, **{k: v for k, v in record.items() if k in _NAMES})
-
-
-_FIELDS = fields(Inode)
-_NAMES = frozenset(f.name for f in _FIELDS)
 
 
 class InodeTable:
@@ -158,6 +50,7 @@ class InodeTable:
         self._gc = gc
         self.gc_grace_ns = gc_grace_ns
         self.versions = VersionTable(db, gc, gc_grace_ns)
+        self.snapshots = SnapshotTable(db, meta, gc, gc_grace_ns)
 
     def find(self, txn: lmdb.Transaction, ino: int) -> Inode | None:
         raw = txn.get(k64(ino), db=self._db)
@@ -165,6 +58,10 @@ class InodeTable:
 
     def get(self, txn: lmdb.Transaction, ino: int) -> Inode:
         inode = self.find(txn, ino)
+        if inode is None and is_snap_ino(ino):
+            # Reads of a snapshot are routed before they get here (dfs/meta/snapview.py):
+            # what arrives is a change, and a snapshot is read-only.
+            raise DfsError(Code.EROFS, "a snapshot is read-only")
         if inode is None:
             raise DfsError(Code.ENOENT, f"no inode {ino}")
         return inode
@@ -233,25 +130,29 @@ class InodeTable:
                                           inode.checksum, list(inode.replicas),
                                           inode.mtime_ns), keep, now_ns)
 
-    def holders(self, txn: lmdb.Transaction, blob: int) -> list[Inode | Version]:
-        """Everything that still names `blob`: the file whose current blob it is, and every
-        retained version of it (the reference count the GC and the checker go by)."""
-        out: list[Inode | Version] = []
+    def holders(self, txn: lmdb.Transaction, blob: int) -> list[Inode | Version | SnapFile]:
+        """Everything that still names `blob`: the file whose current blob it is, every
+        retained version of it and every snapshot holding it (the reference count the GC
+        and the checker go by)."""
+        out: list[Inode | Version | SnapFile] = []
         inode = self.current(txn, blob)
         if inode is not None:
             out.append(inode)
         out.extend(self.versions.holders(txn, blob))
+        out.extend(self.snapshots.holders(txn, blob))
         return out
 
-    def holder(self, txn: lmdb.Transaction, ino: int, blob: int | None) -> Inode | Version | None:
+    def holder(self, txn: lmdb.Transaction, ino: int, blob: int | None
+               ) -> Inode | Version | SnapFile | None:
         """What of file `ino` names `blob` (its current content first, else a retained
-        version); blob None: its current content. None if neither does (it moved on)."""
+        version or a snapshot's copy: a snapshot keeps a deleted file's ino); blob None: its
+        current content. None if nothing does (it moved on)."""
         inode = self.find(txn, ino)
-        if inode is None or not inode.is_reg:
-            return None
-        if blob is None or inode.blob == blob:
+        if inode is not None and inode.is_reg and (blob is None or inode.blob == blob):
             return inode if inode.blob is not None else None
-        return next((v for v in self.versions.holders(txn, blob) if v.ino == ino), None)
+        if blob is None:
+            return None
+        return next((h for h in self.holders(txn, blob) if h.ino == ino), None)
 
     def set_replicas(self, txn: lmdb.Transaction, ino: int, blob: int, replicas: list[int]
                      ) -> None:
@@ -262,6 +163,8 @@ class InodeTable:
             held.replicas = list(replicas)
             if isinstance(held, Inode):
                 self.put(txn, held)
+            elif isinstance(held, SnapFile):
+                self.snapshots.put_file(txn, held)
             else:
                 self.versions.put(txn, held)
 

@@ -30,6 +30,8 @@ from dfs.meta.inode import (
     validate_name,
     validate_new_name,
 )
+from dfs.meta.snapshots import SNAPSHOTS_DIR, is_snap_ino
+from dfs.meta.snapview import SnapshotView
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -47,6 +49,8 @@ class Namespace(AttrOps):
         self.inodes = InodeTable(db, meta, gc, gc_grace_ns)
         self.entries = EntryTable(db)
         self.keep_versions = keep_versions
+        self.snapshots = self.inodes.snapshots
+        self.snapview = SnapshotView(self.inodes, self.snapshots)
 
     def init_root(self, txn: lmdb.Transaction, now_ns: int) -> bool:
         """Create the root directory (ino 1, mode 0o40755) unless it exists."""
@@ -60,7 +64,11 @@ class Namespace(AttrOps):
     # ------------------------------------------------------------ lookups
 
     def lookup(self, txn: lmdb.Transaction, parent: int, name: bytes) -> Attr:
+        if is_snap_ino(parent):
+            return self.snapview.lookup(txn, parent, name)
         directory = self.inodes.get_dir(txn, parent)
+        if name == SNAPSHOTS_DIR:  # reachable by name, never listed (dfs/meta/snapview.py)
+            return self.snapview.listing_attr(directory)
         return self.inodes.get(txn, self._entry(txn, directory, name).ino).attr()
 
     def resolve(self, txn: lmdb.Transaction, path: str) -> Attr:
@@ -71,28 +79,38 @@ class Namespace(AttrOps):
         raw = path.encode("utf-8", "surrogateescape")
         if len(raw) > PATH_MAX:
             raise DfsError(Code.ENAMETOOLONG, f"path of {len(raw)} bytes (limit {PATH_MAX})")
-        inode = self.inodes.get(txn, ROOT_INO)
+        attr = self.inodes.get(txn, ROOT_INO).attr()
         for part in raw.split(b"/"):
             if part in (b"", b"."):
                 continue
-            if not inode.is_dir:
+            if not stat.S_ISDIR(attr["mode"]):
                 raise DfsError(Code.ENOTDIR, f"{path}: a component is not a directory")
             if part == b"..":
-                inode = self.inodes.get(txn, inode.parent or ROOT_INO)
+                attr = self._up(txn, attr)
                 continue
-            entry = self.entries.find(txn, inode.ino, validate_name(part))
-            if entry is None:
-                raise DfsError(Code.ENOENT, f"{path}: no such file or directory")
-            inode = self.inodes.get(txn, entry.ino)
-        if raw.endswith(b"/") and not inode.is_dir:
+            try:
+                attr = self.lookup(txn, attr["ino"], validate_name(part))
+            except DfsError as e:
+                if e.code is Code.ENOENT:
+                    raise DfsError(Code.ENOENT, f"{path}: no such file or directory") from None
+                raise
+        if raw.endswith(b"/") and not stat.S_ISDIR(attr["mode"]):
             raise DfsError(Code.ENOTDIR, f"{path}: not a directory")
-        return inode.attr()
+        return attr
+
+    def _up(self, txn: lmdb.Transaction, attr: Attr) -> Attr:
+        """'..' of a directory: its parent (inside a snapshot, the snapshot's)."""
+        if is_snap_ino(attr["ino"]):
+            return self.getattr(txn, self.snapview.parent(txn, attr["ino"]))
+        return self.inodes.get(txn, self.inodes.get(txn, attr["ino"]).parent or ROOT_INO).attr()
 
     def readdir(self, txn: lmdb.Transaction, ino: int, after: int, limit: int
                 ) -> list[list[Any]]:
         """[[name, cookie, attr], ...] with cookie > after, in cookie order (readdirplus)."""
-        self.inodes.get_dir(txn, ino)
         limit = max(1, min(limit, READDIR_MAX))
+        if is_snap_ino(ino):
+            return self.snapview.readdir(txn, ino, after, limit)
+        self.inodes.get_dir(txn, ino)
         out: list[list[Any]] = []
         for entry in self.entries.list(txn, ino, after, limit):
             child = self.inodes.find(txn, entry.ino)

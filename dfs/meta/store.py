@@ -20,13 +20,14 @@ from dfs.meta.namespace import Namespace
 from dfs.meta.nodes import NodeTable
 from dfs.meta.repairs import RepairQueue
 from dfs.meta.scan import MetaScan
+from dfs.meta.snapshots import SUBDBS as SNAPSHOT_SUBDBS
 from dfs.meta.txnlog import TxnLog
 
 if TYPE_CHECKING:
     from dfs.etcd.mirror import EtcdMirror
 
 SUBDBS = ["inodes", "dentries", "dircookies", "txns", "nodes", "gc", "meta", "repairs", "blobs",
-          "versions", "retained"]
+          "versions", "retained", *SNAPSHOT_SUBDBS]
 DEFAULT_GC_GRACE_NS = 60 * 1_000_000_000
 
 
