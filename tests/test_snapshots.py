@@ -56,7 +56,7 @@ def test_a_snapshot_keeps_the_subtree_as_it_was_read_only(cluster_factory) -> No
     doc = json.loads(made.stdout)
     assert doc["inodes"] == 24 and doc["pieces"] > 3, doc  # 2 dirs + 22 files, in pieces
 
-    put(cluster, "/d/a", b"a after")
+    new_a = put(cluster, "/d/a", b"a after")
     assert cluster.dfs("rm", "/d/sub/b").returncode == 0
     put(cluster, "/d/c", b"new")
 
@@ -93,12 +93,24 @@ def test_a_snapshot_keeps_the_subtree_as_it_was_read_only(cluster_factory) -> No
 
     listed = cluster.dfs_json("snapshot", "list")["snapshots"]
     assert [(s["path"], s["name"]) for s in listed] == [("/d", "monday")]
+
+    # Restore: the live subtree is the snapshot's again, in one transaction, no data copied.
+    restored = cluster.dfs_json("snapshot", "restore", "/d", "monday")
+    assert (restored["rewritten"], restored["recreated"]) == (1, 1), restored
+    assert names(cluster, "/d") == {"a", "sub"}
+    assert cluster.dfs("cat", "/d/a").stdout == b"a before"
+    assert cluster.dfs("cat", "/d/sub/b").stdout == b"b before"
+    assert cluster.dfs_json("stat", "/d/a")["blob"] == old_a
+
+    # Deleted, the snapshot lets go of its blobs: what is current again stays, the rest goes.
     assert cluster.dfs("snapshot", "delete", "/d", "monday").returncode == 0
     assert cluster.dfs_json("snapshot", "list")["snapshots"] == []
-    cluster.wait_until(lambda: on_nodes(cluster, old_a) + on_nodes(cluster, old_b) == 0,
-                       timeout=15, message="the deleted snapshot's blobs collected")
-    assert cluster.dfs("cat", "/d/a").stdout == b"a after"
+    cluster.wait_until(lambda: on_nodes(cluster, new_a) == 0, timeout=15,
+                       message="the blob the restore replaced collected")
+    assert on_nodes(cluster, old_a) == 3 and on_nodes(cluster, old_b) == 3
     assert cluster.dfs("cat", "/d/sub/many3").stdout == many["/d/sub/many3"]
+    status, found = check(cluster, "--deep")
+    assert status == 0 and found["findings"] == [], found["findings"]
 
 
 def test_a_multi_file_commit_is_wholly_in_a_snapshot_or_wholly_out(cluster_factory) -> None:

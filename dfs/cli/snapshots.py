@@ -56,6 +56,18 @@ async def delete(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def restore(client: Client, args: argparse.Namespace) -> int:
+    path = cluster_path(args.path)
+    reply = await client.snapshot_restore(path, os.fsencode(args.name))
+    if args.json:
+        print_json(reply)
+    else:
+        print(f"{path}: restored to snapshot {args.name} ({reply['rewritten']} files rewritten, "
+              f"{reply['recreated']} recreated, {reply['removed']} names removed, "
+              f"{reply['added']} added)")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "snapshot", help="read-only point-in-time copies of a subtree",
@@ -69,6 +81,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_json(c)
     c = command(sub, "list", with_client(list_), "list snapshots (of PATH, or all)")
     c.add_argument("path", nargs="?", metavar="PATH")
+    add_json(c)
+    c = command(sub, "restore", with_client(restore),
+                "make the subtree at PATH what snapshot NAME holds (one transaction)")
+    c.add_argument("path", metavar="PATH")
+    c.add_argument("name", metavar="NAME")
     add_json(c)
     c = command(sub, "delete", with_client(delete), "delete the snapshot NAME of PATH")
     c.add_argument("path", metavar="PATH")

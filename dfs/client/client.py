@@ -297,6 +297,12 @@ class Client:
         return await self.coordinator.call("snapshot_delete", timeout=timeout, path=path,
                                            name=name)
 
+    async def snapshot_restore(self, path: str, name: bytes, *, timeout: float = 600.0
+                               ) -> dict[str, Any]:
+        """Make the live subtree at path what snapshot NAME holds, in one transaction."""
+        return await self.coordinator.call("snapshot_restore", timeout=timeout, path=path,
+                                           name=name)
+
     async def read_file(
         self, attr: Attr, sink: BinaryIO | Callable[[bytes], Any], progress: Progress | None = None
     ) -> int:

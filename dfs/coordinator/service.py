@@ -26,6 +26,7 @@ from .gc import GarbageCollector
 from .membership import Membership
 from .namespace_ops import NamespaceOps, Reply
 from .readrepair import RepairWorker
+from .refs_ops import RefsOps
 from .replicate import Replicator
 from .rereplicate import ReReplicator
 from .snapshot_ops import SnapshotOps
@@ -38,7 +39,7 @@ BAD_REPORTS_KEPT = 1000
 HEARTBEAT_STAGED_MAX = 1000
 
 
-class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, rpc.Service):
+class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, RefsOps, rpc.Service):
     def __init__(self, store: MetaStore, config: CoordinatorConfig, secret: bytes) -> None:
         self.store = store
         self.config = config

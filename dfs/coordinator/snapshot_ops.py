@@ -20,9 +20,10 @@ import lmdb
 import trio
 
 from dfs import runtime
-from dfs.errors import DfsError
+from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.meta import MetaStore
+from dfs.meta.restore import restore_snapshot
 from dfs.meta.snapshots import Snapshot
 from dfs.rpc import Request
 
@@ -96,6 +97,22 @@ class SnapshotOps:
             lambda t: snapshots.unname(t, self._root(t, path).ino, name))
         pieces = await self._drop(gone.id)
         return {"snapshot": gone.to_json(), "pieces": pieces}
+
+    async def op_snapshot_restore(self, req: Request) -> Reply:
+        """The live subtree becomes what the snapshot holds: one forced transaction, so no
+        reader sees a mix (dfs/meta/restore.py)."""
+        path, name = req.str("path"), req.name()
+        ns = self.store.namespace
+
+        def write(t: lmdb.Transaction) -> dict[str, Any]:
+            root = self._root(t, path)
+            found = ns.snapshots.find(t, root.ino, name)
+            if found is None:
+                raise DfsError(Code.ENOENT, f"{path} has no snapshot named {name.decode()!r}")
+            return {"snapshot": found.to_json(),
+                    **restore_snapshot(ns, t, found, runtime.wall_ns())}
+
+        return await self.store.db.write(write)
 
     async def _drop(self, snap: int) -> int:
         """Drop a snapshot's keys in pieces; its blobs' copies nothing else names go to GC."""
