@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dfs.checker.findings import Kind
 from dfs.checker.run import Report
@@ -57,21 +57,29 @@ def check_state(coord: SimCoordinator, nodes: list[SimNode], r: int) -> list[str
     live = {n.node_id: n for n in nodes
             if n.node is not None and not n.removed and n.node_id not in removed}
     wanted: dict[int, set[int]] = {node_id: set() for node_id in live}
-    for inode in inodes:
-        if not inode.is_reg or inode.blob is None:
-            continue
-        replicas = list(inode.replicas)
+    # Every holder of a blob (docs/coordinator.md): current files, kept versions, snapshots.
+    holders: list[tuple[str, Any]] = [("", i) for i in inodes if i.is_reg and i.blob is not None]
+    holders += [("kept version ", v) for v in store.db.read(
+        lambda t: store.scan.versions(t, b"", 1 << 30)[0]) if v.blob is not None]
+    holders += [("snapshot copy ", f) for f in store.db.read(
+        lambda t: store.namespace.snapshots.files(t, b"", 1 << 30)[0])]
+    for what, held in holders:
+        replicas = list(held.replicas)
         if len(set(replicas)) < r:
-            out.append(f"I4: ino={inode.ino} has replicas {replicas}, fewer than R={r}")
+            out.append(f"I4: {what}ino={held.ino} has replicas {replicas}, fewer than R={r}")
         for node_id in replicas:
             node = live.get(node_id)
             if node is None:
-                out.append(f"I4: ino={inode.ino} lists node {node_id}, which is not up")
+                out.append(f"I4: {what}ino={held.ino} lists node {node_id}, which is not up")
                 continue
-            wanted[node_id].add(inode.blob)
-            problem = _copy_problem(node, inode.blob, inode.size, inode.checksum or b"")
+            wanted[node_id].add(held.blob)
+            problem = _copy_problem(node, held.blob, held.size, held.checksum or b"")
             if problem:
-                out.append(f"I1: ino={inode.ino} blob={inode.blob} on node {node_id}: {problem}")
+                out.append(f"I1: {what}ino={held.ino} blob={held.blob} on node {node_id}: "
+                           f"{problem}")
+    unfinished = store.db.read(store.namespace.snapshots.unfinished)
+    if unfinished:
+        out.append(f"snapshots: {len(unfinished)} left {unfinished[0].state} at the end")
     for node_id, node in live.items():
         held = {info.blob: info for info in node.node.store.list(0, 1 << 30)}  # type: ignore[union-attr]
         for blob, info in held.items():

@@ -43,6 +43,7 @@ class Timing:
     staged_timeout: float = 8.0
     outcome_after: float = 1.0
     scrub_interval: float = 6.0
+    keep_versions: int = 2  # every run keeps history: the GC counts kept copies too
 
 
 class SimCoordinator(SimProcess):
@@ -61,12 +62,14 @@ class SimCoordinator(SimProcess):
             node_timeout=t.node_timeout, vote_timeout=t.vote_timeout, gc_grace=t.gc_grace,
             txn_timeout=t.txn_timeout, commit_retry_interval=t.commit_retry,
             gc_interval=t.gc_interval, txn_retention=t.txn_retention,
-            rpc_timeout=t.rpc_timeout, txid_block=16, rereplicate_after=t.rereplicate_after)
+            rpc_timeout=t.rpc_timeout, txid_block=16, rereplicate_after=t.rereplicate_after,
+            keep_versions=t.keep_versions, snapshot_piece=8)
 
     async def run(self) -> None:
         config = self.config()
         store = MetaStore.open(self.path, replicas=self.replicas,
-                               gc_grace_ns=int(config.gc_grace * 1e9))
+                               gc_grace_ns=int(config.gc_grace * 1e9),
+                               keep_versions=config.keep_versions)
         try:
             service = CoordinatorService(store, config, SECRET)
             service.membership._rng = random.Random(self.world.rng.random())

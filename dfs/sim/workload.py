@@ -230,8 +230,12 @@ class SimUser(SimProcess):
             self.history.count(self.history.churn, f"{what} {e.code.value}")
 
 
+SNAPSHOTS_KEPT = 2
+
+
 class SimOperator(SimProcess):
-    """Runs the checker with --repair, and drains then removes one node, under faults."""
+    """Runs the checker with --repair, takes and deletes snapshots, and drains then removes
+    one node, under faults."""
 
     crashable = True
 
@@ -244,6 +248,7 @@ class SimOperator(SimProcess):
         self.remove_one = remove_one
         self.rng = random.Random(world.rng.random())
         self.leaving: SimNode | None = None  # drained, to be removed: chosen once
+        self.snapshots = 0  # taken so far (named s1, s2, ...)
 
     async def run(self) -> None:
         async with _client() as client:
@@ -252,12 +257,33 @@ class SimOperator(SimProcess):
                 if self.remove_one and self.rng.random() < 0.3:
                     await self._drain_and_remove(client)
                     continue
+                if self.rng.random() < 0.4:
+                    await self._snapshot(client)
+                    continue
                 try:
                     report = await run_check(client, deep=True, repair=True)
                     self.history.count(self.history.admin,
                                        "repair ok" if report.ok else "repair partial")
                 except DfsError as e:
                     self.history.count(self.history.admin, f"repair {e.code.value}")
+
+    async def _snapshot(self, client: Client) -> None:
+        """Take a snapshot of everything, keeping the last SNAPSHOTS_KEPT: the GC must keep
+        every copy a snapshot names, across crashes in the middle of one (invariants.py)."""
+        self.snapshots += 1
+        name = f"s{self.snapshots}".encode()
+        try:
+            await client.snapshot_create("/", name, timeout=20.0)
+            self.history.count(self.history.admin, "snapshot ok")
+        except DfsError as e:
+            self.history.count(self.history.admin, f"snapshot {e.code.value}")
+        old = self.snapshots - SNAPSHOTS_KEPT
+        if old >= 1:
+            try:
+                await client.snapshot_delete("/", f"s{old}".encode(), timeout=20.0)
+                self.history.count(self.history.admin, "snapshot delete ok")
+            except DfsError as e:
+                self.history.count(self.history.admin, f"snapshot delete {e.code.value}")
 
     async def _drain_and_remove(self, client: Client) -> None:
         if self.leaving is None:
