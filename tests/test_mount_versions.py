@@ -18,6 +18,7 @@ import pytest
 from cluster import COORDINATOR_ARGS, Cluster
 from mount_harness import Mount, mounted, require_fuse, run
 
+from dfs.chunks import CHUNK_SIZE
 from fuse_mount.versions import VersionFile
 from fuse_mount.virtual import VIRTUAL_BASE, VirtualTree
 
@@ -118,6 +119,20 @@ def test_real_programs_copy_and_list_versions(written: Path, tmp_path: Path) -> 
         run("sha256sum", written / "f").stdout.split()[0]
     with open(vfile / "3", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         assert m[:] == content(3)  # one version per inode: the kernel may cache and map it
+
+
+def test_a_multi_chunk_version_reads_whole_and_exact(written: Path, tmp_path: Path) -> None:
+    d = written.parent / "bigdir"
+    d.mkdir()
+    old, new = os.urandom(CHUNK_SIZE * 2 + 12345), os.urandom(CHUNK_SIZE + 7)
+    (d / "big").write_bytes(old)
+    (d / "big").write_bytes(new)
+    run("cp", d / ".versions" / "big" / "1", tmp_path / "old")
+    assert (tmp_path / "old").read_bytes() == old
+    with open(d / ".versions" / "big" / "1", "rb") as f:
+        f.seek(CHUNK_SIZE - 10)
+        assert f.read(20) == old[CHUNK_SIZE - 10:CHUNK_SIZE + 10]  # across a chunk boundary
+    assert (d / ".versions" / "big" / "2").read_bytes() == new == (d / "big").read_bytes()
 
 
 def test_every_change_under_versions_is_erofs(written: Path) -> None:
