@@ -208,9 +208,11 @@ class VirtualTree:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return node
 
-    def _looked_up(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _looked_up(self, node: Node, attr: Attr, left: float | None = None
+                   ) -> pyfuse3.EntryAttributes:
+        """The reply to a lookup: the kernel owes one forget, and may cache it `left` s."""
         node.lookups += 1
-        return self.table.entry(attr)
+        return self.table.entry(attr, left)
 
     async def _attr(self, node: Node) -> tuple[Attr, float | None]:
         """Its attributes, fetched again once the attribute timeout has passed."""
@@ -255,13 +257,13 @@ class VirtualTree:
         if not is_virtual(parent):  # a root name in a real directory
             make = self.roots[name]
             root = self.node((name, parent), lambda: make(parent))
-            return self._looked_up(root, (await self._attr(root))[0])
+            return self._looked_up(root, *await self._attr(root))
         d = self._dir(parent)
         if name == b".":
-            return self._looked_up(d, (await self._attr(d))[0])
+            return self._looked_up(d, *await self._attr(d))
         if name == b"..":  # a virtual parent (the mount asks the real tree for a real one)
             up = self._dir(d.parent)
-            return self._looked_up(up, (await self._attr(up))[0])
+            return self._looked_up(up, *await self._attr(up))
         child = await d.child(self, name)
         if child is None or child.attr is None:
             return self.table.negative()
