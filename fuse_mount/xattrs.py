@@ -2,8 +2,8 @@
 
 `user.dfs.version`, `user.dfs.replicas` (node ids, comma-separated) and `user.dfs.checksum`
 (xxh3_128, hex) are computed from the committed attributes, `user.dfs.versions` (a file's
-versions, newest first, current included: "5,4,3") from its history. They are readable by name but not
-listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them onto other files
+versions, newest first, current included: "5,4,3") from its history. They are readable by
+name but not listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them onto other files
 (where setting them must fail). `user.dfs.calls` on the mount's root counts the cluster calls
 this mount has made, by kind ("getattr=3,lookup=12,readdir=10"): what a listing really costs.
 `user.dfs.on_conflict` on a directory is a real, stored and listed xattr (conflict.py); setting
