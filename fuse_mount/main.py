@@ -45,6 +45,7 @@ from fuse_mount.daemon import (
 from fuse_mount.operations import Operations
 from fuse_mount.spool import clear_directory
 from fuse_mount.verify import ClientSource
+from fuse_mount.virtual_ops import MountOperations
 
 log = logging.getLogger("fuse_mount")
 
@@ -273,7 +274,7 @@ async def _amain(
         spool_dir = cache_dir / "spool"
         clear_directory(spool_dir)
         cache = ReadCache(cache_dir / "read", args.cache_size, ClientSource(client))
-        ops = Operations(
+        ops = MountOperations(
             client, cache, spool_dir,
             attr_timeout=args.attr_timeout, retry_for=args.retry_timeout,
             page_cache=args.page_cache,

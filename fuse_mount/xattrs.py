@@ -1,8 +1,9 @@
 """Extended attributes, including dfs's virtual read-only ones (docs/design.md §7).
 
 `user.dfs.version`, `user.dfs.replicas` (node ids, comma-separated) and `user.dfs.checksum`
-(xxh3_128, hex) are computed from the committed attributes. They are readable by name but not
-listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them onto other files
+(xxh3_128, hex) are computed from the committed attributes, `user.dfs.versions` (a file's
+versions, newest first, current included: "5,4,3") from its history. They are readable by
+name but not listed, so that `cp -a`, `rsync -X` and `tar --xattrs` do not try to copy them onto other files
 (where setting them must fail). `user.dfs.calls` on the mount's root counts the cluster calls
 this mount has made, by kind ("getattr=3,lookup=12,readdir=10"): what a listing really costs.
 `user.dfs.on_conflict` on a directory is a real, stored and listed xattr (conflict.py); setting
@@ -18,13 +19,18 @@ import pyfuse3
 
 from dfs.client import Client
 from dfs.client.attr import Attr
+from dfs.errors import Code, DfsError
 from fuse_mount.conflict import ON_CONFLICT, ConflictPolicy
 from fuse_mount.handler import handler
 from fuse_mount.inodes import InodeTable
 from fuse_mount.remote import Remote
 
 CALLS = b"user.dfs.calls"
-VIRTUAL = frozenset({b"user.dfs.version", b"user.dfs.replicas", b"user.dfs.checksum", CALLS})
+#: A regular file's versions, newest first, the current one included ("5,4,3"): what its
+#: directory's `.versions/NAME/` lists (docs/mount.md, "Versions and snapshots").
+VERSIONS = b"user.dfs.versions"
+VIRTUAL = frozenset({b"user.dfs.version", b"user.dfs.replicas", b"user.dfs.checksum", CALLS,
+                     VERSIONS})
 #: Asked by the kernel before every write to a file (to drop file capabilities); dfs has none,
 #: so answer here instead of with a round trip per write.
 CAPABILITY = b"security.capability"
@@ -65,9 +71,22 @@ class XattrMixin:
         if name == CALLS and inode == pyfuse3.ROOT_INODE:
             calls = sorted(self.remote.calls.items())
             return ",".join(f"{fn}={n}" for fn, n in calls).encode()
+        if name == VERSIONS:
+            return await self._versions(inode)
         if name in VIRTUAL:
             return virtual_value(await self.fresh(inode), name)
         return await self.remote.call(self.client.getxattr, inode, name)
+
+    async def _versions(self, inode: int) -> bytes:
+        try:
+            found = await self.remote.call(self.client.history, inode)
+        except DfsError as e:
+            if e.code is Code.EINVAL:  # not a regular file: it has no versions
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            if e.code is not Code.ENOENT:
+                raise
+            found = [await self.fresh(inode)]  # removed while open here: its history went too
+        return ",".join(str(a.version) for a in found).encode()
 
     @handler
     async def setxattr(

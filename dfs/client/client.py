@@ -269,6 +269,15 @@ class Client:
         wire = (await self.query("versions", ino=ino))["versions"]
         return [_as_version(current, v) for v in wire]
 
+    async def history(self, ino: int) -> list[Attr]:
+        """The current version and the retained ones, newest first, in two round trips
+        (what a mount lists under `.versions`); a version committed in between is missed,
+        never listed twice."""
+        current = await self.getattr(ino)
+        wire = (await self.query("versions", ino=ino))["versions"]
+        return [current, *(_as_version(current, v) for v in wire
+                           if v["version"] != current.version)]
+
     async def version(self, ino: int, version: int) -> Attr:
         """The file at `version` (retained or current), to read with `read_file`."""
         current = await self.getattr(ino)
