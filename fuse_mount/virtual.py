@@ -38,7 +38,9 @@ from fuse_mount.remote import Remote
 
 log = logging.getLogger(__name__)
 
-VIRTUAL_BASE = 1 << 63
+#: The mount's own numbers (bits 63 and 62 set) are above every number the coordinator gives:
+#: live inodes are below 2^40, a snapshot's below 2^63 + 2^62 (dfs/meta/snapshots.py).
+VIRTUAL_BASE = 1 << 63 | 1 << 62
 #: Virtual inodes held at once (by the kernel's lookups or open handles); a lookup or listing
 #: page that starts beyond it is ENFILE until the kernel forgets some.
 NODES_MAX = 262_144

@@ -36,7 +36,9 @@ from dfs.meta.record import Inode, validate_name
 SNAP_BIT = 1 << 63
 SNAP_SHIFT = 40  # live inode numbers stay below 2^40 (a counter: 10^12 files)
 INO_MASK = (1 << SNAP_SHIFT) - 1
-SNAP_ID_MAX = (1 << (63 - SNAP_SHIFT)) - 1
+#: Snapshot ids use bits 40-61: bit 62 stays clear, above it a mount numbers its own virtual
+#: inodes (fuse_mount/virtual.py, VIRTUAL_BASE).
+SNAP_ID_MAX = (1 << (62 - SNAP_SHIFT)) - 1
 #: Inodes (files and directories) one snapshot may copy: its walk is held in memory.
 SNAPSHOT_INODES_MAX = 1_000_000
 #: Keys written (or dropped) per piece: one group commit each, so writers elsewhere wait for
