@@ -19,6 +19,7 @@ from dfs import logs
 from dfs.client.leader import LeaderLink
 from dfs.errors import Code, DfsError
 from dfs.rpc import Peers, parse_address, serve
+from storage_node.compaction import Compactor
 from storage_node.maintenance import Scrubber
 from storage_node.participant import Participant
 from storage_node.server import NodeService
@@ -43,6 +44,9 @@ class NodeConfig:
     outcome_after: float = 10.0
     scrub_rate: float = 8.0  # MB/s of background verification; 0 turns the scrubber off
     scrub_interval: float = 86400.0  # seconds between the starts of two scrub passes
+    space_interval: float = 10.0  # seconds between measures of live and on-disk bytes
+    compact_ratio: float = 2.0  # compact when the file passes this many times the pages in use
+    compact_min_dead: int = 64 * 1024 * 1024  # ... and the excess passes this; ratio 0: never
 
     @property
     def tick(self) -> float:
@@ -132,6 +136,7 @@ class CoordinatorLink:
                 await trio.sleep(self.heartbeat)
             hurry = False
             staged = self.service.leftovers_to_name() if self.service is not None else []
+            space = self.service.compactor.space() if self.service is not None else {}
             try:
                 reply = await self.peer.call(
                     "heartbeat",
@@ -139,6 +144,7 @@ class CoordinatorLink:
                     capacity=self.store.capacity(),
                     used=self.store.used(),
                     staged=staged,
+                    **{k: v for k, v in space.items() if v is not None},
                     timeout=max(2.0, 4 * self.heartbeat),
                 )
             except DfsError as e:
@@ -190,6 +196,9 @@ class Node:
         )
         self.service = NodeService(store, self.participant, heartbeat=config.heartbeat)
         self.service.peers = Peers(config.secret, timeout=30.0)
+        self.compactor = Compactor(store, ratio=config.compact_ratio,
+                                   min_dead=config.compact_min_dead)
+        self.service.compactor = self.compactor
         self.link: CoordinatorLink | None = None
         self.scrubber: Scrubber | None = None
         self.address: str | None = None
@@ -201,6 +210,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.store.db.run_writer)
                 await self.service.restore()
+                self.compactor.nursery = nursery
+                await self.compactor.measure()
                 host, port = parse_address(self.config.listen)
                 try:
                     listeners = await nursery.start(
@@ -226,6 +237,7 @@ class Node:
                     )
                     nursery.start_soon(self.link.run)
                 nursery.start_soon(self._maintenance)
+                nursery.start_soon(self._space)
                 self.scrubber = Scrubber(self.store, self.config.scrub_rate * 1e6,
                                          self.config.scrub_interval,
                                          self.link.report_corrupt if self.link else None)
@@ -247,6 +259,17 @@ class Node:
         while True:
             await self.service.maintain(ask)
             await trio.sleep(self.config.tick)
+
+    async def _space(self) -> None:
+        """Measure live and on-disk bytes (heartbeats carry them); compact when worth it."""
+        while True:
+            await trio.sleep(self.config.space_interval)
+            await self.compactor.measure()
+            running = self.compactor.current is not None and self.compactor.current.running
+            if not running and self.compactor.worth_it():
+                log.info("dead space: %d bytes on disk for %d in use; compacting",
+                         self.compactor.on_disk, self.store.used())
+                self.compactor.start()
 
     def _default_advertise(self, host: str, port: int) -> str:
         if host in ("0.0.0.0", "::", ""):
