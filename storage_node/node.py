@@ -211,7 +211,8 @@ class Node:
                 await nursery.start(self.store.db.run_writer)
                 await self.service.restore()
                 self.compactor.nursery = nursery
-                await self.compactor.measure()
+                if self.compactor.supported:  # not the simulator's model: it has no file
+                    await self.compactor.measure()
                 host, port = parse_address(self.config.listen)
                 try:
                     listeners = await nursery.start(
@@ -237,7 +238,8 @@ class Node:
                     )
                     nursery.start_soon(self.link.run)
                 nursery.start_soon(self._maintenance)
-                nursery.start_soon(self._space)
+                if self.compactor.supported:
+                    nursery.start_soon(self._space)
                 self.scrubber = Scrubber(self.store, self.config.scrub_rate * 1e6,
                                          self.config.scrub_interval,
                                          self.link.report_corrupt if self.link else None)

@@ -113,16 +113,16 @@ class Membership:
         log.info("node %d registered at %s", record.id, address)
         return record
 
-    def heartbeat(self, node_id: int, capacity: int, used: int, *, live: int = -1,
-                  on_disk: int = -1) -> None:
-        """A beat: liveness and usage (live/on_disk -1: the node did not measure them)."""
+    def heartbeat(self, node_id: int, capacity: int, used: int, *, live: int | None = None,
+                  on_disk: int | None = None) -> None:
+        """A beat: liveness and usage (live/on_disk None: the node did not measure them)."""
         record = self.nodes.get(node_id)
         if record is None:
             raise DfsError(Code.ENOENT, f"node {node_id} is not registered: register first")
         if record.state is NodeState.REMOVED:
             raise DfsError(Code.EPERM, f"node {node_id} was removed from the cluster")
         record.capacity, record.used = capacity, used
-        self._space[node_id] = (live if live >= 0 else None, on_disk if on_disk >= 0 else None)
+        self._space[node_id] = (live, on_disk)
         record.last_seen_ns = runtime.wall_ns()
         self._heard[node_id] = trio.current_time()
         self._dirty.add(node_id)

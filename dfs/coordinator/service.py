@@ -150,7 +150,7 @@ class CoordinatorService(CheckOps, NamespaceOps, rpc.Service):
                            f"heartbeat: staged must be up to {HEARTBEAT_STAGED_MAX} txids")
         node_id = req.int("node_id")
         self.membership.heartbeat(node_id, req.int("capacity", 0), req.int("used", 0),
-                                  live=req.int("live", -1), on_disk=req.int("on_disk", -1))
+                                  live=req.opt_int("live"), on_disk=req.opt_int("on_disk"))
         return {"incarnation": self.membership.incarnation,
                 "unknown": self._unknown(node_id, staged)}
 
