@@ -165,6 +165,8 @@ class Compactor:
             job.phase = "copying"
             t0 = time.monotonic()
             await runtime.in_thread(lambda: db.env.copy(str(tmp), compact=True))
+            # Forced now, while serving: the paused round then flushes only its own pages.
+            await runtime.in_thread(_fsync_file, tmp / "data.mdb")
             job.copy_s = round(time.monotonic() - t0, 3)
             await failpoint("node.compact_after_copy")
             copy = await runtime.in_thread(_open_copy, tmp, db.open_options)
@@ -184,14 +186,21 @@ class Compactor:
                 dirty, store.touched = store.touched, None
                 job.replayed += len(dirty)
                 await runtime.in_thread(_replay, store, copy, sorted(dirty), True)
-                copy.close()
+                copy.close()  # forced by _replay (env.sync(True): its data and meta pages)
                 copy = None
-                await runtime.in_thread(_fsync_file, tmp / "data.mdb")
                 await failpoint("node.compact_before_swap")
-                swapped = await db.reopen(lambda: _switch(tmp / "data.mdb", db.path))
-                job.pause_s = round(time.monotonic() - p0, 4)
-                if swapped:
-                    await failpoint("node.compact_after_swap")
+                # Held open past the switch: the old file's blocks are freed when it is
+                # closed, which takes long for a big file; that close waits for the writes.
+                old = os.open(db.path / "data.mdb", os.O_RDONLY)
+                try:
+                    swapped = await db.reopen(lambda: _switch(tmp / "data.mdb", db.path))
+                    job.pause_s = round(time.monotonic() - p0, 4)
+                    if swapped:
+                        await failpoint("node.compact_after_swap")
+                except BaseException:
+                    os.close(old)
+                    raise
+            await runtime.in_thread(os.close, old)
             if not swapped:
                 raise DfsError(Code.UNAVAILABLE, "long reads kept the old file open; try again")
             shutil.rmtree(tmp, ignore_errors=True)
