@@ -8,14 +8,21 @@ import io
 import json
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from cluster import NODE_ARGS, Cluster
+from test_node_maintenance import committed
+from test_store import blob_bytes
 
+from dfs import db as db_module
 from dfs.client import Client
+from storage_node.compaction import Compactor, on_disk_bytes
+from storage_node.maintenance import verify_many
+from storage_node.store import BlobStore
 
 MIB = 1 << 20
 SPACE_ARGS = (*NODE_ARGS, "--space-interval", "0.2")
@@ -197,3 +204,77 @@ def test_crash_mid_compaction_keeps_every_committed_blob(tmp_path: Path, where: 
         trio.run(check)
     finally:
         cluster.stop_all()
+
+
+# ---------------------------------------------------------------- on one store, in process
+
+
+@pytest.fixture
+async def store(tmp_path: Path, nursery: trio.Nursery) -> Any:
+    s = BlobStore.open(tmp_path / "node")
+    await nursery.start(s.db.run_writer)
+    yield s
+    s.close()
+
+
+async def test_worker_thread_reads_and_writes_go_on_across_the_switch(
+        store: BlobStore, nursery: trio.Nursery) -> None:
+    """Verifies on worker threads and commits keep running while the file is replaced: none
+    fails, each blob committed before, during or after is whole in the new file."""
+    for txid in range(1, 21):
+        await committed(store, txid, blob_bytes(MIB, txid))
+    await store.delete(list(range(1, 17)))
+    done = trio.Event()
+    verdicts: list[bool] = []
+
+    async def read_loop() -> None:
+        while not done.is_set():
+            verdicts.extend(v.ok for v in await trio.to_thread.run_sync(
+                verify_many, store, [17, 18, 19, 20]))
+
+    async def write_loop() -> None:
+        txid = 100
+        while not done.is_set():
+            await committed(store, txid, blob_bytes(70_000, txid))
+            txid += 1
+
+    nursery.start_soon(read_loop)
+    nursery.start_soon(write_loop)
+    compactor = Compactor(store)
+    compactor.nursery = nursery
+    before = on_disk_bytes(store.db.path)
+    job = compactor.start()
+    await job.finished.wait()
+    done.set()
+    await trio.sleep(0.1)
+    assert job.phase == "done", job
+    assert job.after is not None and job.after < before / 3
+    assert verdicts and all(verdicts)
+    committed_ids = [i.blob for i in store.list(0, 10_000)]
+    assert committed_ids[:4] == [17, 18, 19, 20] and len(committed_ids) > 4
+    assert all(v.ok for v in verify_many(store, committed_ids))
+
+
+async def test_a_read_that_outlasts_the_drain_wait_leaves_the_old_file(
+        store: BlobStore, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment is never closed under an open read: the compaction gives up instead,
+    the copy goes, and the store keeps serving from the old file."""
+    monkeypatch.setattr(db_module, "DRAIN_WAIT", 0.2)
+    await committed(store, 1, blob_bytes(3000))
+    release = threading.Event()
+
+    def hold() -> None:
+        with store.db.snapshot():
+            release.wait(10)
+
+    nursery.start_soon(trio.to_thread.run_sync, hold)
+    await trio.sleep(0.05)
+    compactor = Compactor(store)
+    compactor.nursery = nursery
+    job = compactor.start()
+    await job.finished.wait()
+    release.set()
+    assert job.phase == "failed" and "long reads" in job.error, job
+    assert not (store.db.path / "compact.tmp").exists()
+    await committed(store, 2, blob_bytes(5000, 2))
+    assert [v.ok for v in verify_many(store, [1, 2])] == [True, True]
