@@ -203,16 +203,23 @@ class Compactor:
             await runtime.in_thread(os.close, old)
             if not swapped:
                 raise DfsError(Code.UNAVAILABLE, "long reads kept the old file open; try again")
+            job.phase = "done"  # the new file is in use, whatever follows
             shutil.rmtree(tmp, ignore_errors=True)
             await self.measure()
             job.after, job.live = self.on_disk, self.live
-            job.phase = "done"
             log.info("compacted: %d -> %d bytes on disk (live %d) in %.2f s, writes paused "
                      "%.4f s, %d blobs replayed", job.before, job.after, job.live,
                      time.monotonic() - job.started, job.pause_s, job.replayed)
         except (DfsError, lmdb.Error, OSError) as e:
-            job.phase, job.error = "failed", str(e)
-            log.error("compaction failed (the old file stays in use): %s", e)
+            if job.phase == "done":  # switched: only the clean-up or the measure failed
+                log.warning("after compaction: %s", e)
+            else:
+                job.phase, job.error = "failed", str(e)
+                log.error("compaction failed (the old file stays in use): %s", e)
+        except Exception as e:  # a bug here must not take the node down with it
+            if job.phase != "done":
+                job.phase, job.error = "failed", f"internal error: {e!r}"
+            log.exception("compaction failed")
         finally:
             store.touched = None
             if copy is not None:
@@ -243,7 +250,7 @@ def _open_copy(path: Path, options: dict[str, Any]) -> Any:
 
 def _replay(store: BlobStore, copy: Any, blobs: list[int], meta: bool) -> None:
     """Make each blob in the copy what it is now in the store (record and chunks, or none);
-    with `meta`, the meta database too. One write transaction, forced when meta (final)."""
+    with `meta` (the final round), the meta database too. One write transaction, forced."""
     db = store.db
     dbs = {name: copy.open_db(name.encode()) for name in SUBDBS}
     with db.snapshot(buffers=False) as src, copy.begin(write=True) as dst:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import lmdb
 import trio
 
 from dfs import logs
@@ -266,7 +267,11 @@ class Node:
         """Measure live and on-disk bytes (heartbeats carry them); compact when worth it."""
         while True:
             await trio.sleep(self.config.space_interval)
-            await self.compactor.measure()
+            try:
+                await self.compactor.measure()
+            except (lmdb.Error, OSError) as e:  # advisory figures: the next round retries
+                log.warning("measuring the store's space failed: %s", e)
+                continue
             running = self.compactor.current is not None and self.compactor.current.running
             if not running and self.compactor.worth_it():
                 log.info("dead space: %d bytes on disk for %d in use; compacting",
