@@ -41,7 +41,7 @@ import trio
 from dfs import runtime
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
-from storage_node.layout import COMPACT_DIR, SUBDBS, blob_key
+from storage_node.layout import COMPACT_DIR, DIGEST_LEN, SUBDBS, blob_key
 from storage_node.store import BlobStore
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,12 @@ def on_disk_bytes(path: Path) -> int:
 
 
 def live_bytes(store: BlobStore) -> int:
-    """Bytes of blob data stored (every chunk, staged ones too). A walk of the chunk keys:
+    """Bytes of blob data stored (every chunk, staged ones too; digests not counted). A walk of the chunk keys:
     each value's length is in its leaf page, the data pages are not read. Blocking."""
     with store.db.snapshot(buffers=True) as txn:
         total = 0
         for value in txn.cursor(db=store.db["chunks"]).iternext(keys=False, values=True):
-            total += len(value)
+            total += len(value) - DIGEST_LEN
         return total
 
 
