@@ -25,6 +25,11 @@ Power loss (issue 8 item 5). The environment is opened `sync=True, metasync=Fals
 
 `install_environments` replaces `lmdb.open` (the simulator runs dfs/sim/lmdb_model.py).
 
+Replacing the file under a running process (a storage node's online compaction,
+storage_node/compaction.py): `paused()` holds the writer between batches, and `reopen()`, inside
+it, waits for worker-thread readers to finish, lets the caller put a new data.mdb in place, and
+reopens the environment on it. Trio-thread reads never span an await, so none is open then.
+
 With a `mirror` (dfs/etcd/mirror.py) every batch is also written to etcd, fenced by the
 coordinator's leadership, before the outer LMDB commit; an etcd failure aborts the batch.
 The LMDB is then a cache that a leader always rebuilds from etcd, so it is opened without
@@ -37,8 +42,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -57,6 +62,9 @@ MAX_BATCH = 256
 # A worker-thread read waits at most this long for a durable batch's flush (the flush needs a
 # worker thread too: the bound keeps readers that hold every thread from stalling it forever).
 WINDOW_WAIT = 5.0
+# reopen() gives worker-thread readers this long to finish before it gives up (and the caller
+# keeps the old file): a long verify must not stall writes, which are paused meanwhile.
+DRAIN_WAIT = 5.0
 
 Opener = Callable[..., Any]
 _opener: Opener | None = None
@@ -112,6 +120,7 @@ class _Request:
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
+    resume: trio.Event | None = None  # a pause (see Database.paused), not a write
 
 
 class Database:
@@ -139,8 +148,9 @@ class Database:
         self.readonly = readonly
         # See the module docstring: sync=True keeps the environment intact through power loss;
         # metasync=False leaves the meta flush to the env.sync(True) of durable batches.
-        self.env = opener(
-            str(self.path),
+        self._opener = opener
+        self._subdbs = list(subdbs)
+        self.open_options: dict[str, Any] = dict(
             map_size=map_size,
             max_dbs=len(subdbs) + 2,
             subdir=True,
@@ -150,11 +160,8 @@ class Database:
             lock=not readonly,
             max_readers=256,
         )
-        if not readonly:
-            self.env.reader_check()
         self.dbs: dict[str, Any] = {}
-        for name in subdbs:
-            self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+        self._open()
         self._send, self._recv = trio.open_memory_channel[_Request](10_000)
         # The snapshot trio-thread reads use while a durable batch is committed but not yet
         # flushed; only the trio thread touches it (a txn must not be used by two at once).
@@ -163,6 +170,20 @@ class Database:
         self._window_open = False
         self._loop_thread: int | None = None
         self._stopped = False  # the writer task ended: writes fail (WriterStopped), not hang
+        self._readers = 0  # worker-thread read transactions open (reopen waits for none)
+        self._replacing = False  # reopen() is at work: worker-thread readers wait
+
+    def _open(self) -> None:
+        self.env = self._opener(str(self.path), **self.open_options)
+        if not self.readonly:
+            self.env.reader_check()
+        self.dbs = {name: self.env.open_db(name.encode(), create=not self.readonly)
+                    for name in self._subdbs}
+
+    @property
+    def is_lmdb(self) -> bool:
+        """Whether this is a real LMDB file (not the simulator's model): its file can be copied."""
+        return self._opener is lmdb.open
 
     def __getitem__(self, name: str) -> Any:
         return self.dbs[name]
@@ -192,9 +213,18 @@ class Database:
         if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
             with self._window:
                 self._window.wait_for(lambda: not self._window_open, timeout=WINDOW_WAIT)
+                self._window.wait_for(lambda: not self._replacing)  # the env is being closed
                 txn = self.env.begin(buffers=buffers)
-        else:
-            txn = self.env.begin(buffers=buffers)
+                self._readers += 1
+            try:
+                with txn:
+                    yield txn
+            finally:
+                with self._window:
+                    self._readers -= 1
+                    self._window.notify_all()
+            return
+        txn = self.env.begin(buffers=buffers)
         with txn:
             yield txn
 
@@ -245,17 +275,82 @@ class Database:
         async with self._recv:
             try:
                 while True:
-                    batch = [await self._recv.receive()]
-                    while len(batch) < MAX_BATCH:
+                    pause: _Request | None = None
+                    first = await self._recv.receive()
+                    if first.resume is not None:
+                        batch, pause = [], first
+                    else:
+                        batch = [first]
+                    while pause is None and len(batch) < MAX_BATCH:
                         try:
-                            batch.append(self._recv.receive_nowait())
+                            req = self._recv.receive_nowait()
                         except trio.WouldBlock:
                             break
-                    await self._write_batch(batch)
-                    for req in batch:
-                        req.done.set()
+                        if req.resume is not None:
+                            pause = req  # the batch so far is written first
+                        else:
+                            batch.append(req)
+                    if batch:
+                        await self._write_batch(batch)
+                        for req in batch:
+                            req.done.set()
+                    batch = []
+                    if pause is not None:
+                        assert pause.resume is not None
+                        pause.done.set()
+                        await pause.resume.wait()
             finally:
                 self._stop(batch)
+
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Inside, no write batch runs: every write sent before is committed (and flushed if
+        durable); later ones wait in the queue until the block ends."""
+        if self._stopped:
+            raise WriterStopped()
+        req = _Request(lambda txn: None, False, resume=trio.Event())
+        assert req.resume is not None
+        try:
+            await self._send.send(req)
+            await req.done.wait()
+            if req.error is not None:
+                raise req.error
+            yield
+        finally:
+            req.resume.set()
+
+    async def reopen(self, replace: Callable[[], None]) -> bool:
+        """Inside paused(): once no worker-thread read is open, call replace() (which puts a
+        new data.mdb in place) and reopen the environment on it. False, with replace() not
+        called, when readers did not finish within DRAIN_WAIT. An error reopening is
+        fail-stop: the file is in place, a restart opens it."""
+        with self._window:
+            self._replacing = True
+        try:
+            with trio.move_on_after(DRAIN_WAIT):
+                while True:
+                    with self._window:
+                        if self._readers == 0:
+                            break
+                    await trio.sleep(0.002)
+            with self._window:
+                if self._readers:
+                    return False
+            # From here to the end nothing awaits: no trio-thread read can start either.
+            self.open_options["map_size"] = self.env.info()["map_size"]  # grown, maybe
+            replace()
+            try:
+                self.env.close()
+                self._open()
+            except (lmdb.Error, OSError):
+                log.critical("reopening %s after replacing it failed; stopping", self.path,
+                             exc_info=True)
+                os._exit(70)
+            return True
+        finally:
+            with self._window:
+                self._replacing = False
+                self._window.notify_all()
 
     def _stop(self, batch: list[_Request]) -> None:
         """The writer is going (cancelled, or failed): every write it has not finished, and

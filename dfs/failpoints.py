@@ -44,6 +44,11 @@ SNAPSHOT_NAMES = frozenset({"snapshot.after_piece"})
 # that loses the batch, so whatever was observable of it before the flush is caught.
 STORAGE_NAMES = frozenset({"db.before_flush"})
 
+# A storage node's online compaction (storage_node/compaction.py): after the copy, with the
+# forced copy not yet renamed over data.mdb, and right after the switch (writes still paused).
+COMPACT_NAMES = frozenset(
+    {"node.compact_after_copy", "node.compact_before_swap", "node.compact_after_swap"})
+
 _armed: dict[str, str] = {}
 # The simulator's hook (dfs/sim): called at every failpoint, armed or not, to crash the
 # simulated process right there. None in production, where a failpoint is one dict lookup.
@@ -60,7 +65,7 @@ def arm(spec: str) -> None:
     _armed.clear()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, action = item.partition("=")
-        if name not in NAMES | REPAIR_NAMES | STORAGE_NAMES | SNAPSHOT_NAMES:
+        if name not in NAMES | REPAIR_NAMES | STORAGE_NAMES | SNAPSHOT_NAMES | COMPACT_NAMES:
             raise ValueError(f"unknown failpoint {name!r}")
         if action not in ("crash", "error") and not action.startswith("delay:"):
             raise ValueError(f"bad failpoint action {action!r} for {name}")

@@ -11,9 +11,12 @@ and a migration.
 from __future__ import annotations
 
 import enum
+import logging
 import os
+import shutil
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -21,7 +24,10 @@ import msgpack
 from dfs.db import Database
 from dfs.errors import Code, DfsError
 
+log = logging.getLogger(__name__)
+
 SUBDBS = ["blobs", "chunks", "meta"]
+COMPACT_DIR = "compact.tmp"  # an online compaction's copy, beside data.mdb (compaction.py)
 FORMAT_VERSION = 1
 MAX_BLOB_ID = 2**64 - 1
 MAX_INDEX = 2**32 - 1
@@ -127,3 +133,12 @@ def check_format(db: Database, readonly: bool) -> None:
         if not has_token:
             token = os.urandom(16)
             db.write_now(lambda txn: txn.put(META_TOKEN, token, db=db["meta"]))
+
+
+def remove_compaction_leftover(path: Path) -> None:
+    """A crash mid-compaction leaves its copy behind: data.mdb is complete without it (the
+    copy replaces it only by an atomic rename once forced; storage_node/compaction.py)."""
+    leftover = Path(path) / COMPACT_DIR
+    if leftover.exists():
+        log.warning("removing the copy of an unfinished compaction (%s)", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -98,6 +98,34 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds between the starts of two scrub passes (default 86400)",
     )
+    add_space_arguments(parser)
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G suffix (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def add_space_arguments(parser: argparse.ArgumentParser) -> None:
+    """Online compaction (storage_node/compaction.py) and the space figures heartbeats carry."""
+    parser.add_argument(
+        "--space-interval", type=_positive_float, default=10.0, metavar="S",
+        help="seconds between measures of live and on-disk bytes (default 10)")
+    parser.add_argument(
+        "--compact-ratio", type=_nonnegative_float, default=2.0, metavar="X",
+        help="compact when the store file passes X times the pages in use (0: only on "
+             "request, dfs compact; default 2)")
+    parser.add_argument(
+        "--compact-min-dead", type=_size, default=64 << 20, metavar="BYTES",
+        help="... and the dead space passes BYTES (K/M/G suffixes; default 64M)")
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -120,6 +148,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         outcome_after=getattr(args, "outcome_after", 10.0),
         scrub_rate=getattr(args, "scrub_rate", 8.0),
         scrub_interval=getattr(args, "scrub_interval", 86400.0),
+        space_interval=getattr(args, "space_interval", 10.0),
+        compact_ratio=getattr(args, "compact_ratio", 2.0),
+        compact_min_dead=getattr(args, "compact_min_dead", 64 << 20),
     )
 
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import lmdb
 import trio
 
 from dfs import logs
 from dfs.client.leader import LeaderLink
 from dfs.errors import Code, DfsError
 from dfs.rpc import Peers, parse_address, serve
+from storage_node.compaction import Compactor
 from storage_node.maintenance import Scrubber
 from storage_node.participant import Participant
 from storage_node.server import NodeService
@@ -43,6 +45,9 @@ class NodeConfig:
     outcome_after: float = 10.0
     scrub_rate: float = 8.0  # MB/s of background verification; 0 turns the scrubber off
     scrub_interval: float = 86400.0  # seconds between the starts of two scrub passes
+    space_interval: float = 10.0  # seconds between measures of live and on-disk bytes
+    compact_ratio: float = 2.0  # compact when the file passes this many times the pages in use
+    compact_min_dead: int = 64 * 1024 * 1024  # ... and the excess passes this; ratio 0: never
 
     @property
     def tick(self) -> float:
@@ -132,6 +137,7 @@ class CoordinatorLink:
                 await trio.sleep(self.heartbeat)
             hurry = False
             staged = self.service.leftovers_to_name() if self.service is not None else []
+            space = self.service.compactor.space() if self.service is not None else {}
             try:
                 reply = await self.peer.call(
                     "heartbeat",
@@ -139,6 +145,7 @@ class CoordinatorLink:
                     capacity=self.store.capacity(),
                     used=self.store.used(),
                     staged=staged,
+                    **{k: v for k, v in space.items() if v is not None},
                     timeout=max(2.0, 4 * self.heartbeat),
                 )
             except DfsError as e:
@@ -190,6 +197,9 @@ class Node:
         )
         self.service = NodeService(store, self.participant, heartbeat=config.heartbeat)
         self.service.peers = Peers(config.secret, timeout=30.0)
+        self.compactor = Compactor(store, ratio=config.compact_ratio,
+                                   min_dead=config.compact_min_dead)
+        self.service.compactor = self.compactor
         self.link: CoordinatorLink | None = None
         self.scrubber: Scrubber | None = None
         self.address: str | None = None
@@ -201,6 +211,9 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.store.db.run_writer)
                 await self.service.restore()
+                self.compactor.nursery = nursery
+                if self.compactor.supported:  # not the simulator's model: it has no file
+                    await self.compactor.measure()
                 host, port = parse_address(self.config.listen)
                 try:
                     listeners = await nursery.start(
@@ -226,6 +239,8 @@ class Node:
                     )
                     nursery.start_soon(self.link.run)
                 nursery.start_soon(self._maintenance)
+                if self.compactor.supported:
+                    nursery.start_soon(self._space)
                 self.scrubber = Scrubber(self.store, self.config.scrub_rate * 1e6,
                                          self.config.scrub_interval,
                                          self.link.report_corrupt if self.link else None)
@@ -247,6 +262,21 @@ class Node:
         while True:
             await self.service.maintain(ask)
             await trio.sleep(self.config.tick)
+
+    async def _space(self) -> None:
+        """Measure live and on-disk bytes (heartbeats carry them); compact when worth it."""
+        while True:
+            await trio.sleep(self.config.space_interval)
+            try:
+                await self.compactor.measure()
+            except (lmdb.Error, OSError) as e:  # advisory figures: the next round retries
+                log.warning("measuring the store's space failed: %s", e)
+                continue
+            running = self.compactor.current is not None and self.compactor.current.running
+            if not running and self.compactor.worth_it():
+                log.info("dead space: %d bytes on disk for %d in use; compacting",
+                         self.compactor.on_disk, self.store.used())
+                self.compactor.start()
 
     def _default_advertise(self, host: str, port: int) -> str:
         if host in ("0.0.0.0", "::", ""):

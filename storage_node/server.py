@@ -23,6 +23,7 @@ from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.locks import KeyedLocks
 from dfs.rpc import Request, Service
+from storage_node.compaction import Compactor
 from storage_node.layout import CHECKSUM_LEN, MAX_BLOB_ID, MAX_INDEX, BlobState
 from storage_node.maintenance import MaintenanceOps
 from storage_node.participant import (
@@ -106,6 +107,7 @@ class NodeService(MaintenanceOps, Service):
         self.clock = clock
         self.heartbeat = heartbeat  # seconds between beats: part of the cleanup horizon
         self._txn_locks = KeyedLocks()
+        self.compactor = Compactor(store)  # the node puts its own (with its nursery) here
         # Served COMMIT requests and the txids they carried (node_info: batching at work).
         self.commit_requests = 0
         self.commit_txids = 0
@@ -315,7 +317,17 @@ class NodeService(MaintenanceOps, Service):
             "blobs": self.store.count(),
             "commit_requests": self.commit_requests,
             "commit_txids": self.commit_txids,
+            **self.compactor.space(),
+            "compaction": None if (job := self.compactor.current) is None else job.to_wire(),
         }
+
+    async def op_compact(self, req: Request) -> dict[str, Any]:
+        """Start an online compaction (or join the running one); `wait`: reply once it is
+        done. The reply is its progress (node_info's `compaction` shows it too)."""
+        job = self.compactor.start()
+        if req.bool("wait"):
+            await job.finished.wait()
+        return job.to_wire()
 
     # ------------------------------------------------------------ recovery and timeouts
 

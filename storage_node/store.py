@@ -45,6 +45,7 @@ from storage_node.layout import (
     pack_info,
     parse_blob_key,
     parse_chunk_key,
+    remove_compaction_leftover,
     unpack_info,
 )
 from storage_node.participant import COMMITTABLE, DROPPABLE, SERVABLE, STAGEABLE
@@ -81,6 +82,9 @@ class BlobStore:
         self.db = db
         self.capacity_override = capacity
         self._reserved = 0  # bytes of stages between their capacity check and their commit
+        # Blobs written while a compaction copies the file (storage_node/compaction.py); None
+        # when none runs. Filled in the writer's transactions, on its worker thread.
+        self.touched: set[int] | None = None
         self._node_id, self._cluster = self._read_identity()
 
     @classmethod
@@ -96,6 +100,8 @@ class BlobStore:
         path = Path(path)
         if readonly and not (path / "data.mdb").is_file():
             raise DfsError(Code.EINVAL, f"{path}: no node store here (no data.mdb)")
+        if not readonly:
+            remove_compaction_leftover(path)
         try:
             db = Database(
                 path, SUBDBS, map_size=map_size or default_map_size(path), readonly=readonly
@@ -147,7 +153,7 @@ class BlobStore:
             txn.put(META_NODE_ID, U64.pack(node_id), db=self.db["meta"])
             txn.put(META_CLUSTER, cluster.encode(), db=self.db["meta"])
 
-        await self._write(fn, durable=True)
+        await self._write(fn, durable=True, blobs=())  # meta: compaction copies it whole
         self._node_id, self._cluster = node_id, cluster
 
     # ------------------------------------------------------------ space
@@ -211,7 +217,7 @@ class BlobStore:
 
         self._reserved += need
         try:
-            await self._write(fn, durable=False, need=need)
+            await self._write(fn, durable=False, blobs=(blob,), need=need)
         finally:
             self._reserved -= need
 
@@ -254,7 +260,7 @@ class BlobStore:
             txn.put(blob_key(blob), pack_info(new), db=self.db["blobs"])
             return new
 
-        return await self._write(fn, durable=True)
+        return await self._write(fn, durable=True, blobs=(blob,))
 
     async def stage_prepared(self, blob: int, index: int, data: bytes, size: int,
                              checksum: bytes, nchunks: int, *,
@@ -317,7 +323,7 @@ class BlobStore:
 
         self._reserved += need
         try:
-            return await self._write(fn, durable=True, need=need)
+            return await self._write(fn, durable=True, blobs=(blob,), need=need)
         finally:
             self._reserved -= need
 
@@ -385,7 +391,7 @@ class BlobStore:
         def fn(txn: lmdb.Transaction) -> dict[int, BlobInfo | DfsError]:
             return {blob: self._commit_in(txn, blob, allowed) for blob, allowed in blobs.items()}
 
-        return await self._write(fn, durable=True)
+        return await self._write(fn, durable=True, blobs=tuple(blobs))
 
     def _commit_in(self, txn: lmdb.Transaction, blob: int,
                    allowed: frozenset[str | None]) -> BlobInfo | DfsError:
@@ -429,7 +435,7 @@ class BlobStore:
                     out[blob] = self._drop(txn, blob)
             return out
 
-        return await self._write(fn, durable=False)
+        return await self._write(fn, durable=False, blobs=tuple(blobs))
 
     async def delete(self, blobs: list[int]) -> int:
         """Delete blobs in any state (GC of superseded versions); returns how many existed."""
@@ -439,7 +445,7 @@ class BlobStore:
         def fn(txn: lmdb.Transaction) -> int:
             return sum(self._drop(txn, blob) for blob in blobs)
 
-        return await self._write(fn, durable=True)
+        return await self._write(fn, durable=True, blobs=tuple(blobs))
 
     def _drop(self, txn: lmdb.Transaction, blob: int) -> bool:
         prefix = blob_key(blob)
@@ -453,10 +459,20 @@ class BlobStore:
         return existed
 
     async def _write(
-        self, fn: Callable[[lmdb.Transaction], T], *, durable: bool, need: int = 0
+        self, fn: Callable[[lmdb.Transaction], T], *, durable: bool, blobs: tuple[int, ...],
+        need: int = 0,
     ) -> T:
+        """Every write of the store: `blobs` names each blob fn may change, noted (inside the
+        write transaction) while a compaction copies the file, which replays them after."""
+
+        def noted(txn: lmdb.Transaction) -> T:
+            touched = self.touched
+            if touched is not None:
+                touched.update(blobs)
+            return fn(txn)
+
         try:
-            return await self.db.write(fn, durable=durable)
+            return await self.db.write(noted, durable=durable)
         except (lmdb.Error, OSError) as e:
             if self._disk_full(e, need):
                 raise DfsError(Code.ENOSPC, f"disk full: {e}") from None

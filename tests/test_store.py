@@ -381,7 +381,7 @@ async def test_a_write_error_that_is_not_a_full_disk_is_internal_when_space_is_l
                 txn.put(b"k" * 1000, b"v", db=store.db["meta"])  # MDB_BAD_VALSIZE
 
             with raises(Code.INTERNAL):
-                await store._write(bad_key, durable=True)
+                await store._write(bad_key, durable=True, blobs=())
             with raises(Code.ENOSPC):  # a real full disk still is ENOSPC
                 for txid in range(2, 12):
                     await store.stage(txid, 0, blob_bytes(CHUNK_SIZE))

@@ -7,21 +7,23 @@ from typing import TYPE_CHECKING, Any
 
 from dfs.cli.common import add_json, command, print_json, show, size_text, with_client
 from dfs.cli.lifecycle import describe_rereplication, wait_evacuated
-from dfs.errors import DfsError
+from dfs.errors import Code, DfsError
 
 if TYPE_CHECKING:
     from dfs.client import Client
 
 STATE_STYLE = {"up": "green", "down": "red", "draining": "yellow", "removed": "dim"}
 ROLE_TIMEOUT = 2.0  # s: `dfs status` waits this long for each coordinator to say its role
+COMPACT_POLL = 0.2  # s between looks at a running compaction's progress
 
 
 def _nodes_table(nodes: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("id", "address", "state", "used", "capacity", "last seen"):
-        table.add_column(column, justify="right" if column in ("id", "used", "capacity") else "left")
+    right = ("id", "used", "capacity", "live", "on disk")
+    for column in ("id", "address", "state", "used", "capacity", "live", "on disk", "last seen"):
+        table.add_column(column, justify="right" if column in right else "left")
     for n in sorted(nodes, key=lambda n: n["id"]):
         seen = n.get("last_seen_s")
         table.add_row(
@@ -30,6 +32,8 @@ def _nodes_table(nodes: list[dict[str, Any]]) -> Any:
             f"[{STATE_STYLE.get(n['state'], '')}]{n['state']}",
             size_text(n.get("used")),
             size_text(n.get("capacity")),
+            size_text(n.get("live")),
+            size_text(n.get("on_disk")),
             "-" if seen is None else f"{seen:.1f}s ago",
         )
     return table
@@ -144,6 +148,40 @@ async def txn_list(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def compact(client: Client, args: argparse.Namespace) -> int:
+    """Ask a node to compact its store online; show its phases, then the figures."""
+    import sys
+
+    import trio
+
+    nodes = {n["id"]: n for n in await client.node_list()}
+    node = nodes.get(args.id)
+    if node is None:
+        raise DfsError(Code.ENOENT, f"no node {args.id} (see dfs node list)")
+    peer = client.peers[node["address"]]
+    job = await peer.call("compact")
+    shown = ""
+    while not args.no_wait and job.get("running"):
+        if not args.json and job.get("phase") != shown:
+            shown = job.get("phase", "")
+            print(f"node {args.id}: {shown} ({job.get('elapsed_s', 0):.1f} s)", file=sys.stderr,
+                  flush=True)
+        await trio.sleep(COMPACT_POLL)
+        job = (await peer.call("node_info")).get("compaction") or job
+    if args.json:
+        print_json({"node": args.id, **job})
+    elif job.get("running"):
+        print(f"node {args.id}: compaction {job.get('id')} started")
+    elif job.get("phase") == "done":
+        print(f"node {args.id}: compacted {size_text(job.get('before'))} -> "
+              f"{size_text(job.get('after'))} on disk (live {size_text(job.get('live'))}) in "
+              f"{job.get('elapsed_s', 0):.2f} s; writes paused {job.get('pause_s') or 0:.3f} s, "
+              f"{job.get('replayed', 0)} blobs replayed")
+    if job.get("phase") == "failed":
+        raise DfsError(Code.UNAVAILABLE, f"node {args.id}: compaction failed: {job.get('error')}")
+    return 0
+
+
 def _node_subject(args: argparse.Namespace) -> str:
     return f"node {args.id}"
 
@@ -168,6 +206,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "status", with_client(status), "nodes, health, space, transactions",
         subject="coordinator",
     )
+    add_json(p)
+    p = command(subparsers, "compact", with_client(compact),
+                "give a node's freed space back to the file system (online)",
+                subject=_node_subject)
+    p.add_argument("id", type=int, metavar="NODE_ID", help="node id (see dfs node list)")
+    p.add_argument("--no-wait", action="store_true", help="return once it has started")
     add_json(p)
     txn = subparsers.add_parser("txn", help="transactions", description="transactions")
     txn_commands = txn.add_subparsers(dest="txn_command", required=True, metavar="COMMAND")

@@ -32,6 +32,8 @@ class Membership:
         self._heard: dict[int, float] = {}
         self._was_live: set[int] = set()
         self._dirty: set[int] = set()
+        # (live bytes, on-disk bytes) each node last sent: advisory, in memory only.
+        self._space: dict[int, tuple[int | None, int | None]] = {}
         self._rng = rng or random.Random()
         self.incarnation = 0  # this start's number, sent in every register/heartbeat reply
 
@@ -81,6 +83,9 @@ class Membership:
                 "state": str(self.state(record.id)),
                 "used": record.used,
                 "capacity": record.capacity,
+                # blob data stored / the store's file sizes: their gap is what compaction frees
+                "live": self._space.get(record.id, (None, None))[0],
+                "on_disk": self._space.get(record.id, (None, None))[1],
                 "last_seen_s": None if heard is None else round(now - heard, 3),
             })
         return out
@@ -108,13 +113,16 @@ class Membership:
         log.info("node %d registered at %s", record.id, address)
         return record
 
-    def heartbeat(self, node_id: int, capacity: int, used: int) -> None:
+    def heartbeat(self, node_id: int, capacity: int, used: int, *, live: int | None = None,
+                  on_disk: int | None = None) -> None:
+        """A beat: liveness and usage (live/on_disk None: the node did not measure them)."""
         record = self.nodes.get(node_id)
         if record is None:
             raise DfsError(Code.ENOENT, f"node {node_id} is not registered: register first")
         if record.state is NodeState.REMOVED:
             raise DfsError(Code.EPERM, f"node {node_id} was removed from the cluster")
         record.capacity, record.used = capacity, used
+        self._space[node_id] = (live, on_disk)
         record.last_seen_ns = runtime.wall_ns()
         self._heard[node_id] = trio.current_time()
         self._dirty.add(node_id)

@@ -152,7 +152,8 @@ class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, RefsOps, rpc.Servi
             raise DfsError(Code.BAD_REQUEST,
                            f"heartbeat: staged must be up to {HEARTBEAT_STAGED_MAX} txids")
         node_id = req.int("node_id")
-        self.membership.heartbeat(node_id, req.int("capacity", 0), req.int("used", 0))
+        self.membership.heartbeat(node_id, req.int("capacity", 0), req.int("used", 0),
+                                  live=req.opt_int("live"), on_disk=req.opt_int("on_disk"))
         return {"incarnation": self.membership.incarnation,
                 "unknown": self._unknown(node_id, staged)}
 
