@@ -3,21 +3,29 @@ snapshots"): each request on a virtual inode, handle or name goes to virtual.py,
 the real tree (operations.py, files.py, xattrs.py) unchanged.
 
 Every change under a virtual tree is EROFS: creating, writing, truncating, removing, renaming
-into or out of it, linking, chmod/chown/utimes, xattrs. (With the kernel's permission checks, a
+into or out of it, linking, chmod/chown/utimes, xattrs. `D/.snapshots` is no virtual tree of
+the mount's: the coordinator serves it under its own (encoded) inode numbers and refuses every
+change with EROFS; the mount refuses an open for writing and a setattr there itself, at once
+rather than at close. (With the kernel's permission checks, a
 process without CAP_DAC_OVERRIDE meets the missing write bits first and gets EACCES.)
 """
 
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Sequence
 
 import pyfuse3
 import trio
 
+from dfs.meta.snapshots import is_snap_ino
 from fuse_mount.operations import Operations
 from fuse_mount.versions import VERSIONS, VersionsDir
 from fuse_mount.virtual import VirtualTree, is_virtual
+
+#: Opening a file with any of these changes it (or means to).
+WRITING = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 #: The names that open a virtual tree in every directory, and its top node kind.
 ROOTS = {VERSIONS: VersionsDir}
@@ -81,7 +89,7 @@ class MountOperations(Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if is_virtual(inode):
+        if is_virtual(inode) or is_snap_ino(inode):
             raise _refuse()
         return await super().setattr(inode, attr, fields, fh, ctx)
 
@@ -185,6 +193,8 @@ class MountOperations(Operations):
                    ) -> pyfuse3.FileInfo:
         if is_virtual(inode):
             return await self.virtual.open(inode, flags)
+        if is_snap_ino(inode) and flags & WRITING:  # a snapshot's file: the coordinator's
+            raise _refuse()  # numbers, read-only there; refused here, not at close
         return await super().open(inode, flags, ctx)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
