@@ -15,7 +15,7 @@ import os
 import sys
 
 from dfs import logs
-from dfs.cli.common import Parser, UsageError, add_global_options, fail
+from dfs.cli.common import Parser, UsageError, add_global_options, fail, install_tls
 from dfs.errors import DfsError
 
 COMMANDS = ("dfs.cli.servers", "dfs.cli.files", "dfs.cli.admin", "dfs.cli.local", "dfs.cli.meta")
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "passthrough", False):
         _configure_logging(args)  # servers set up their own logging
     try:
+        install_tls(args)
         return args.func(args)
     except Exception as e:
         return _failed(args, e)
