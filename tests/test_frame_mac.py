@@ -1,0 +1,186 @@
+"""Without TLS, a host on the path cannot alter, replay, reorder or inject a frame (issue 12).
+
+A proxy on loopback between a real client and a real server cuts the byte stream into frames
+and tampers with one after the handshake; the connection must end there and the frame must
+never be acted on (the service records what it served).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import trio
+
+from dfs import rpc, wire
+from dfs.errors import DfsError
+
+SECRET = b"m" * 40
+HANDSHAKE_FRAMES = 2  # each way: hello + auth, then its reply
+# 0 on code whose frames had no tag: lets these tests run there, to show they fail on it.
+TAG = getattr(wire, "TAG_BYTES", 0)
+MARK = b"MARKER-0123456789"
+
+#: Given (direction, index of the frame after the handshake, frame bytes): what to send on.
+Tamper = Callable[[str, int, bytes], list[bytes]]
+
+
+class Store(rpc.Service):
+    def __init__(self) -> None:
+        self.stored: list[bytes] = []
+
+    async def op_put(self, req: rpc.Request) -> dict:
+        self.stored.append(req.bytes("data"))
+        return {"n": len(self.stored)}
+
+
+class FrameProxy:
+    """Forwards frames both ways, handing each one after the handshake to `tamper`."""
+
+    def __init__(self, target: str, tamper: Tamper) -> None:
+        self.target = target
+        self.tamper = tamper
+        self.captured = bytearray()
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        host, port = rpc.parse_address(self.target)
+        async with client, await trio.open_tcp_stream(host, port) as server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, "c2s", client, server, nursery.cancel_scope)
+                nursery.start_soon(self._pump, "s2c", server, client, nursery.cancel_scope)
+
+    async def _pump(self, direction: str, source: trio.SocketStream, sink: trio.SocketStream,
+                    scope: trio.CancelScope) -> None:
+        buf = bytearray()
+        seen = 0
+        try:
+            while data := await source.receive_some(65536):
+                self.captured += data
+                buf += data
+                while len(buf) >= 4:
+                    (size,) = struct.unpack_from(">I", buf)
+                    whole = 4 + size + (TAG if seen >= HANDSHAKE_FRAMES else 0)
+                    if len(buf) < whole:
+                        break
+                    frame, buf = bytes(buf[:whole]), buf[whole:]
+                    out = [frame] if seen < HANDSHAKE_FRAMES else \
+                        self.tamper(direction, seen - HANDSHAKE_FRAMES, frame)
+                    seen += 1
+                    for piece in out:
+                        await sink.send_all(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        scope.cancel()
+
+
+async def _start(nursery: trio.Nursery, tamper: Tamper) -> tuple[Store, str, str]:
+    store = Store()
+    listeners = await nursery.start(rpc.serve, store, "127.0.0.1", 0, SECRET, lambda: "c1")
+    direct = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    proxy = FrameProxy(direct, tamper)
+    plisteners = await nursery.start(partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1"))
+    return store, direct, f"127.0.0.1:{plisteners[0].socket.getsockname()[1]}"
+
+
+def _flip_mark(direction: str, index: int, frame: bytes) -> list[bytes]:
+    at = frame.find(MARK)
+    if direction != "c2s" or at < 0:
+        return [frame]
+    return [frame[:at] + bytes([frame[at] ^ 0x01]) + frame[at + 1:]]
+
+
+async def test_a_frame_altered_in_flight_closes_the_connection_and_is_not_served(
+        nursery: trio.Nursery) -> None:
+    store, direct, proxied = await _start(nursery, _flip_mark)
+    peer = rpc.Peer(proxied, SECRET, timeout=3)
+    with pytest.raises(DfsError) as e:
+        await peer.call("put", data=MARK + os.urandom(100))
+    assert e.value.code.value == "UNAVAILABLE"
+    assert store.stored == [], "the altered frame was served"
+    # The server goes on serving everyone else.
+    assert (await rpc.Peer(direct, SECRET).call("put", data=b"fine"))["n"] == 1
+    await peer.aclose()
+
+
+async def test_a_reply_altered_in_flight_fails_the_call_at_the_client(
+        nursery: trio.Nursery) -> None:
+    def flip_reply(direction: str, index: int, frame: bytes) -> list[bytes]:
+        if direction != "s2c":
+            return [frame]
+        return [frame[:6] + bytes([frame[6] ^ 0x40]) + frame[7:]]
+
+    _, _, proxied = await _start(nursery, flip_reply)
+    with pytest.raises(DfsError) as e:
+        await rpc.Peer(proxied, SECRET, timeout=3).call("put", data=b"x")
+    assert e.value.code.value == "UNAVAILABLE"
+
+
+async def test_a_replayed_frame_closes_the_connection_and_is_served_once(
+        nursery: trio.Nursery) -> None:
+    def replay(direction: str, index: int, frame: bytes) -> list[bytes]:
+        return [frame, frame] if direction == "c2s" and index == 0 else [frame]
+
+    store, _, proxied = await _start(nursery, replay)
+    conn = await rpc.connect(proxied, SECRET)
+    try:
+        with trio.fail_after(5):
+            await conn.call("put", {"data": MARK})
+            with pytest.raises((wire.ConnectionClosed, trio.BrokenResourceError,
+                                trio.ClosedResourceError)):
+                while True:  # the server closes the connection at the replayed copy
+                    await conn.call("put", {"data": b"after"})
+                    await trio.sleep(0.05)
+    finally:
+        await conn.aclose()
+    assert store.stored == [MARK], "the replayed frame was served again"
+
+
+async def test_reordered_or_injected_frames_close_the_connection_unserved(
+        nursery: trio.Nursery) -> None:
+    held: list[bytes] = []
+
+    def swap_first_two(direction: str, index: int, frame: bytes) -> list[bytes]:
+        if direction != "c2s" or index > 1:
+            return [frame]
+        if index == 0:
+            held.append(frame)
+            return []
+        return [frame, held.pop()]
+
+    store, _, proxied = await _start(nursery, swap_first_two)
+    conn = await rpc.connect(proxied, SECRET)
+    with trio.move_on_after(3):
+        async with trio.open_nursery() as calls:
+            for n in range(2):
+                calls.start_soon(_put_quietly, conn, b"%d" % n)
+    await conn.aclose()
+    assert store.stored == []
+
+    def inject(direction: str, index: int, frame: bytes) -> list[bytes]:
+        if direction != "c2s" or index != 0:
+            return [frame]
+        forged = wire.encode({"op": "put", "id": 99, "data": b"forged"}) + os.urandom(TAG)
+        return [forged, frame]
+
+    store, _, proxied = await _start(nursery, inject)
+    with pytest.raises(DfsError):
+        await rpc.Peer(proxied, SECRET, timeout=3).call("put", data=b"real")
+    assert store.stored == []
+
+
+async def _put_quietly(conn: object, data: bytes) -> None:
+    try:
+        await conn.call("put", {"data": data})  # type: ignore[attr-defined]
+    except (wire.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def test_frame_keys_differ_per_direction_and_per_connection() -> None:
+    """What makes a frame of one connection (or one direction) useless on another."""
+    a = rpc.frame_keys(SECRET, b"c" * 16, b"s" * 16, "c1")
+    b = rpc.frame_keys(SECRET, b"c" * 16, b"t" * 16, "c1")
+    assert a[0] != a[1] and set(a).isdisjoint(b)
+    assert rpc.frame_keys(b"o" * 40, b"c" * 16, b"s" * 16, "c1")[0] != a[0]
