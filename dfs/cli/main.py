@@ -26,6 +26,9 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="dfs",
         description="dfs: a replicated file system with transactional whole-file writes",
+        # No abbreviations at this level: it sees the command's options too, and `local up
+        # --tls` would be an ambiguous prefix of the global --tls-cert/--tls-key/--tls-ca.
+        allow_abbrev=False,
     )
     add_global_options(parser, suppress=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
