@@ -1,8 +1,8 @@
 """Request/reply over frames: the authenticated handshake, the server loop, client peers.
 
 Handshake (docs/design.md §4), both sides proving the cluster secret with HMAC-SHA256:
-  client -> {"op": "hello", "proto": 1, "nonce": Nc}
-  server <- {"ok": true, "proto": 1, "cluster": C, "nonce": Ns, "mac": H(K, "srv"|Nc|Ns|C)}
+  client -> {"op": "hello", "proto": 2, "nonce": Nc}
+  server <- {"ok": true, "proto": 2, "cluster": C, "nonce": Ns, "mac": H(K, "srv"|Nc|Ns|C)}
   client -> {"op": "auth", "mac": H(K, "cli"|Ns|Nc|C)}
   server <- {"ok": true}          (or AUTH, and the connection is closed)
 With --tls-* (dfs/tls.py) all of it runs inside TLS, both ends' certificates verified. Without
