@@ -237,3 +237,12 @@ def test_bad_tls_files_are_one_line_at_start(tmp_path: Path) -> None:
                             timeout=30)
     err = _one_line(result)
     assert f"cannot load --tls-ca {missing}" in err, err
+
+
+def test_the_mount_helper_passes_the_tls_options() -> None:
+    from dfs.cli.mount_helper import translate
+
+    argv = translate("127.0.0.1:7700", "/mnt/x", "tls_cert=/c.crt,tls_key=/c.key,tls_ca=/ca.crt")
+    joined = " ".join(argv)
+    assert "--tls-cert /c.crt" in joined and "--tls-key /c.key" in joined
+    assert "--tls-ca /ca.crt" in joined
