@@ -184,3 +184,27 @@ async def test_frame_keys_differ_per_direction_and_per_connection() -> None:
     b = rpc.frame_keys(SECRET, b"c" * 16, b"t" * 16, "c1")
     assert a[0] != a[1] and set(a).isdisjoint(b)
     assert rpc.frame_keys(b"o" * 40, b"c" * 16, b"s" * 16, "c1")[0] != a[0]
+
+
+async def test_a_request_sent_before_the_last_handshake_reply_is_checked_not_fatal(
+        nursery: trio.Nursery) -> None:
+    """A client may pipeline its first request behind `auth`: the bytes the server already
+    holds when the MAC starts are checked as tagged frames, and the server keeps serving."""
+    store, direct, _ = await _start(nursery, lambda d, i, f: [f])
+    host, port = rpc.parse_address(direct)
+    frames = wire.FrameStream(await trio.open_tcp_stream(host, port))
+    nonce = os.urandom(16)
+    await frames.send({"op": "hello", "proto": rpc.PROTO, "nonce": nonce})
+    hello = await frames.receive()
+    snonce, cluster = hello["nonce"], hello["cluster"]
+    to_server, to_client = rpc.frame_keys(SECRET, nonce, snonce, cluster)
+    mac = wire.FrameMac(send_key=to_server, receive_key=to_client)
+    request = wire.encode({"op": "put", "id": 1, "data": b"early"})
+    auth = wire.encode({"op": "auth", "mac": rpc._mac(SECRET, b"cli", snonce, nonce, cluster)})
+    await frames.stream.send_all(auth + request + mac.seal(request))  # one write
+    assert (await frames.receive())["ok"]  # the auth reply, untagged
+    frames.start_mac(mac)
+    assert (await frames.receive())["n"] == 1
+    await frames.aclose()
+    assert store.stored == [b"early"]
+    assert (await rpc.Peer(direct, SECRET).call("put", data=b"later"))["n"] == 2
