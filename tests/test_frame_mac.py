@@ -7,13 +7,18 @@ never be acted on (the service records what it served).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import struct
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
+from cluster import Cluster
+from etcd_harness import TcpProxy
 
 from dfs import rpc, wire
 from dfs.errors import DfsError
@@ -208,3 +213,77 @@ async def test_a_request_sent_before_the_last_handshake_reply_is_checked_not_fat
     await frames.aclose()
     assert store.stored == [b"early"]
     assert (await rpc.Peer(direct, SECRET).call("put", data=b"later"))["n"] == 2
+
+
+class FlippingProxy(TcpProxy):
+    """etcd_harness's loopback proxy, but it flips one bit of the first MARK it carries from
+    a client to the node behind it (a frame altered in flight), once."""
+
+    flipped = 0
+
+    def _pump(self, src: socket.socket, dst: socket.socket, way: str) -> None:
+        while not self._stopped.is_set():
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:  # the end of one side is the end of the other (etcd_harness's
+                with contextlib.suppress(OSError):  # keeps it open for held data)
+                    dst.shutdown(socket.SHUT_WR)
+                return
+            at = data.find(MARK) if way == "up" and not self.flipped else -1
+            if at >= 0:
+                self.flipped += 1
+                data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+            with contextlib.suppress(OSError):
+                dst.sendall(data)
+
+
+def test_a_put_altered_on_its_way_to_a_node_changes_no_data(tmp_path: Path) -> None:
+    """A real cluster, one node reached through the flipping proxy (its --advertise): the
+    put whose chunk was altered fails or is retried whole, the node logs the MAC failure, and
+    every read returns the bytes a put sent, never the altered ones."""
+    proxy = FlippingProxy("127.0.0.1:1")  # retargeted once the node listens
+    cluster = Cluster(tmp_path / "c", nodes=2, replicas=2,
+                      extra_args={"node-1": ["--advertise", proxy.endpoint]})
+    try:
+        cluster.coordinator = cluster._spawn("coordinator", "127.0.0.1:0", None)
+        real = cluster._spawn("node-1", "127.0.0.1:0", None)
+        host, port = real.rsplit(":", 1)
+        proxy.upstream = (host, int(port))
+        cluster.add_node("node-2", wait=False)
+        cluster.wait_nodes_up()
+        v1 = os.urandom(300_000)
+        assert cluster.dfs("put", "-", "/f", input=v1).returncode == 0
+        v2 = MARK * 20_000
+        cluster.dfs("put", "-", "/f", input=v2)  # may fail (UNAVAILABLE) or be retried
+        assert proxy.flipped == 1
+        assert cluster.dfs("cat", "/f").stdout in (v1, v2)
+        cluster.wait_until(lambda: "failed its MAC check" in cluster.log("node-1", 400),
+                           timeout=10, message="the node's MAC failure line")
+        assert cluster.dfs("check", "--json").returncode == 0
+    finally:
+        cluster.stop_all()
+        proxy.stop()
+
+
+def test_a_metadata_request_altered_on_its_way_changes_no_name(
+        cluster_factory: Callable[..., Cluster]) -> None:
+    """No checksum covers a name: without the frame MAC, the flipped byte would create a
+    directory by another name. With it, the coordinator drops the connection, and / holds
+    the name the client sent or nothing."""
+    cluster = cluster_factory(nodes=1, replicas=1)
+    proxy = FlippingProxy(cluster.coordinator)
+    try:
+        name = MARK.decode()
+        cluster.dfs("mkdir", f"/{name}", env={"DFS_COORDINATOR": proxy.endpoint})
+        assert proxy.flipped == 1
+        listing = cluster.dfs("ls", "/").stdout.decode().split()
+        named = [n.rstrip("/") for n in listing if n.startswith(("MARKER", "LARKER"))]
+        assert named in ([], [name]), listing
+        cluster.wait_until(lambda: "failed its MAC check" in cluster.log("coordinator", 400),
+                           timeout=10, message="the coordinator's MAC failure line")
+    finally:
+        proxy.stop()
