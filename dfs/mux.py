@@ -7,6 +7,7 @@ frames and ids, nothing of ops or the cluster secret.
 from __future__ import annotations
 
 import itertools
+import logging
 import select
 import socket
 from typing import Any
@@ -14,7 +15,17 @@ from typing import Any
 import trio
 
 from dfs.errors import DfsError
-from dfs.wire import MAX_FRAME, ConnectionClosed, FrameStream, FrameTooBig, decode, encode
+from dfs.wire import (
+    MAX_FRAME,
+    ConnectionClosed,
+    FrameStream,
+    FrameTampered,
+    FrameTooBig,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
 
 
 class _Waiter:
@@ -64,11 +75,16 @@ class Connection:
         never goes out on such a connection, so it is surely not served there."""
         if self._waiters or not self.usable:
             return False
-        sock = self.frames.stream.socket  # type: ignore[attr-defined]
+        stream = self.frames.stream
+        tls = isinstance(stream, trio.SSLStream)
+        sock = (stream.transport_stream if tls else stream).socket  # type: ignore[attr-defined]
         poll = select.poll()
         poll.register(sock.fileno(), select.POLLIN)
         if not poll.poll(0):
             return False  # nothing to read: open (the common case, one system call)
+        if tls:  # encrypted: a close_notify looks like data. Anything arriving on an idle
+            self._failure = "readable while idle (TLS)"  # link is dropped with it (a late
+            return True  # reply at worst): a new connection costs a handshake, nothing more
         raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
         try:
             closed = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
@@ -138,6 +154,8 @@ class Connection:
                 msg = decode(await self.frames.receive_body())
             except (ConnectionClosed, OSError, trio.BrokenResourceError,
                     trio.ClosedResourceError, DfsError) as e:
+                if isinstance(e, FrameTampered):
+                    log.warning("connection closed: %s", e)
                 self._fail(f"{type(e).__name__} {e}".strip())
                 return
             rid = msg.get("id")

@@ -1,10 +1,15 @@
 """Request/reply over frames: the authenticated handshake, the server loop, client peers.
 
 Handshake (docs/design.md §4), both sides proving the cluster secret with HMAC-SHA256:
-  client -> {"op": "hello", "proto": 1, "nonce": Nc}
-  server <- {"ok": true, "proto": 1, "cluster": C, "nonce": Ns, "mac": H(K, "srv"|Nc|Ns|C)}
+  client -> {"op": "hello", "proto": 2, "nonce": Nc}
+  server <- {"ok": true, "proto": 2, "cluster": C, "nonce": Ns, "mac": H(K, "srv"|Nc|Ns|C)}
   client -> {"op": "auth", "mac": H(K, "cli"|Ns|Nc|C)}
   server <- {"ok": true}          (or AUTH, and the connection is closed)
+With --tls-* (dfs/tls.py) all of it runs inside TLS, both ends' certificates verified. Without
+TLS, every later frame carries an HMAC under a per-direction key derived from both nonces and
+the secret (`frame_keys`, dfs.wire.FrameMac): a frame altered, replayed, reordered or injected
+on the path ends the connection. With TLS there is no frame MAC: TLS's records already
+authenticate, number and encrypt every byte.
 After it, a connection carries many requests at once, each reply carrying its request's id:
 - the server answers a connection's requests concurrently, at most MAX_INFLIGHT at a time
   (then it stops reading: backpressure), replies sent as they complete (`_serve_requests`);
@@ -26,13 +31,23 @@ from typing import Any, Protocol
 
 import trio
 
+from dfs import tls as tls_
 from dfs.errors import Code, DfsError, raise_for_reply
 from dfs.mux import Connection
-from dfs.wire import ConnectionClosed, FrameStream, FrameTooBig, decode, encode
+from dfs.tls import TlsConfig
+from dfs.wire import (
+    ConnectionClosed,
+    FrameMac,
+    FrameStream,
+    FrameTampered,
+    FrameTooBig,
+    decode,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
-PROTO = 1
+PROTO = 2  # 2: frames after the handshake carry a MAC unless the connection is TLS
 HANDSHAKE_TIMEOUT = 5.0
 _OP = re.compile(r"^[a-z][a-z_]{0,39}$")
 
@@ -51,6 +66,17 @@ def load_secret(path: str | Path | None) -> bytes:
 
 def _mac(secret: bytes, label: bytes, a: bytes, b: bytes, cluster: str) -> bytes:
     return hmac.new(secret, label + a + b + cluster.encode(), hashlib.sha256).digest()
+
+
+def frame_keys(secret: bytes, cnonce: bytes, snonce: bytes, cluster: str) -> tuple[bytes, bytes]:
+    """The (client->server, server->client) frame MAC keys of one connection: HKDF (RFC 5869)
+    with HMAC-SHA256, both nonces as the salt, the cluster secret as the input key, one
+    expand block per direction. Fresh nonces make fresh keys: no frame of another
+    connection (nor of the other direction) verifies on this one."""
+    prk = hmac.digest(cnonce + snonce, secret, "sha256")
+    info = b"dfs frame mac v1|" + cluster.encode() + b"|"
+    return (hmac.digest(prk, info + b"c2s\x01", "sha256"),
+            hmac.digest(prk, info + b"s2c\x01", "sha256"))
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -148,12 +174,20 @@ async def serve_connection(
     peer: str = "?",
     *,
     max_inflight: int | None = None,
+    tls: TlsConfig | None = None,
 ) -> None:
-    """Authenticate one connection, then answer its requests, many at once, until it closes."""
+    """Authenticate one connection (TLS first, with `tls`), then answer its requests, many at
+    once, until it closes."""
     frames = FrameStream(stream)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            if not await _server_handshake(frames, secret, cluster()):
+            if tls is not None:
+                secured = await tls_.accept(stream, tls, peer)
+                if secured is None:
+                    return
+                frames = FrameStream(secured)
+            if not await _server_handshake(frames, secret, cluster(),
+                                          frame_mac=tls is None):
                 return
         await _serve_requests(frames, service, peer, max_inflight or MAX_INFLIGHT)
     except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -186,6 +220,9 @@ async def _serve_requests(frames: FrameStream, service: Service, peer: str, limi
                 body = await frames.receive_body()
             except FrameTooBig as e:
                 await _send_reply(frames, {"id": None, **e.to_reply()})
+                return
+            except FrameTampered as e:
+                log.warning("connection from %s closed: %s", peer, e)
                 return
             except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError,
                     OSError):
@@ -235,7 +272,8 @@ async def _answer(body: bytes | bytearray, service: Service, peer: str) -> dict[
     return reply
 
 
-async def _server_handshake(frames: FrameStream, secret: bytes, cluster: str) -> bool:
+async def _server_handshake(frames: FrameStream, secret: bytes, cluster: str, *,
+                            frame_mac: bool) -> bool:
     try:
         hello = await frames.receive()
     except DfsError as e:
@@ -263,6 +301,9 @@ async def _server_handshake(frames: FrameStream, secret: bytes, cluster: str) ->
         await frames.send(DfsError(Code.AUTH, "authentication failed").to_reply())
         return False
     await frames.send({"ok": True})
+    if frame_mac:
+        to_server, to_client = frame_keys(secret, hello["nonce"], nonce, cluster)
+        frames.start_mac(FrameMac(send_key=to_client, receive_key=to_server))
     return True
 
 
@@ -273,9 +314,14 @@ async def serve(
     secret: bytes,
     cluster: Callable[[], str],
     *,
+    tls: TlsConfig | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve forever; task_status.started() gets the listeners (to learn an OS-picked port)."""
+    """Serve forever; task_status.started() gets the listeners (to learn an OS-picked port).
+    `tls` None: the process's TLS settings (`dfs.tls.install`), plain TCP when it has none."""
+    tls = tls or tls_.current()
+    if tls is not None and not tls.can_serve:
+        raise DfsError(Code.EINVAL, "serving TLS needs --tls-cert and --tls-key")
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -283,7 +329,7 @@ async def serve(
             name = f"{host}:{port}"
         except OSError:
             name = "?"
-        await serve_connection(stream, service, secret, cluster, name)
+        await serve_connection(stream, service, secret, cluster, name, tls=tls)
 
     if _network is not None:
         await _network.serve(service, host, port, task_status=task_status)
@@ -322,11 +368,17 @@ def install_network(network: Network | None) -> Network | None:
 
 
 async def connect(
-    address: str, secret: bytes, expect_cluster: str | None = None, timeout: float = 5.0
+    address: str, secret: bytes, expect_cluster: str | None = None, timeout: float = 5.0,
+    *, tls: TlsConfig | None = None,
 ) -> Connection:
+    """A handshaken connection; `tls` None: the process's TLS settings (plain without any).
+    A TLS failure is one line: AUTH when a certificate is refused (either way)."""
+    tls = tls or tls_.current()
     host, port = parse_address(address)
     with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if tls is not None:
+            stream = tls_.wrap_client(stream, tls, host)
         frames = FrameStream(stream)
         try:
             nonce = os.urandom(16)
@@ -344,8 +396,14 @@ async def connect(
                 raise DfsError(Code.AUTH, f"{address} belongs to cluster {cluster}")
             await frames.send({"op": "auth", "mac": _mac(secret, b"cli", snonce, nonce, cluster)})
             raise_for_reply(await frames.receive())
-        except BaseException:
+            if tls is None:
+                to_server, to_client = frame_keys(secret, nonce, snonce, cluster)
+                frames.start_mac(FrameMac(send_key=to_server, receive_key=to_client))
+        except BaseException as e:
             await Connection(frames, "").aclose()
+            refused = tls_.refusal(e, address) if tls is not None else None
+            if refused is not None:
+                raise refused from None
             raise
     return Connection(frames, cluster)
 
@@ -400,8 +458,10 @@ class Peer:
         expect_cluster: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         timeout: float = 10.0,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.address = address
+        self.tls = tls
         self.secret = secret
         self.expect_cluster = expect_cluster
         self.timeout = timeout
@@ -476,7 +536,8 @@ class Peer:
             if len(self._conns) >= self.max_connections:
                 return min(self._conns, key=lambda c: c.inflight)
             try:
-                conn = await connect(self.address, self.secret, self.expect_cluster)
+                conn = await connect(self.address, self.secret, self.expect_cluster,
+                                     tls=self.tls)
             except _NETWORK_ERRORS as e:
                 raise NotSent(
                     f"{self.address}: {type(e).__name__} {e}".strip()) from None

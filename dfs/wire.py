@@ -5,10 +5,17 @@ Sending and receiving are each cancel-safe where it matters for sharing a stream
 calls: a cancelled receive loses no bytes (a partial frame stays buffered for the next
 receiver), and a send cancelled part-way through a frame marks the stream `send_cut`, because
 no later frame could follow it intact.
+
+Without TLS, every frame after the handshake also carries a tag (`FrameMac`, docs/protocol.md
+"Frame MAC"): `length | body | HMAC-SHA256(key, seq | length | body)`, the key one of the two
+the handshake derived (one per direction), seq the frame's number in its direction. A frame
+whose tag does not match (altered, replayed, reordered, injected) is `FrameTampered`: the
+connection ends there and the frame is never acted on.
 """
 
 from __future__ import annotations
 
+import hmac
 import struct
 from collections import deque
 from typing import Any
@@ -32,6 +39,49 @@ class FrameTooBig(DfsError):
 
 class ConnectionClosed(Exception):
     """The peer closed the stream (cleanly, between frames, or in the middle of one)."""
+
+
+class FrameTampered(ConnectionClosed):
+    """A frame failed its MAC: someone on the path altered, replayed, reordered or injected
+    it. A ConnectionClosed, so every reader ends the connection on it as on EOF."""
+
+
+TAG_BYTES = 32  # HMAC-SHA256
+_SEQ = struct.Struct(">Q")
+
+
+class FrameMac:
+    """The frame tags of one connection: a key and a sequence number per direction.
+
+    The sequence numbers are never sent: each end counts the frames it sealed and checked, so
+    a frame that arrives anywhere but in its place fails. HMAC objects are keyed once and
+    copied per frame (the key schedule is not redone for every frame)."""
+
+    def __init__(self, send_key: bytes, receive_key: bytes) -> None:
+        self._send = hmac.new(send_key, digestmod="sha256")
+        self._receive = hmac.new(receive_key, digestmod="sha256")
+        self.sent = 0
+        self.received = 0
+
+    def seal(self, frame: bytes | bytearray | memoryview) -> bytes:
+        """The tag of the next frame sent (`frame`: length and body, as encoded)."""
+        h = self._send.copy()
+        h.update(_SEQ.pack(self.sent))
+        h.update(frame)
+        self.sent += 1
+        return h.digest()
+
+    def check(self, header: bytes | memoryview, body: bytes | bytearray | memoryview,
+              tag: bytes | memoryview) -> None:
+        """Raise FrameTampered unless `tag` is the next received frame's."""
+        h = self._receive.copy()
+        h.update(_SEQ.pack(self.received))
+        h.update(header)
+        h.update(body)
+        if not hmac.compare_digest(h.digest(), bytes(tag)):
+            raise FrameTampered(f"frame {self.received} failed its MAC check (altered, "
+                                f"replayed, reordered or injected on the path)")
+        self.received += 1
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -72,6 +122,13 @@ class FrameStream:
         self._send_lock = trio.Lock()
         self._outgoing: deque[_Outgoing] = deque()
         self.send_cut = False  # a frame was cut short: nothing more may be sent on this stream
+        self.mac: FrameMac | None = None  # set after the handshake on a connection without TLS
+
+    def start_mac(self, mac: FrameMac) -> None:
+        """From now on every frame is sealed and checked. Called by the one task doing the
+        handshake, with nothing queued to send; bytes already received (a client that sent
+        its first request before the handshake's last reply) are checked as tagged frames."""
+        self.mac = mac
 
     async def send(self, msg: dict[str, Any]) -> None:
         await self.send_frame(encode(msg))
@@ -117,8 +174,12 @@ class FrameStream:
         try:
             if self.send_cut:
                 raise trio.ClosedResourceError("an earlier frame was cut short")
-            await self.stream.send_all(
-                batch[0].data if len(batch) == 1 else b"".join(f.data for f in batch))
+            if self.mac is not None:  # sealed here, in wire order, under the send lock
+                mac = self.mac
+                data = b"".join(part for f in batch for part in (f.data, mac.seal(f.data)))
+            else:
+                data = batch[0].data if len(batch) == 1 else b"".join(f.data for f in batch)
+            await self.stream.send_all(data)
         except BaseException as e:
             self.send_cut = True  # cancelled or broken part-way: the stream is unusable
             for frame in batch:
@@ -139,21 +200,25 @@ class FrameStream:
         (size,) = _LEN.unpack_from(self._buf)
         if size > self.max_frame:
             raise FrameTooBig(size, self.max_frame)
+        tag = TAG_BYTES if self.mac is not None else 0
         if size - (len(self._buf) - 4) >= DIRECT_BYTES and isinstance(
                 self.stream, trio.SocketStream):
-            return await self._receive_into(size)
-        await self._fill(4 + size)
+            return await self._receive_into(size, tag)
+        await self._fill(4 + size + tag)
         with memoryview(self._buf) as view:
+            if self.mac is not None:
+                self.mac.check(view[:4], view[4 : 4 + size], view[4 + size : 4 + size + tag])
             body = bytes(view[4 : 4 + size])
-        del self._buf[: 4 + size]
+        del self._buf[: 4 + size + tag]
         return body
 
-    async def _receive_into(self, size: int) -> bytearray:
+    async def _receive_into(self, size: int, tag: int) -> bytearray:
         """A big body read straight into its own buffer (no per-read bytes objects joined
         into the stream buffer and sliced out again: two copies of every chunk fewer). Only
         this frame is read, so nothing of the next one is consumed. Cancelled part-way, what
         was read goes back into the stream buffer: no bytes are lost."""
-        body = bytearray(size)
+        total = size + tag
+        body = bytearray(total)
         have = len(self._buf) - 4
         body[:have] = memoryview(self._buf)[4:]
         header = bytes(self._buf[:4])
@@ -161,14 +226,17 @@ class FrameStream:
         sock = self.stream.socket  # type: ignore[attr-defined]
         try:
             with memoryview(body) as view:
-                while have < size:
-                    n = await sock.recv_into(view[have:], size - have)
+                while have < total:
+                    n = await sock.recv_into(view[have:], total - have)
                     if not n:
                         raise ConnectionClosed()
                     have += n
+                if self.mac is not None:
+                    self.mac.check(header, view[:size], view[size:])
         except BaseException:
             self._buf = bytearray(header) + body[:have]
             raise
+        del body[size:]
         return body
 
     async def receive(self) -> dict[str, Any]:

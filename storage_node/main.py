@@ -19,6 +19,7 @@ import lmdb
 import trio
 
 from dfs import logs, runtime, sdnotify
+from dfs.cli.common import install_tls
 from dfs.client.leader import split_addresses
 from dfs.errors import DfsError
 from dfs.rpc import load_secret, parse_address
@@ -232,7 +233,15 @@ def main_node(argv: list[str] | None = None) -> int:
         help="coordinators HOST:PORT[,HOST:PORT...]; the leader is followed ('' for none)",
     )
     parser.add_argument("--secret-file", default=os.environ.get("DFS_SECRET_FILE"))
-    return run(parser.parse_args(argv))
+    for name in ("cert", "key", "ca"):
+        parser.add_argument(f"--tls-{name}", default=os.environ.get(f"DFS_TLS_{name.upper()}"))
+    args = parser.parse_args(argv)
+    try:
+        install_tls(args)
+    except DfsError as e:
+        print(f"dfs node: {e.msg}", file=sys.stderr, flush=True)
+        return 1
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ async def test_garbage_frames_are_refused_and_the_connection_keeps_serving(
     conn = await rpc.connect(coord.address, SECRET)
     try:
         for body in (b"\xc1\xc1\xc1", msgpack.packb([1, 2, 3]), msgpack.packb({"id": 1})):
-            await conn.frames.stream.send_all(len(body).to_bytes(4, "big") + body)
+            await conn.frames.send_frame(len(body).to_bytes(4, "big") + body)
             reply = await conn.frames.receive()
             assert reply["ok"] is False and reply["error"] == "BAD_REQUEST"
         reply = await conn.call("getattr", {"ino": ROOT_INO})

@@ -30,7 +30,8 @@ from dfs.nemesis.ha_faults import HA_KINDS
 from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
 from dfs.nemesis.judge import Ledger, attribute
 from dfs.nemesis.proxy import BLACKHOLE, REFUSE, Proxies, Proxy
-from dfs.wire import decode, encode
+from dfs.rpc import frame_keys
+from dfs.wire import TAG_BYTES, FrameMac, decode, encode
 
 # ---------------------------------------------------------------- the checker
 
@@ -265,27 +266,37 @@ async def test_the_proxy_forwards_cuts_blackholes_slows_and_heals() -> None:
 
 async def test_the_proxy_rewrites_the_leader_a_standby_names() -> None:
     """--ha: a NOT_LEADER reply naming a real address is rewritten (frame by frame, also when
-    split across reads); every other frame passes byte for byte."""
+    split across reads) and re-sealed with the connection's frame MAC; every other frame
+    passes byte for byte. (An echo server: the handshake frames come back as the replies.)"""
     def rewrite(msg: dict[str, object]) -> None:
         if msg.get("error") == "NOT_LEADER":
             msg["leader"] = "127.0.0.1:2222"
 
+    secret, nonce = b"k" * 40, os.urandom(16)
+    _, to_client = frame_keys(secret, nonce, nonce, "c1")
+    server = FrameMac(send_key=to_client, receive_key=b"")
+    handshake = encode({"op": "hello", "ok": True, "nonce": nonce, "cluster": "c1"}) \
+        + encode({"ok": True})
     refusal = encode({"ok": False, "error": "NOT_LEADER", "leader": "127.0.0.1:1111", "id": 3})
     other = encode({"ok": True, "id": 4, "data": b"NOT_LEADER" * 3})  # holds the mark too
     plain = encode({"ok": True, "id": 5, "data": os.urandom(200_000)})
+    sealed = b"".join(f + server.seal(f) for f in (refusal, other, plain))
     async with trio.open_nursery() as nursery:
-        proxy = Proxy("p", await _echo_server(nursery), rewrite=rewrite)
+        proxy = Proxy("p", await _echo_server(nursery), rewrite=rewrite, secret=secret)
         await nursery.start(proxy.run)
-        sent = refusal + other + plain
-        got = await _roundtrip(proxy.address, sent)  # the same length: same-length ports
+        got = await _roundtrip(proxy.address, handshake + sealed)  # same-length ports
         nursery.cancel_scope.cancel()
+    client = FrameMac(send_key=b"", receive_key=to_client)
     frames = []
     while got:
         size = int.from_bytes(got[:4], "big")
+        tagged = len(frames) >= 2
+        if tagged:
+            client.check(got[:4], got[4:4 + size], got[4 + size:4 + size + TAG_BYTES])
         frames.append(decode(got[4:4 + size]))
-        got = got[4 + size:]
-    assert frames[0]["leader"] == "127.0.0.1:2222"
-    assert frames[1] == decode(other[4:]) and frames[2] == decode(plain[4:])
+        got = got[4 + size + (TAG_BYTES if tagged else 0):]
+    assert frames[2]["leader"] == "127.0.0.1:2222"
+    assert frames[3] == decode(other[4:]) and frames[4] == decode(plain[4:])
 
 
 # ---------------------------------------------------------------- campaigns

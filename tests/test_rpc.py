@@ -107,24 +107,24 @@ async def test_garbage_unknown_op_missing_fields_and_bugs_get_errors(server) -> 
     service, address = server
     frames = await authed_frames(address)
     body = b"\xc1\xc1garbage"
-    await frames.stream.send_all(struct.pack(">I", len(body)) + body)
+    await frames.send_frame(struct.pack(">I", len(body)) + body)
     assert (await frames.receive())["error"] == "BAD_REQUEST"
-    await frames.stream.send_all(encode({"op": "nope", "id": 2}))
+    await frames.send_frame(encode({"op": "nope", "id": 2}))
     reply = await frames.receive()
     assert reply == {"ok": False, "error": "BAD_REQUEST", "msg": "unknown op 'nope'", "id": 2}
-    await frames.stream.send_all(encode({"op": "echo", "id": 3}))
+    await frames.send_frame(encode({"op": "echo", "id": 3}))
     assert (await frames.receive())["error"] == "BAD_REQUEST"
-    await frames.stream.send_all(encode({"op": "echo", "id": 4, "text": 5}))
+    await frames.send_frame(encode({"op": "echo", "id": 4, "text": 5}))
     assert (await frames.receive())["error"] == "BAD_REQUEST"
-    await frames.stream.send_all(encode({"op": "echo", "id": 5, "text": "x", "n": -1}))
+    await frames.send_frame(encode({"op": "echo", "id": 5, "text": "x", "n": -1}))
     assert (await frames.receive())["error"] == "BAD_REQUEST"
     body = msgpack.packb([1, 2, 3])
-    await frames.stream.send_all(struct.pack(">I", len(body)) + body)
+    await frames.send_frame(struct.pack(">I", len(body)) + body)
     assert (await frames.receive())["error"] == "BAD_REQUEST"
-    await frames.stream.send_all(encode({"op": "boom", "id": 6}))
+    await frames.send_frame(encode({"op": "boom", "id": 6}))
     reply = await frames.receive()
     assert reply["error"] == "INTERNAL" and "a bug" not in reply["msg"]
-    await frames.stream.send_all(encode({"op": "echo", "id": 7, "text": "ok"}))
+    await frames.send_frame(encode({"op": "echo", "id": 7, "text": "ok"}))
     assert (await frames.receive())["text"] == "ok"
     assert service.calls == 1, "only the well-formed echo was served"
 
@@ -147,7 +147,7 @@ async def test_frame_over_the_limit_is_refused_before_reading_it(server) -> None
     _, address = server
     frames = await authed_frames(address)
     # Announce a huge frame but send only the header: the server must answer at once.
-    await frames.stream.send_all(struct.pack(">I", MAX_FRAME + 1))
+    await frames.send_frame(struct.pack(">I", MAX_FRAME + 1))
     with trio.fail_after(5):
         reply = await frames.receive()
     assert reply["error"] == "TOO_BIG"

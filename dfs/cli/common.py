@@ -37,7 +37,8 @@ class UsageError(Exception):
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """--coordinator, --secret-file and --log-format, accepted before and after the command name.
+    """--coordinator, --secret-file, --tls-* and --log-format, accepted before and after the
+    command name.
 
     On subcommands the defaults are SUPPRESS so a value given before the command survives.
     """
@@ -58,6 +59,16 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
         default=default(os.environ.get("DFS_SECRET_FILE")),
         help="the cluster secret (env DFS_SECRET_FILE)",
     )
+    for name, what in (("cert", "this process's certificate (PEM)"),
+                       ("key", "its private key (PEM)"),
+                       ("ca", "the cluster's CA certificate: peers must be signed by it")):
+        parser.add_argument(
+            f"--tls-{name}",
+            metavar="FILE",
+            default=default(os.environ.get(f"DFS_TLS_{name.upper()}")),
+            help=f"TLS on every link: {what} (env DFS_TLS_{name.upper()}; "
+                 "docs/operations.md, TLS)",
+        )
     parser.add_argument(
         "--log-format",
         choices=FORMATS,
@@ -65,6 +76,15 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
         help="log lines on stderr: text (default) or json, one object per line "
              "(env DFS_LOG_FORMAT)",
     )
+
+
+def install_tls(args: argparse.Namespace) -> None:
+    """Every link this process opens or serves uses the --tls-* settings (none: plain TCP,
+    frames MACed). A bad file is a DfsError: one line."""
+    from dfs import tls
+
+    tls.install(tls.from_options(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
+                                 getattr(args, "tls_ca", None)))
 
 
 GLOBAL_OPTIONS = Parser(add_help=False)

@@ -5,7 +5,9 @@ DIR/*.log for each child's output. With `--ha`: three etcd members under DIR/etc
 coordinators (DIR/coordinator-1, -2: caches of etcd) on the --coordinator port and the next
 one; nodes and the mount are given both (docs/coordinator.md, "Standby coordinators"). Ctrl-C or SIGTERM stops every child and exits 0; a child
 that dies on its own stops the rest and exits 1. The children die with it even when it is
-killed with SIGKILL (procs.die_with). `--log-format` reaches every child.
+killed with SIGKILL (procs.die_with). `--log-format` reaches every child. With `--tls`:
+a throwaway CA under DIR/tls/ (dfs/tls_local.py) and a certificate for every child and for
+the commands run against the cluster (DIR/tls/client.*, printed as DFS_TLS_* to export).
 """
 
 from __future__ import annotations
@@ -92,14 +94,39 @@ def wait_nodes_up(coordinator: str, secret_file: Path, count: int, children: lis
         ) from None
 
 
-def _summary(args: argparse.Namespace, root: Path, secret: Path, children: list[Child]) -> str:
+class LocalTls:
+    """`--tls`: the CA and per-process certificates of a local cluster, as child arguments."""
+
+    def __init__(self, root: Path, coordinator: str) -> None:
+        from dfs import tls, tls_local
+
+        self.dir = (root / "tls").resolve()
+        self.hosts = tls_local.local_hosts(*{parse_address(a)[0] for a in coordinator.split(",")})
+        self.ca = tls_local.make_ca(self.dir)
+        self.client = tls_local.make_cert(self.dir, "client", self.hosts)
+        tls.install(tls.TlsConfig(self.ca, *self.client))  # this process polls the cluster
+
+    def args(self, name: str) -> list[str]:
+        from dfs import tls_local
+
+        cert, key = tls_local.make_cert(self.dir, name, self.hosts)
+        return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(self.ca)]
+
+    def export(self) -> str:
+        cert, key = self.client
+        return f" DFS_TLS_CERT={cert} DFS_TLS_KEY={key} DFS_TLS_CA={self.ca}"
+
+
+def _summary(args: argparse.Namespace, root: Path, secret: Path, children: list[Child],
+             tls: LocalTls | None = None) -> str:
     lines = [f"dfs local cluster up in {root}/ (logs: {root}/*.log)"]
     for c in children:
         where = c.address or (str(Path(args.mount).resolve()) if c.name == "mount" else "")
         lines.append(f"  {c.name:<12} {where:<22} pid {c.pid}")
     lines += [
         "use it from another shell:",
-        f"  export DFS_COORDINATOR={args.coordinator} DFS_SECRET_FILE={secret.resolve()}",
+        f"  export DFS_COORDINATOR={args.coordinator} DFS_SECRET_FILE={secret.resolve()}"
+        + (tls.export() if tls else ""),
         "  dfs put ./some-file /some-file && dfs ls / && dfs cat /some-file && dfs status",
         "Ctrl-C stops the cluster (its data stays in the directory).",
     ]
@@ -116,6 +143,11 @@ def up(args: argparse.Namespace) -> int:
     args.coordinator = ",".join(listens)
     common = ["--coordinator", args.coordinator, "--secret-file", str(secret.resolve()),
               "--log-format", getattr(args, "log_format", None) or "text"]
+    local_tls = LocalTls(root, args.coordinator) if args.tls else None
+
+    def tls_args(name: str) -> list[str]:
+        return local_tls.args(name) if local_tls else []
+
     children: list[Child] = []
     # Under systemd it is the cluster that is ready, once all of it is: not each child.
     notify_socket = os.environ.pop(sdnotify.ENV, None)
@@ -132,7 +164,7 @@ def up(args: argparse.Namespace) -> int:
             name = f"coordinator-{i}" if args.ha else "coordinator"
             coordinator = Child(
                 name,
-                [*DFS, *common, "coordinator", "--data", str(root / name),
+                [*DFS, *common, *tls_args(name), "coordinator", "--data", str(root / name),
                  "--listen", listen, "--replicas", str(args.replicas), *meta],
                 root / f"{name}.log", die_with_parent=True,
             )
@@ -142,7 +174,8 @@ def up(args: argparse.Namespace) -> int:
         nodes = [
             Child(
                 f"node-{i}",
-                [*DFS, *common, "node", "--data", str(root / f"node-{i}"),
+                [*DFS, *common, *tls_args(f"node-{i}"), "node", "--data",
+                 str(root / f"node-{i}"),
                  "--listen", "127.0.0.1:0"],
                 root / f"node-{i}.log", die_with_parent=True,
             )
@@ -159,13 +192,14 @@ def up(args: argparse.Namespace) -> int:
             mountpoint.mkdir(parents=True, exist_ok=True)
             extra = ["--page-cache"] if args.page_cache else []
             mount = Child(
-                "mount", [*DFS, *common, "mount", str(mountpoint), "--foreground", *extra],
+                "mount", [*DFS, *common, *tls_args("mount"), "mount", str(mountpoint),
+                          "--foreground", *extra],
                 root / "mount.log", die_with_parent=True,
             )
             children.append(mount)
             mount.start()
             _wait_mounted(mount, mountpoint)
-        print(_summary(args, root, secret, children), flush=True)
+        print(_summary(args, root, secret, children, local_tls), flush=True)
         if notify_socket:
             os.environ[sdnotify.ENV] = notify_socket
             sdnotify.ready(f"cluster up in {root}")
@@ -226,5 +260,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mount", metavar="DIR", help="also mount the cluster at DIR")
     p.add_argument("--page-cache", action="store_true",
                    help="with --mount: mount with --page-cache (see dfs mount -h)")
+    p.add_argument("--tls", action="store_true",
+                   help="TLS on every dfs link: a throwaway CA and certificates under DIR/tls/ "
+                        "(needs the openssl command; etcd links stay plain)")
     p.add_argument("--ha", action="store_true",
                    help="metadata on 3 local etcd members and 2 coordinators (one leads)")

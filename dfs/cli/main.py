@@ -15,7 +15,7 @@ import os
 import sys
 
 from dfs import logs
-from dfs.cli.common import Parser, UsageError, add_global_options, fail
+from dfs.cli.common import Parser, UsageError, add_global_options, fail, install_tls
 from dfs.errors import DfsError
 
 COMMANDS = ("dfs.cli.servers", "dfs.cli.files", "dfs.cli.admin", "dfs.cli.local", "dfs.cli.meta",
@@ -27,6 +27,9 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="dfs",
         description="dfs: a replicated file system with transactional whole-file writes",
+        # No abbreviations at this level: it sees the command's options too, and `local up
+        # --tls` would be an ambiguous prefix of the global --tls-cert/--tls-key/--tls-ca.
+        allow_abbrev=False,
     )
     add_global_options(parser, suppress=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "passthrough", False):
         _configure_logging(args)  # servers set up their own logging
     try:
+        install_tls(args)
         return args.func(args)
     except Exception as e:
         return _failed(args, e)

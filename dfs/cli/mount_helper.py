@@ -6,7 +6,7 @@ mount(8) runs `mount.dfs SPEC DIR [-sfnv] [-N NS] [-o OPTS]`, SPEC being the coo
 (HOST:PORT[,HOST:PORT]). This becomes `dfs mount DIR --coordinator SPEC ...` in the
 background: it returns once the mount answers. Options: `secret_file=F` (default
 /etc/dfs/secret), `ro`, and every `dfs mount` option with `_` or `-` (`cache_dir=/var/cache/x`,
-`page_cache`, `log_format=json`); mount(8)'s generic options (`_netdev`, `defaults`, `noauto`,
+`page_cache`, `log_format=json`, `tls_cert=F,tls_key=F,tls_ca=F`); mount(8)'s generic options (`_netdev`, `defaults`, `noauto`,
 `nofail`, `rw`, `x-systemd.*`, ...) are ignored; any other is an error (ignored with -s).
 
 umount(8) runs `umount.fuse.dfs DIR [-nlfvr]` for every mount of type fuse.dfs (libmount
@@ -61,7 +61,7 @@ def translate(spec: str, directory: str, options: str, *, sloppy: bool = False) 
         key = name.replace("-", "_")
         if key == "secret_file":
             secret = value
-        elif key in ("log_format", "coordinator"):
+        elif key in ("log_format", "coordinator", "tls_cert", "tls_key", "tls_ca"):
             argv += [f"--{key.replace('_', '-')}", value]
         elif option == "ro":
             argv.append("--read-only")

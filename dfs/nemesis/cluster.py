@@ -142,7 +142,8 @@ class NemesisCluster(HaMembers):
     async def add_links(self, who: str) -> None:
         for c in self.coordinators:
             await self.proxies.add(self.link(c, who), self.real.get(c, "127.0.0.1:1"),
-                                   rewrite=partial(self._translate, who) if self.ha else None)
+                                   rewrite=partial(self._translate, who) if self.ha else None,
+                                   secret=self.secret)
 
     # ------------------------------------------------------------ start-up
 

@@ -14,7 +14,10 @@ without capping throughput (the pieces are stamped on arrival and released `dela
 A proxy may also translate the replies it carries (`rewrite`, frame by frame, only frames that
 contain `REWRITE_MARK`): standby coordinators name the leader by its real address in their
 NOT_LEADER replies, and a client that followed that address would bypass its proxy, so the
-nemesis rewrites it into the proxy of the same link to that leader, as a NAT would.
+nemesis rewrites it into the proxy of the same link to that leader, as a NAT would. Frames
+after the handshake carry a MAC (dfs/wire.py): a rewriting proxy holds the cluster secret,
+learns the connection's nonces from the handshake it forwards, and re-seals what it rewrote,
+as only a trusted NAT could.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from typing import Any
 import msgpack
 import trio
 
-from dfs.rpc import parse_address
-from dfs.wire import MAX_FRAME
+from dfs.rpc import frame_keys, parse_address
+from dfs.wire import MAX_FRAME, TAG_BYTES, FrameMac
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,11 @@ class ProxyStats:
 class Proxy:
     """Forwards 127.0.0.1:port (0 = the OS picks) to `target`; only loopback is allowed."""
 
-    def __init__(self, name: str, target: str, port: int = 0, rewrite: Rewrite | None = None
-                 ) -> None:
+    def __init__(self, name: str, target: str, port: int = 0, rewrite: Rewrite | None = None,
+                 secret: bytes = b"") -> None:
         self.name = name
         self.rewrite = rewrite  # applied to frames from the target back to the client
+        self.secret = secret  # to re-seal the frames it rewrites
         self.target = target
         self.port = port
         self.mode = OK
@@ -138,10 +142,12 @@ class Proxy:
                         upstream = await trio.open_tcp_stream(host, port)
                 except (OSError, trio.TooSlowError):
                     return  # the target is down: the client sees the connection close
+                replies = _Frames(self.rewrite, self.secret) if self.rewrite else None
                 async with upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, downstream, upstream, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, downstream, upstream, nursery.cancel_scope,
+                                       replies and replies.hello)
                     nursery.start_soon(self._pump, upstream, downstream, nursery.cancel_scope,
-                                       self.rewrite)
+                                       replies and replies.feed)
             finally:
                 self._scopes.discard(scope)
                 with trio.CancelScope(shield=True):
@@ -151,7 +157,7 @@ class Proxy:
 
     async def _pump(
         self, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope,
-        rewrite: Rewrite | None = None,
+        translate: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """One direction: pieces are read at once, stamped, and sent when due and flowing.
 
@@ -161,14 +167,13 @@ class Proxy:
         send, receive = trio.open_memory_channel[tuple[float, bytes]](IN_FLIGHT)
 
         async def read() -> None:
-            frames = _Frames(rewrite) if rewrite is not None else None
             async with send:
                 while True:
                     data = await source.receive_some(PIECE)
                     if not data:
                         return
-                    if frames is not None:
-                        data = frames.feed(data)
+                    if translate is not None:
+                        data = translate(data)
                         if not data:
                             continue
                     await send.send((trio.current_time(), data))
@@ -194,13 +199,34 @@ class Proxy:
             nursery.start_soon(guarded, write)
 
 
-class _Frames:
-    """Cuts a byte stream into RPC frames (4-byte length, msgpack body) and passes each on,
-    rewritten when it holds REWRITE_MARK; bytes of an incomplete frame wait for the rest."""
+HANDSHAKE_REPLIES = 2  # the server's hello and auth replies: sent before frames carry a MAC
 
-    def __init__(self, rewrite: Rewrite) -> None:
+
+class _Frames:
+    """Cuts the reply stream of one connection into RPC frames (4-byte length, msgpack body,
+    after the handshake a MAC tag) and passes each on, rewritten and re-sealed when it holds
+    REWRITE_MARK; bytes of an incomplete frame wait for the rest. `hello` watches the other
+    direction for the client's nonce, the half of the MAC keys only the client sends."""
+
+    def __init__(self, rewrite: Rewrite, secret: bytes) -> None:
         self.rewrite = rewrite
+        self.secret = secret
         self.buf = bytearray()
+        self.cnonce: bytes | None = None
+        self.replies = 0
+        self.mac: FrameMac | None = None
+        self._hello = bytearray()
+
+    def hello(self, data: bytes) -> bytes:
+        """Client bytes, passed on untouched; the first frame's nonce is kept."""
+        if self.cnonce is None and len(self._hello) < 4096:
+            self._hello += data
+            if len(self._hello) >= 4:
+                (size,) = _LEN.unpack_from(self._hello)
+                if len(self._hello) >= 4 + size:
+                    nonce = _decode(bytes(self._hello[4:4 + size])).get("nonce")
+                    self.cnonce = nonce if isinstance(nonce, bytes) else b""
+        return data
 
     def feed(self, data: bytes) -> bytes:
         self.buf += data
@@ -211,24 +237,48 @@ class _Frames:
                 out += self.buf
                 self.buf.clear()
                 break
-            if len(self.buf) < 4 + size:
+            tag = TAG_BYTES if self.replies >= HANDSHAKE_REPLIES else 0
+            if len(self.buf) < 4 + size + tag:
                 break
-            body = bytes(self.buf[4:4 + size])
-            del self.buf[:4 + size]
-            if REWRITE_MARK in body:
-                body = self._rewritten(body)
-            out += _LEN.pack(len(body)) + body
+            frame = bytes(self.buf[:4 + size + tag])
+            del self.buf[:4 + size + tag]
+            out += self._passed(frame, size, tag)
         return bytes(out)
 
+    def _passed(self, frame: bytes, size: int, tag: int) -> bytes:
+        self.replies += 1
+        body = frame[4:4 + size]
+        if self.replies == 1:  # the hello reply: the server's nonce and the cluster
+            hello = _decode(body)
+            snonce, cluster = hello.get("nonce"), hello.get("cluster")
+            if self.cnonce and isinstance(snonce, bytes) and isinstance(cluster, str):
+                to_server, to_client = frame_keys(self.secret, self.cnonce, snonce, cluster)
+                self.mac = FrameMac(send_key=to_client, receive_key=to_server)
+            return frame
+        if not tag:
+            return frame
+        new = self._rewritten(body) if REWRITE_MARK in body else body
+        if new is body or self.mac is None:
+            if self.mac is not None:
+                self.mac.sent += 1  # its own tag still holds: only the count moves on
+            return frame
+        header = _LEN.pack(len(new)) + new
+        return header + self.mac.seal(header)
+
     def _rewritten(self, body: bytes) -> bytes:
-        try:
-            msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
-        except Exception:  # noqa: BLE001 - msgpack raises several types; pass it on as is
-            return body
-        if not isinstance(msg, dict):
+        msg = _decode(body)
+        if not msg:
             return body
         self.rewrite(msg)
         return bytes(msgpack.packb(msg, use_bin_type=True))
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - msgpack raises several types; pass it on as is
+        return {}
+    return msg if isinstance(msg, dict) else {}
 
 
 def _check_loopback(address: str) -> None:
@@ -250,9 +300,10 @@ class Proxies:
             task_status.started()
             await trio.sleep(math.inf)
 
-    async def add(self, name: str, target: str, rewrite: Rewrite | None = None) -> Proxy:
+    async def add(self, name: str, target: str, rewrite: Rewrite | None = None,
+                  secret: bytes = b"") -> Proxy:
         assert self._nursery is not None, "Proxies.run is not running"
-        proxy = self.by_name[name] = Proxy(name, target, rewrite=rewrite)
+        proxy = self.by_name[name] = Proxy(name, target, rewrite=rewrite, secret=secret)
         await self._nursery.start(proxy.run)
         return proxy
 
