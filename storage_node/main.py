@@ -21,6 +21,7 @@ import trio
 from dfs import logs, runtime, sdnotify
 from dfs.client.leader import split_addresses
 from dfs.errors import DfsError
+from dfs.metrics.http import add_metrics_argument
 from dfs.rpc import load_secret, parse_address
 from storage_node.node import Node, NodeConfig
 from storage_node.store import BlobStore
@@ -98,6 +99,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds between the starts of two scrub passes (default 86400)",
     )
+    add_metrics_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -120,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         outcome_after=getattr(args, "outcome_after", 10.0),
         scrub_rate=getattr(args, "scrub_rate", 8.0),
         scrub_interval=getattr(args, "scrub_interval", 86400.0),
+        metrics=getattr(args, "metrics", None),
     )
 
 

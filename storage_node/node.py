@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,9 @@ import trio
 from dfs import logs
 from dfs.client.leader import LeaderLink
 from dfs.errors import Code, DfsError
+from dfs.metrics.http import start_metrics
+from dfs.metrics.node import NodeMetrics
+from dfs.metrics.rpc import service_ops
 from dfs.rpc import Peers, parse_address, serve
 from storage_node.maintenance import Scrubber
 from storage_node.participant import Participant
@@ -43,6 +47,7 @@ class NodeConfig:
     outcome_after: float = 10.0
     scrub_rate: float = 8.0  # MB/s of background verification; 0 turns the scrubber off
     scrub_interval: float = 86400.0  # seconds between the starts of two scrub passes
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at (dfs/metrics)
 
     @property
     def tick(self) -> float:
@@ -66,12 +71,14 @@ class CoordinatorLink:
     def __init__(
         self, peer: LeaderLink, store: BlobStore, advertise: str, *, heartbeat: float = 0.5,
         service: NodeService | None = None,
+        stats: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.peer = peer
         self.store = store
         self.advertise = advertise
         self.heartbeat = heartbeat
         self.service = service
+        self.stats = stats  # the node's RPC totals, carried by each beat (`dfs stats`)
         self.registered = trio.Event()
         self._reachable: bool | None = None
         self._last_error: Code | None = None
@@ -132,6 +139,7 @@ class CoordinatorLink:
                 await trio.sleep(self.heartbeat)
             hurry = False
             staged = self.service.leftovers_to_name() if self.service is not None else []
+            extra = {"stats": self.stats()} if self.stats is not None else {}
             try:
                 reply = await self.peer.call(
                     "heartbeat",
@@ -140,6 +148,7 @@ class CoordinatorLink:
                     used=self.store.used(),
                     staged=staged,
                     timeout=max(2.0, 4 * self.heartbeat),
+                    **extra,
                 )
             except DfsError as e:
                 if e.code == Code.UNAVAILABLE:
@@ -190,6 +199,8 @@ class Node:
         )
         self.service = NodeService(store, self.participant, heartbeat=config.heartbeat)
         self.service.peers = Peers(config.secret, timeout=30.0)
+        self.metrics = NodeMetrics(self, service_ops(NodeService))
+        self.service.rpc_metrics = self.metrics.rpc
         self.link: CoordinatorLink | None = None
         self.scrubber: Scrubber | None = None
         self.address: str | None = None
@@ -201,6 +212,9 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.store.db.run_writer)
                 await self.service.restore()
+                self.metrics.address = await start_metrics(
+                    nursery, self.metrics.registry, self.config.metrics, "node")
+                self.service.metrics_address = self.metrics.address
                 host, port = parse_address(self.config.listen)
                 try:
                     listeners = await nursery.start(
@@ -222,7 +236,7 @@ class Node:
                     advertise = self.config.advertise or self._default_advertise(host, port)
                     self.link = CoordinatorLink(
                         peer, self.store, advertise, heartbeat=self.config.heartbeat,
-                        service=self.service,
+                        service=self.service, stats=self.metrics.rpc.totals,
                     )
                     nursery.start_soon(self.link.run)
                 nursery.start_soon(self._maintenance)

@@ -109,6 +109,7 @@ class NodeService(MaintenanceOps, Service):
         # Served COMMIT requests and the txids they carried (node_info: batching at work).
         self.commit_requests = 0
         self.commit_txids = 0
+        self.metrics_address: str | None = None  # where --metrics serves (node_info)
 
     def _stored(self, txid: int) -> str | None:
         info = self.store.stat(txid)
@@ -315,6 +316,7 @@ class NodeService(MaintenanceOps, Service):
             "blobs": self.store.count(),
             "commit_requests": self.commit_requests,
             "commit_txids": self.commit_txids,
+            "metrics": self.metrics_address,
         }
 
     # ------------------------------------------------------------ recovery and timeouts

@@ -18,7 +18,8 @@ from dfs import logs
 from dfs.cli.common import Parser, UsageError, add_global_options, fail
 from dfs.errors import DfsError
 
-COMMANDS = ("dfs.cli.servers", "dfs.cli.files", "dfs.cli.admin", "dfs.cli.local", "dfs.cli.meta")
+COMMANDS = ("dfs.cli.servers", "dfs.cli.files", "dfs.cli.admin", "dfs.cli.local", "dfs.cli.meta",
+            "dfs.cli.stats")
 OPTIONAL_COMMANDS = ("dfs.cli.mount", "dfs.cli.check", "dfs.cli.bench")
 
 

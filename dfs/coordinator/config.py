@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dfs.metrics.http import add_metrics_argument
 from dfs.rpc import parse_address
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
@@ -32,6 +33,7 @@ class CoordinatorConfig:
     meta: str | None = None  # etcd://HOST:PORT[,...]: metadata in etcd, standbys (ha.py)
     leader_ttl: int = 2  # seconds of the leader's etcd lease: a standby takes over after it
     etcd_quota: int = 2 * 1024**3  # etcd's --quota-backend-bytes (its default): status warns
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at (dfs/metrics)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -95,6 +97,7 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-quota", type=int, default=2 * 1024**3, metavar="BYTES",
                         help="with --meta: etcd's --quota-backend-bytes, so `dfs status` "
                              "warns before writes stop (default 2 GiB, etcd's own)")
+    add_metrics_argument(parser)
 
 
 def _etcd_url(value: str) -> str:
@@ -120,4 +123,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         meta=getattr(args, "meta", None),
         leader_ttl=max(1, getattr(args, "leader_ttl", 2)),
         etcd_quota=getattr(args, "etcd_quota", 2 * 1024**3),
+        metrics=getattr(args, "metrics", None),
     )
