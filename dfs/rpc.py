@@ -25,6 +25,7 @@ import hmac
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -147,8 +148,17 @@ class Request:
 Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]
 
 
+class RpcObserver(Protocol):
+    """Told of every request a server answered (dfs.metrics.RpcMetrics)."""
+
+    def observe(self, op: object, received: int, reply: dict[str, Any],
+                seconds: float) -> None: ...
+
+
 class Service:
     """Base of a server's request handlers: op "x" is served by method `op_x`."""
+
+    rpc_metrics: RpcObserver | None = None  # set by a process that keeps metrics
 
     async def dispatch(self, req: Request) -> dict[str, Any] | None:
         op = req.op
@@ -253,10 +263,11 @@ async def _send_reply(frames: FrameStream, reply: dict[str, Any]) -> None:
 
 
 async def _answer(body: bytes | bytearray, service: Service, peer: str) -> dict[str, Any]:
-    rid = None
+    rid = op = None
+    started = time.perf_counter()
     try:
         msg = decode(body)
-        rid = msg.get("id")
+        rid, op = msg.get("id"), msg.get("op")
         if not isinstance(rid, int) or isinstance(rid, bool):
             rid = None
         result = await service.dispatch(Request(msg, peer))
@@ -268,6 +279,8 @@ async def _answer(body: bytes | bytearray, service: Service, peer: str) -> dict[
     except Exception:
         log.exception("internal error serving a request from %s", peer)
         reply = DfsError(Code.INTERNAL, "internal error (see the server's log)").to_reply()
+    if service.rpc_metrics is not None:  # dfs.metrics.RpcMetrics: counts, errors, latency
+        service.rpc_metrics.observe(op, len(body), reply, time.perf_counter() - started)
     reply["id"] = rid
     return reply
 

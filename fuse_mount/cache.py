@@ -86,6 +86,9 @@ class ReadCache:
         self._limiter = trio.CapacityLimiter(parallel)
         self._nursery: trio.Nursery | None = None
         self.total = 0
+        # Reads answered from here alone / that fetched from the cluster (dfs.metrics.mount).
+        self.hits = 0
+        self.misses = 0
         clear_directory(directory)
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -104,6 +107,7 @@ class ReadCache:
         end = min(offset + size, attr.size)
         if attr.blob is None or offset >= end:
             return b""
+        hit = self.verifier.is_verified(attr)
         await self.verifier.verified(attr)  # no byte of an unverified version goes out
         first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
         if state is not None:
@@ -114,7 +118,13 @@ class ReadCache:
         for index in range(first, last + 1):
             lo = max(offset, index * CHUNK_SIZE) - index * CHUNK_SIZE
             hi = min(end, (index + 1) * CHUNK_SIZE) - index * CHUNK_SIZE
-            parts.append(await self._slice(attr, index, lo, hi - lo))
+            part, fetched = await self._slice(attr, index, lo, hi - lo)
+            parts.append(part)
+            hit = hit and not fetched
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunk(self, attr: Attr, index: int) -> bytes:
@@ -163,31 +173,35 @@ class ReadCache:
         for key in [k for k in (*self._present, *self._hot) if k[:2] == (attr.ino, attr.version)]:
             self._drop(key)
 
-    async def _slice(self, attr: Attr, index: int, lo: int, n: int) -> bytes | memoryview:
+    async def _slice(self, attr: Attr, index: int, lo: int, n: int
+                     ) -> tuple[bytes | memoryview, bool]:
+        """The bytes, and whether getting them waited for a fetch from the cluster."""
         key = (attr.ino, attr.version, index)
+        fetched = False
         while True:
             data = self._hot.get(key)
             if data is not None:
                 self._hot.move_to_end(key)
-                return memoryview(data)[lo : lo + n]
+                return memoryview(data)[lo : lo + n], fetched
             if key in self._present:
                 self._present.move_to_end(key)
                 if n <= INLINE_IO // 4:  # a small read of a big file: no need for all of it
                     small = await self._load(key, lo, n)
                     if small is not None:
-                        return small
+                        return small, fetched
                     continue
                 data = await self._load(key, 0, chunk_length(attr, index))
                 if data is not None:
                     self._make_hot(key, data)
-                    return memoryview(data)[lo : lo + n]
+                    return memoryview(data)[lo : lo + n], fetched
             event = self._inflight.get(key)
+            fetched = True
             if event is not None:
                 await event.wait()
                 continue
             data = await self._fill(attr, index)
             self._make_hot(key, data)
-            return memoryview(data)[lo : lo + n]
+            return memoryview(data)[lo : lo + n], fetched
 
     def _make_hot(self, key: ChunkKey, data: bytes) -> None:
         self._hot[key] = data

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,13 +32,20 @@ EXPECTED = frozenset(
 
 
 def handler(fn: F) -> F:
-    """Turn every failure into an errno for the kernel; log what is not a plain answer."""
+    """Turn every failure into an errno for the kernel; log what is not a plain answer.
+    With metrics (`self.metrics`, dfs.metrics.mount.MountMetrics) every request is timed and
+    its errno counted, here, for every op at once."""
     name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self: Any, *args: Any) -> Any:
+        metrics = getattr(self, "metrics", None)
+        started = time.perf_counter() if metrics is not None else 0.0
+        ok = False
         try:
-            return await fn(self, *args)
+            result = await fn(self, *args)
+            ok = True
+            return result
         except pyfuse3.FUSEError:
             raise
         except DfsError as e:
@@ -50,6 +58,9 @@ def handler(fn: F) -> F:
         except Exception:
             log.exception("%s%s failed", name, _brief(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if metrics is not None:
+                metrics.observe(name, time.perf_counter() - started, ok)
 
     return wrapper  # type: ignore[return-value]
 

@@ -32,6 +32,8 @@ from dfs import logs, sdnotify
 from dfs.client import Client
 from dfs.client.leader import split_addresses
 from dfs.errors import Code, DfsError
+from dfs.metrics.http import add_metrics_argument, bind_metrics, serve_metrics_on
+from dfs.metrics.mount import MountMetrics
 from dfs.rpc import load_secret
 from fuse_mount.cache import ReadCache
 from fuse_mount.conflict import CHOICES, OVERWRITE
@@ -103,6 +105,7 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                              "writer's version stays. A directory's xattr user.dfs.on_conflict "
                              "(fail|overwrite, inherited by subdirectories) overrides it "
                              "(docs/mount.md, \"Conflicting writers\")")
+    add_metrics_argument(parser)
 
 
 def add_umount_arguments(parser: argparse.ArgumentParser) -> None:
@@ -280,18 +283,34 @@ async def _amain(
             page_cache=args.page_cache,
             on_conflict=getattr(args, "on_conflict", OVERWRITE),
         )
+        listeners = await _bind_metrics(ops, cache, getattr(args, "metrics", None))
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options(getattr(args, "read_only", False)))
         except RuntimeError as e:
+            for listener in listeners:
+                await listener.aclose()
             raise DfsError(Code.UNAVAILABLE, f"cannot mount at {mountpoint}: {e}") from None
         held.extend(_hold_pid_files(mountpoint, getattr(args, "pid_file", None)))
-        return await _run_mounted(ops, cache, mountpoint, notify)
+        return await _run_mounted(ops, cache, mountpoint, notify, listeners)
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
 
 
-async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, notify: _Notify) -> int:
+async def _bind_metrics(ops: Operations, cache: ReadCache,
+                        address: str | None) -> list[trio.SocketListener]:
+    """--metrics: bound before the mount exists, so a taken port fails the mount cleanly."""
+    if address is None:
+        return []
+    ops.metrics = MountMetrics(cache)
+    listeners, ops.metrics.address = await bind_metrics(address)
+    log.info("metrics on %s", ops.metrics.address)
+    print(f"dfs mount metrics on {ops.metrics.address}", flush=True)
+    return listeners
+
+
+async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, notify: _Notify,
+                       listeners: list[trio.SocketListener] | None = None) -> int:
     stopped_by_signal = False
     unmount = True
     try:
@@ -313,6 +332,8 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
             if ops.sizeback is not None:
                 nursery.start_soon(ops.sizeback.run)
             cache.start(nursery)
+            if listeners and ops.metrics is not None:
+                nursery.start_soon(serve_metrics_on, ops.metrics.registry, listeners)
             nursery.start_soon(_announce_ready, mountpoint, notify)
             await pyfuse3.main(min_tasks=4, max_tasks=128)
             # Unmounted from outside (fusermount3 -u) unless a signal stopped the loop.

@@ -31,6 +31,7 @@ import trio
 from dfs.client import Client
 from dfs.client.attr import Attr
 from dfs.errors import Code, DfsError
+from dfs.metrics.mount import MountMetrics
 from fuse_mount.cache import ReadCache
 from fuse_mount.conflict import OVERWRITE, ConflictPolicy
 from fuse_mount.files import FilesMixin
@@ -66,6 +67,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
     # The kernel's writeback cache trusts its own size and mtime of a cached regular file over
     # the file system's, so another client's commit would stay invisible: keep it off.
     enable_writeback_cache = False
+    metrics: MountMetrics | None = None  # `dfs mount --metrics`: set by fuse_mount/main.py
 
     def __init__(
         self,

@@ -152,6 +152,10 @@ class Verifier:
     def good(self, attr: Attr) -> Sources | None:
         return self._good.get((attr.ino, attr.version))
 
+    def is_verified(self, attr: Attr) -> bool:
+        """Whether this version checked out already (a read of it needs no verification)."""
+        return (attr.ino, attr.version) in self._good
+
     async def verified(self, attr: Attr) -> Sources:
         """Where each chunk of this version came from when it checked out whole (verifying
         if need be)."""

@@ -22,6 +22,7 @@ from dfs import logs, runtime, sdnotify
 from dfs.cli.common import install_tls
 from dfs.client.leader import split_addresses
 from dfs.errors import DfsError
+from dfs.metrics.http import add_metrics_argument
 from dfs.rpc import load_secret, parse_address
 from storage_node.node import Node, NodeConfig
 from storage_node.store import BlobStore
@@ -127,6 +128,7 @@ def add_space_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compact-min-dead", type=_size, default=64 << 20, metavar="BYTES",
         help="... and the dead space passes BYTES (K/M/G suffixes; default 64M)")
+    add_metrics_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -152,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         space_interval=getattr(args, "space_interval", 10.0),
         compact_ratio=getattr(args, "compact_ratio", 2.0),
         compact_min_dead=getattr(args, "compact_min_dead", 64 << 20),
+        metrics=getattr(args, "metrics", None),
     )
 
 

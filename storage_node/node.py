@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,9 @@ import trio
 from dfs import logs
 from dfs.client.leader import LeaderLink
 from dfs.errors import Code, DfsError
+from dfs.metrics.http import start_metrics
+from dfs.metrics.node import NodeMetrics
+from dfs.metrics.rpc import service_ops
 from dfs.rpc import Peers, parse_address, serve
 from storage_node.compaction import Compactor
 from storage_node.maintenance import Scrubber
@@ -48,6 +52,7 @@ class NodeConfig:
     space_interval: float = 10.0  # seconds between measures of live and on-disk bytes
     compact_ratio: float = 2.0  # compact when the file passes this many times the pages in use
     compact_min_dead: int = 64 * 1024 * 1024  # ... and the excess passes this; ratio 0: never
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at (dfs/metrics)
 
     @property
     def tick(self) -> float:
@@ -71,12 +76,14 @@ class CoordinatorLink:
     def __init__(
         self, peer: LeaderLink, store: BlobStore, advertise: str, *, heartbeat: float = 0.5,
         service: NodeService | None = None,
+        stats: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.peer = peer
         self.store = store
         self.advertise = advertise
         self.heartbeat = heartbeat
         self.service = service
+        self.stats = stats  # the node's RPC totals, carried by each beat (`dfs stats`)
         self.registered = trio.Event()
         self._reachable: bool | None = None
         self._last_error: Code | None = None
@@ -138,6 +145,7 @@ class CoordinatorLink:
             hurry = False
             staged = self.service.leftovers_to_name() if self.service is not None else []
             space = self.service.compactor.space() if self.service is not None else {}
+            extra = {"stats": self.stats()} if self.stats is not None else {}
             try:
                 reply = await self.peer.call(
                     "heartbeat",
@@ -147,6 +155,7 @@ class CoordinatorLink:
                     staged=staged,
                     **{k: v for k, v in space.items() if v is not None},
                     timeout=max(2.0, 4 * self.heartbeat),
+                    **extra,
                 )
             except DfsError as e:
                 if e.code == Code.UNAVAILABLE:
@@ -200,6 +209,8 @@ class Node:
         self.compactor = Compactor(store, ratio=config.compact_ratio,
                                    min_dead=config.compact_min_dead)
         self.service.compactor = self.compactor
+        self.metrics = NodeMetrics(self, service_ops(NodeService))
+        self.service.rpc_metrics = self.metrics.rpc
         self.link: CoordinatorLink | None = None
         self.scrubber: Scrubber | None = None
         self.address: str | None = None
@@ -214,6 +225,9 @@ class Node:
                 self.compactor.nursery = nursery
                 if self.compactor.supported:  # not the simulator's model: it has no file
                     await self.compactor.measure()
+                self.metrics.address = await start_metrics(
+                    nursery, self.metrics.registry, self.config.metrics, "node")
+                self.service.metrics_address = self.metrics.address
                 host, port = parse_address(self.config.listen)
                 try:
                     listeners = await nursery.start(
@@ -235,7 +249,7 @@ class Node:
                     advertise = self.config.advertise or self._default_advertise(host, port)
                     self.link = CoordinatorLink(
                         peer, self.store, advertise, heartbeat=self.config.heartbeat,
-                        service=self.service,
+                        service=self.service, stats=self.metrics.rpc.totals,
                     )
                     nursery.start_soon(self.link.run)
                 nursery.start_soon(self._maintenance)

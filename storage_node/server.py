@@ -111,6 +111,7 @@ class NodeService(MaintenanceOps, Service):
         # Served COMMIT requests and the txids they carried (node_info: batching at work).
         self.commit_requests = 0
         self.commit_txids = 0
+        self.metrics_address: str | None = None  # where --metrics serves (node_info)
 
     def _stored(self, txid: int) -> str | None:
         info = self.store.stat(txid)
@@ -319,6 +320,7 @@ class NodeService(MaintenanceOps, Service):
             "commit_txids": self.commit_txids,
             **self.compactor.space(),
             "compaction": None if (job := self.compactor.current) is None else job.to_wire(),
+            "metrics": self.metrics_address,
         }
 
     async def op_compact(self, req: Request) -> dict[str, Any]:

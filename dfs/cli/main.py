@@ -19,7 +19,7 @@ from dfs.cli.common import Parser, UsageError, add_global_options, fail, install
 from dfs.errors import DfsError
 
 COMMANDS = ("dfs.cli.servers", "dfs.cli.files", "dfs.cli.admin", "dfs.cli.local", "dfs.cli.meta",
-            "dfs.cli.versions", "dfs.cli.snapshots")
+            "dfs.cli.versions", "dfs.cli.snapshots", "dfs.cli.stats")
 OPTIONAL_COMMANDS = ("dfs.cli.mount", "dfs.cli.check", "dfs.cli.bench")
 
 

@@ -26,6 +26,7 @@ from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.meta import MetaStore, TxnRecord, TxnState
 from dfs.meta.attrs import check_regular
+from dfs.metrics.coordinator import CLIENT_ABORT, CoordinatorMetrics, abort_reason
 from dfs.rpc import Peers
 from dfs.twopc import (
     Action,
@@ -55,8 +56,9 @@ log = logging.getLogger(__name__)
 
 class CommitDriver(Delivery, GroupCommit):
     def __init__(self, store: MetaStore, membership: Membership, peers: Peers,
-                 config: CoordinatorConfig) -> None:
+                 config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self.membership = membership
         self.peers = peers
         self.config = config
@@ -128,6 +130,7 @@ class CommitDriver(Delivery, GroupCommit):
                                f"not {nchunks}")
             txn.size, txn.checksum, txn.nchunks, txn.mtime_ns = size, checksum, nchunks, mtime_ns
             txn.committing = True
+            txn.commit_asked = trio.current_time()
             self.spawn(self._run_commit, txn, voted)
         return await txn.wait()
 
@@ -136,6 +139,7 @@ class CommitDriver(Delivery, GroupCommit):
         if txn is None or txn.committing:
             return  # already settled, or too late: the commit's own outcome stands
         self.open.pop(txid, None)
+        self.metrics.aborted(CLIENT_ABORT)
         txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txid} was aborted by the client"))
         await self._apply(self.protocol.abort(txid, "aborted by the client"))
 
@@ -216,6 +220,7 @@ class CommitDriver(Delivery, GroupCommit):
             await failpoint("coordinator.before_prepare")
         except DfsError as e:
             self.open.pop(txn.txid, None)
+            self.metrics.aborted(abort_reason(e))
             txn.settle(e)
             await self._apply(self.protocol.abort(txn.txid, e.msg))
             return
@@ -260,6 +265,7 @@ class CommitDriver(Delivery, GroupCommit):
         # The commit point has passed (rule 1). From here the write is never undone.
         actions = self.protocol.decision_written(txid)
         self.open.pop(txid, None)
+        self.metrics.committed(txn.size, trio.current_time() - txn.commit_asked)
         nodes = [a.node for a in actions if isinstance(a, SendCommit)]
         self._delivering.add(txid)
         try:
@@ -348,11 +354,13 @@ class CommitDriver(Delivery, GroupCommit):
                 for op in group.writes:
                     member = self.open.pop(op["txid"], None)
                     if member is not None:
+                        self.metrics.aborted(abort_reason(error))
                         member.settle(error)
                 group.settle(error)
             elif isinstance(action, ReplyError):
                 txn = self.open.pop(action.txid, None)
                 if txn is not None:
+                    self.metrics.aborted(action.code.value.lower())
                     # `failed` lets the client retry with those replicas excluded.
                     txn.settle(DfsError(action.code, action.msg, failed=list(action.failed)))
             elif isinstance(action, ReplyOk):

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dfs.metrics.http import add_metrics_argument
 from dfs.rpc import parse_address
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
@@ -34,6 +35,7 @@ class CoordinatorConfig:
     etcd_quota: int = 2 * 1024**3  # etcd's --quota-backend-bytes (its default): status warns
     keep_versions: int = 0  # old versions a file keeps unless a directory says otherwise
     snapshot_piece: int = 4_000  # keys a snapshot writes per group commit (SNAPSHOT_PIECE)
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at (dfs/metrics)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -102,6 +104,7 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-quota", type=int, default=2 * 1024**3, metavar="BYTES",
                         help="with --meta: etcd's --quota-backend-bytes, so `dfs status` "
                              "warns before writes stop (default 2 GiB, etcd's own)")
+    add_metrics_argument(parser)
 
 
 def _keep(value: str) -> int:
@@ -137,4 +140,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         etcd_quota=getattr(args, "etcd_quota", 2 * 1024**3),
         keep_versions=getattr(args, "keep_versions", 0),
         snapshot_piece=max(1, getattr(args, "snapshot_piece", 4_000)),
+        metrics=getattr(args, "metrics", None),
     )

@@ -21,6 +21,7 @@ from dfs import runtime
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.meta import NodeState
+from dfs.metrics.coordinator import EXPIRED
 from dfs.twopc import Phase, SendCommit, WriteEnd
 
 from .outbox import ACKED, Answer, Outbox
@@ -207,5 +208,6 @@ class Delivery:
         log.warning("transaction %d (ino %d) aborted: %s", txn.txid, txn.ino, reason,
                     extra={"txid": txn.txid})
         self.open.pop(txn.txid, None)
+        self.metrics.aborted(EXPIRED)
         txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txn.txid} expired: {reason}"))
         await self._apply(self.protocol.abort(txn.txid, reason))

@@ -26,6 +26,7 @@ from dfs.chunks import nchunks as expected_nchunks
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.meta import TxnRecord, TxnState
+from dfs.metrics.coordinator import abort_reason
 from dfs.twopc import MemberCommit, SendCommit
 from dfs.txnops import MAX_TXN_BYTES, MAX_TXN_FILES, MAX_TXN_OPS, OPS, split_path
 
@@ -141,6 +142,7 @@ class GroupCommit:
             txn.size, txn.checksum, txn.nchunks = op["size"], op["checksum"], op["nchunks"]
             txn.mtime_ns = op.get("mtime_ns")
             txn.committing = True  # no expiry, no single commit: the group decides
+            txn.commit_asked = trio.current_time()
             voted = tuple(n for n in op.get("voted") or () if isinstance(n, int))
             members.append(MemberCommit(txn.txid, txn.size, txn.checksum, txn.nchunks, voted))
         await self._apply(self.protocol.request_group_commit(group.gid, members))
@@ -153,6 +155,7 @@ class GroupCommit:
             txn = self.open.get(op["txid"])
             if txn is not None and not txn.committing:
                 self.open.pop(txn.txid, None)
+                self.metrics.aborted(abort_reason(error))
                 txn.settle(error)
                 await self._apply(self.protocol.abort(txn.txid, error.msg))
 
@@ -204,6 +207,7 @@ class GroupCommit:
         for t in members:
             txn = self.open.pop(t, None)
             if txn is not None:
+                self.metrics.committed(txn.size, trio.current_time() - txn.commit_asked)
                 txn.settle({"attr": None})
         per_member: dict[int, list[int]] = {}
         for a in actions:

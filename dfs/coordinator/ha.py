@@ -32,9 +32,10 @@ from dfs.etcd.mirror import EtcdMirror, subdb_prefix
 from dfs.meta import MetaStore
 from dfs.meta.cluster import CLUSTER_ID
 from dfs.meta.codec import unpack
+from dfs.metrics.http import start_metrics
 
 from .config import CoordinatorConfig
-from .service import CoordinatorService
+from .service import CoordinatorService, coordinator_metrics
 from .standby import Standby
 
 log = logging.getLogger("dfs.coordinator")
@@ -64,6 +65,7 @@ class HaCoordinator:
         self.role = "standby"
         self.terms = 0
         self._announced = False
+        self.metrics = coordinator_metrics()  # the process's: counters go on across terms
 
     # ------------------------------------------------------------ the whole process
 
@@ -71,6 +73,8 @@ class HaCoordinator:
         await runtime.in_thread(self.client.status)  # an unreachable etcd: a clear start error
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, nursery.cancel_scope)
+            self.metrics.address = await start_metrics(
+                nursery, self.metrics.registry, self.config.metrics, "coordinator")
             while True:
                 leadership = await self._stand_by()
                 await self._lead(leadership)
@@ -99,6 +103,7 @@ class HaCoordinator:
         self.role = "standby"
         host, port = self.config.host_port
         standby = Standby(lambda: self.leader, lambda: self.cluster_id or None)
+        standby.rpc_metrics = self.metrics.rpc
         async with trio.open_nursery() as nursery:
             address = await nursery.start(standby.run, host, port, self.secret)
             self._announce(address)
@@ -150,7 +155,7 @@ class HaCoordinator:
         self.leader = self.config.listen
         log.info("leading (term %d, etcd revision %d): cluster %s", self.terms,
                  leadership.create_revision, store.cluster_id)
-        service = CoordinatorService(store, self.config, self.secret)
+        service = CoordinatorService(store, self.config, self.secret, self.metrics)
         service.ha = self  # type: ignore[attr-defined]  # op_status reports the roles
         try:
             async with trio.open_nursery() as nursery:

@@ -17,10 +17,11 @@ import trio
 from dfs import logs, sdnotify
 from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore
+from dfs.metrics.http import start_metrics
 from dfs.rpc import load_secret
 
 from .config import CoordinatorConfig, config_from_args
-from .service import CoordinatorService
+from .service import CoordinatorService, coordinator_metrics
 
 log = logging.getLogger("dfs.coordinator")
 
@@ -63,7 +64,10 @@ def lock_data_dir(config: CoordinatorConfig) -> int:
 
 async def serve(store: MetaStore, config: CoordinatorConfig, secret: bytes) -> int:
     async with trio.open_nursery() as nursery:
-        service = CoordinatorService(store, config, secret)
+        metrics = coordinator_metrics()
+        metrics.address = await start_metrics(nursery, metrics.registry, config.metrics,
+                                              "coordinator")
+        service = CoordinatorService(store, config, secret, metrics)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             address = await nursery.start(service.run)
             print(f"dfs coordinator listening on {address}", flush=True)

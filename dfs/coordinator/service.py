@@ -16,6 +16,8 @@ import trio
 from dfs import rpc, runtime
 from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore, NodeState
+from dfs.metrics.coordinator import CoordinatorMetrics
+from dfs.metrics.rpc import service_ops
 from dfs.rpc import Peers, Request
 from dfs.txnops import MAX_TXN_OPS
 
@@ -39,14 +41,23 @@ BAD_REPORTS_KEPT = 1000
 HEARTBEAT_STAGED_MAX = 1000
 
 
+def coordinator_metrics() -> CoordinatorMetrics:
+    """A coordinator process's metrics, in a registry of its own."""
+    return CoordinatorMetrics(ops=service_ops(CoordinatorService))
+
+
 class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, RefsOps, rpc.Service):
-    def __init__(self, store: MetaStore, config: CoordinatorConfig, secret: bytes) -> None:
+    def __init__(self, store: MetaStore, config: CoordinatorConfig, secret: bytes,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.store = store
         self.config = config
         self.secret = secret
+        # The process's metrics (they outlive a term of an HA leader); served by --metrics.
+        self.metrics = metrics if metrics is not None else coordinator_metrics()
+        self.rpc_metrics = self.metrics.rpc
         self.peers = Peers(secret, expect_cluster=store.cluster_id, timeout=config.rpc_timeout)
         self.membership = Membership(store, config.node_timeout)
-        self.driver = CommitDriver(store, self.membership, self.peers, config)
+        self.driver = CommitDriver(store, self.membership, self.peers, config, self.metrics)
         self.gc = GarbageCollector(store, self.membership, self.peers, config)
         self.bad_reports: deque[dict[str, Any]] = deque(maxlen=BAD_REPORTS_KEPT)
         self.replicator = Replicator(store, self.membership, self.peers, self.driver, config)
@@ -75,10 +86,13 @@ class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, RefsOps, rpc.Servi
                     rpc.serve, self, host, port, self.secret, lambda: self.store.cluster_id)
                 address = join_address(*listeners[0].socket.getsockname()[:2])
                 self.address = address
+                self.metrics.attach(self)
                 log.info("cluster %s, R=%d, serving on %s", self.store.cluster_id,
                          self.store.replicas, address)
                 task_status.started(address)
         finally:
+            if self.metrics.service is self:
+                self.metrics.attach(None)
             with trio.CancelScope(shield=True):
                 await self.peers.aclose()
 
@@ -154,6 +168,8 @@ class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, RefsOps, rpc.Servi
         node_id = req.int("node_id")
         self.membership.heartbeat(node_id, req.int("capacity", 0), req.int("used", 0),
                                   live=req.opt_int("live"), on_disk=req.opt_int("on_disk"))
+        if "stats" in req.msg:  # the node's own RPC counters, for `dfs stats`
+            self.metrics.node_reported(node_id, req.dict("stats"))
         return {"incarnation": self.membership.incarnation,
                 "unknown": self._unknown(node_id, staged)}
 
@@ -193,7 +209,13 @@ class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, RefsOps, rpc.Servi
             "rereplication": self.rereplicator.progress.to_wire(),
             "meta": await ha.describe() if (ha := getattr(self, "ha", None)) is not None
             else {"store": "lmdb"},
+            "metrics": self.metrics.address,
         }
+
+    async def op_stats(self, req: Request) -> Reply:
+        """Counters since this process started and the nodes' reported ones (`dfs stats`:
+        two samples an interval apart give rates)."""
+        return self.metrics.snapshot()
 
     async def op_coordinator_info(self, req: Request) -> Reply:
         """This coordinator's role, as a standby answers it too (dfs/coordinator/standby.py)."""

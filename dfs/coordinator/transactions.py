@@ -32,6 +32,7 @@ class OpenTxn:
     nchunks: int = 0
     mtime_ns: int | None = None
     committing: bool = False
+    commit_asked: float = 0.0  # trio time of the COMMIT (commit latency, dfs.metrics)
     # The reply every COMMIT request for this txid gets (a retried COMMIT waits for it too).
     done: trio.Event = field(default_factory=trio.Event)
     result: dict[str, Any] | DfsError | None = None
