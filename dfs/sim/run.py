@@ -34,7 +34,7 @@ SETTLE = 20.0  # simulated seconds after the faults stop before the judge looks
 RUN_SLACK = 600.0  # simulated seconds past the load a run may take before it is a violation
 WATCH_EVERY = 0.5  # rule 5 is checked over the log this often (dfs/sim/watch.py)
 FILES = 3
-GROUPERS = 2  # users whose every write is a multi-file transaction
+GROUPERS = 3  # users whose every write is a multi-file transaction
 
 
 @dataclass

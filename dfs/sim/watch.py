@@ -51,10 +51,22 @@ class Watcher:
         return None if raw is None else msgpack.unpackb(raw, raw=False).get("state")
 
     def _decided(self, txid: int) -> bool:
+        """A forced record of the decision: its txn record, or something that names its blob
+        (a current file; a kept version or a snapshot once the record was purged)."""
         assert self.coord is not None
         path = self.coord.path
         return (self._forced(path, b"txns", k64(txid)) is not None
-                or self._forced(path, b"blobs", k64(txid)) is not None)
+                or self._forced(path, b"blobs", k64(txid)) is not None
+                or self._forced_prefix(path, b"retained", k64(txid))
+                or self._forced_prefix(path, b"snapheld", k64(txid)))
+
+    def _forced_prefix(self, path: Any, db: bytes, prefix: bytes) -> bool:
+        disk = self.model.disks.get(str(path))
+        if disk is None or db not in disk.stores:
+            return False
+        store = disk.stores[db]
+        return any(key.startswith(prefix) and store.value_at(key, disk.forced) is not None
+                   for key in list(store.keys))
 
     def _listed(self, node: SimNode, blob: int) -> bool:
         """The coordinator's forced metadata lists `node` for `blob`, the current blob of a
