@@ -207,6 +207,7 @@ class _Check:
              "blobs": merge.listed(v.id), "note": v.note} for v in self.nodes.values()]
         wanted = {f.ino for f in self.report.findings if f.ino is not None}
         await self.names.check(wanted)
+        self.report.memory["namespace_passes"] = self.names.passes
         if self.names.unindexed:
             self.report.notes.append(
                 f"{self.names.unindexed} files are missing from the coordinator's blob "
