@@ -1,16 +1,15 @@
-"""Gathering a check's snapshot and confirming what it suspects, in batches.
+"""Requests a check makes, each a page or a batch, and the confirmation of what it suspects.
 
-The cost of a check is a few round trips per thousands of files: inodes, entries and the GC
-queue come from the coordinator in pages; each node lists its blobs in pages of 10^4 (all
-nodes at once); `--deep` asks each node to re-hash many blobs per request (in a worker thread
-on the node). No request is made per file.
+The cost of a check is a few round trips per thousands of files: the coordinator's tables come
+in pages of `CHECK_PAGE`; each node lists its blobs in pages (merge.py reads them window by
+window); `--deep` asks each node to re-hash many blobs per request (in a worker thread on the
+node). No request is made per file, and no request or reply holds more than a page.
 
 The pages are not one snapshot, so everything suspected is confirmed before it is reported:
 replica findings against a fresh read of those inodes and a fresh `stat` of those copies;
-unreferenced blobs with `blob_refs` (in flight? listed after all?); namespace findings with
-fresh reads and a second walk of the entries. Passes run in the order that makes those
-confirmations sufficient (docs/checker.md): inodes, then entries, then the GC queue, then
-the nodes.
+unreferenced blobs against the GC queue, then the node, then `blob_refs` (in flight? listed
+after all?); namespace findings with fresh reads and a second walk of the entries
+(docs/checker.md).
 """
 
 from __future__ import annotations

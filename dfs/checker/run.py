@@ -240,6 +240,9 @@ class _Check:
         views = {n: NodeView(v.id, v.address, v.state) for n, v in self.nodes.items()}
 
         async def one(node: NodeView, blobs: set[int]) -> None:
+            if not blobs:
+                views[node.id].blobs = {}
+                return
             try:
                 infos = await self.c.stat_copies(node, sorted(blobs))
             except DfsError as e:
