@@ -175,22 +175,24 @@ class _Check:
 
     async def candidates(self, batch: list[Finding]) -> None:
         """Blobs no file of their window lists on that node: not queued for GC (read after
-        the listing), still on the node (asked after that), and unreferenced or in flight at
-        the coordinator (asked last): orphans, leftovers, or cleanup in progress."""
+        the listing), unreferenced or in flight at the coordinator (`blob_refs`), and, of the
+        unreferenced, still on the node (asked last; a copy the GC deleted after the listing
+        is gone): orphans, leftovers, or cleanup in progress. Only unreferenced blobs cost a
+        node request, as before the streaming design."""
         c = self.c
         left = await c._timed("confirm", c.not_queued({(f.node or 0, f.blob or 0)
                                                        for f in batch}))
         batch = [f for f in batch if (f.node, f.blob) in left]
         if not batch:
             return
-        batch, records = await c._timed("confirm", c.restat(self.nodes, batch))
-        for f in batch:
+        unreferenced, inflight = await c._timed("confirm", c.confirm_blobs(batch))
+        unreferenced, records = await c._timed("confirm", c.restat(self.nodes, unreferenced))
+        for f in unreferenced:
             record = records.get((f.node or 0, f.blob or 0))
             if record is not None:  # judged by its state now (it may have moved on)
                 now = candidate(f.node or 0, f.blob or 0, record["state"], record.get("size"))
                 if now.kind is not f.kind:
                     f.kind, f.detail = now.kind, now.detail
-        unreferenced, inflight = await c._timed("confirm", c.confirm_blobs(batch))
         found, cleaning = scan.split_cleanup(unreferenced, inflight, records)
         self.report.add_cleanup(cleaning)
         await self.emit(found)
