@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -110,16 +111,105 @@ async def write_files(cluster: LocalCluster, count: int, size: int, writers: int
     return time.monotonic() - started
 
 
-def timed_check(cluster: LocalCluster, *args: str) -> dict[str, Any]:
+def seed(cluster: LocalCluster, count: int) -> float:
+    """N files written straight into the stopped processes' LMDB (dfs/checker/seed.py); the
+    cluster is started again on the same coordinator address."""
+    from dfs.checker.seed import seed_coordinator, seed_node
+
+    async def mkdir() -> int:
+        from dfs.client import Client
+        from dfs.rpc import load_secret
+
+        async with Client(cluster.address, load_secret(cluster.secret)) as client:
+            root = await client.resolve("/")
+            return (await client.mkdir(root.ino, b"bench", 0o755, 0, 0)).ino
+
+    directory = trio.run(mkdir)
+    status = cluster.status()
+    ids = {n["address"]: n["id"] for n in status["nodes"]}
+    names = {c.name: ids[c.address] for c in cluster.children.values()
+             if c.name.startswith("node-")}
+    r = int(status.get("replicas", 3))
     started = time.monotonic()
-    result = cluster.dfs("check", *args, "--json")
+    cluster.stop()
+    placed = seed_coordinator(cluster.root / "coordinator", directory, count,
+                              sorted(names.values()), r)
+    first_blob, placements = placed[0][0], [p for _, p in placed]
+    for name, node_id in names.items():
+        seed_node(cluster.root / name, node_id, count, first_blob, placements)
+    coordinator = cluster.children["coordinator"]
+    coordinator.argv = [cluster.address if a == "127.0.0.1:0" else a for a in coordinator.argv]
+    for child in cluster.children.values():
+        child.start()
+        child.wait_listening(timeout=120)
+    deadline = time.monotonic() + 60
+    while sum(n["state"] == "up" for n in cluster.status()["nodes"]) < cluster.nodes:
+        if time.monotonic() > deadline:
+            raise SystemExit("nodes did not come back up")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def _status_kb(pid: int | None, field: str) -> int:
+    """One KiB figure of /proc/PID/status (VmHWM: peak RSS so far; RssAnon: the heap part of
+    RSS now, without the LMDB file pages a scan maps in)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class AnonPeak:
+    """The peak of a process's anonymous RSS while a block runs, sampled every 50 ms: the
+    coordinator's own memory, which must not grow with the namespace (file pages of its
+    LMDB map do, and are the page cache's to drop)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.before = self.peak = _status_kb(pid, "RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _status_kb(self.pid, "RssAnon"))
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_check(cluster: LocalCluster, *args: str) -> dict[str, Any]:
+    """`dfs check ... --json` timed, with the peak RSS of the check process (wait4) and the
+    coordinator's peak RSS before and after it."""
+    coordinator = cluster.children["coordinator"].pid
+    rss = cluster.root / "check.maxrss"
+    timer = ["/usr/bin/time", "-f", "%M", "-o", str(rss)] if Path("/usr/bin/time").exists() \
+        else []
+    started = time.monotonic()
+    with AnonPeak(coordinator) as anon:
+        result = subprocess.run([*timer, *DFS, "check", *args, "--json"], capture_output=True,
+                                env=cluster.env(), timeout=3600)
     elapsed = time.monotonic() - started
     if result.returncode not in (0, 3):
         raise SystemExit(f"dfs check {' '.join(args)} failed: {result.stderr.decode()}")
     doc = json.loads(result.stdout)
+    peak_kb = int(rss.read_text().split()[-1]) if timer and rss.exists() else 0
     return {"wall_s": round(elapsed, 3), "check_s": doc["elapsed_s"], "exit": result.returncode,
             "files": doc["files"], "replicas": doc["replicas"], "timings": doc["timings"],
-            "findings": len(doc["findings"])}
+            "findings": doc.get("findings_total", len(doc["findings"])),
+            "memory": doc.get("memory", {}),
+            "check_peak_rss_mb": round(peak_kb / 1024, 1),
+            "coordinator_anon_rss_mb": [round(anon.before / 1024, 1),
+                                        round(anon.peak / 1024, 1)],
+            "coordinator_peak_rss_mb": round(_status_kb(coordinator, "VmHWM") / 1024, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096, help="bytes per file")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--writers", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed N files straight into the stopped processes' LMDB (no "
+                             "data; only the plain check is timed, with peak RSS)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's tmp dir")
     parser.add_argument("--no-remove", action="store_true",
@@ -141,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                            "meta": args.meta}
     try:
         cluster.start()
+        if args.seed:
+            out["files"] = args.seed
+            out["seed_s"] = round(seed(cluster, args.seed), 3)
+            out["check"] = timed_check(cluster)
+            return _finish(out, args)
         out["write_s"] = round(trio.run(write_files, cluster, args.files, args.size,
                                         args.writers), 3)
         out["check"] = timed_check(cluster)
@@ -190,8 +288,11 @@ def _table(out: dict[str, Any]) -> None:
     table.add_column("rate", justify="right")
     table.add_column("note")
     n = out["files"]
-    table.add_row("write (client library)", f"{out['write_s']:.2f} s",
-                  f"{n / out['write_s']:.0f} files/s", "")
+    if "write_s" in out:
+        table.add_row("write (client library)", f"{out['write_s']:.2f} s",
+                      f"{n / out['write_s']:.0f} files/s", "")
+    if "seed_s" in out:
+        table.add_row("seed (LMDB, no data)", f"{out['seed_s']:.2f} s", "", "")
     for key, label in (("check", "dfs check"), ("check_deep", "dfs check --deep"),
                        ("check_after", "dfs check --deep (after)")):
         if key not in out:
@@ -199,7 +300,8 @@ def _table(out: dict[str, Any]) -> None:
         c = out[key]
         table.add_row(label, f"{c['wall_s']:.2f} s", f"{c['files'] / c['check_s']:.0f} files/s",
                       f"exit {c['exit']}, {c['findings']} findings, in-process "
-                      f"{c['check_s']:.2f} s")
+                      f"{c['check_s']:.2f} s, peak RSS {c['check_peak_rss_mb']} MB, "
+                      f"coordinator heap {c['coordinator_anon_rss_mb']} MB")
     rr = out.get("rereplication")
     if rr is not None:
         table.add_row("re-replication (node remove)", f"{rr['wall_s']:.2f} s",

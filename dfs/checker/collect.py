@@ -1,43 +1,39 @@
-"""Gathering a check's snapshot and confirming what it suspects, in batches.
+"""Requests a check makes, each a page or a batch, and the confirmation of what it suspects.
 
-The cost of a check is a few round trips per thousands of files: inodes, entries and the GC
-queue come from the coordinator in pages; each node lists its blobs in pages of 10^4 (all
-nodes at once); `--deep` asks each node to re-hash many blobs per request (in a worker thread
-on the node). No request is made per file.
+The cost of a check is a few round trips per thousands of files: the coordinator's tables come
+in pages of `CHECK_PAGE`; each node lists its blobs in pages (merge.py reads them window by
+window); `--deep` asks each node to re-hash many blobs per request (in a worker thread on the
+node). No request is made per file, and no request or reply holds more than a page.
 
 The pages are not one snapshot, so everything suspected is confirmed before it is reported:
 replica findings against a fresh read of those inodes and a fresh `stat` of those copies;
-unreferenced blobs with `blob_refs` (in flight? listed after all?); namespace findings with
-fresh reads and a second walk of the entries. Passes run in the order that makes those
-confirmations sufficient (docs/checker.md): inodes, then entries, then the GC queue, then
-the nodes.
+unreferenced blobs against the GC queue, then the node, then `blob_refs` (in flight? listed
+after all?); namespace findings with fresh reads and a second walk of the entries
+(docs/checker.md).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from dfs.checker.findings import BAD_COPY, Finding, Kind
-from dfs.checker.scan import (
-    PREPARED,
-    STAGED,
-    FileRow,
-    NodeView,
-    Snapshot,
-)
+from dfs.checker.scan import PREPARED, STAGED, FileRow, NodeView
 from dfs.errors import DfsError
 
 if TYPE_CHECKING:
     from dfs.client import Client
 
 ProgressFn = Callable[[str, int, int | None], None]
-PAGE = 5000
-LIST_PAGE = 10_000
+# Entries per page of every walk (coordinator and nodes): what a check holds at once is
+# about a page per stream (docs/checker.md, "Memory").
+CHECK_PAGE = 10_000
+LIST_PAGE = 10_000  # the node's own cap on a `list` page (storage_node MAX_LIST)
 ID_BATCH = 10_000
 VERIFY_BYTES = 64 * 1024 * 1024
 VERIFY_BLOBS = 2000
@@ -50,9 +46,18 @@ def _no_progress(phase: str, done: int, total: int | None) -> None:
     pass
 
 
+def page_size(override: int | None = None) -> int:
+    """Entries per page of every walk: CHECK_PAGE, or a smaller one for tests
+    (`--page-size`, or DFS_CHECK_PAGE in the environment)."""
+    value = override or int(os.environ.get("DFS_CHECK_PAGE") or CHECK_PAGE)
+    return max(1, min(value, CHECK_PAGE))
+
+
 class Collector:
-    def __init__(self, client: Client, progress: ProgressFn | None = None) -> None:
+    def __init__(self, client: Client, progress: ProgressFn | None = None,
+                 page: int | None = None) -> None:
         self.client = client
+        self.page = page_size(page)
         self.progress = progress or _no_progress
         self.timings: dict[str, float] = {}
         # node id -> (copies not re-hashed, why): a node that failed `verify` (down since it
@@ -68,38 +73,36 @@ class Collector:
 
     # ------------------------------------------------------------ the coordinator
 
-    async def inodes(self, snapshot: Snapshot, total: int | None) -> None:
-        after, seen = 0, 0
-        while True:
-            reply = await self.client.query("scan_inodes", after=after, limit=PAGE)
-            for row in reply["inodes"]:
-                f = FileRow.from_wire(row)
-                snapshot.files[f.ino] = f
-            seen += len(reply["inodes"])
-            self.progress("metadata", seen, total)
-            if reply.get("last") is None:
-                return
-            after = reply["last"]
+    async def blob_files(self, after: int) -> tuple[list[FileRow], int | None]:
+        """A page of files in current blob id order, and the blob id to continue after."""
+        reply = await self.client.query("scan_blobs", after=after, limit=self.page)
+        return [FileRow.from_wire(r) for r in reply["inodes"]], reply.get("last")
 
-    async def entries(self) -> list[tuple[int, bytes, int]]:
-        out: list[tuple[int, bytes, int]] = []
-        after = b""
-        while True:
-            reply = await self.client.query("scan_dentries", after=after, limit=PAGE)
-            out.extend((p, n, i) for p, n, i in reply["entries"])
-            if reply.get("last") is None:
-                return out
-            after = reply["last"]
+    async def brief_inodes(self, after: int) -> tuple[list[list[Any]], int | None]:
+        """A page of [ino, mode, indexed] in ino order, and the ino to continue after."""
+        reply = await self.client.query("scan_inodes", after=after, limit=self.page,
+                                        brief=True)
+        return reply["inodes"], reply.get("last")
 
-    async def gc(self) -> set[tuple[int, int]]:
-        out: set[tuple[int, int]] = set()
+    async def entries_page(self, after: bytes, within: int | None = None
+                           ) -> tuple[list[tuple[int, bytes, int]], bytes | None]:
+        fields: dict[str, Any] = {} if within is None else {"within": within}
+        reply = await self.client.query("scan_dentries", after=after, limit=self.page,
+                                        **fields)
+        return [(p, n, i) for p, n, i in reply["entries"]], reply.get("last")
+
+    async def not_queued(self, pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Those of `pairs` (node, blob) the GC queue does not hold: one paged walk of the
+        queue, holding a page of it at a time."""
+        left = set(pairs)
         after = b""
-        while True:
-            reply = await self.client.query("scan_gc", after=after, limit=PAGE)
-            out.update((n, b) for n, b in reply["entries"])
+        while left:
+            reply = await self.client.query("scan_gc", after=after, limit=self.page)
+            left.difference_update((n, b) for n, b in reply["entries"])
             if reply.get("last") is None:
-                return out
+                break
             after = reply["last"]
+        return left
 
     async def fresh_inodes(self, inos: list[int]) -> dict[int, FileRow | None]:
         out: dict[int, FileRow | None] = {}
@@ -112,33 +115,12 @@ class Collector:
 
     # ------------------------------------------------------------ the nodes
 
-    async def list_nodes(self, snapshot: Snapshot) -> None:
-        counted = [0]
-
-        async def one(node: NodeView) -> None:
-            blobs: dict[int, Any] = {}
-            after = 0
-            try:
-                while True:
-                    reply = await self.client.peers[node.address].call(
-                        "list", after=after, limit=LIST_PAGE, timeout=NODE_TIMEOUT, retry_for=RETRY_FOR)
-                    rows = reply["blobs"]
-                    for blob, state, size, checksum in rows:
-                        blobs[blob] = (state, size, checksum)
-                    counted[0] += len(rows)
-                    self.progress("nodes", counted[0], None)
-                    if len(rows) < LIST_PAGE:
-                        break
-                    after = rows[-1][0]
-            except DfsError as e:
-                node.note = f"not listed: {e.msg}"
-                return
-            node.blobs = blobs
-
-        async with trio.open_nursery() as nursery:
-            for node in snapshot.nodes.values():
-                if node.state in ("up", "draining"):
-                    nursery.start_soon(one, node)
+    async def list_page(self, node: NodeView, after: int) -> list[list[Any]]:
+        """Up to a page of the node's blobs with id > after, in id order."""
+        reply = await self.client.peers[node.address].call(
+            "list", after=after, limit=min(self.page, LIST_PAGE), timeout=NODE_TIMEOUT,
+            retry_for=RETRY_FOR)
+        return reply["blobs"]
 
     async def stat_copies(self, node: NodeView, blobs: list[int]) -> dict[int, Any]:
         out: dict[int, Any] = {}
@@ -148,16 +130,16 @@ class Collector:
             out.update(reply["blobs"])
         return out
 
-    async def verify(self, snapshot: Snapshot, files: list[FileRow],
+    async def verify(self, nodes: Mapping[int, NodeView], files: list[FileRow],
                      skip: set[tuple[int, int]]) -> dict[tuple[int, int], Any]:
         """Every listed copy of `files` re-read and re-hashed by its node, many per request."""
         work: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for f in files:
             for n in dict.fromkeys(f.replicas):
-                node = snapshot.nodes.get(n)
-                copy = (node.blobs or {}).get(f.blob) if node else None
+                node = nodes.get(n)
+                copy = (node.blobs or {}).get(f.blob or 0) if node else None
                 if copy is not None and copy[0] != STAGED and (n, f.blob) not in skip:
-                    work[n].append((f.blob, f.size))
+                    work[n].append((f.blob or 0, f.size))
         total = sum(size for items in work.values() for _, size in items)
         done = [0]
         verdicts: dict[tuple[int, int], Any] = {}
@@ -182,7 +164,7 @@ class Collector:
 
         async with trio.open_nursery() as nursery:
             for n, items in work.items():
-                node = snapshot.nodes[n]
+                node = nodes[n]
                 limit = trio.Semaphore(VERIFY_IN_FLIGHT)
                 for group in _batches(sorted(items)):
                     nursery.start_soon(batch, node, group, limit)
@@ -190,29 +172,29 @@ class Collector:
 
     # ------------------------------------------------------------ confirmation
 
-    async def confirm_replicas(self, findings: list[Finding], snapshot: Snapshot
-                               ) -> list[Finding]:
-        """Drop findings about files that changed since they were read, and copies that
-        turned out fine on a second look (a commit or a repair was landing meanwhile)."""
+    async def confirm_replicas(self, findings: list[Finding], rows: Mapping[int, FileRow],
+                               nodes: Mapping[int, NodeView], r: int) -> list[Finding]:
+        """Drop findings about files that changed since they were read (`rows`), and copies
+        that turned out fine on a second look (a commit or a repair was landing meanwhile)."""
         if not findings:
             return []
         fresh = await self.fresh_inodes(sorted({f.ino for f in findings if f.ino}))
         kept: list[Finding] = []
         restat: dict[int, set[int]] = defaultdict(set)
         for f in findings:
-            old, new = snapshot.files.get(f.ino or 0), fresh.get(f.ino or 0)
+            old, new = rows.get(f.ino or 0), fresh.get(f.ino or 0)
             if old is None or new is None or (new.blob, new.version) != (old.blob, old.version):
                 continue
             if f.node is not None and f.node not in new.replicas:
                 continue  # the copy was moved off that node meanwhile
-            if f.node is None and len(set(new.replicas)) >= snapshot.r:
+            if f.node is None and len(set(new.replicas)) >= r:
                 continue
             kept.append(f)
             if f.kind in BAD_COPY and f.node is not None and f.kind is not Kind.CORRUPT:
                 restat[f.node].add(f.blob or 0)
         now: dict[tuple[int, int], Any] = {}
         for n, blobs in restat.items():
-            node = snapshot.nodes.get(n)
+            node = nodes.get(n)
             if node is None or not node.listed:
                 continue
             try:
@@ -248,52 +230,70 @@ class Collector:
                     inflight.append(f)
         return out, inflight
 
-    async def leftover_ages(self, snapshot: Snapshot, leftovers: list[Finding]
-                            ) -> dict[tuple[int, int], dict[str, Any]]:
-        """Each STAGED/PREPARED leftover's record on its node, with how long it has been idle
-        there and the node's cleanup horizon for it (absent: gone meanwhile)."""
+    async def restat(self, nodes: Mapping[int, NodeView], candidates: list[Finding]
+                     ) -> tuple[list[Finding], dict[tuple[int, int], dict[str, Any]]]:
+        """Each unreferenced candidate's record on its node now (after the GC queue was read):
+        the candidates still there (a node that cannot say keeps its candidates), and their
+        records, with how long a STAGED/PREPARED one has been idle there and the node's
+        cleanup horizon for it."""
         by_node: dict[int, list[int]] = defaultdict(list)
-        for f in leftovers:
-            if f.node is not None and f.blob is not None:
-                by_node[f.node].append(f.blob)
-        out: dict[tuple[int, int], dict[str, Any]] = {}
+        for f in candidates:
+            by_node[f.node or 0].append(f.blob or 0)
+        records: dict[tuple[int, int], dict[str, Any]] = {}
+        unknown: set[int] = set()
 
         async def one(node: NodeView, blobs: list[int]) -> None:
             try:
                 infos = await self.stat_copies(node, blobs)
             except DfsError as e:
                 node.note = node.note or f"leftovers not stated: {e.msg}"
+                unknown.add(node.id)
                 return
-            out.update(((node.id, b), info) for b, info in infos.items() if info is not None)
+            records.update(((node.id, int(b)), info) for b, info in infos.items()
+                           if info is not None)
 
         async with trio.open_nursery() as nursery:
             for node_id, blobs in by_node.items():
-                node = snapshot.nodes.get(node_id)
+                node = nodes.get(node_id)
                 if node is not None:
                     nursery.start_soon(one, node, blobs)
-        return out
+                else:
+                    unknown.add(node_id)
+        still = [f for f in candidates
+                 if (f.node or 0, f.blob or 0) in records or f.node in unknown]
+        return still, records
 
-    async def confirm_namespace(self, findings: list[Finding]) -> list[Finding]:
+    async def dangling(self, findings: list[Finding]) -> list[Finding]:
+        """Dangling-entry suspicions that still hold on fresh reads."""
         if not findings:
             return []
-        dangling = [f for f in findings if f.kind is Kind.DANGLING]
-        unlinked = [f for f in findings if f.kind is Kind.UNLINKED]
         out: list[Finding] = []
-        if dangling:
-            inos = (await self.client.query(
-                "entries", keys=[[f.parent, f.name] for f in dangling]))["inos"]
-            still = [f for f, ino in zip(dangling, inos, strict=True) if ino == f.ino]
-            fresh = await self.fresh_inodes(
-                sorted({f.ino or 0 for f in still} | {f.parent or 0 for f in still}))
-            for f in still:
-                child, parent = fresh.get(f.ino or 0), fresh.get(f.parent or 0)
-                if child is None or parent is None or not parent.is_dir:
-                    out.append(f)
-        if unlinked:
-            fresh = await self.fresh_inodes(sorted(f.ino or 0 for f in unlinked))
-            named = {ino for _, _, ino in await self.entries()}
-            out.extend(f for f in unlinked if fresh.get(f.ino or 0) and f.ino not in named)
+        inos = (await self.client.query(
+            "entries", keys=[[f.parent, f.name] for f in findings]))["inos"]
+        still = [f for f, ino in zip(findings, inos, strict=True) if ino == f.ino]
+        fresh = await self.fresh_inodes(
+            sorted({f.ino or 0 for f in still} | {f.parent or 0 for f in still}))
+        for f in still:
+            child, parent = fresh.get(f.ino or 0), fresh.get(f.parent or 0)
+            if child is None or parent is None or not parent.is_dir:
+                out.append(f)
         return out
+
+    async def unlinked(self, findings: list[Finding]) -> list[Finding]:
+        """Unnamed-inode suspicions (at most a batch) that still hold: the inode is there and
+        a second walk of the entries names none of them."""
+        if not findings:
+            return []
+        fresh = await self.fresh_inodes(sorted(f.ino or 0 for f in findings))
+        suspects = {f.ino for f in findings if fresh.get(f.ino or 0) is not None}
+        after = b""
+        while suspects:
+            rows, last = await self.entries_page(after)
+            suspects.difference_update(ino for _, _, ino in rows)
+            if last is None:
+                break
+            after = last
+        return [f for f in findings if f.ino in suspects]
 
 
 def _batches(items: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:

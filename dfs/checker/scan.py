@@ -2,8 +2,11 @@
 
 Everything here is a pure function of snapshots (rows of the coordinator's inode and entry
 tables, each node's blob listing, the GC queue, deep verification verdicts), so the rules of
-I1-I4 (docs/design.md §9) are unit-tested on hand-made snapshots; collect.py gathers the real ones
-and confirms what these rules suspect.
+I1-I4 (docs/design.md §9) are unit-tested on hand-made snapshots. A real check never holds a
+whole snapshot: it applies `check_replicas`, `check_deep` and `lost_files` to one window of
+files at a time (merge.py, namespace.py), and the whole-snapshot `unreferenced` and
+`check_namespace` are the reference statements of the rules that merge.py and namespace.py
+apply page by page.
 """
 
 from __future__ import annotations

@@ -67,14 +67,35 @@ class CheckOps:
                 "files": store.db.read(store.namespace.inodes.count)}
 
     async def op_scan_inodes(self, req: Request) -> Reply:
+        """A page of inodes in ino order; `brief`: only [ino, mode, indexed] per inode (the
+        namespace check), where indexed says a file's blob is in the `blobs` index."""
         after, limit = req.int("after", 0), req.int("limit", 5000)
-        page = self.store.db.read(lambda t: self.store.scan.inodes(t, after, limit))
-        return {"inodes": [inode_row(i) for i in page],
-                "last": page[-1].ino if len(page) >= min(max(limit, 1), PAGE_MAX) else None}
+        brief = req.bool("brief")
+        scan = self.store.scan
+
+        def read(txn: lmdb.Transaction) -> list[Any]:
+            page = scan.inodes(txn, after, limit)
+            if brief:
+                return [[i.ino, i.mode, scan.indexed(txn, i)] for i in page]
+            return [inode_row(i) for i in page]
+
+        rows = self.store.db.read(read)
+        return {"inodes": rows,
+                "last": rows[-1][0] if len(rows) >= min(max(limit, 1), PAGE_MAX) else None}
+
+    async def op_scan_blobs(self, req: Request) -> Reply:
+        """A page of files in current blob id order (the `blobs` index), for the checker's
+        merge with the nodes' listings: rows as `scan_inodes`, last (blob id) or nil."""
+        after, limit = req.int("after", 0), req.int("limit", 5000)
+        scan = self.store.scan
+        page, last = self.store.db.read(lambda t: scan.blob_files(t, after, limit))
+        return {"inodes": [inode_row(i) for i in page], "last": last}
 
     async def op_scan_dentries(self, req: Request) -> Reply:
         after, limit = req.bytes("after", b""), req.int("limit", 5000)
-        rows, last = self.store.db.read(lambda t: self.store.scan.dentries(t, after, limit))
+        within = req.opt_int("within")
+        rows, last = self.store.db.read(
+            lambda t: self.store.scan.dentries(t, after, limit, within))
         return {"entries": rows, "last": last}
 
     async def op_scan_gc(self, req: Request) -> Reply:

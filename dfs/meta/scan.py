@@ -32,6 +32,7 @@ class MetaScan:
         self._dentries = db["dentries"]
         self._gc = db["gc"]
         self._versions = db["versions"]
+        self._blobs = db["blobs"]
 
     def inodes(self, txn: lmdb.Transaction, after: int, limit: int) -> list[Inode]:
         """Up to `limit` inodes with ino > after, in ino order."""
@@ -56,11 +57,46 @@ class MetaScan:
                                 lambda k, v: Version.decode(bytes(k), v))
         return rows, last
 
-    def dentries(self, txn: lmdb.Transaction, after: bytes, limit: int
-                 ) -> tuple[list[list[Any]], bytes | None]:
-        """([[parent, name, ino], ...], the key to continue after, or None at the end)."""
+    def blob_files(self, txn: lmdb.Transaction, after: int, limit: int
+                   ) -> tuple[list[Inode], int | None]:
+        """The files whose current blob id is > after, in blob id order, from the `blobs`
+        index: (inodes, the blob id to continue after, or None at the end). At most `limit`
+        index entries are read, so a page costs the same whatever the index holds (an entry
+        whose inode is gone or moved on is skipped: its copies are orphans)."""
+        out: list[Inode] = []
+        limit = max(1, min(limit, PAGE_MAX))
+        if after >= 2**64 - 1:
+            return out, None
+        seen = 0
+        with txn.cursor(db=self._blobs) as cur:
+            if not cur.set_range(k64(after + 1)):
+                return out, None
+            for key, value in cur:
+                blob, seen = unk64(key), seen + 1
+                raw = txn.get(value, db=self._inodes)
+                if raw is not None:
+                    inode = Inode.decode(unk64(value), raw)
+                    if inode.blob == blob and inode.is_reg:
+                        out.append(inode)
+                if seen >= limit:
+                    return out, blob
+        return out, None
+
+    def indexed(self, txn: lmdb.Transaction, inode: Inode) -> bool:
+        """Whether a file's current blob is in the `blobs` index (what `blob_files` walks)."""
+        if not inode.is_reg or inode.blob is None:
+            return True
+        return txn.get(k64(inode.blob), db=self._blobs) == k64(inode.ino)
+
+    def dentries(self, txn: lmdb.Transaction, after: bytes, limit: int,
+                 within: int | None = None) -> tuple[list[list[Any]], bytes | None]:
+        """([[parent, name, ino], ...], the key to continue after, or None at the end);
+        with `within`, only the entries of that directory."""
+        prefix = None if within is None else k64(within)
+        if prefix is not None and not after.startswith(prefix):
+            after = prefix  # not a key itself (names are never empty): the first entry is next
         return self._page(txn, self._dentries, after, limit,
-                          lambda k, v: [unk64(k), bytes(k[8:]), U64x2.unpack(v)[0]])
+                          lambda k, v: [unk64(k), bytes(k[8:]), U64x2.unpack(v)[0]], prefix)
 
     def gc(self, txn: lmdb.Transaction, after: bytes, limit: int
            ) -> tuple[list[list[Any]], bytes | None]:
@@ -69,8 +105,8 @@ class MetaScan:
                           lambda k, v: list(U64x3.unpack(k)[1:]))
 
     @staticmethod
-    def _page(txn: lmdb.Transaction, db: Any, after: bytes, limit: int, row: Any
-              ) -> tuple[list[list[Any]], bytes | None]:
+    def _page(txn: lmdb.Transaction, db: Any, after: bytes, limit: int, row: Any,
+              prefix: bytes | None = None) -> tuple[list[list[Any]], bytes | None]:
         out: list[list[Any]] = []
         limit = max(1, min(limit, PAGE_MAX))
         last: bytes | None = None
@@ -80,6 +116,8 @@ class MetaScan:
                 found = cur.next()
             while found:
                 key, value = cur.item()
+                if prefix is not None and not bytes(key).startswith(prefix):
+                    return out, None
                 out.append(row(key, value))
                 last = bytes(key)
                 if len(out) >= limit:
