@@ -90,10 +90,11 @@ def edit_coordinator(cluster: Cluster, fn: Any) -> None:
     """Run fn(txn, dbs) on the stopped coordinator's LMDB (docs/coordinator.md layout)."""
     path = cluster.data_dir("coordinator")
     # A map well past the file: copy-on-write edits need free pages (lmdb's default is 10 MiB).
-    env = lmdb.open(str(path), max_dbs=16, subdir=True,
+    env = lmdb.open(str(path), max_dbs=32, subdir=True,
                     map_size=2 * (path / "data.mdb").stat().st_size + 2**26)
     try:
-        dbs = {n: env.open_db(n.encode()) for n in ("inodes", "dentries", "dircookies")}
+        dbs = {n: env.open_db(n.encode()) for n in ("inodes", "dentries", "dircookies",
+                                                     "versions", "retained")}
         with env.begin(write=True) as txn:
             fn(txn, dbs)
     finally:

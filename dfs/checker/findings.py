@@ -23,6 +23,7 @@ class Kind(enum.StrEnum):
     PREPARED = "stale_prepared"  # a PREPARED leftover of no transaction in flight
     DANGLING = "dangling_entry"  # a directory entry naming a missing inode (or in a missing dir)
     UNLINKED = "unlinked_inode"  # an inode no directory entry names
+    REFCOUNT = "reference_count"  # an index of kept versions or snapshots out of step (held.py)
 
 
 # A copy on a live node that is not what the file says: the replica needs re-copying.
@@ -43,6 +44,7 @@ LABELS = {
     Kind.PREPARED: "stale PREPARED leftover",
     Kind.DANGLING: "dangling entry",
     Kind.UNLINKED: "inode with no entry",
+    Kind.REFCOUNT: "reference count drift",
 }
 
 

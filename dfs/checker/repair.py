@@ -36,18 +36,19 @@ def _no_progress(phase: str, done: int, total: int | None) -> None:
 async def repair(client: Client, findings: list[Finding], progress: ProgressFn | None) -> None:
     progress = progress or _no_progress
     total, done = len(findings), 0
-    lost = {f.ino for f in findings if f.kind is Kind.LOST}
-    files: dict[int, tuple[int | None, set[int], list[Finding]]] = {}
+    # Keyed by (ino, blob): a file's current content and a kept version are repaired apart.
+    lost = {(f.ino, f.blob) for f in findings if f.kind is Kind.LOST}
+    files: dict[tuple[int, int | None], tuple[int | None, set[int], list[Finding]]] = {}
     blobs: dict[int, list[Finding]] = defaultdict(list)
     namespace: list[Finding] = []
     for f in findings:
         if f.kind is Kind.LOST:
             f.fixed, f.fix = False, "left untouched: no good replica to copy from"
         elif f.kind in REPLICA_KINDS and f.ino is not None:
-            if f.ino in lost:
+            if (f.ino, f.blob) in lost:
                 f.fixed, f.fix = False, "the file is lost"
                 continue
-            entry = files.setdefault(f.ino, (f.blob, set(), []))
+            entry = files.setdefault((f.ino, f.blob), (f.blob, set(), []))
             if f.node is not None:
                 entry[1].add(f.node)
             entry[2].append(f)
@@ -62,7 +63,7 @@ async def repair(client: Client, findings: list[Finding], progress: ProgressFn |
     for i in range(0, len(items), FILES_PER_REQUEST):
         batch = items[i:i + FILES_PER_REQUEST]
         reply = await _call(client, "repair_files",
-                            files=[[ino, blob, sorted(bad)] for ino, (blob, bad, _) in batch])
+                            files=[[ino, blob, sorted(bad)] for (ino, _), (blob, bad, _) in batch])
         for (_, (_, _, found)), result in zip(batch, reply["results"], strict=True):
             for f in found:
                 f.fixed = result["status"] in SETTLED

@@ -12,6 +12,7 @@ from dfs.checker import repair as repairing
 from dfs.checker import scan
 from dfs.checker.collect import Collector, ProgressFn
 from dfs.checker.findings import Finding, Kind
+from dfs.checker.held import check_held, check_refs
 from dfs.checker.merge import BlobMerge, candidate
 from dfs.checker.namespace import Namespace, walk_subtree
 from dfs.checker.scan import FileRow, NodeView
@@ -32,6 +33,7 @@ class Report:
     repair: bool
     r: int = 0
     files: int = 0  # regular files checked
+    held: int = 0  # kept versions and snapshots' files checked (dfs/checker/held.py)
     replicas: int = 0  # copies checked
     verified_bytes: int = 0
     nodes: list[dict[str, Any]] = field(default_factory=list)
@@ -76,7 +78,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path, "deep": self.deep, "repair": self.repair, "replicas_wanted": self.r,
-            "files": self.files, "replicas": self.replicas,
+            "files": self.files, "held": self.held, "replicas": self.replicas,
             "verified_bytes": self.verified_bytes, "nodes": self.nodes,
             "clean": self.clean, "ok": self.ok,
             "summary": {k.value: c[0] for k, c in sorted(self.counts.items(),
@@ -148,6 +150,9 @@ class _Check:
                                                            self.progress))
         self.report.add(findings)
 
+    def _count(self, files: list[FileRow]) -> None:
+        self.report.replicas += sum(len(set(f.replicas)) for f in files)
+
     async def judge(self, files: list[FileRow], nodes: dict[int, NodeView],
                     paths: dict[int, str] | None = None) -> None:
         """Replica findings (and --deep verdicts) of one batch of files."""
@@ -198,6 +203,9 @@ class _Check:
         await self.emit(found)
 
     async def whole(self) -> None:
+        # The reference counts first, judged and (with --repair) repaired: whether a copy is
+        # an orphan depends on them, so an orphan's repair must never run on a lost entry.
+        self.report.add(await check_refs(self.c, self.report.repair))
         merge = BlobMerge(self.c, self.nodes, self.candidates)
         while (window := await merge.next_window()) is not None:
             await self.judge(window.files, window.nodes)
@@ -209,6 +217,10 @@ class _Check:
              "blobs": merge.listed(v.id), "note": v.note} for v in self.nodes.values()]
         wanted = {f.ino for f in self.report.findings if f.ino is not None}
         await self.names.check(wanted)
+        stated: dict[int, int] = {}
+        self.report.held = await check_held(
+            self.c, self.r, self.report.deep, lambda files: self._copies(files, stated),
+            self.emit, self._count)
         self.report.memory["namespace_passes"] = self.names.passes
         if self.names.unindexed:
             self.report.notes.append(
