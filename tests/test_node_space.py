@@ -91,8 +91,11 @@ def test_compaction_gives_space_back_while_node_serves(tmp_path: Path) -> None:
                 while not stop.is_set():
                     try:
                         path = f"/live{rng.randrange(6)}"  # overwrites too: more garbage
-                        size = MIB + 17 if i % 8 == 0 else rng.choice((5000, 60_000, 200_000))
-                        data = os.urandom(size)  # one in 8 has two chunks
+                        # The first has two chunks; the rest are small, so what the loop
+                        # writes during the copy stays small next to the garbage before it
+                        # (a fixed bound on the result, however fast this machine is now).
+                        size = MIB + 17 if i == 0 else rng.choice((5000, 30_000, 60_000))
+                        data = os.urandom(size)
                         await put(client, path, data)
                         acked[path] = data
                         probe = rng.choice(sorted(acked))
@@ -119,6 +122,8 @@ def test_compaction_gives_space_back_while_node_serves(tmp_path: Path) -> None:
         assert job["phase"] == "done", job
         assert job["replayed"] > 0, job  # writes landed while the copy was made
         assert job["pause_s"] < 1.0, job
+        # Near the live bytes (how much the loop wrote meanwhile depends on the machine's
+        # speed, so not a fixed fraction of before).
         assert job["after"] < job["before"] / 2, job
         assert job["after"] <= 1.5 * job["live"] + 4 * MIB, job
 
@@ -128,8 +133,8 @@ def test_compaction_gives_space_back_while_node_serves(tmp_path: Path) -> None:
                     assert await get(client, path) == data, path
 
         trio.run(check)
-        row = cluster.wait_until(lambda: (r := node_row(cluster))["on_disk"] < job["before"] / 2
-                                 and r, 10, interval=0.2)
+        row = cluster.wait_until(lambda: (r := node_row(cluster)).get("on_disk") is not None
+                                 and r["on_disk"] <= job["after"] and r, 10, interval=0.2)
         assert row["live"] <= row["on_disk"]
         text = cluster.dfs("status").stdout.decode()
         assert "live" in text and "on disk" in text
