@@ -8,6 +8,7 @@ can be added without a format bump.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -33,3 +34,16 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     # Maps keyed by bytes (xattrs) need strict_map_key=False.
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def held_by(txn: Any, db: Any, blob: int) -> Iterator[tuple[int, int]]:
+    """The (a, b) of every key blob + a + b in an index keyed by blob first (`retained`,
+    `snapheld`: who holds a blob), in key order."""
+    with txn.cursor(db=db) as cur:
+        if not cur.set_range(k64(blob)):
+            return
+        for key in cur.iternext(keys=True, values=False):
+            held, a, b = U64x3.unpack(key)
+            if held != blob:
+                return
+            yield a, b

@@ -29,7 +29,7 @@ import lmdb
 from dfs.db import Database
 from dfs.errors import Code, DfsError
 from dfs.meta.cluster import ClusterMeta
-from dfs.meta.codec import U64x2, U64x3, k64, pack, unk64, unpack
+from dfs.meta.codec import U64x2, U64x3, held_by, k64, pack, unk64, unpack
 from dfs.meta.gcqueue import GcQueue
 from dfs.meta.record import Inode, validate_name
 
@@ -281,16 +281,10 @@ class SnapshotTable:
 
     def holders(self, txn: lmdb.Transaction, blob: int) -> list[SnapFile]:
         out: list[SnapFile] = []
-        with txn.cursor(db=self._dbs["snapheld"]) as cur:
-            if not cur.set_range(k64(blob)):
-                return out
-            for key in cur.iternext(keys=True, values=False):
-                held, snap, ino = U64x3.unpack(key)
-                if held != blob:
-                    break
-                inode = self.inode(txn, snap, ino)
-                if inode is not None:
-                    out.append(SnapFile(snap, inode))
+        for snap, ino in list(held_by(txn, self._dbs["snapheld"], blob)):
+            inode = self.inode(txn, snap, ino)
+            if inode is not None:
+                out.append(SnapFile(snap, inode))
         return out
 
     def put_file(self, txn: lmdb.Transaction, held: SnapFile) -> None:

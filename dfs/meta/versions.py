@@ -26,7 +26,7 @@ import lmdb
 
 from dfs.db import Database
 from dfs.errors import Code, DfsError
-from dfs.meta.codec import U64x2, U64x3, k64, pack, unpack
+from dfs.meta.codec import U64x2, U64x3, held_by, k64, pack, unpack
 from dfs.meta.gcqueue import GcQueue
 
 #: The most versions a file keeps besides its current one (`--keep-versions`, the xattr).
@@ -107,18 +107,9 @@ class VersionTable:
 
     def holders(self, txn: lmdb.Transaction, blob: int) -> list[Version]:
         """Every retained version that names `blob` (usually none or one)."""
-        out: list[Version] = []
-        with txn.cursor(db=self._retained) as cur:
-            if not cur.set_range(k64(blob)):
-                return out
-            for key in cur.iternext(keys=True, values=False):
-                held, ino, version = U64x3.unpack(key)
-                if held != blob:
-                    break
-                found = self.find(txn, ino, version)
-                if found is not None:
-                    out.append(found)
-        return out
+        found = (self.find(txn, ino, version)
+                 for ino, version in list(held_by(txn, self._retained, blob)))
+        return [v for v in found if v is not None]
 
     def count(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self._db)["entries"]
