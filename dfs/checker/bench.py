@@ -139,6 +139,11 @@ def seed(cluster: LocalCluster, count: int) -> float:
         seed_node(cluster.root / name, node_id, count, first_blob, placements)
     coordinator = cluster.children["coordinator"]
     coordinator.argv = [cluster.address if a == "127.0.0.1:0" else a for a in coordinator.argv]
+    _restart(cluster)
+    return time.monotonic() - started
+
+
+def _restart(cluster: LocalCluster) -> None:
     for child in cluster.children.values():
         child.start()
         child.wait_listening(timeout=120)
@@ -147,6 +152,24 @@ def seed(cluster: LocalCluster, count: int) -> float:
         if time.monotonic() > deadline:
             raise SystemExit("nodes did not come back up")
         time.sleep(0.2)
+
+
+def to_etcd(cluster: LocalCluster) -> float:
+    """The seeded LMDB cluster moved onto three local etcd members with `dfs meta migrate`
+    (seeding writes LMDB; etcd gets what a user's migration would give it)."""
+    from dfs.cli.etcd_members import LocalEtcd
+
+    started = time.monotonic()
+    cluster.stop()
+    cluster.etcd = LocalEtcd(cluster.root, 3)
+    cluster.etcd.start()
+    moved = cluster.dfs("meta", "migrate", "--data", str(cluster.root / "coordinator"),
+                        "--to", cluster.etcd.url, "--json")
+    if moved.returncode != 0:
+        raise SystemExit(f"dfs meta migrate failed: {moved.stderr.decode()}")
+    cluster.children["coordinator"].argv += ["--meta", cluster.etcd.url]
+    cluster.meta = "etcd"
+    _restart(cluster)
     return time.monotonic() - started
 
 
@@ -229,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the coordinator's metadata store (etcd: 3 local members)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="dfs-bench-check."))
-    cluster = LocalCluster(root, args.nodes, args.meta)
+    # Seeding writes LMDB: an etcd cluster is seeded on LMDB, then migrated (to_etcd).
+    cluster = LocalCluster(root, args.nodes, "lmdb" if args.seed else args.meta)
     out: dict[str, Any] = {"files": args.files, "size": args.size, "nodes": args.nodes,
                            "meta": args.meta}
     try:
@@ -237,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.seed:
             out["files"] = args.seed
             out["seed_s"] = round(seed(cluster, args.seed), 3)
+            if args.meta == "etcd":
+                out["migrate_s"] = round(to_etcd(cluster), 3)
             out["check"] = timed_check(cluster)
             return _finish(out, args)
         out["write_s"] = round(trio.run(write_files, cluster, args.files, args.size,
