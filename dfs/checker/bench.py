@@ -30,6 +30,7 @@ from dfs.cli.procs import DFS, Child
 
 COORDINATOR_ARGS = ("--node-timeout", "1.5", "--gc-grace", "5")
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--scrub-rate", "0")
+RESTART_WAIT = 900.0
 
 
 class LocalCluster:
@@ -147,10 +148,11 @@ def _restart(cluster: LocalCluster) -> None:
     for child in cluster.children.values():
         child.start()
         child.wait_listening(timeout=120)
-    deadline = time.monotonic() + 60
+    # Long: a leader on etcd loads its whole cache (every key of 10^5 files) before it serves.
+    deadline = time.monotonic() + RESTART_WAIT
     while sum(n["state"] == "up" for n in cluster.status()["nodes"]) < cluster.nodes:
         if time.monotonic() > deadline:
-            raise SystemExit("nodes did not come back up")
+            raise SystemExit(f"nodes did not come back up in {RESTART_WAIT:.0f} s")
         time.sleep(0.2)
 
 

@@ -136,30 +136,23 @@ class HaCoordinator:
         self.role = "leader"
         self.terms += 1
         mirror = EtcdMirror(self.client, META_PREFIX, leadership)
-        try:
-            if await runtime.in_thread(self.client.get, MIGRATING) is not None:
-                log.error("etcd holds an unfinished `dfs meta migrate`: not leading until "
-                          "it is run again to the end")
-                await self.election.resign(leadership)
-                await trio.sleep(MIGRATION_WAIT)
-                return
-            store = await runtime.in_thread(functools.partial(
-                MetaStore.open, self.config.data, replicas=self.config.replicas,
-                gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror,
-                keep_versions=self.config.keep_versions))
-        except (DfsError, LostLeadership) as e:
-            log.warning("could not take over (%s): standing by again", e.msg)
-            await self.election.resign(leadership)
-            return
-        self.cluster_id = store.cluster_id
-        self.leader = self.config.listen
-        log.info("leading (term %d, etcd revision %d): cluster %s", self.terms,
-                 leadership.create_revision, store.cluster_id)
-        service = CoordinatorService(store, self.config, self.secret, self.metrics)
-        service.ha = self  # type: ignore[attr-defined]  # op_status reports the roles
+        store: MetaStore | None = None
         try:
             async with trio.open_nursery() as nursery:
+                # The lease is kept alive from the first moment: loading the cache of a
+                # namespace of 10^5 files takes several lease TTLs (without renewals the lease
+                # ran out during every load and the leader stood by again, forever).
                 nursery.start_soon(self.election.keep_alive, leadership)
+                store = await self._take_over(leadership, mirror)
+                if store is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                self.cluster_id = store.cluster_id
+                self.leader = self.config.listen
+                log.info("leading (term %d, etcd revision %d): cluster %s", self.terms,
+                         leadership.create_revision, store.cluster_id)
+                service = CoordinatorService(store, self.config, self.secret, self.metrics)
+                service.ha = self  # type: ignore[attr-defined]  # op_status reports the roles
                 nursery.start_soon(self._watch_fence, mirror)
                 nursery.start_soon(self._compact)
                 await nursery.start(service.run)
@@ -167,13 +160,29 @@ class HaCoordinator:
             log.warning("stepping down: %s", group.exceptions[0])
         except* DfsError as group:
             # The metadata store failed under the leader (etcd unreachable or without a
-            # quorum): stand by again rather than exit; whoever can reach etcd leads next.
+            # quorum), or could not be loaded: stand by again rather than exit; whoever can
+            # reach etcd leads next.
             log.warning("stepping down: the metadata store failed: %s", group.exceptions[0])
             await self.election.resign(leadership)
         finally:
             self.role = "standby"
             self.leader = None
-            store.close()
+            if store is not None:
+                store.close()
+
+    async def _take_over(self, leadership: Leadership, mirror: EtcdMirror) -> MetaStore | None:
+        """The cache, emptied and loaded from etcd; None (resigned) while etcd holds an
+        unfinished migration."""
+        if await runtime.in_thread(self.client.get, MIGRATING) is not None:
+            log.error("etcd holds an unfinished `dfs meta migrate`: not leading until it is "
+                      "run again to the end")
+            await self.election.resign(leadership)
+            await trio.sleep(MIGRATION_WAIT)
+            return None
+        return await runtime.in_thread(functools.partial(
+            MetaStore.open, self.config.data, replicas=self.config.replicas,
+            gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror,
+            keep_versions=self.config.keep_versions))
 
     @staticmethod
     async def _watch_fence(mirror: EtcdMirror) -> None:
