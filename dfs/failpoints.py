@@ -37,8 +37,9 @@ REPAIR_NAMES = frozenset(
     }
 )
 
-# A snapshot has written a piece of its copy, not yet the last (dfs/coordinator/snapshot_ops.py).
-SNAPSHOT_NAMES = frozenset({"snapshot.after_piece"})
+# A snapshot has written a piece of its copy, not yet the last (dfs/coordinator/snapshot_ops.py);
+# an elected coordinator is about to load its cache from etcd (dfs/coordinator/ha.py).
+SNAPSHOT_NAMES = frozenset({"snapshot.after_piece", "coordinator.takeover"})
 
 # A durable batch committed, not yet flushed: in the simulator a crash here is a power cut
 # that loses the batch, so whatever was observable of it before the flush is caught.

@@ -167,6 +167,17 @@ def test_leader_cut_off_from_etcd_cannot_decide(tmp_path: Path) -> None:
         _assert_no_write_lost(cluster, ledger, inos)
 
 
+def test_a_takeover_that_outlasts_the_lease_still_leads(tmp_path: Path) -> None:
+    """Loading the cache of a large namespace takes seconds, several lease TTLs (1 s here):
+    the lease is renewed meanwhile, so the elected coordinator leads rather than stand by."""
+    slow = {"DFS_FAILPOINTS": "coordinator.takeover=delay:3000"}
+    with HaCluster(tmp_path / "ha", coordinators=1, env={"coordinator-1": slow}).start() as c:
+        assert c.wait_leader() == "coordinator-1"
+        put = c.dfs("put", "-", "/after-a-slow-takeover", input=b"led", timeout=60)
+        assert put.returncode == 0, put.stderr
+        assert "stepping down" not in c.log("coordinator-1", 400)
+
+
 def test_etcd_without_a_majority_stops_writes_then_they_resume(ha: HaCluster) -> None:
     assert ha.dfs("put", "-", "/before", input=b"before").returncode == 0
     # One of three goes, etcd's leader itself (the worse case): a majority is left. Until it

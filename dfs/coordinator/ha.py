@@ -29,6 +29,7 @@ from dfs.etcd import leader_key, meta_prefix
 from dfs.etcd.client import Compacted, EtcdClient, EtcdError
 from dfs.etcd.election import Election, Leadership, LostLeadership
 from dfs.etcd.mirror import EtcdMirror, subdb_prefix
+from dfs.failpoints import failpoint
 from dfs.meta import MetaStore
 from dfs.meta.cluster import CLUSTER_ID
 from dfs.meta.codec import unpack
@@ -179,6 +180,7 @@ class HaCoordinator:
             await self.election.resign(leadership)
             await trio.sleep(MIGRATION_WAIT)
             return None
+        await failpoint("coordinator.takeover")  # tests: a load that outlasts the lease
         return await runtime.in_thread(functools.partial(
             MetaStore.open, self.config.data, replicas=self.config.replicas,
             gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror,
