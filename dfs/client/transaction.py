@@ -88,6 +88,9 @@ class Transaction:
         self._done = False
         #: After a commit: each written or created path's new attributes.
         self.attrs: dict[str, Attr] = {}
+        # The commit's reply was lost and OUTCOME said "committed": `attrs` are the files as
+        # they are now, which may be later versions than the ones this transaction made.
+        self.settled_by_outcome = False
 
     # ------------------------------------------------------------ recording
 
@@ -275,6 +278,7 @@ class Transaction:
             # One decision: a member committed, so all did. Their attrs as they are now.
             for w in writes:
                 w.txid = 0  # nothing to abort
+            self.settled_by_outcome = True
             return {w.path: await client.resolve(w.path) for w in writes}
         for w in writes:
             w.txid = 0  # decided: nothing to abort

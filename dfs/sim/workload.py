@@ -195,6 +195,11 @@ class SimUser(SimProcess):
         else:
             for op in members:
                 attr = attrs[paths[op.ino]]
+                if t.settled_by_outcome:
+                    # Settled by OUTCOME: committed, at versions the client does not know
+                    # (the attrs are the files' versions now, maybe later writes').
+                    op.outcome, op.blob = "ok", None
+                    continue
                 op.outcome, op.version, op.blob = "ok", attr.version, attr.blob
             self.world.log(f"{self.name} group {gid} ok: {len(members)} files")
         now = trio.current_time()
