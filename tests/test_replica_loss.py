@@ -293,11 +293,17 @@ async def test_a_refused_txid_in_a_commit_batch_marks_only_its_replica_bad(
                 attr = await client.create(root.ino, b"f%d" % i, 0o100644, 0, 0)
                 blobs.append((await client.write_file(attr.ino, io.BytesIO(b"%d" % i * 99))).blob)
         lost = blobs[2]
+        driver = coord.service.driver
+        # A write returns at its decision; its COMMIT reaches the victim's outbox only after
+        # the first replica's ack (when the victim is not first). Wait until all four queue
+        # behind the held request, or the batch under test would be sent without the last.
+        with trio.fail_after(10):
+            while driver.queued_to(nodes[0].node_id) < len(blobs) - 1:
+                await trio.sleep(0.01)
         peer = Peer(nodes[0].address, SECRET)
         await peer.call("delete", blobs=[lost])  # as GC would: the PREPARED copy is gone
         await peer.aclose()
         gate.set()
-        driver = coord.service.driver
         with trio.fail_after(10):
             while any(driver.protocol.phase(b) is not None for b in blobs if b != lost):
                 await trio.sleep(0.05)

@@ -102,6 +102,11 @@ class Delivery:
             self._outboxes[node] = outbox
         return outbox
 
+    def queued_to(self: CommitDriver, node: int) -> int:
+        """COMMITs and ABORTs waiting in the node's outbox (not yet in a request)."""
+        outbox = self._outboxes.get(node)
+        return outbox.queued() if outbox is not None else 0
+
     async def _send_batch(self: CommitDriver, node: int, op: str, txids: list[int]
                           ) -> dict[int, Answer]:
         """One `commit`/`abort` request with `txids`; each txid's answer. A failed request
