@@ -163,7 +163,14 @@ class FrameStream:
 
     async def _write_batch(self, me: _Outgoing) -> None:
         """Write the queued frames from the front, up to COALESCE_BYTES (at least one). If the
-        write fails, the other frames' senders learn it from `error`; this one from the raise."""
+        write fails, the other frames' senders learn it from `error`; this one from the raise.
+
+        A cancellation already delivered (a sender whose timeout ran out while it queued for
+        the lock) is raised here, before a byte is written, with every frame still queued:
+        raised inside `send_all` it would have marked the stream cut although nothing was
+        sent, failing every call in flight. (checkpoint_if_cancelled does not yield, so no
+        cancellation can arrive between it and send_all's first write.)"""
+        await trio.lowlevel.checkpoint_if_cancelled()
         batch = [self._outgoing.popleft()]
         size = len(batch[0].data)
         while self._outgoing and size + len(self._outgoing[0].data) <= COALESCE_BYTES:

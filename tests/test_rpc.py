@@ -535,3 +535,27 @@ async def test_a_receive_cancelled_inside_a_big_frame_loses_no_bytes() -> None:
         assert scope.cancelled_caught
         rest.set()
         assert (await frames.receive())["data"] == data
+
+
+async def test_a_sender_cancelled_while_it_queued_for_the_write_leaves_the_stream_whole() -> None:
+    """A caller whose timeout runs out while another frame is being written (a loaded
+    machine) gives up before its frame goes out: the stream is not cut, the frame is not
+    sent, and the frames after it arrive intact."""
+    a, b = trio.socket.socketpair()
+    frames, receiver = FrameStream(trio.SocketStream(a)), FrameStream(trio.SocketStream(b))
+    scope = trio.CancelScope()
+
+    async def doomed() -> None:
+        with scope:
+            await frames.send({"ok": True, "n": "doomed"})
+
+    async with trio.open_nursery() as nursery:
+        await frames._send_lock.acquire()  # a write under way
+        nursery.start_soon(doomed)
+        await trio.testing.wait_all_tasks_blocked()  # it queues for the lock
+        frames._send_lock.release()  # it is given the lock...
+        scope.cancel()  # ...and its timeout runs out before it runs
+    assert scope.cancelled_caught
+    assert not frames.send_cut
+    await frames.send({"ok": True, "n": 2})
+    assert (await receiver.receive())["n"] == 2
