@@ -137,6 +137,7 @@ class Database:
         map_size: int = 1 << 30,
         readonly: bool = False,
         mirror: Mirror | None = None,
+        cache: bool = False,
     ) -> None:
         self.path = Path(path)
         self.mirror = mirror
@@ -154,7 +155,7 @@ class Database:
             map_size=map_size,
             max_dbs=len(subdbs) + 2,
             subdir=True,
-            sync=mirror is None,
+            sync=mirror is None and not cache,  # a copy of etcd needs no fsync
             metasync=False,
             readonly=readonly,
             lock=not readonly,

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cluster import Cluster
+from etcd_harness import EtcdCluster
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -53,3 +54,16 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
         yield cluster.start()
     finally:
         cluster.stop_all()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member for a module of metadata-on-etcd tests (each keeps to its `prefix`)."""
+    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """Each test its own keys in the shared etcd."""
+    return f"/t/{request.node.name}"

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from etcd_harness import EtcdCluster, TcpProxy, free_port
+from etcd_meta_helpers import etcd_dump
 from meta_helpers import GRACE, dump
 
 from dfs.db import Database
@@ -29,18 +29,6 @@ DIR = stat.S_IFDIR | 0o755
 TTL = 2
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def prefix(request: pytest.FixtureRequest) -> str:
-    """Each test its own keys in the shared etcd."""
-    return f"/t/{request.node.name}"
-
-
 def election(client: EtcdClient, prefix: str) -> Election:
     return Election(client, f"{prefix}/leader".encode(), ttl=TTL)
 
@@ -49,16 +37,6 @@ def open_mirrored(path: Path, client: EtcdClient, prefix: str,
                   leadership: Leadership) -> MetaStore:
     mirror = EtcdMirror(client, f"{prefix}/meta", leadership)
     return MetaStore.open(path, gc_grace_ns=GRACE, map_size=1 << 24, mirror=mirror)
-
-
-def etcd_dump(client: EtcdClient, prefix: str) -> dict[str, list[tuple[bytes, bytes]]]:
-    """Every sub-db as etcd holds it, in the shape of meta_helpers.dump."""
-    out = {}
-    for name in SUBDBS:
-        start = subdb_prefix(f"{prefix}/meta", name)
-        out[name] = [(kv.key[len(start):], kv.value)
-                     for kv in client.range(start, prefix=True).kvs]
-    return out
 
 
 def everything(client: EtcdClient, prefix: str) -> list[tuple[bytes, bytes, int]]:

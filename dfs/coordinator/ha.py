@@ -3,14 +3,18 @@
 docs/coordinator.md, "Standby coordinators". One process, two roles on one address:
 - Standby: serves `dfs.coordinator.standby.Standby` (every request answered NOT_LEADER with
   the leader's address, which it polls from etcd) and campaigns (dfs/etcd/election.py).
-- Leader: its LMDB cache is emptied and loaded from etcd (dfs/etcd/mirror.py), then the very
-  coordinator of the LMDB-only case runs over it: start-up recovery resumes COMMIT delivery
+- Warm cache: from the moment a term as standby begins, the LMDB cache is loaded from etcd
+  and kept in step with it by a watch (dfs/etcd/follower.py), so that a takeover needs only
+  the changes up to its own election, not a load of the whole namespace.
+- Leader: its LMDB cache caught up (or, if that fails, emptied and loaded from etcd:
+  dfs/etcd/mirror.py), then the very coordinator of the LMDB-only case runs over it: start-up recovery resumes COMMIT delivery
   for every decided transaction and presumes abort for the rest, as after a restart. Every
   batch it writes is one fenced etcd transaction. The lease kept alive is the leadership: the
   moment a keepalive finds it gone, or a fenced write is refused, the service is cancelled
   and the process is a standby again (with a fresh cache at its next term).
 Error policy: the top nursery ends on SIGINT/SIGTERM; a lost leadership ends only the leader
-nursery; anything else is a bug and ends the process.
+nursery; the follower retries etcd failures itself; anything else is a bug and ends the
+process.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -28,11 +33,13 @@ from dfs.errors import DfsError
 from dfs.etcd import leader_key, meta_prefix
 from dfs.etcd.client import Compacted, EtcdClient, EtcdError
 from dfs.etcd.election import Election, Leadership, LostLeadership
+from dfs.etcd.follower import Follower
 from dfs.etcd.mirror import EtcdMirror, subdb_prefix
 from dfs.failpoints import failpoint
 from dfs.meta import MetaStore
 from dfs.meta.cluster import CLUSTER_ID
 from dfs.meta.codec import unpack
+from dfs.meta.store import SUBDBS
 from dfs.metrics.http import start_metrics
 
 from .config import CoordinatorConfig
@@ -51,6 +58,9 @@ DEPOSED_POLL = 0.05  # a leader checks that its fenced writes still land this of
 COMPACT_EVERY = 300.0  # the leader compacts etcd's history this often...
 COMPACT_KEEP = 10_000  # ...keeping this many revisions (reads of a load span a few)
 QUOTA_WARN = 0.8  # `dfs status` warns once etcd's backend is this full (writes stop at 1.0)
+# An elected standby whose loaded cache has not caught up with its own election after this
+# long loads the cache afresh instead (a watch stuck on a partitioned member, say).
+CATCH_UP_LIMIT = 3.0
 
 
 class HaCoordinator:
@@ -72,13 +82,19 @@ class HaCoordinator:
 
     async def run(self) -> int:
         await runtime.in_thread(self.client.status)  # an unreachable etcd: a clear start error
+        EtcdMirror.refuse_non_cache(Path(self.config.data))  # so is real metadata in --data
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, nursery.cancel_scope)
             self.metrics.address = await start_metrics(
                 nursery, self.metrics.registry, self.config.metrics, "coordinator")
             while True:
-                leadership = await self._stand_by()
-                await self._lead(leadership)
+                async with trio.open_nursery() as term:
+                    follower = Follower(self.client, PREFIX, META_PREFIX, self.config.data,
+                                        SUBDBS)
+                    term.start_soon(follower.run)
+                    leadership = await self._stand_by()
+                    await self._lead(leadership, follower)
+                    term.cancel_scope.cancel()
                 await trio.sleep(LEADER_POLL)  # let the next leader's key appear first
         return 0
 
@@ -133,7 +149,7 @@ class HaCoordinator:
 
     # ------------------------------------------------------------ leader
 
-    async def _lead(self, leadership: Leadership) -> None:
+    async def _lead(self, leadership: Leadership, follower: Follower) -> None:
         self.role = "leader"
         self.terms += 1
         mirror = EtcdMirror(self.client, META_PREFIX, leadership)
@@ -144,7 +160,7 @@ class HaCoordinator:
                 # namespace of 10^5 files takes several lease TTLs (without renewals the lease
                 # ran out during every load and the leader stood by again, forever).
                 nursery.start_soon(self.election.keep_alive, leadership)
-                store = await self._take_over(leadership, mirror)
+                store = await self._take_over(leadership, mirror, follower)
                 if store is None:
                     nursery.cancel_scope.cancel()
                     return
@@ -171,9 +187,10 @@ class HaCoordinator:
             if store is not None:
                 store.close()
 
-    async def _take_over(self, leadership: Leadership, mirror: EtcdMirror) -> MetaStore | None:
-        """The cache, emptied and loaded from etcd; None (resigned) while etcd holds an
-        unfinished migration."""
+    async def _take_over(self, leadership: Leadership, mirror: EtcdMirror,
+                         follower: Follower) -> MetaStore | None:
+        """The cache, caught up with this election (or emptied and loaded from etcd); None
+        (resigned) while etcd holds an unfinished migration."""
         if await runtime.in_thread(self.client.get, MIGRATING) is not None:
             log.error("etcd holds an unfinished `dfs meta migrate`: not leading until it is "
                       "run again to the end")
@@ -181,10 +198,19 @@ class HaCoordinator:
             await trio.sleep(MIGRATION_WAIT)
             return None
         await failpoint("coordinator.takeover")  # tests: a load that outlasts the lease
+        follower.renew = mirror.renew_if_due  # a load still running keeps the lease alive
+        warm = await follower.caught_up(leadership.create_revision, CATCH_UP_LIMIT)
+        await follower.stop()
+        follower.close()
+        if warm:
+            log.info("taking over with the standby's cache (etcd revision %d, %d changes "
+                     "followed)", follower.revision, follower.applied)
+        else:
+            log.info("taking over with a freshly loaded cache")
         return await runtime.in_thread(functools.partial(
             MetaStore.open, self.config.data, replicas=self.config.replicas,
             gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror,
-            keep_versions=self.config.keep_versions))
+            keep_versions=self.config.keep_versions, loaded=warm))
 
     @staticmethod
     async def _watch_fence(mirror: EtcdMirror) -> None:

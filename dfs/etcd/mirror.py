@@ -181,23 +181,27 @@ class EtcdMirror:
     # -- setting up a cache -------------------------------------------------------------------
 
     @staticmethod
+    def refuse_non_cache(path: Path) -> None:
+        """An LMDB in `path` that is not tagged as a cache of etcd is real metadata: refused."""
+        if (path / "data.mdb").exists() and not (path / CACHE_TAG).exists():
+            raise DfsError(Code.BAD_REQUEST, f"{path} holds LMDB metadata that is not a cache "
+                                             "of etcd; move it to etcd with dfs meta migrate")
+
+    @staticmethod
     def prepare(path: Path | str) -> None:
         """Make `path` an empty cache directory: an old cache of etcd is deleted (a leader
         always reloads); an LMDB there that is not tagged as a cache is refused, not lost."""
         path = Path(path)
-        data = path / "data.mdb"
-        if data.exists() and not (path / CACHE_TAG).exists():
-            raise DfsError(Code.BAD_REQUEST, f"{path} holds LMDB metadata that is not a cache "
-                                             "of etcd; move it to etcd with dfs meta migrate")
+        EtcdMirror.refuse_non_cache(path)
         for name in ("data.mdb", "lock.mdb"):
             (path / name).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         (path / CACHE_TAG).write_text("this LMDB is a disposable cache of etcd\n")
 
     def load(self, db: Database) -> int:
-        return load(self.client, self.prefix, db, renew=self._renew_if_due)
+        return load(self.client, self.prefix, db, renew=self.renew_if_due)
 
-    def _renew_if_due(self) -> None:
+    def renew_if_due(self) -> None:
         """Between pages of a load: renew the lease once a renewal is due. A namespace of
         10^5 files takes several lease TTLs to load; the leader's keepalive task gets no
         renewal through meanwhile (measured: none in 14 s), so the loader renews it itself."""

@@ -48,21 +48,23 @@ class MetaStore:
     @classmethod
     def open(cls, path: Path | str, *, replicas: int = 3, gc_grace_ns: int = DEFAULT_GC_GRACE_NS,
              map_size: int = 1 << 30, mirror: EtcdMirror | None = None,
-             keep_versions: int = 0) -> MetaStore:
+             keep_versions: int = 0, loaded: bool = False) -> MetaStore:
         """Open (creating at first start) the environment in directory `path` (path/data.mdb).
 
         Runs before the writer task exists, hence the synchronous durable write. `replicas` is
         used at first start only; afterwards the stored R wins.
 
         With `mirror` the metadata lives in etcd (dfs/etcd/mirror.py) and `path` is only its
-        cache: emptied, loaded from etcd, and every write goes to etcd first.
+        cache: emptied, loaded from etcd, and every write goes to etcd first. `loaded` says
+        the cache already equals etcd (a warm standby's, dfs/etcd/follower.py): kept as is.
         """
-        if mirror is not None:
+        assert not loaded or mirror is not None, "only a cache of etcd can be loaded already"
+        if mirror is not None and not loaded:
             mirror.prepare(path)
         store = cls(Database(path, SUBDBS, map_size=map_size, mirror=mirror),
                     gc_grace_ns=gc_grace_ns, keep_versions=keep_versions)
         try:
-            if mirror is not None:
+            if mirror is not None and not loaded:
                 mirror.load(store.db)
             store.db.write_now(lambda txn: store._initialize(txn, replicas))
         except BaseException:
