@@ -58,9 +58,10 @@ DEPOSED_POLL = 0.05  # a leader checks that its fenced writes still land this of
 COMPACT_EVERY = 300.0  # the leader compacts etcd's history this often...
 COMPACT_KEEP = 10_000  # ...keeping this many revisions (reads of a load span a few)
 QUOTA_WARN = 0.8  # `dfs status` warns once etcd's backend is this full (writes stop at 1.0)
-# An elected standby whose loaded cache has not caught up with its own election after this
-# long loads the cache afresh instead (a watch stuck on a partitioned member, say).
-CATCH_UP_LIMIT = 3.0
+# An elected standby whose loaded cache applies nothing for this long before it has caught
+# up with its own election loads the cache afresh instead (a watch stuck on a partitioned
+# member, say; a silent watch is begun again after WATCH_IDLE, 2 s).
+CATCH_UP_STALL = 3.0
 
 
 class HaCoordinator:
@@ -199,14 +200,14 @@ class HaCoordinator:
             return None
         await failpoint("coordinator.takeover")  # tests: a load that outlasts the lease
         follower.renew = mirror.renew_if_due  # a load still running keeps the lease alive
-        warm = await follower.caught_up(leadership.create_revision, CATCH_UP_LIMIT)
+        warm = await follower.caught_up(leadership.create_revision, CATCH_UP_STALL)
         await follower.stop()
-        follower.close()
         if warm:
             log.info("taking over with the standby's cache (etcd revision %d, %d changes "
                      "followed)", follower.revision, follower.applied)
         else:
             log.info("taking over with a freshly loaded cache")
+        follower.close()
         return await runtime.in_thread(functools.partial(
             MetaStore.open, self.config.data, replicas=self.config.replicas,
             gc_grace_ns=int(self.config.gc_grace * 1e9), mirror=mirror,

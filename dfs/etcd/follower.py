@@ -95,18 +95,21 @@ class Follower:
     def loaded(self) -> bool:
         return self._db is not None
 
-    async def caught_up(self, revision: int, limit: float) -> bool:
-        """Wait until the cache holds every change up to `revision`; False when that takes
-        more than `limit` seconds after the cache is loaded (the caller loads afresh)."""
+    async def caught_up(self, revision: int, stall: float) -> bool:
+        """Wait until the cache holds every change up to `revision`; False when the loaded
+        cache applies nothing for `stall` seconds on the way (the caller loads afresh). A
+        cache that is behind but applying (after a burst of writes) is waited for: catching
+        up is faster than a load."""
         while not self.loaded:
             await self._progress.wait()
-        with trio.move_on_after(limit):
-            while self.revision < revision:
+        while self.revision < revision:
+            with trio.move_on_after(stall):
                 await self._progress.wait()
-            return True
-        log.warning("the standby's cache is at revision %d, not %d, after %.1f s",
-                    self.revision, revision, limit)
-        return False
+                continue
+            log.warning("the standby's cache is stuck at revision %d, short of %d, for %.1f s",
+                        self.revision, revision, stall)
+            return False
+        return True
 
     def close(self) -> None:
         """After `stop`: the cache directory, closed, for MetaStore.open(..., loaded=True)."""
