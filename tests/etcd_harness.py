@@ -67,7 +67,11 @@ class EtcdCluster:
     """`members` etcd processes forming one cluster."""
 
     def __init__(self, root: Path, *, members: int = 1, compaction_retention: str = "1000",
-                 quota_bytes: int = QUOTA_BYTES) -> None:
+                 quota_bytes: int = QUOTA_BYTES, tls: etcd_members.MemberTls | None = None
+                 ) -> None:
+        """`tls`: every member serves its client and peer links over TLS with these files,
+        requiring a client certificate of the same CA (clients: `client()` presents one)."""
+        self.tls = tls
         self.binary = require_etcd()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -80,14 +84,16 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
-    def client(self, *, timeout: float = 2.0) -> EtcdClient:
-        return EtcdClient(self.endpoints, timeout=timeout)
+    def client(self, *, timeout: float = 2.0, endpoints: list[str] | None = None
+               ) -> EtcdClient:
+        return EtcdClient(endpoints or self.endpoints, timeout=timeout,
+                          tls=self.tls.context() if self.tls is not None else None)
 
     def _command(self, i: int) -> list[str]:
         m = self.members[i]
         return etcd_members.member_command(
             self.binary, m, self.members, m.data_dir, token=f"dfs-test-{os.getpid()}",
-            retention=self.compaction_retention, quota=self.quota_bytes)
+            retention=self.compaction_retention, quota=self.quota_bytes, tls=self.tls)
 
     def start(self) -> EtcdCluster:
         """Start every member. etcd needs its ports on the command line, so they are picked
@@ -121,7 +127,7 @@ class EtcdCluster:
         """Until member i answers a linearizable read (it has joined a cluster with a leader)."""
         m = self.members[i]
         deadline = time.monotonic() + START_TIMEOUT
-        with EtcdClient([m.endpoint], timeout=1.0) as client:
+        with self.client(timeout=1.0, endpoints=[m.endpoint]) as client:
             while True:
                 if m.proc is not None and m.proc.poll() is not None:
                     raise RuntimeError(f"{m.name} exited with {m.proc.returncode}: "
@@ -143,7 +149,7 @@ class EtcdCluster:
                 if m.proc is None or m.proc.poll() is not None:
                     continue
                 try:
-                    with EtcdClient([m.endpoint], timeout=1.0) as client:
+                    with self.client(timeout=1.0, endpoints=[m.endpoint]) as client:
                         st = client.status(m.endpoint)
                 except EtcdError:
                     continue

@@ -7,6 +7,7 @@ renames included; and the watch tells a compacted start revision and a silent st
 
 from __future__ import annotations
 
+import ssl
 import stat
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from etcd_harness import EtcdCluster
 from etcd_meta_helpers import etcd_dump
 from meta_helpers import GRACE, dump
 
-from dfs.etcd.client import Compacted, prefix_end
+from dfs.etcd.client import Compacted, EtcdClient, EtcdError, prefix_end
 from dfs.etcd.election import Election
 from dfs.etcd.follower import Follower
 from dfs.etcd.mirror import EtcdMirror
@@ -119,3 +120,50 @@ async def test_a_watch_brings_puts_and_deletes_in_order_then_goes_idle(
     assert [(e.key[len(root):], e.value) for e in seen] == [
         (b"a", b"1"), (b"b", b"2"), (b"a", None)]
     assert [e.revision for e in seen] == sorted(e.revision for e in seen)
+
+
+async def test_the_watch_and_the_writes_go_over_tls_with_both_sides_verified(
+        tmp_path: Path) -> None:
+    """etcd run with TLS on its client and peer links and --client-cert-auth (as
+    `dfs local up --ha --tls` runs it): a leader's writes and a standby's watch both go
+    over TLS; a plain client and a TLS client without a certificate get nothing."""
+    from dfs import tls_local
+    from dfs.cli.etcd_members import MemberTls
+
+    certs = tmp_path / "tls"
+    ca = tls_local.make_ca(certs)
+    member = MemberTls(*tls_local.make_cert(certs, "etcd", ["127.0.0.1", "localhost"]), ca)
+    with EtcdCluster(tmp_path / "etcd", tls=member) as etcd:
+        client = etcd.client()  # https, presenting a certificate of the CA
+        assert all(e.startswith("https://") for e in client.endpoints)
+        with pytest.raises(EtcdError):
+            EtcdClient([etcd.endpoints[0]], timeout=1.0).range(b"/")  # plain http
+        no_cert = ssl.create_default_context(cafile=str(ca))
+        with pytest.raises(EtcdError):
+            EtcdClient([etcd.endpoints[0]], timeout=1.0, tls=no_cert).range(b"/")
+        lead = await Election(client, b"/dfs/leader", ttl=2).campaign("coord-a")
+        store = MetaStore.open(tmp_path / "leader", gc_grace_ns=GRACE, map_size=1 << 24,
+                               mirror=EtcdMirror(client, "/dfs/meta", lead))
+        follower = Follower(client, "/dfs", "/dfs/meta", tmp_path / "standby", SUBDBS,
+                            map_size=1 << 24)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.db.run_writer)
+            nursery.start_soon(follower.run)
+            with trio.fail_after(10):
+                while not follower.loaded:
+                    await trio.sleep(0.01)
+            for i in range(5):
+                await store.db.write(lambda t, i=i: store.namespace.mkdir(
+                    t, ROOT_INO, b"d%d" % i, DIR, 0, 0, NOW))
+            await Election(client, b"/dfs/leader", ttl=2).resign(lead)
+            nxt = await Election(client, b"/dfs/leader", ttl=2).campaign("coord-b")
+            assert await follower.caught_up(nxt.create_revision, 10.0)
+            await follower.stop()
+            nursery.cancel_scope.cancel()
+        follower.close()
+        assert follower.applied >= 5
+        other = MetaStore.open(tmp_path / "standby", gc_grace_ns=GRACE, map_size=1 << 24,
+                               mirror=EtcdMirror(client, "/dfs/meta", nxt), loaded=True)
+        assert dump(other) == dump(store) == etcd_dump(client, "/dfs")
+        store.close()
+        other.close()

@@ -248,14 +248,17 @@ def _two_free_ports() -> int:
                 continue
 
 
-def test_local_up_ha_runs_etcd_and_two_coordinators(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_local_up_ha_runs_etcd_and_two_coordinators(tmp_path: Path, tls: bool) -> None:
+    """With --tls every link is TLS, the coordinators' links to etcd and etcd's own too."""
     from etcd_harness import require_etcd
 
     require_etcd()
     port = _two_free_ports()
     coordinators = f"127.0.0.1:{port},127.0.0.1:{port + 1}"
     up = Child("local-up", [*DFS, "local", "up", "--ha", "--dir", str(tmp_path / "c"),
-                            "--coordinator", f"127.0.0.1:{port}"], tmp_path / "up.log")
+                            "--coordinator", f"127.0.0.1:{port}", *(["--tls"] if tls else [])],
+               tmp_path / "up.log")
     up.start()
     try:
         deadline = time.monotonic() + 90
@@ -263,15 +266,33 @@ def test_local_up_ha_runs_etcd_and_two_coordinators(tmp_path: Path) -> None:
             assert up.poll() is None, up.log_tail(20)
             assert time.monotonic() < deadline, up.log_tail(20)
             time.sleep(0.2)
+        certs = tmp_path / "c" / "tls"
         env = {**os.environ, "DFS_COORDINATOR": coordinators,
-               "DFS_SECRET_FILE": str(tmp_path / "c" / "secret")}
+               "DFS_SECRET_FILE": str(tmp_path / "c" / "secret"),
+               **({"DFS_TLS_CERT": str(certs / "client.crt"),
+                   "DFS_TLS_KEY": str(certs / "client.key"),
+                   "DFS_TLS_CA": str(certs / "ca.crt")} if tls else {})}
         run = lambda *a, **k: subprocess.run([*DFS, *a], env=env, capture_output=True,  # noqa: E731
                                              timeout=60, **k)
         assert run("put", "-", "/ha", input=b"hello").returncode == 0
         status = json.loads(run("status", "--json").stdout)
         assert status["meta"]["store"] == "etcd"
-        assert len(status["meta"]["members"]) == 3
+        members = status["meta"]["members"]
+        assert len(members) == 3 and all(m["healthy"] for m in members), members
         assert run("cat", "/ha").stdout == b"hello"
+        scheme = "https://" if tls else "http://"
+        assert all(m["endpoint"].startswith(scheme) for m in members), members
+        if tls:  # etcd answers neither plain HTTP nor TLS without a certificate of the CA
+            from dfs.etcd.client import EtcdClient, EtcdError
+
+            endpoint = members[0]["endpoint"].removeprefix("https://")
+            with pytest.raises(EtcdError):
+                EtcdClient([endpoint], timeout=1.0).range(b"/")
+            import ssl
+
+            with pytest.raises(EtcdError):
+                EtcdClient([endpoint], timeout=1.0, tls=ssl.create_default_context(
+                    cafile=str(certs / "ca.crt"))).range(b"/")
     finally:
         up.stop()
     assert up.poll() is not None

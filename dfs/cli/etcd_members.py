@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +61,40 @@ class Member:
         return f"http://127.0.0.1:{self.peer_port}"
 
 
+@dataclass(frozen=True)
+class MemberTls:
+    """TLS on a member's client and peer links: its certificate (with loopback SANs) and the
+    CA that signs the coordinators' and the other members' (both sides verified)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def flags(self) -> list[str]:
+        files = ["--cert-file", str(self.cert), "--key-file", str(self.key),
+                 "--trusted-ca-file", str(self.ca), "--client-cert-auth"]
+        peer = ["--peer-cert-file", str(self.cert), "--peer-key-file", str(self.key),
+                "--peer-trusted-ca-file", str(self.ca), "--peer-client-cert-auth"]
+        return files + peer
+
+    def context(self) -> ssl.SSLContext:
+        """A client context for health checks: the CA, and this certificate to present."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+
 class LocalEtcd:
     """`count` members under root/etcd/, their ports kept across restarts."""
 
-    def __init__(self, root: Path, count: int = 3, *, token: str = "dfs-local") -> None:
+    def __init__(self, root: Path, count: int = 3, *, token: str = "dfs-local",
+                 tls: Callable[[str], MemberTls] | None = None) -> None:
+        """`tls`: a member's name -> its TLS files (`dfs local up --ha --tls`); None: plain."""
         self.root = Path(root) / "etcd"
         self.root.mkdir(parents=True, exist_ok=True)
         self.token = token
         self.members = self._members(count)
+        self.tls = {m.name: tls(m.name) for m in self.members} if tls is not None else None
         self.children = [
             Child(m.name, self.command(m), self.root / f"{m.name}.log", die_with_parent=True)
             for m in self.members
@@ -92,18 +119,19 @@ class LocalEtcd:
     @property
     def url(self) -> str:
         """The coordinator's --meta value."""
-        return "etcd://" + ",".join(self.endpoints)
+        return ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
 
     def command(self, m: Member) -> list[str]:
         return member_command(etcd_binary(), m, self.members, self.root / f"{m.name}.data",
-                              token=self.token)
+                              token=self.token, tls=self.tls[m.name] if self.tls else None)
 
     def start(self) -> None:
         for child in self.children:
             child.start()
         deadline = time.monotonic() + READY_TIMEOUT
         for member, child in zip(self.members, self.children, strict=True):
-            while not healthy(member.endpoint):
+            tls = self.tls[member.name] if self.tls else None
+            while not healthy(member.endpoint, tls=tls):
                 status = child.poll()
                 if status is not None:
                     raise DfsError(Code.UNAVAILABLE, f"etcd member {member.name} exited with "
@@ -120,14 +148,21 @@ class LocalEtcd:
 
 def member_command(binary: str, m: Member, members: Sequence[Member], data: Path, *,
                    token: str, retention: str = COMPACTION_RETENTION,
-                   quota: int = QUOTA_BYTES) -> list[str]:
-    """The etcd command line of member m of `members` (all on loopback)."""
-    cluster = ",".join(f"{o.name}={o.peer_url}" for o in members)
+                   quota: int = QUOTA_BYTES, tls: MemberTls | None = None) -> list[str]:
+    """The etcd command line of member m of `members` (all on loopback; with `tls` every
+    member's client and peer URLs are https and both sides of each link are verified)."""
+    scheme = "https" if tls is not None else "http"
+
+    def peer(o: Member) -> str:
+        return o.peer_url.replace("http://", f"{scheme}://", 1)
+
+    cluster = ",".join(f"{o.name}={peer(o)}" for o in members)
     return [
         binary, "--name", m.name, "--data-dir", str(data),
-        "--listen-client-urls", f"http://{m.endpoint}",
-        "--advertise-client-urls", f"http://{m.endpoint}",
-        "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+        "--listen-client-urls", f"{scheme}://{m.endpoint}",
+        "--advertise-client-urls", f"{scheme}://{m.endpoint}",
+        "--listen-peer-urls", peer(m), "--initial-advertise-peer-urls", peer(m),
+        *(tls.flags() if tls is not None else []),
         "--initial-cluster", cluster, "--initial-cluster-token", token,
         "--initial-cluster-state", "new",
         "--auto-compaction-mode", "revision", "--auto-compaction-retention", retention,
@@ -137,10 +172,13 @@ def member_command(binary: str, m: Member, members: Sequence[Member], data: Path
     ]
 
 
-def healthy(endpoint: str, timeout: float = 1.0) -> bool:
+def healthy(endpoint: str, timeout: float = 1.0, *, tls: MemberTls | None = None) -> bool:
     """etcd's own /health: true once the member is in a cluster with a leader."""
+    scheme = "https" if tls is not None else "http"
+    context = tls.context() if tls is not None else None
     try:
-        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout) as reply:
+        with urllib.request.urlopen(f"{scheme}://{endpoint}/health", timeout=timeout,
+                                    context=context) as reply:
             return bool(json.loads(reply.read()).get("health") == "true")
     except (OSError, urllib.error.URLError, ValueError):
         return False

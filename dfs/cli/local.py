@@ -7,7 +7,8 @@ one; nodes and the mount are given both (docs/coordinator.md, "Standby coordinat
 that dies on its own stops the rest and exits 1. The children die with it even when it is
 killed with SIGKILL (procs.die_with). `--log-format` reaches every child. With `--tls`:
 a throwaway CA under DIR/tls/ (dfs/tls_local.py) and a certificate for every child and for
-the commands run against the cluster (DIR/tls/client.*, printed as DFS_TLS_* to export).
+the commands run against the cluster (DIR/tls/client.*, printed as DFS_TLS_* to export);
+with `--ha` the etcd members too (TLS client and peer links; the coordinators use etcds://).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from types import FrameType
 
 from dfs import sdnotify
 from dfs.cli.common import command
-from dfs.cli.etcd_members import LocalEtcd
+from dfs.cli.etcd_members import LocalEtcd, MemberTls
 from dfs.cli.procs import DFS, Child
 from dfs.errors import Code, DfsError
 from dfs.rpc import parse_address
@@ -112,6 +113,14 @@ class LocalTls:
         cert, key = tls_local.make_cert(self.dir, name, self.hosts)
         return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(self.ca)]
 
+    def member(self, name: str) -> MemberTls:
+        """An etcd member's files (`--ha`): the links to etcd and between members are TLS
+        too, with certificates of the same CA."""
+        from dfs import tls_local
+
+        cert, key = tls_local.make_cert(self.dir, name, self.hosts)
+        return MemberTls(cert, key, self.ca)
+
     def export(self) -> str:
         cert, key = self.client
         return f" DFS_TLS_CERT={cert} DFS_TLS_KEY={key} DFS_TLS_CA={self.ca}"
@@ -156,7 +165,8 @@ def up(args: argparse.Namespace) -> int:
     try:
         meta: list[str] = []
         if args.ha:
-            etcd = LocalEtcd(root, ETCD_MEMBERS)
+            etcd = LocalEtcd(root, ETCD_MEMBERS,
+                             tls=local_tls.member if local_tls is not None else None)
             children.extend(etcd.children)
             etcd.start()
             meta = ["--meta", etcd.url]

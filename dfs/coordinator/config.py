@@ -97,7 +97,8 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot-piece", type=int, default=4_000, help=argparse.SUPPRESS)
     parser.add_argument("--meta", type=_etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
                         help="keep the metadata in etcd; several coordinators may then run, "
-                             "one leads (--data is then only its cache)")
+                             "one leads (--data is then only its cache); etcds://... talks "
+                             "TLS to etcd with the --tls-* files")
     parser.add_argument("--leader-ttl", type=int, default=2, metavar="S",
                         help="with --meta: seconds of the leader's lease; a standby takes "
                              "over this long after the leader is gone (default 2)")
@@ -116,9 +117,11 @@ def _keep(value: str) -> int:
 
 
 def _etcd_url(value: str) -> str:
-    endpoints = value.removeprefix("etcd://").split(",") if value.startswith("etcd://") else []
+    scheme = next((s for s in ("etcd://", "etcds://") if value.startswith(s)), None)
+    endpoints = value.removeprefix(scheme).split(",") if scheme else []
     if not endpoints or not all(endpoints):
-        raise argparse.ArgumentTypeError(f"{value!r}: want etcd://HOST:PORT[,HOST:PORT...]")
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want etcd://HOST:PORT[,HOST:PORT...] (etcds://... for TLS)")
     for endpoint in endpoints:
         _address(endpoint)
     return value

@@ -17,6 +17,7 @@ traceback to a user.
 from __future__ import annotations
 
 import base64
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ GRPC_NOT_FOUND = 5
 GRPC_OUT_OF_RANGE = 11
 GRPC_UNAVAILABLE = 14  # etcd: "no leader", "leader changed", "timed out" (an election)
 RETRY_PAUSE = 0.1  # between tries of a read while etcd elects a leader
+PLAIN_SCHEME = "etcd://"
+TLS_SCHEME = "etcds://"  # etcd over TLS, with the process's --tls-* certificate and CA
 
 
 class EtcdError(DfsError):
@@ -157,20 +160,36 @@ class EtcdClient:
     Safe to use from several worker threads at once (httpx.Client is).
     """
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
+                 tls: ssl.SSLContext | None = None) -> None:
         if not endpoints:
             raise DfsError(Code.BAD_REQUEST, "no etcd endpoint given")
-        self.endpoints = [e if "://" in e else f"http://{e}" for e in endpoints]
+        scheme = "https" if tls is not None else "http"
+        self.endpoints = [e if "://" in e else f"{scheme}://{e}" for e in endpoints]
         self.timeout = timeout
-        self._http = httpx.Client(timeout=timeout, trust_env=False)
+        self.tls = tls  # verifies etcd's certificate and presents this process's (etcds://)
+        self._http = httpx.Client(timeout=timeout, trust_env=False,
+                                  verify=tls if tls is not None else True)
         self._lock = threading.Lock()
         self._preferred = 0  # the endpoint that answered last
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> EtcdClient:
-        """`etcd://HOST:PORT[,HOST:PORT...]` (the form `--meta` takes)."""
-        rest = url.removeprefix("etcd://")
-        return cls([e for e in rest.split(",") if e], timeout=timeout)
+        """`etcd://HOST:PORT[,HOST:PORT...]` (the form `--meta` takes), or `etcds://...`:
+        TLS to etcd with this process's `--tls-*` settings (dfs/tls.py): etcd's certificate
+        checked against the cluster's CA, this process's certificate presented to etcd
+        (run etcd with --client-cert-auth)."""
+        tls = None
+        if url.startswith(TLS_SCHEME):
+            from dfs import tls as dfs_tls
+
+            config = dfs_tls.current()
+            if config is None or config.cert is None:
+                raise DfsError(Code.EINVAL, f"{TLS_SCHEME}... needs --tls-cert, --tls-key and "
+                                            "--tls-ca (the CA that signed etcd's certificate)")
+            tls = config.client
+        rest = url.removeprefix(TLS_SCHEME).removeprefix(PLAIN_SCHEME)
+        return cls([e for e in rest.split(",") if e], timeout=timeout, tls=tls)
 
     def close(self) -> None:
         self._http.close()
@@ -338,8 +357,9 @@ class EtcdClient:
 
     def status(self, endpoint: str | None = None) -> Status:
         """Maintenance status of one member (default: whichever answers)."""
+        scheme = "https" if self.tls is not None else "http"
         base = None if endpoint is None else (endpoint if "://" in endpoint
-                                              else f"http://{endpoint}")
+                                              else f"{scheme}://{endpoint}")
         reply = self.call("/v3/maintenance/status", {}, endpoint=base, idempotent=True)
         return Status(base or "", int(reply.get("header", {}).get("member_id", 0)),
                       int(reply.get("leader", 0)), int(reply.get("raftTerm", 0)),

@@ -74,7 +74,8 @@ class Follower:
                         if self._db is None:
                             await self._load()
                         await watch(self.client.endpoints, self._watched,
-                                    prefix_end(self._watched), self.revision, self._apply)
+                                    prefix_end(self._watched), self.revision, self._apply,
+                                    tls=self.client.tls)
                     except Idle:
                         continue  # nothing changed for a while: watch again from here
                     except Compacted:

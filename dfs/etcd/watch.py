@@ -18,6 +18,7 @@ for longer than that.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ class Idle(EtcdError):
 
 async def watch(endpoints: Sequence[str], key: bytes, range_end: bytes, start_revision: int,
                 apply: Callable[[list[Event]], Awaitable[None]], *,
-                idle: float = WATCH_IDLE) -> None:
+                idle: float = WATCH_IDLE, tls: ssl.SSLContext | None = None) -> None:
     """Pass each batch of events on [key, range_end) from start_revision on to `apply`,
     trying one endpoint after the other until one answers. Ends only by raising: Compacted
     (start_revision is gone: load again), Idle, or EtcdError (the stream broke); the caller
@@ -55,9 +56,11 @@ async def watch(endpoints: Sequence[str], key: bytes, range_end: bytes, start_re
                                "start_revision": str(start_revision)}}
     timeout = httpx.Timeout(CONNECT_TIMEOUT, read=idle)
     last = "no endpoint tried"
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+    scheme = "https" if tls is not None else "http"
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False,
+                                 verify=tls if tls is not None else True) as http:
         for base in endpoints:
-            base = base if "://" in base else f"http://{base}"
+            base = base if "://" in base else f"{scheme}://{base}"
             try:
                 async with http.stream("POST", base + "/v3/watch", json=body) as reply:
                     if reply.status_code != 200:
