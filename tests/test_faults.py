@@ -9,11 +9,12 @@ PREPARED blob is left anywhere (I3).
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import trio
-from cluster import Cluster
+from cluster import Cluster, run_trio
 
 from dfs.rpc import Peer
 
@@ -48,7 +49,14 @@ def replica_states(cluster: Cluster) -> dict[str, dict[int, str]]:
 
 
 def stat(cluster: Cluster, path: str) -> dict:
-    return cluster.dfs_json("stat", path)
+    """What `dfs stat --json` prints (tests/test_cli.py runs the command), asked in-process:
+    a `dfs` run costs ~0.6 s of interpreter start, and the cases here stat often."""
+
+    async def ask() -> dict:
+        async with cluster.client() as client:
+            return {"path": path, **(await client.resolve(path)).to_json()}
+
+    return json.loads(json.dumps(run_trio(ask)))
 
 
 def assert_converged(cluster: Cluster, path: str, expect: bytes) -> None:
