@@ -112,8 +112,7 @@ class Cluster:
         """The coordinator list nodes are started with: the coordinator, then the standbys."""
         return ",".join([self.coordinator, *self.standbys])
 
-    def _launch(self, name: str, listen: str, env: Mapping[str, str] | None) -> Child:
-        """Start the process, not waiting for it to listen."""
+    def _spawn(self, name: str, listen: str, env: Mapping[str, str] | None) -> str:
         if env is not None:
             self.env[name] = dict(env)
         child = self.procs.get(name)
@@ -121,19 +120,14 @@ class Cluster:
             child = self.procs[name] = Child(name, [], self.root / f"{name}.log")
         child.argv = self._argv(name, listen)
         child.start({"DFS_LOG_LEVEL": "INFO", **self.env.get(name, {})})
-        return child
-
-    def _spawn(self, name: str, listen: str, env: Mapping[str, str] | None) -> str:
-        return self._launch(name, listen, env).wait_listening(START_TIMEOUT)
+        return child.wait_listening(START_TIMEOUT)
 
     def start(self) -> Cluster:
-        """Start the coordinator, then the nodes (all at once: each spends most of a second
-        importing before it listens); return once every node is up."""
+        """Start the coordinator, then the nodes one by one (node-i registers i-th, so its
+        id is i: tests count on it); return once every node is up."""
         self.coordinator = self._spawn(COORDINATOR, "127.0.0.1:0", None)
-        nodes = [self._launch(f"node-{i}", "127.0.0.1:0", None)
-                 for i in range(1, self.nodes + 1)]
-        for child in nodes:
-            child.wait_listening(START_TIMEOUT)
+        for i in range(1, self.nodes + 1):
+            self.add_node(f"node-{i}", wait=False)
         self.wait_nodes_up()
         return self
 
