@@ -19,6 +19,7 @@ import os
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ import trio
 
 from dfs.cli.procs import DFS, Child
 from dfs.client import Client
+from dfs.errors import DfsError
 from dfs.rpc import load_secret
 
 COORDINATOR = "coordinator"
@@ -36,6 +38,27 @@ COORDINATOR_ARGS = ("--node-timeout", "1.5", "--gc-grace", "1", "--vote-timeout"
                     "--txn-timeout", "10")
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "1")
 START_TIMEOUT = 30.0
+# s the harness's own status queries retry an unreachable coordinator, as `dfs status` does.
+STATUS_RETRY_FOR = 5.0
+
+
+def run_trio(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """trio.run(fn) in a thread of its own, so plain and trio tests alike may call the harness
+    (a trio test cannot start a second event loop in its own thread)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = trio.run(fn)
+        except BaseException as error:  # re-raised in the caller's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=target, name="cluster-harness")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class Cluster:
@@ -100,7 +123,8 @@ class Cluster:
         return child.wait_listening(START_TIMEOUT)
 
     def start(self) -> Cluster:
-        """Start the coordinator, then the nodes; return once every node is up."""
+        """Start the coordinator, then the nodes one by one (node-i registers i-th, so its
+        id is i: tests count on it); return once every node is up."""
         self.coordinator = self._spawn(COORDINATOR, "127.0.0.1:0", None)
         for i in range(1, self.nodes + 1):
             self.add_node(f"node-{i}", wait=False)
@@ -145,12 +169,22 @@ class Cluster:
             self.wait_nodes_up()
 
     def stop_all(self) -> None:
-        """Stop every process (nodes first), each by its own pid."""
-        for name in [*self.node_names, COORDINATOR]:
-            child = self.procs.get(name)
-            if child is not None:
-                child.kill(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-                child.stop(timeout=5)
+        """Stop every process (the nodes, all at once, then the coordinator), each by its own
+        pid."""
+        nodes = [self.procs[name] for name in self.node_names]
+        for child in nodes:
+            child.kill(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+            child.send_signal(signal.SIGTERM)
+        for child in nodes:
+            if child.proc is not None:
+                try:
+                    child.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    child.kill(signal.SIGKILL)
+        coordinator = self.procs.get(COORDINATOR)
+        if coordinator is not None:
+            coordinator.kill(signal.SIGCONT)
+            coordinator.stop(timeout=5)
 
     def running(self, name: str) -> bool:
         return self.procs[name].running()
@@ -228,17 +262,36 @@ class Cluster:
             raise AssertionError(f"dfs {' '.join(args)}: {result.stderr.decode()}")
         return json.loads(result.stdout)
 
-    def status(self) -> dict[str, Any]:
-        return self.dfs_json("status")
+    def status(self, retry_for: float = STATUS_RETRY_FOR) -> dict[str, Any]:
+        """The document `dfs status --json` prints, asked in-process: the harness polls it
+        often, and each `dfs` run costs ~0.6 s of interpreter start. Tests of the command
+        itself run `dfs status`. A cluster whose commands use TLS (set up per process by
+        the CLI, not here) is asked through the command."""
+        if self._cli_uses_tls():
+            return self.dfs_json("status")
+
+        async def ask() -> dict[str, Any]:
+            from dfs.cli.admin import coordinator_roles
+
+            async with Client(self.coordinator, self.secret, retry_for=retry_for) as client:
+                doc = await client.status()
+                doc["coordinators"] = await coordinator_roles(client)
+                return doc
+
+        return json.loads(json.dumps(run_trio(ask)))  # the types the command's JSON has
+
+    def _cli_uses_tls(self) -> bool:
+        env = self.cli_env()
+        return any(env.get(f"DFS_TLS_{part}") for part in ("CERT", "KEY", "CA"))
 
     def wait_nodes_up(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
         want = len(self.node_names) if count is None else count
 
         def enough_up() -> bool:
-            result = self.dfs("status", "--json", timeout=timeout)
-            if result.returncode != 0:
-                return False
-            nodes = json.loads(result.stdout)["nodes"]
+            try:
+                nodes = self.status()["nodes"]
+            except (DfsError, OSError, AssertionError):
+                return False  # the coordinator is not answering (yet): look again
             return sum(n["state"] == "up" for n in nodes) >= want
 
         self.wait_until(enough_up, timeout, message=f"{want} nodes up")

@@ -4,6 +4,7 @@ them; a removed node's copies of kept versions are re-made elsewhere."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -95,9 +96,20 @@ def test_a_directory_xattr_sets_how_many_versions_its_files_keep(cluster_factory
 
 def test_kept_versions_on_a_removed_node_are_made_again_elsewhere(cluster_factory) -> None:
     cluster = cluster_factory(nodes=4, coordinator_args=KEEP)
-    for n in range(3):
-        for i in range(6):
-            put(cluster, f"/g{i}", f"file {i} version {n}".encode() * 50)
+
+    async def write_versions() -> None:
+        """The 18 writes through the library, in one process (the CLI is proved above)."""
+        async with cluster.client() as client:
+            root = await client.resolve("/")
+            for n in range(3):
+                for i in range(6):
+                    if n == 0:
+                        await client.create(root.ino, f"g{i}".encode(), 0o100644, 0, 0)
+                    ino = (await client.resolve(f"/g{i}")).ino
+                    await client.write_file(ino, io.BytesIO(
+                        f"file {i} version {n}".encode() * 50))
+
+    trio.run(write_versions)
     gone = cluster.node_id("node-4")
     held = [(f"/g{i}", r["version"]) for i in range(6) for r in history(cluster, f"/g{i}")
             if gone in r["replicas"] and not r["current"]]
