@@ -291,3 +291,31 @@ def test_big_file_streams_in_bounded_memory(shared_cluster: Cluster, tmp_path: P
         f.seek(size - 1)
         assert f.read() == b"!"
     shared_cluster.dfs("rm", "/big")
+
+
+def test_retry_for_bounds_how_long_a_command_waits_for_an_unreachable_cluster(
+        tmp_path: Path) -> None:
+    """A command rides out an unreachable coordinator (a failover, a restart) for
+    --retry-for seconds (env DFS_RETRY_FOR), then fails with one line."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    secret = tmp_path / "secret"
+    secret.write_text("ab" * 32 + "\n")
+    env = {**os.environ, "DFS_COORDINATOR": dead, "DFS_SECRET_FILE": str(secret)}
+
+    def ls(*args: str, **extra: str) -> tuple[subprocess.CompletedProcess[bytes], float]:
+        start = time.monotonic()
+        result = subprocess.run([*DFS, *args, "ls", "/"], env={**env, **extra},
+                                capture_output=True, timeout=60)
+        return result, time.monotonic() - start
+
+    quick, quick_s = ls("--retry-for", "0")
+    patient, patient_s = ls(DFS_RETRY_FOR="3")
+    for result in (quick, patient):
+        assert result.returncode == 1 and result.stderr.count(b"\n") == 1, result.stderr
+        assert b"UNAVAILABLE" in result.stderr, result.stderr
+    assert patient_s >= 3.0 and patient_s > quick_s + 2.0, (quick_s, patient_s)
+    bad = subprocess.run([*DFS, "--retry-for", "soon", "ls", "/"], env=env,
+                         capture_output=True, timeout=60)
+    assert bad.returncode == 2 and b"--retry-for" in bad.stderr

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 DEFAULT_COORDINATOR = "127.0.0.1:7700"
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
-# How long a command keeps retrying idempotent requests while the cluster is unreachable.
+# How long a command keeps retrying idempotent requests while the cluster is unreachable
+# (--retry-for, env DFS_RETRY_FOR): long enough to ride through a coordinator failover.
 CLI_RETRY_FOR = 5.0
 
 Handler = Callable[[argparse.Namespace], int]
@@ -70,12 +71,30 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
                  "docs/operations.md, TLS)",
         )
     parser.add_argument(
+        "--retry-for",
+        type=_seconds,
+        metavar="S",
+        default=default(os.environ.get("DFS_RETRY_FOR") or str(CLI_RETRY_FOR)),
+        help="seconds to keep retrying while the cluster is unreachable (a failover, a "
+             f"restart), then fail (env DFS_RETRY_FOR, default {CLI_RETRY_FOR:g})",
+    )
+    parser.add_argument(
         "--log-format",
         choices=FORMATS,
         default=default(os.environ.get("DFS_LOG_FORMAT") or "text"),
         help="log lines on stderr: text (default) or json, one object per line "
              "(env DFS_LOG_FORMAT)",
     )
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{value}: want 0 to 3600 seconds")
+    return seconds
 
 
 def install_tls(args: argparse.Namespace) -> None:
@@ -129,7 +148,8 @@ def with_client(fn: Callable[[Client, argparse.Namespace], Awaitable[int | None]
         secret = load_secret(args.secret_file)
 
         async def run() -> int:
-            async with Client(args.coordinator, secret, retry_for=CLI_RETRY_FOR) as client:
+            retry_for = float(getattr(args, "retry_for", CLI_RETRY_FOR))
+            async with Client(args.coordinator, secret, retry_for=retry_for) as client:
                 return await fn(client, args) or 0
 
         return trio.run(run)
