@@ -1,4 +1,5 @@
-"""Shared fixtures: real clusters on loopback (tests/cluster.py)."""
+"""Shared fixtures: real clusters on loopback (tests/cluster.py), a module's etcd, a fresh
+metadata store."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any
 import pytest
 from cluster import Cluster
 from etcd_harness import EtcdCluster
+from meta_helpers import Sync, open_store
+
+from dfs.meta import MetaStore
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -67,3 +71,17 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
 def prefix(request: pytest.FixtureRequest) -> str:
     """Each test its own keys in the shared etcd."""
     return f"/t/{request.node.name}"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[MetaStore]:
+    """A fresh coordinator metadata store (LMDB) for the metadata unit tests."""
+    s = open_store(tmp_path / "meta")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def ns(store: MetaStore) -> Sync:
+    """The store's Namespace, each call one write transaction (meta_helpers.Sync)."""
+    return Sync(store, store.namespace)

@@ -24,18 +24,6 @@ from dfs.meta.cluster import FORMAT
 CK = b"\x07" * 16
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = open_store(tmp_path / "meta")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ns(store: MetaStore) -> Sync:
-    return Sync(store, store.namespace)
-
-
 def raises(code: Code, fn, *args, **kwargs) -> DfsError:
     with pytest.raises(DfsError) as info:
         fn(*args, **kwargs)

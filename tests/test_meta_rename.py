@@ -14,18 +14,6 @@ from dfs.meta import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, MetaStore
 CK = b"\x07" * 16
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = open_store(tmp_path / "meta")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ns(store: MetaStore) -> Sync:
-    return Sync(store, store.namespace)
-
-
 def raises(code: Code, fn, *args) -> None:
     with pytest.raises(DfsError) as info:
         fn(*args)

@@ -16,18 +16,6 @@ from dfs.meta.snapshots import is_snap_ino
 CK = b"\x07" * 16
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = open_store(tmp_path / "meta")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ns(store: MetaStore) -> Sync:
-    return Sync(store, store.namespace)
-
-
 def write(ns: Sync, ino: int, txid: int) -> dict:
     return ns.install_version(ino, txid, base_version=None, if_version=False, size=txid,
                               checksum=CK, replicas=[1, 2, 3], mtime_ns=NOW, now_ns=NOW)

@@ -6,27 +6,14 @@ from __future__ import annotations
 import io
 import os
 import stat
-from pathlib import Path
 
 import pytest
 import trio
 from cluster import Cluster
-from meta_helpers import NOW, Sync, dump, open_store
+from meta_helpers import NOW, Sync, dump
 
 from dfs.errors import Code, DfsError
 from dfs.meta import ROOT_INO, MetaStore
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = open_store(tmp_path / "meta")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ns(store: MetaStore) -> Sync:
-    return Sync(store, store.namespace)
 
 
 def test_special_nodes_keep_type_mode_and_device_number(store: MetaStore, ns: Sync) -> None:

@@ -16,14 +16,10 @@ CK = b"\x07" * 16
 
 @pytest.fixture
 def store(tmp_path: Path):
+    """Keeping 2 versions (conftest's `ns` runs over this one)."""
     s = open_store(tmp_path / "meta", keep_versions=2)
     yield s
     s.close()
-
-
-@pytest.fixture
-def ns(store: MetaStore) -> Sync:
-    return Sync(store, store.namespace)
 
 
 def write(ns: Sync, ino: int, txid: int, size: int = 10, replicas: tuple[int, ...] = (1, 2, 3),
