@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FETCH_WINDOW = 4  # chunks pulled at once
+# A fetch given `within_ms` (the coordinator's own deadline for it) ends by then, and a source
+# gets a share of it per chunk read before the next is tried: a crashed or paused source (no
+# reply, no reset) must not hold the blob's lock, and so every retry of the repair, for the
+# peers' 30 s timeout. Never less than this per read.
+MIN_SOURCE_WAIT = 0.5
 VERIFY_BATCH_BYTES = 4 * 1024 * 1024  # scrub: bytes hashed per worker-thread hop
 
 
@@ -132,6 +137,15 @@ class MaintenanceOps:
         sources = req.list("sources")
         if not all(isinstance(s, str) for s in sources):
             raise DfsError(Code.BAD_REQUEST, "fetch: sources must be addresses")
+        within_ms = req.int("within_ms", required=False)
+        if not within_ms:  # from a coordinator that sets no deadline: the peers' own
+            return await self._fetch(blob, size, checksum, nchunks, sources, None)
+        with trio.move_on_after(within_ms / 1000):
+            return await self._fetch(blob, size, checksum, nchunks, sources, within_ms / 1000)
+        raise DfsError(Code.UNAVAILABLE, f"fetch of blob {blob}: not done in {within_ms} ms")
+
+    async def _fetch(self, blob: int, size: int, checksum: bytes, nchunks: int,
+                     sources: list[str], budget: float | None) -> dict[str, Any]:
         async with self._txn_locks.hold(blob):
             info = self.store.stat(blob)
             if info is not None and info.state != BlobState.STAGED:
@@ -143,10 +157,12 @@ class MaintenanceOps:
             if info is not None:
                 await self.store.delete([blob])
             self.participant.forget(blob)
-            await self._pull(blob, size, nchunks, sources)
+            wait = max(MIN_SOURCE_WAIT, budget / len(sources)) if budget and sources else None
+            await self._pull(blob, size, nchunks, sources, wait)
         return {"have": False}
 
-    async def _pull(self, blob: int, size: int, nchunks: int, sources: list[str]) -> None:
+    async def _pull(self, blob: int, size: int, nchunks: int, sources: list[str],
+                    wait: float | None) -> None:
         if nchunks and not sources:
             raise DfsError(Code.UNAVAILABLE, f"fetch of blob {blob}: no source")
         if self.peers is None:
@@ -157,7 +173,7 @@ class MaintenanceOps:
 
         async def worker() -> None:
             for index in indexes:
-                data = await self._chunk_from(blob, index, size, sources, bad, failures)
+                data = await self._chunk_from(blob, index, size, sources, bad, failures, wait)
                 action = self.participant.on_stage(blob, self._stored(blob), self.clock())
                 if isinstance(action, Refuse):
                     raise action.error()
@@ -176,12 +192,13 @@ class MaintenanceOps:
             raise _first(errors) from None
 
     async def _chunk_from(self, blob: int, index: int, size: int, sources: list[str],
-                          bad: set[str], failures: list[str]) -> bytes:
+                          bad: set[str], failures: list[str], wait: float | None) -> bytes:
         assert self.peers is not None
         want = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
         for address in sources:
             try:
-                reply = await self.peers[address].call("read", blob=blob, index=index)
+                reply = await self.peers[address].call("read", timeout=wait, blob=blob,
+                                                       index=index)
             except DfsError as e:
                 if e.code is Code.CHECKSUM:
                     bad.add(address)

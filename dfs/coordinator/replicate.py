@@ -235,9 +235,11 @@ class Replicator:
                 raise DfsError(Code.UNAVAILABLE, "unknown node")
             # retry_for: a pooled connection may be stale (the node restarted); both ops are
             # idempotent (fetch keeps a copy that verifies, prepare re-votes the same content).
+            # within_ms: the node gives up by this deadline, each source a share of it (a
+            # hung source costs one share, not the node's 30 s peer timeout).
             reply = await self.peers[address].call(
                 "fetch", timeout=timeout, retry_for=RETRY_FOR, blob=inode.blob,
-                sources=list(by_address), **fields)
+                sources=list(by_address), within_ms=int(timeout * 1000), **fields)
             if reply.get("have"):
                 results[node] = "have"
                 return
