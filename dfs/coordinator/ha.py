@@ -7,8 +7,9 @@ docs/coordinator.md, "Standby coordinators". One process, two roles on one addre
   and kept in step with it by a watch (dfs/etcd/follower.py), so that a takeover needs only
   the changes up to its own election, not a load of the whole namespace.
 - Leader: its LMDB cache caught up (or, if that fails, emptied and loaded from etcd:
-  dfs/etcd/mirror.py), then the very coordinator of the LMDB-only case runs over it: start-up recovery resumes COMMIT delivery
-  for every decided transaction and presumes abort for the rest, as after a restart. Every
+  dfs/etcd/mirror.py), then the very coordinator of the LMDB-only case runs over it:
+  start-up recovery resumes COMMIT delivery for every decided transaction and presumes
+  abort for the rest, as after a restart. Every
   batch it writes is one fenced etcd transaction. The lease kept alive is the leadership: the
   moment a keepalive finds it gone, or a fenced write is refused, the service is cancelled
   and the process is a standby again (with a fresh cache at its next term).
