@@ -167,3 +167,35 @@ async def test_the_watch_and_the_writes_go_over_tls_with_both_sides_verified(
         assert dump(other) == dump(store) == etcd_dump(client, "/dfs")
         store.close()
         other.close()
+
+
+async def test_a_member_that_takes_the_watch_and_goes_silent_is_passed_over(
+        etcd: EtcdCluster, prefix: str, tmp_path: Path) -> None:
+    """The standby's first member accepts connections but holds every request (paused,
+    partitioned): its watch goes idle and the next one is watched instead, so the cache
+    still catches up with an election."""
+    from etcd_harness import TcpProxy
+
+    silent = TcpProxy(etcd.endpoints[0])
+    silent.mode = "hold"
+    try:
+        client = EtcdClient([silent.endpoint, etcd.endpoints[0]], timeout=2.0)
+        key = f"{prefix}/leader".encode()
+        follower = Follower(client, prefix, f"{prefix}/meta", tmp_path / "standby", SUBDBS,
+                            map_size=1 << 24)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower.run)
+            with trio.fail_after(15):
+                while not follower.loaded:  # the election below comes by the watch alone
+                    await trio.sleep(0.01)
+            direct = etcd.client()
+            lead = await Election(direct, key, ttl=2).campaign("coord-a")
+            assert follower.revision < lead.create_revision
+            with trio.fail_after(15):
+                assert await follower.caught_up(lead.create_revision, 10.0)
+            await follower.stop()
+            nursery.cancel_scope.cancel()
+        follower.close()
+    finally:
+        silent.mode = "pass"
+        silent.stop()

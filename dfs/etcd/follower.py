@@ -61,6 +61,7 @@ class Follower:
         self._meta = meta_prefix.rstrip("/").encode() + b"/"
         self._db: Database | None = None
         self._progress = trio.Event()
+        self._turn = 0  # rotates the member a watch asks first
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
 
@@ -73,20 +74,31 @@ class Follower:
                     try:
                         if self._db is None:
                             await self._load()
-                        await watch(self.client.endpoints, self._watched,
+                        await watch(self._endpoints(), self._watched,
                                     prefix_end(self._watched), self.revision, self._apply,
                                     tls=self.client.tls)
                     except Idle:
-                        continue  # nothing changed for a while: watch again from here
+                        # Nothing changed for a while, or the member took the request and
+                        # went silent (paused, partitioned): watch again from here, through
+                        # the next member first.
+                        self._turn += 1
+                        continue
                     except Compacted:
                         log.warning("etcd compacted past the standby's cache (revision %d): "
                                     "loading it again", self.revision)
                         self._drop()
                     except EtcdError as e:
                         log.info("standby cache: %s; trying again", e.msg)
+                        self._turn += 1
                         await trio.sleep(RETRY_PAUSE)
         finally:
             self._stopped.set()
+
+    def _endpoints(self) -> list[str]:
+        """The members, from a different one after each silent or broken watch."""
+        members = self.client.endpoints
+        first = self._turn % len(members)
+        return members[first:] + members[:first]
 
     async def stop(self) -> None:
         self._scope.cancel()
