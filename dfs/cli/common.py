@@ -87,14 +87,22 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
     )
 
 
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not 0 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"{value}: want 0 to 3600 seconds")
-    return seconds
+def seconds_between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds in [low, high], else a one-line usage error."""
+
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+        if not low <= seconds <= high:
+            raise argparse.ArgumentTypeError(f"{value}: want {low:g} to {high:g} seconds")
+        return seconds
+
+    return parse
+
+
+_seconds = seconds_between(0, 3600)
 
 
 def install_tls(args: argparse.Namespace) -> None:

@@ -13,23 +13,21 @@ import argparse
 import signal
 from typing import TYPE_CHECKING, Any
 
-from dfs.cli.common import add_json, command, console, print_json, size_text, with_client
+from dfs.cli.common import (
+    add_json,
+    command,
+    console,
+    print_json,
+    seconds_between,
+    size_text,
+    with_client,
+)
 from dfs.metrics.rates import cluster_rates, latency_ms
 
 if TYPE_CHECKING:
     from dfs.client import Client
 
 STATE_STYLE = {"up": "green", "down": "red", "draining": "yellow", "removed": "dim"}
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be between 0.1 and 3600 seconds")
-    return value
 
 
 def _count(text: str) -> int:
@@ -146,7 +144,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "live cluster figures: commits/s, commit latency p50/p99, ops/s and MB/s per node",
         subject="coordinator",
     )
-    p.add_argument("--interval", type=_interval, default=1.0, metavar="S",
+    p.add_argument("--interval", type=seconds_between(0.1, 3600), default=1.0, metavar="S",
                    help="seconds between refreshes; rates are over this interval (default 1)")
     p.add_argument("--count", type=_count, default=None, metavar="N",
                    help="end after N refreshes (default: until Ctrl-C)")

@@ -23,6 +23,7 @@ it between two batches, never inside an LMDB write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -55,7 +56,7 @@ class Follower:
         self.revision = 0  # every event up to it is in the cache (0: not loaded)
         self.applied = 0  # events applied since the load (tests, logs)
         # Set while this process leads and the load is still running: renews the lease
-        # between pages (EtcdMirror._renew_if_due), as a leader's own load does.
+        # between pages (EtcdMirror.renew_if_due), as a leader's own load does.
         self.renew: Callable[[], None] | None = None
         self._watched = root.rstrip("/").encode() + b"/"
         self._meta = meta_prefix.rstrip("/").encode() + b"/"
@@ -153,10 +154,9 @@ class Follower:
         renew = self.renew
         if renew is None:
             return
-        try:
+        # A lost lease is marked on the leadership; the leader's keepalive steps it down.
+        with contextlib.suppress(LostLeadership):
             renew()
-        except LostLeadership:
-            pass  # the leadership is marked lost: the leader's keepalive steps it down
 
     async def _apply(self, events: list[Event]) -> None:
         changes = []
