@@ -70,6 +70,10 @@ def write_through_library(cluster: Cluster, path: str, data: bytes) -> None:
             await client.write_file(attr.ino, io.BytesIO(data))
 
     run_trio(write)
+    # A write returns at its decision: its COMMITs may still be on their way. Armed next, a
+    # node's commit failpoint must fire on the judged write B, not on a late COMMIT of A.
+    cluster.wait_until(lambda: cluster.status().get("committing", 0) == 0, timeout=30,
+                       message="version A's COMMITs all acked")
 
 
 def assert_converged(cluster: Cluster, path: str, expect: bytes) -> None:
