@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import pyfuse3
@@ -29,12 +28,13 @@ from dfs.client.attr import Attr
 from dfs.errors import Code, DfsError
 from fuse_mount import privs
 from fuse_mount.cache import ReadCache
+from fuse_mount.closes import ProcReader, Verdict, judge
 from fuse_mount.conflict import CONFLICT_ERRNO, ConflictPolicy
 from fuse_mount.handler import check_name, handler
 from fuse_mount.handles import FileHandle, Services
 from fuse_mount.inodes import InodeTable
 from fuse_mount.pagecache import Admission, PageCacheRule
-from fuse_mount.remote import Remote
+from fuse_mount.remote import MaybeDone, Remote
 from fuse_mount.sizeback import SizeBack
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,13 @@ class FilesMixin:
     pages: PageCacheRule | None  # None: no page cache (every handle direct_io)
     sizeback: SizeBack | None
     conflicts: ConflictPolicy
+    closes: ProcReader
+    _releasing: dict[int, list[trio.Event]]
 
     if TYPE_CHECKING:  # provided by Operations, which mixes this class in
         async def fresh(self, ino: int) -> Attr: ...
         def invalidate_later(self, ino: int) -> None: ...
         def _owner(self, parent: int, mode: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]: ...
-        async def _made(self, parent: int, name: bytes, make: Awaitable[Attr]) -> Attr: ...
 
     def _new_handle(self, ino: int, flags: int, base: Attr) -> tuple[FileHandle, Admission]:
         handle = FileHandle(next(self._fhs), ino, flags, base, self.services)
@@ -100,6 +101,8 @@ class FilesMixin:
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        for done in list(self._releasing.get(inode, ())):
+            await done.wait()  # close-to-open here too: a commit at release lands first
         recent = self._recent.pop(inode, None)
         if recent is not None and time.monotonic() - recent[0] < OPEN_FRESH and \
                 not self._knows_newer(recent[1]):
@@ -111,7 +114,7 @@ class FilesMixin:
         node = self.table.get(inode)
         presented = None if node is None else node.presented
         handle, admission = self._new_handle(inode, flags, attr)
-        handle.opener = (ctx.pid, ctx.uid)
+        self._opened_by(handle, ctx)
         try:
             if flags & os.O_TRUNC and handle.writable:
                 await self._drop_privs(handle)
@@ -132,16 +135,25 @@ class FilesMixin:
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         check_name(name)
         mode, gid = self._owner(parent_inode, mode, ctx)
-        make = self.remote.call(
-            self.client.create, parent_inode, name, mode, ctx.uid, gid,
-            exclusive=bool(flags & os.O_EXCL), done_if=Code.EEXIST,
-        )
-        attr = await self._made(parent_inode, name, make)
+        # A new file is created unwritten (hidden from other clients) when this handle can
+        # write its first content; a read-only create makes it empty and visible at once.
+        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        try:
+            attr = await self.remote.call(
+                self.client.create, parent_inode, name, mode, ctx.uid, gid,
+                exclusive=bool(flags & os.O_EXCL), unwritten=writable, done_if=Code.EEXIST,
+            )
+        except MaybeDone:  # an exclusive create whose reply was lost, found done on retry
+            attr = await self.remote.call(self.client.lookup, parent_inode, name,
+                                          created_here=True)
+        self.table.changed()
         known = self.table.get(attr.ino) is not None  # else the kernel has no pages of it
         handle, admission = self._new_handle(attr.ino, flags, attr)
-        handle.opener = (ctx.pid, ctx.uid)
+        self._opened_by(handle, ctx)
         try:
-            if flags & os.O_TRUNC and handle.writable and attr.size:
+            if attr.unwritten and handle.writable:
+                await handle.start_new()
+            elif flags & os.O_TRUNC and handle.writable and attr.size:
                 await handle.truncate(0)
             if admission.cached and not admission.keep and known:
                 await self._show(handle, admission)  # an existing file (create without O_EXCL)
@@ -149,6 +161,11 @@ class FilesMixin:
             self._drop_handle(handle)
             raise
         return self._file_info(handle, admission), self.table.looked_up(attr, parent_inode, name)
+
+    def _opened_by(self, handle: FileHandle, ctx: pyfuse3.RequestContext) -> None:
+        handle.opener = (ctx.pid, ctx.uid)
+        if handle.writable:
+            handle.writer = self.closes.writer(ctx.pid)
 
     def _kernel_truncates(self, handle: FileHandle, admission: Admission) -> None:
         """After this O_TRUNC open's reply the kernel sets i_size to 0 (atomic_o_trunc, which
@@ -277,27 +294,105 @@ class FilesMixin:
 
     @handler
     async def flush(self, fh: int) -> None:
+        """Every close() of every descriptor: commit only at the one its writer meant as the
+        end of the write (closes.py)."""
         handle = self._handle(fh)
         await self._size_back(handle)
-        await self._commit(handle)
+        if not handle.writable:
+            return
+        verdict, why = self._judge(handle)
+        if verdict is Verdict.COMMIT:
+            await self._commit(handle)
+        elif verdict is Verdict.KILLED:
+            await self._drop_writes(handle, why)
+            if self.closes.alive(*self._writer_id(handle)) is not None:
+                raise pyfuse3.FUSEError(errno.EIO)  # a child of the writer died holding it
+        else:
+            log.debug("inode %d: flush is not the end of the write (%s)", handle.ino, why)
+
+    def _writer_id(self, handle: FileHandle) -> tuple[int, int]:
+        assert handle.writer is not None
+        return handle.writer.pid, handle.writer.start
+
+    def _judge(self, handle: FileHandle) -> tuple[Verdict, str]:
+        writer = handle.writer
+        if writer is None:
+            return Verdict.WAIT, "the opener could not be read in /proc"
+        if writer.killed_by:
+            return Verdict.KILLED, f"its writer was killed by signal {writer.killed_by}"
+        own = sum(1 for other in self.table.handles(handle.ino)
+                  if other is not handle and other.fh in self.files and other.writer is not None
+                  and (other.writer.pid, other.writer.start) == self._writer_id(handle))
+        facts = self.closes.facts(writer, handle.ino, own)
+        verdict, why = judge(facts)
+        if verdict is Verdict.KILLED:
+            writer.killed_by = facts.opener.signal if facts.opener is not None and \
+                facts.opener.signal else facts.killed_holder
+        return verdict, why
+
+    async def _drop_writes(self, handle: FileHandle, why: str) -> None:
+        """Nothing of this handle is committed; say so once, naming the file. A file it
+        created that never got content goes again: nobody else has seen it."""
+        if handle.dirty:
+            node = self.table.get(handle.ino)
+            version = handle.base.version if node is None else node.attr.version
+            keeps = "it is removed again" if handle.base.unwritten else \
+                f"the file keeps version {version}"
+            log.warning("dropped the uncommitted writes to %s (inode %d): %s; %s",
+                        self.table.path(handle.ino), handle.ino, why, keeps)
+        handle.drop_writes()
+        await self._unlink_unwritten(handle)
+
+    async def _unlink_unwritten(self, handle: FileHandle) -> None:
+        """Remove the file this handle created if it never got content, and no other handle
+        here may still give it some (best effort: a leftover stays hidden from the others)."""
+        node = self.table.get(handle.ino)
+        if not handle.base.unwritten or node is None or node.name is None or any(
+                other is not handle and other.fh in self.files
+                for other in self.table.handles(handle.ino)):
+            return
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.remote.retry_for):
+                found = await self.client.lookup(node.parent, node.name)
+                if found.ino == handle.ino and found.unwritten:
+                    await self.client.unlink(node.parent, node.name)
+                    self.table.changed()
+        except DfsError as e:
+            log.info("unwritten inode %d was not removed: %s", handle.ino, e)
+        self.client.forget_unwritten(handle.ino)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)
         await self._size_back(handle)
+        if handle.writer is not None and handle.writer.killed_by:
+            raise pyfuse3.FUSEError(errno.EIO)
         await self._commit(handle)
 
     @handler
     async def release(self, fh: int) -> None:
+        """The last reference to the open file is gone: nothing can write through it any
+        more, so what no close committed is the writer's end, unless its writer was killed."""
         handle = self.files.pop(fh, None)
         if handle is None:
             return
+        done = trio.Event()
+        releasing = self._releasing.setdefault(handle.ino, [])
+        releasing.append(done)
         try:
-            if handle.dirty:  # written after its last flush (by another holder of the fd)
+            if handle.writer is not None and handle.writer.killed_by:
+                await self._drop_writes(handle, f"its writer was killed by signal "
+                                                f"{handle.writer.killed_by}")
+            elif handle.dirty:
                 await self._commit(handle)
         except pyfuse3.FUSEError:
             pass  # already logged; nobody is waiting for a release's answer
         finally:
+            await self._unlink_unwritten(handle)  # its commit failed: it never got content
+            done.set()
+            releasing.remove(done)
+            if not releasing:
+                del self._releasing[handle.ino]
             self._drop_handle(handle)
 
     def _drop_handle(self, handle: FileHandle) -> None:
@@ -307,17 +402,15 @@ class FilesMixin:
         handle.close()
         self.table.remove_handle(handle)
 
+    def unfinished(self) -> int:
+        """Handles holding writes no close has committed yet."""
+        return sum(1 for handle in self.files.values() if handle.dirty)
+
     async def shutdown(self) -> None:
-        """Commit what open files still hold (best effort, logged), then drop local state."""
+        """The mount stops: a write still open is unfinished, so nothing of it is committed
+        (the file keeps its last finished version); each one dropped is logged."""
         for handle in list(self.files.values()):
-            try:
-                if handle.dirty:
-                    await self._commit(handle)
-            except pyfuse3.FUSEError:
-                pass  # logged by _commit
-            except Exception:
-                log.exception("commit of inode %d at unmount failed", handle.ino)
-            finally:
-                handle.close()
+            await self._drop_writes(handle, "the mount stopped before its writer closed it")
+            handle.close()
         self.files.clear()
         self.cache.close()

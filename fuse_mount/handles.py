@@ -26,6 +26,7 @@ from dfs.chunks import CHUNK_SIZE, nchunks
 from dfs.client import Client
 from dfs.client.attr import Attr
 from fuse_mount.cache import ReadCache, ReadState
+from fuse_mount.closes import Writer
 from fuse_mount.remote import Remote
 from fuse_mount.spool import Spool
 
@@ -76,6 +77,8 @@ class FileHandle:
         # only when a write would otherwise drop them (fuse_mount/privs.py).
         self.opener = (0, 0)
         self.fsetid: bool | None = None
+        # A writable handle's writer (closes.py): whose close is the end of the write.
+        self.writer: Writer | None = None
         self.read_state = ReadState()
         # Page cache (pagecache.py): whether this handle uses it, the content its pages are,
         # and whether its content is still exactly its base version (no write since).
@@ -115,6 +118,12 @@ class FileHandle:
             self.touch()
         elif self.base.size != size:
             self.touch()
+
+    async def start_new(self) -> None:
+        """A file this handle created unwritten: its first content is whatever the writer
+        leaves, even nothing (`touch`), so the handle commits at its end however it wrote."""
+        await self._ensure_spool(limit=0)
+        self.touch()
 
     def touch(self, mtime_ns: int | None = None) -> None:
         """Note a change: the handle must commit, and its mtime is now (or the given one)."""
@@ -214,6 +223,11 @@ class FileHandle:
             raise
         finally:
             reader.close()
+
+    def drop_writes(self) -> None:
+        """Its writer was killed, or its mount stops: nothing of it will be committed (the
+        spool goes at release, with the handle)."""
+        self.dirty = False
 
     def shown_size(self) -> int:
         """The size of what this handle reads: its spool, or the version it opened."""

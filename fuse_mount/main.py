@@ -7,7 +7,8 @@ Without --foreground the command forks: the child mounts and serves, the parent 
 child reports the mount ready (a stat of the mount point was answered) or failed through a
 pipe, prints the same line and exits, so `dfs mount X && ls X` works in scripts. Either way the
 ready line is "dfs mount ready at MOUNTPOINT", and systemd hears READY=1 at that moment.
-SIGINT/SIGTERM end the FUSE loop, commit what open files still hold, and unmount cleanly. The
+SIGINT/SIGTERM serve on for --stop-timeout while open files hold unfinished writes, then end
+the FUSE loop, drop what is still unfinished (never commit it) and unmount cleanly. The
 serving process holds locked pid files (fuse_mount/daemon.py) that `dfs umount` waits on.
 """
 
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyfuse3
@@ -71,6 +73,10 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: want e.g. 512M or 2G") from None
 
 
+#: How often a stopping mount looks whether its writers have finished.
+STOP_POLL_S = 0.05
+
+
 def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mountpoint", help="an existing empty directory")
     parser.add_argument("-f", "--foreground", action="store_true",
@@ -84,6 +90,12 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds the kernel caches attributes and entries (default 1)")
     parser.add_argument("--retry-timeout", type=float, default=30.0,
                         help="seconds to retry while the cluster is unreachable, then EIO")
+    parser.add_argument("--stop-timeout", type=float, default=10.0,
+                        help="on SIGTERM/SIGINT, seconds to keep serving while open files hold "
+                             "writes no close has committed, so their writers can finish; "
+                             "then the mount stops and drops what is still unfinished (the "
+                             "files keep their last finished version; each one is logged). "
+                             "A second signal stops at once (default 10)")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="log here (default: stderr; CACHE_DIR/mount.log when detached)")
     parser.add_argument("--page-cache", action="store_true",
@@ -281,7 +293,7 @@ async def _amain(
             client, cache, spool_dir,
             attr_timeout=args.attr_timeout, retry_for=args.retry_timeout,
             page_cache=args.page_cache,
-            on_conflict=getattr(args, "on_conflict", OVERWRITE),
+            on_conflict=getattr(args, "on_conflict", OVERWRITE), mountpoint=mountpoint,
         )
         listeners = await _bind_metrics(ops, cache, getattr(args, "metrics", None))
         try:
@@ -291,7 +303,8 @@ async def _amain(
                 await listener.aclose()
             raise DfsError(Code.UNAVAILABLE, f"cannot mount at {mountpoint}: {e}") from None
         held.extend(_hold_pid_files(mountpoint, getattr(args, "pid_file", None)))
-        return await _run_mounted(ops, cache, mountpoint, notify, listeners)
+        return await _run_mounted(ops, cache, mountpoint, notify, listeners,
+                                  stop_timeout_s=getattr(args, "stop_timeout", 10.0))
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
@@ -310,7 +323,8 @@ async def _bind_metrics(ops: Operations, cache: ReadCache,
 
 
 async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, notify: _Notify,
-                       listeners: list[trio.SocketListener] | None = None) -> int:
+                       listeners: list[trio.SocketListener] | None = None,
+                       stop_timeout_s: float = 10.0) -> int:
     stopped_by_signal = False
     unmount = True
     try:
@@ -319,11 +333,11 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
             async def on_signals() -> None:
                 nonlocal stopped_by_signal
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("signal %d: unmounting", signum)
-                        stopped_by_signal = True
-                        pyfuse3.terminate()
-                        return
+                    signum = await signals.__anext__()
+                    log.info("signal %d: unmounting", signum)
+                    stopped_by_signal = True
+                    await _let_writers_finish(ops, signals, stop_timeout_s)
+                    pyfuse3.terminate()
 
             nursery.start_soon(on_signals)
             nursery.start_soon(ops.run_invalidator)
@@ -348,6 +362,28 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
         pyfuse3.close(unmount=unmount and is_mounted(mountpoint))
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+async def _let_writers_finish(ops: Operations, signals: AsyncIterator[int],
+                              timeout_s: float) -> None:
+    """Serve on, up to timeout_s, while open files hold unfinished writes (a stop commits
+    none of them), or until a second signal."""
+    if not ops.unfinished():
+        return
+
+    async def second_signal() -> None:
+        async for signum in signals:
+            log.info("signal %d: stopping now", signum)
+            return
+
+    log.info("waiting up to %.0f s for %d open file(s) with unfinished writes to be closed",
+             timeout_s, ops.unfinished())
+    with trio.move_on_after(timeout_s):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second_signal)
+            while ops.unfinished():
+                await trio.sleep(STOP_POLL_S)
+            nursery.cancel_scope.cancel()
 
 
 def _hold_pid_files(mountpoint: Path, pid_file: Path | None) -> list[PidFile]:
@@ -385,7 +421,7 @@ async def _after_init(ops: Operations, mountpoint: Path) -> None:
 def raise_read_ahead(mountpoint: Path) -> None:
     """Page-cached reads come in read-ahead windows, 128 KiB by default: one FUSE request
     each. Raise the mount's window to READ_AHEAD_KB where we may (root), else keep it."""
-    dev = _mount_device(mountpoint)
+    dev = mount_device(mountpoint)
     if dev is None:
         return
     path = Path("/sys/class/bdi") / dev / "read_ahead_kb"
@@ -394,24 +430,6 @@ def raise_read_ahead(mountpoint: Path) -> None:
             path.write_text(str(READ_AHEAD_KB))
     except (OSError, ValueError) as e:
         log.debug("read-ahead of %s stays: %s", mountpoint, e)
-
-
-def _mount_device(mountpoint: Path) -> str | None:
-    """The mount's major:minor, from the mount table (a stat of our own mount point would
-    wait for this very process to answer)."""
-    target = os.path.abspath(mountpoint)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        fields = line.split()
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        if point == target:
-            found = fields[2]  # the last one listed is the one on top
-    return found
 
 
 def _detach_stdio() -> None:

@@ -33,6 +33,7 @@ from dfs.client.attr import Attr
 from dfs.errors import Code, DfsError
 from dfs.metrics.mount import MountMetrics
 from fuse_mount.cache import ReadCache
+from fuse_mount.closes import ProcReader
 from fuse_mount.conflict import OVERWRITE, ConflictPolicy
 from fuse_mount.files import FilesMixin
 from fuse_mount.handler import NAME_MAX, check_name, handler
@@ -79,6 +80,7 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         retry_for: float = 30.0,
         page_cache: bool = False,
         on_conflict: str = OVERWRITE,
+        mountpoint: Path | None = None,
     ) -> None:
         super().__init__()
         self.client = client
@@ -88,6 +90,8 @@ class Operations(FilesMixin, XattrMixin, pyfuse3.Operations):
         self.cache = cache
         self.services = Services(client, self.remote, cache, spool_dir)
         self.conflicts = ConflictPolicy(on_conflict, client, self.remote, attr_timeout)
+        self.closes = ProcReader(mountpoint)  # which close commits (closes.py)
+        self._releasing: dict[int, list[trio.Event]] = {}  # commits at release, by inode
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._fhs = itertools.count(1)

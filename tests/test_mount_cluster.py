@@ -326,26 +326,48 @@ def test_memory_stays_bounded_for_a_big_file(
     assert peak_kib < 200 * 1024, f"mount peak RSS {peak_kib // 1024} MiB"
 
 
-def test_sigterm_commits_open_files_and_unmounts(
+def test_sigterm_lets_writers_finish_and_drops_what_is_unfinished(
     fuse_ok: None, shared_cluster: Cluster, tmp_path: Path
 ) -> None:
-    mount = Mount(shared_cluster, tmp_path / "m", name="mount-term").start()
+    """SIGTERM (what systemctl stop sends) commits no write still open: the mount serves on
+    for --stop-timeout while open files hold writes, a writer that closes meanwhile commits,
+    and what is still open then is dropped and logged; the files keep their last finished
+    versions, and a new file that never got content is not there (docs/design.md §7,
+    "Stopping")."""
+    (tmp_path / "seed").write_bytes(b"old")
+    assert shared_cluster.dfs("put", tmp_path / "seed", "/term-old").returncode == 0
+    mount = Mount(shared_cluster, tmp_path / "m", name="mount-term",
+                  args=["--stop-timeout", "5"]).start()
     try:
-        held = open(mount / "held-open", "wb")
-        held.write(b"written, never closed")
-        held.flush()
+        finishing = open(mount / "term-finishing", "wb")
+        finishing.write(b"finished in time")
+        held_new = open(mount / "term-new", "wb")
+        held_new.write(b"written, never closed")
+        held_old = open(mount / "term-old", "r+b")
+        held_old.write(b"half")
+        for f in (finishing, held_new, held_old):
+            f.flush()  # to the mount (Python's buffer), not a close
         assert mount.child is not None and mount.child.proc is not None
         mount.child.kill(signal.SIGTERM)
+        time.sleep(0.2)
+        assert mount.child.proc.poll() is None, "stopped while a writer could still finish"
+        finishing.close()  # within the stop timeout: commits
         assert mount.child.proc.wait(30) == 0
         assert not os.path.ismount(mount.path)
-        try:
-            held.close()
-        except OSError:
-            pass  # the mount is gone under it
+        for f in (held_new, held_old):
+            try:
+                f.close()
+            except OSError:
+                pass  # the mount is gone under it
+        log = mount.log(80)
     finally:
         mount.stop()
-    with mounted(shared_cluster, tmp_path / "again", name="mount-again") as again:
-        assert (again / "held-open").read_bytes() == b"written, never closed"
+    assert "dropped the uncommitted writes to /term-old" in log, log
+    assert "dropped the uncommitted writes to /term-new" in log, log
+    assert shared_cluster.dfs("cat", "/term-finishing").stdout == b"finished in time"
+    assert shared_cluster.dfs("cat", "/term-old").stdout == b"old"
+    missing = shared_cluster.dfs("cat", "/term-new")
+    assert missing.returncode == 1 and b"term-new" in missing.stderr, missing
 
 
 def test_bench_compares_the_mount_with_another_dir_and_names_it(

@@ -228,13 +228,16 @@ def test_a_file_created_by_one_handle_and_committed_by_another(
     fail_mounts: tuple[Mount, Mount]
 ) -> None:
     """"The version it opened" for a creating handle is the new empty file: it conflicts only
-    when another writer committed the file in between."""
+    when another writer committed the file in between. Nobody else sees the new file before
+    its first commit; a second creator of the name (no O_EXCL) opens the same one."""
     c, d = fail_mounts
     name = fresh_dir(c)
     creator = open(c / name / "new", "xb")
     try:
         creator.write(b"creator's")
-        with open(d / name / "new", "r+b") as other:  # the empty file creator made
+        with pytest.raises(FileNotFoundError):
+            open(d / name / "new", "r+b")  # not written yet: not there for others
+        with open(d / name / "new", "wb") as other:  # O_CREAT: the file creator made
             other.write(b"other's")
         with pytest.raises(OSError) as raised:
             creator.close()

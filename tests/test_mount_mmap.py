@@ -174,19 +174,23 @@ def test_append_after_another_mount_grew_the_file(two_mounts: tuple[Mount, Mount
 def test_close_commits_what_a_live_mapping_wrote(
     two_mounts: tuple[Mount, Mount], shared_cluster: Cluster
 ) -> None:
-    """close() writes a shared mapping's dirty pages back before it commits."""
+    """The writer's last close writes a shared mapping's dirty pages back before it commits;
+    a close while the writer still holds a descriptor on the file commits nothing
+    (docs/design.md §7, "Which close commits"). Python's mmap keeps a dup of the fd, so the
+    close of `fd` is not the writer's end: closing the mapping is."""
     a, b = two_mounts
     (a / "live").write_bytes(b"." * (2 * PAGE))
     fd = os.open(a / "live", os.O_RDWR)
     m = mmap.mmap(fd, 2 * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         m[PAGE : PAGE + 4] = b"live"
-        os.close(fd)  # the mapping holds its own reference: this is only the flush
-        want = b"." * PAGE + b"live" + b"." * (PAGE - 4)
-        assert committed(shared_cluster, "live") == want
-        assert (b / "live").read_bytes() == want
+        os.close(fd)  # the mapping's own descriptor stays: this is only a flush
+        assert committed(shared_cluster, "live") == b"." * (2 * PAGE)
     finally:
-        m.close()
+        m.close()  # the last descriptor: the writer's end
+    want = b"." * PAGE + b"live" + b"." * (PAGE - 4)
+    assert committed(shared_cluster, "live") == want
+    assert (b / "live").read_bytes() == want
 
 
 def test_without_the_option_a_shared_writable_mapping_is_enodev(

@@ -40,14 +40,29 @@ def _umask() -> int:
     return mask
 
 
-async def _create_file(client: Client, path: str) -> Attr:
-    """The file at path, created (empty, version 0) if missing; its parent must exist."""
+async def _create_file(client: Client, path: str) -> tuple[int, bytes, Attr]:
+    """The file at path, created unwritten (hidden from others until its first commit) if
+    missing; its parent must exist. Returns the parent's inode and the name with it."""
     parent, name = split(path)
     directory = await client.resolve(parent)
     mode = stat.S_IFREG | (0o666 & ~_umask())
-    return await client.create(
-        directory.ino, name, mode, os.getuid(), os.getgid(), exclusive=False
+    attr = await client.create(
+        directory.ino, name, mode, os.getuid(), os.getgid(), exclusive=False, unwritten=True
     )
+    return directory.ino, name, attr
+
+
+async def _unlink_unwritten(client: Client, parent: int, name: bytes, ino: int) -> None:
+    """A put that created the file and failed before its first commit leaves no name behind
+    (best effort: a leftover stays hidden from everyone)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(client.timeout):
+        try:
+            found = await client.lookup(parent, name)
+            if found.ino == ino and found.unwritten:
+                await client.unlink(parent, name)
+        except DfsError:
+            pass
+    client.forget_unwritten(ino)
 
 
 async def _lookup(client: Client, path: str) -> Attr | None:
@@ -257,21 +272,28 @@ async def put(client: Client, args: argparse.Namespace) -> int:
                 raise DfsError(Code.EISDIR, f"{path} is a directory")
             path = join(path, os.path.basename(args.src))
             attr = await _lookup(client, path)
+        created = None
         if attr is None:
             if args.if_version not in (None, 0):
                 raise DfsError(Code.CONFLICT, f"{path} does not exist (version 0)")
-            attr = await _create_file(client, path)
+            parent, name, attr = await _create_file(client, path)
+            created = (parent, name) if attr.unwritten else None
         if not attr.is_file():
             raise DfsError(Code.EISDIR if attr.is_dir() else Code.EINVAL, f"{path} is no file")
         conditional = args.if_version is not None
-        with progress_bar(path, size) as progress:
-            attr = await client.write_file(
-                attr.ino,
-                source,
-                base_version=args.if_version if conditional else attr.version,
-                if_version=conditional,
-                progress=progress,
-            )
+        try:
+            with progress_bar(path, size) as progress:
+                attr = await client.write_file(
+                    attr.ino,
+                    source,
+                    base_version=args.if_version if conditional else attr.version,
+                    if_version=conditional,
+                    progress=progress,
+                )
+        except BaseException:
+            if created is not None:
+                await _unlink_unwritten(client, *created, attr.ino)
+            raise
     if args.json:
         print_json({"path": path, **attr.to_json()})
     return 0

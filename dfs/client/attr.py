@@ -35,6 +35,9 @@ class Attr:
     target: bytes | None = None
     generation: int = 0
     rdev: int = 0
+    # Created for a writer whose first content is not committed yet: shown only to the client
+    # that created it (Client.create with unwritten=True); to the others it does not exist.
+    unwritten: bool = False
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Attr:

@@ -25,6 +25,8 @@ from dfs.rpc import Peer, Peers
 Progress = Callable[[int], Any]
 # How long a node table may be reused before an unknown node id forces a refresh anyway.
 NODE_TABLE_MIN_AGE = 0.5
+#: Files created unwritten that one client remembers as its own (a few MB at most).
+MAX_UNWRITTEN = 65536
 
 
 def _fields(reply: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +64,10 @@ class Client:
                                       failover_for=failover_for)
         self._nodes: dict[int, str] = {}
         self._nodes_at = -1e9
+        # Files this client created unwritten: it sees them, nobody else does (docs/design.md
+        # §6, "A new file appears with its content"). One is forgotten at its first commit; a
+        # creator with more than MAX_UNWRITTEN at once no longer sees its oldest.
+        self._unwritten: dict[int, None] = {}
 
     async def __aenter__(self) -> Client:
         return self
@@ -90,21 +96,49 @@ class Client:
 
     # ------------------------------------------------------------ namespace
 
-    async def getattr(self, ino: int) -> Attr:
-        return Attr.from_wire((await self.query("getattr", ino=ino))["attr"])
+    def shown(self, attr: Attr) -> bool:
+        """Whether this client sees the file: not one another client created and has not
+        written yet."""
+        return not attr.unwritten or attr.ino in self._unwritten
 
-    async def lookup(self, parent: int, name: bytes) -> Attr:
-        return Attr.from_wire((await self.query("lookup", parent=parent, name=name))["attr"])
+    def _visible(self, wire: dict[str, Any]) -> Attr:
+        attr = Attr.from_wire(wire)
+        if not self.shown(attr):
+            raise DfsError(Code.ENOENT, f"inode {attr.ino} is being created by another client "
+                                        "and has no content yet")
+        return attr
+
+    async def getattr(self, ino: int) -> Attr:
+        return self._visible((await self.query("getattr", ino=ino))["attr"])
+
+    async def lookup(self, parent: int, name: bytes, *, created_here: bool = False) -> Attr:
+        """`created_here`: after a create whose reply was lost, an unwritten file found there
+        is taken as the one this client created."""
+        wire = (await self.query("lookup", parent=parent, name=name))["attr"]
+        if created_here and wire.get("unwritten"):
+            self._remember_unwritten(wire["ino"])
+        return self._visible(wire)
 
     async def resolve(self, path: str) -> Attr:
-        return Attr.from_wire((await self.query("resolve", path=path))["attr"])
+        return self._visible((await self.query("resolve", path=path))["attr"])
 
     async def readdir(
         self, ino: int, after: int = 0, limit: int = 1000
     ) -> list[tuple[bytes, int, Attr]]:
-        """One page of (name, cookie, attr) after the cookie `after`, in cookie order."""
-        reply = await self.query("readdir", ino=ino, after=after, limit=limit)
-        return [(name, cookie, Attr.from_wire(a)) for name, cookie, a in reply["entries"]]
+        """One page of (name, cookie, attr) after the cookie `after`, in cookie order; fewer
+        than `limit` only at the directory's end. Files other clients are creating are left
+        out (and the page filled up past them)."""
+        out: list[tuple[bytes, int, Attr]] = []
+        while True:
+            reply = await self.query("readdir", ino=ino, after=after, limit=limit)
+            raw = reply["entries"]
+            for name, cookie, wire in raw:
+                attr = Attr.from_wire(wire)
+                if self.shown(attr) and len(out) < limit:
+                    out.append((name, cookie, attr))
+            if len(out) >= limit or len(raw) < limit:
+                return out
+            after = raw[-1][1]
 
     async def listdir(self, ino: int, page: int = 1000) -> list[tuple[bytes, Attr]]:
         """Every entry of a directory, paging through readdir."""
@@ -122,15 +156,27 @@ class Client:
         return Attr.from_wire(reply["attr"])
 
     async def create(
-        self, parent: int, name: bytes, mode: int, uid: int, gid: int, exclusive: bool = True
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, exclusive: bool = True,
+        unwritten: bool = False,
     ) -> Attr:
+        """`unwritten`: a new file stays hidden from every other client until its first
+        commit (write_file), so nobody ever sees it empty; an existing file is opened as is."""
         # Without `exclusive` a create opens what is there, so sending it twice does what
         # sending it once does: it is retried like a read across a lost reply or a failover.
         send = self.change if exclusive else self.query
         reply = await send(
-            "create", parent=parent, name=name, mode=mode, uid=uid, gid=gid, exclusive=exclusive
+            "create", parent=parent, name=name, mode=mode, uid=uid, gid=gid, exclusive=exclusive,
+            unwritten=unwritten,
         )
-        return Attr.from_wire(reply["attr"])
+        attr = Attr.from_wire(reply["attr"])
+        if attr.unwritten:
+            self._remember_unwritten(attr.ino)
+        return attr
+
+    def _remember_unwritten(self, ino: int) -> None:
+        self._unwritten[ino] = None
+        while len(self._unwritten) > MAX_UNWRITTEN:
+            del self._unwritten[next(iter(self._unwritten))]
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         reply = await self.change(
@@ -251,10 +297,16 @@ class Client:
         progress: Progress | None = None,
     ) -> Attr:
         """Replace the file's content with all of `source` (read from offset 0) atomically."""
-        return await write.write_file(
+        attr = await write.write_file(
             self, ino, source, base_version=base_version, if_version=if_version,
             mtime_ns=mtime_ns, progress=progress,
         )
+        self.forget_unwritten(ino)
+        return attr
+
+    def forget_unwritten(self, ino: int) -> None:
+        """The file was written (everyone sees it now) or given up."""
+        self._unwritten.pop(ino, None)
 
     async def read_chunk(self, attr: Attr, index: int) -> bytes:
         """Chunk `index` of the version `attr` describes, verified; fails over between replicas."""

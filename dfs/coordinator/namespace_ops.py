@@ -92,10 +92,11 @@ class NamespaceOps:
     async def op_create(self, req: Request) -> Reply:
         parent, name, mode = req.int("parent"), req.name(), req.int("mode")
         uid, gid = req.int("uid", 0), req.int("gid", 0)
-        exclusive = req.bool("exclusive", True)
+        exclusive, unwritten = req.bool("exclusive", True), req.bool("unwritten", False)
         ns = self.store.namespace
         return {"attr": await self._write(
-            lambda t, now: ns.create(t, parent, name, mode, uid, gid, now, exclusive))}
+            lambda t, now: ns.create(t, parent, name, mode, uid, gid, now, exclusive,
+                                     unwritten))}
 
     async def op_symlink(self, req: Request) -> Reply:
         parent, name, target = req.int("parent"), req.name(), req.bytes("target")

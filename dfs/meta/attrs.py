@@ -159,6 +159,7 @@ class AttrOps:
         inode.checksum = checksum
         inode.replicas = list(replicas)
         inode.version += 1
+        inode.unwritten = False  # its first content: every client sees it from now on
         inode.mtime_ns = now_ns if mtime_ns is None else mtime_ns
         inode.ctime_ns = now_ns
         self.inodes.put(txn, inode)

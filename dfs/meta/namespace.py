@@ -133,8 +133,9 @@ class Namespace(AttrOps):
         return child.attr()
 
     def create(self, txn: lmdb.Transaction, parent: int, name: bytes, mode: int, uid: int,
-               gid: int, now_ns: int, exclusive: bool = True) -> Attr:
-        """An empty regular file (version 0); without `exclusive` an existing file is opened."""
+               gid: int, now_ns: int, exclusive: bool = True, unwritten: bool = False) -> Attr:
+        """An empty regular file (version 0); without `exclusive` an existing file is opened.
+        `unwritten`: a new file stays hidden from other clients until its first commit."""
         kind = stat.S_IFMT(mode)
         if kind not in (0, stat.S_IFREG):
             raise DfsError(Code.EINVAL, "create makes regular files only")
@@ -149,7 +150,7 @@ class Namespace(AttrOps):
                 raise DfsError(Code.EISDIR, f"{name!r} is a directory")
             return inode.attr()
         child = self.inodes.allocate(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, now_ns,
-                                     parent=parent)
+                                     parent=parent, unwritten=unwritten)
         return self._link_new(txn, directory, name, child, now_ns)
 
     def symlink(self, txn: lmdb.Transaction, parent: int, name: bytes, target: bytes, uid: int,

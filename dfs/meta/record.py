@@ -52,7 +52,9 @@ def validate_name(name: bytes) -> bytes:
 class Inode:
     """One inode record. Directories also carry `parent` and `next_cookie`; a regular file
     carries `parent` too: the directory of its first name, where its inherited policies
-    (`user.dfs.keep_versions`) are looked up (0 in records from before)."""
+    (`user.dfs.keep_versions`) are looked up (0 in records from before). `unwritten`: a file
+    created for a writer that has not committed its first content yet (docs/design.md §6,
+    "A new file appears with its content"): clients other than its creator do not see it."""
 
     ino: int
     mode: int
@@ -73,6 +75,7 @@ class Inode:
     parent: int = 0
     next_cookie: int = FIRST_COOKIE
     rdev: int = 0
+    unwritten: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -110,6 +113,7 @@ class Inode:
             "target": self.target,
             "generation": self.generation,
             "rdev": self.rdev,
+            "unwritten": self.unwritten,
         }
 
     def encode(self) -> bytes:
@@ -120,6 +124,8 @@ class Inode:
                 del record["parent"]
         if not self.rdev:
             del record["rdev"]
+        if not self.unwritten:
+            del record["unwritten"]
         return pack(record)
 
     @classmethod

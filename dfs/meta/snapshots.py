@@ -201,11 +201,14 @@ class SnapshotTable:
                 while found and cur.key().startswith(prefix):
                     key, value = bytes(cur.key()), bytes(cur.value())
                     child, cookie = U64x2.unpack(value)
+                    child_raw = txn.get(k64(child), db=self._live_inodes)
+                    record = {} if child_raw is None else unpack(child_raw)
+                    if record.get("unwritten"):
+                        found = cur.next()  # being created: not in the tree yet (§6)
+                        continue
                     puts.append(("snapentries", sid + key, value))
                     puts.append(("snapcookies", sid + U64x2.pack(directory, cookie), key[8:]))
-                    child_raw = txn.get(k64(child), db=self._live_inodes)
                     if child_raw is not None:
-                        record = unpack(child_raw)
                         if stat.S_ISDIR(record.get("mode", 0)):
                             todo.append(child)
                         else:

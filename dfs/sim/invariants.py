@@ -157,7 +157,7 @@ def check_history(history: History, final: dict[int, bytes]) -> list[str]:
         if last is not None and final.get(ino) != last.content:
             out.append(f"I2: ino={ino}: the acknowledged write of {last.client} at "
                        f"{last.completed:.3f} is lost (nothing could land after it)")
-    return out + check_groups(history)
+    return out + check_groups(history) + history.seen_unwritten
 
 
 def check_groups(history: History) -> list[str]:

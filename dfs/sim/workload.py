@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 ROOT = 1
 BIG_WRITE = 0.03  # share of writes bigger than one chunk (1 MiB)
 CHURN_NAMES = 4
+LIST_SHARE = 0.2  # of a reader's turns: list the churners' files instead of reading
 
 
 @dataclass
@@ -75,6 +76,9 @@ class History:
     groups: dict[int, list[Write]] = field(default_factory=dict)
     group_seq: int = 0
     group_reads: list[GroupRead] = field(default_factory=list)
+    # Files a churner was creating that another client saw before their first content
+    # (docs/design.md §6, "A new file appears with its content"): must stay empty.
+    seen_unwritten: list[str] = field(default_factory=list)
 
     def count(self, table: dict[str, int], what: str) -> None:
         table[what] = table.get(what, 0) + 1
@@ -148,6 +152,9 @@ class SimUser(SimProcess):
         op.completed = trio.current_time()
 
     async def _reader(self, client: Client) -> None:
+        if self.rng.random() < LIST_SHARE:
+            await self._list_churn(client)
+            return
         ino = self.rng.choice(self.files)
         invoked = trio.current_time()
         attr = await client.getattr(ino)
@@ -217,14 +224,32 @@ class SimUser(SimProcess):
             seen[ino] = (attr.version, sink.getvalue())
         self.history.group_reads.append(GroupRead(self.name, invoked, seen))
 
+    async def _list_churn(self, client: Client) -> None:
+        """The churners' files as another client sees them: each one that is there has the
+        content its creator wrote (the creates are unwritten, as `dfs put` makes them)."""
+        for name, _, attr in await client.readdir(ROOT):
+            if not name.startswith(b"churn-"):
+                continue
+            try:
+                seen = await client.getattr(attr.ino)
+            except DfsError:
+                continue  # unlinked meanwhile
+            for what in (attr, seen):
+                if what.version == 0:
+                    self.history.seen_unwritten.append(
+                        f"{self.name} saw {name.decode()} (ino={what.ino}) before its first "
+                        f"content (unwritten={what.unwritten})")
+
     async def _churner(self, client: Client) -> None:
-        """Create, write, rename over and unlink files nobody else reads."""
+        """Create, write, rename over and unlink files nobody else reads but listers; a
+        create is unwritten, so nobody sees a file before its content."""
         a = f"churn-{self.name}-{self.rng.randrange(CHURN_NAMES)}".encode()
         b = f"churn-{self.name}-{self.rng.randrange(CHURN_NAMES)}".encode()
         what = self.rng.choice(["create", "rename", "unlink"])
         try:
             if what == "create":
-                attr = await client.create(ROOT, a, 0o100644, 0, 0, exclusive=False)
+                attr = await client.create(ROOT, a, 0o100644, 0, 0, exclusive=False,
+                                           unwritten=True)
                 await client.write_file(attr.ino, io.BytesIO(self.content()))
             elif what == "rename" and a != b:
                 await client.rename(ROOT, a, ROOT, b)
