@@ -176,6 +176,49 @@ def crash_case(cluster: Cluster, process: str, failpoint: str, size: str,
         assert_converged(cluster, path, a)
 
 
+# A new file's first write: create (unwritten) and content are two requests, one decision
+# shows both (docs/design.md §6). The coordinator's failpoints are where they could part.
+NEW_FILE_CASES = sorted(f for f, (p, _) in CASES.items() if p == "coordinator")
+
+
+@pytest.fixture(scope="module")
+def new_file_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One cluster for the new-file cases: each crashes and restarts its coordinator, on its
+    own path, and leaves the cluster whole."""
+    cluster = Cluster(tmp_path_factory.mktemp("new-file"), node_args=NODE_ARGS)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop_all()
+
+
+@pytest.mark.parametrize("failpoint", NEW_FILE_CASES)
+def test_a_new_file_appears_with_its_content_or_not_at_all(new_file_cluster: Cluster,
+                                                           failpoint: str) -> None:
+    """`dfs put` of a new path, the coordinator crashed at each failpoint and restarted: to
+    every other client the file is then exactly B, or not there; never empty."""
+    cluster = new_file_cluster
+    path = f"/new-{failpoint}"
+    _, unacked_result = CASES[failpoint]
+    b = os.urandom(2 * 1024 * 1024 + 5)
+    cluster.restart("coordinator", env={"DFS_FAILPOINTS": f"{failpoint}=crash"})
+    cluster.wait_nodes_up()
+    write = cluster.dfs("put", "-", path, input=b, timeout=90, env={"DFS_RETRY_FOR": "1"})
+    cluster.wait_until(lambda: not cluster.running("coordinator"), timeout=30,
+                       message=f"coordinator to crash at {failpoint}")
+    cluster.restart("coordinator", env={})
+    cluster.wait_nodes_up()
+    if write.returncode == 0 or unacked_result == "B":
+        assert stat(cluster, path)["version"] == 1
+        assert_converged(cluster, path, b)
+        return
+    assert write.stderr.count(b"\n") == 1, write.stderr
+    got = cluster.dfs("cat", path)
+    assert got.returncode == 1 and b"(ENOENT)" in got.stderr, got
+    listed = cluster.dfs("ls", "/")
+    assert listed.returncode == 0 and path[1:].encode() not in listed.stdout, listed.stdout
+
+
 def test_write_with_one_of_four_nodes_dead_lands_on_the_other_three(cluster_factory) -> None:
     cluster = cluster_factory(nodes=4, node_args=NODE_ARGS)
     cluster.kill("node-2")

@@ -104,8 +104,8 @@ class Client:
     def _visible(self, wire: dict[str, Any]) -> Attr:
         attr = Attr.from_wire(wire)
         if not self.shown(attr):
-            raise DfsError(Code.ENOENT, f"inode {attr.ino} is being created by another client "
-                                        "and has no content yet")
+            raise DfsError(Code.ENOENT, f"no such file: inode {attr.ino} was created by another "
+                                        "client and has no content committed yet")
         return attr
 
     async def getattr(self, ino: int) -> Attr:
