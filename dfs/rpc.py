@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -80,11 +81,33 @@ def frame_keys(secret: bytes, cnonce: bytes, snonce: bytes, cluster: str) -> tup
             hmac.digest(prk, info + b"s2c\x01", "sha256"))
 
 
+#: A host name or IPv4 address (an IPv6 one goes in brackets: [::1]:7700).
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+
+
 def parse_address(addr: str) -> tuple[str, int]:
+    """HOST:PORT -> (host, port), port 0 to 65535; anything else is EINVAL saying what is
+    wrong in one line, never a host name for the resolver to fail on later ("A:1,B:2" is two
+    addresses where one is meant: taken whole, getaddrinfo would look up a host "A:1,B")."""
+    if "," in addr:
+        raise DfsError(Code.EINVAL, f"{addr!r} is a list: one HOST:PORT is meant here")
     host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ok = ipaddress.ip_address(host).version == 6
+        except ValueError:
+            ok = False
+    else:
+        ok = _HOST.fullmatch(host) is not None
+    if not (sep and ok and port.isascii() and port.isdigit() and int(port) < 65536):
         raise DfsError(Code.EINVAL, f"bad address {addr!r}: want HOST:PORT")
-    return host.strip("[]"), int(port)
+    return host, int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    """The HOST:PORT parse_address reads back (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---------------------------------------------------------------- requests
@@ -380,6 +403,26 @@ def install_network(network: Network | None) -> Network | None:
 # ---------------------------------------------------------------- client
 
 
+class Backoff:
+    """The pauses between the attempts of a request retried until a deadline: doubling from
+    `first_s` to `max_s`, the last one cut short to end AT the deadline, so that one more
+    attempt is made there. A caller told to retry for S seconds then retries for S seconds,
+    not S less the pause it would have overshot by (--retry-for, docs/client.md)."""
+
+    def __init__(self, first_s: float = 0.05, max_s: float = 1.0) -> None:
+        self.delay_s = first_s
+        self.max_s = max_s
+
+    async def wait(self, deadline: float) -> bool:
+        """Pause before the next attempt: False, at once, when the deadline has passed."""
+        left_s = deadline - trio.current_time()
+        if left_s <= 0:
+            return False
+        await trio.sleep(min(self.delay_s, left_s))
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+        return True
+
+
 async def connect(
     address: str, secret: bytes, expect_cluster: str | None = None, timeout: float = 5.0,
     *, tls: TlsConfig | None = None,
@@ -496,18 +539,17 @@ class Peer:
         """Send one request; raise DfsError for an error reply.
 
         A network failure or timeout is UNAVAILABLE. With retry_for > 0 (idempotent requests
-        only) network failures are retried with backoff for up to that many seconds.
+        only) network failures are retried with backoff for that many seconds, the last
+        attempt at the deadline (Backoff).
         """
         deadline = trio.current_time() + retry_for
-        delay = 0.05
+        backoff = Backoff()
         while True:
             try:
                 return raise_for_reply(await self._call_once(op, fields, timeout or self.timeout))
             except DfsError as e:
-                if e.code != Code.UNAVAILABLE or trio.current_time() + delay > deadline:
+                if e.code != Code.UNAVAILABLE or not await backoff.wait(deadline):
                     raise
-            await trio.sleep(delay)
-            delay = min(delay * 2, 1.0)
 
     async def _call_once(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request, its own cancel scope for the timeout: a call that times out leaves the

@@ -19,11 +19,19 @@ import lmdb
 import trio
 
 from dfs import logs, runtime, sdnotify
-from dfs.cli.common import install_tls
+from dfs.cli.common import (
+    DEFAULT_COORDINATOR,
+    Parser,
+    coordinator_list,
+    env_default,
+    install_tls,
+    listen_address,
+    peer_address,
+)
 from dfs.client.leader import split_addresses
 from dfs.errors import DfsError
 from dfs.metrics.http import add_metrics_argument
-from dfs.rpc import load_secret, parse_address
+from dfs.rpc import load_secret
 from storage_node.node import Node, NodeConfig
 from storage_node.store import BlobStore
 
@@ -57,10 +65,12 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     """The node's own options (the CLI adds --coordinator and --secret-file globally)."""
     parser.add_argument("--data", required=True, type=Path, help="data directory (LMDB env)")
     parser.add_argument(
-        "--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: the OS picks)"
+        "--listen", type=listen_address, default="127.0.0.1:0", metavar="HOST:PORT",
+        help="address to serve on (port 0: the OS picks)"
     )
     parser.add_argument(
-        "--advertise", default=None, help="HOST:PORT others reach this node at (default: listen)"
+        "--advertise", type=peer_address, default=None, metavar="HOST:PORT",
+        help="address others reach this node at (default: listen)"
     )
     parser.add_argument(
         "--capacity",
@@ -132,10 +142,8 @@ def add_space_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    """Validate options into a NodeConfig; DfsError (one line for the user) if they're wrong."""
-    parse_address(args.listen)
-    if args.advertise:
-        parse_address(args.advertise)
+    """Options (addresses checked by their parser) into a NodeConfig; DfsError (one line for
+    the user) if they're wrong."""
     coordinator = getattr(args, "coordinator", None) or None
     if coordinator:
         coordinator = ",".join(split_addresses(coordinator))
@@ -228,12 +236,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main_node(argv: list[str] | None = None) -> int:
     """Standalone entry point with the global options included."""
-    parser = argparse.ArgumentParser(prog="dfs node", description="run a dfs storage node")
+    parser = Parser(prog="dfs node", description="run a dfs storage node")
     add_node_arguments(parser)
     parser.add_argument(
-        "--coordinator",
-        default=os.environ.get("DFS_COORDINATOR", "127.0.0.1:7700"),
-        help="coordinators HOST:PORT[,HOST:PORT...]; the leader is followed ('' for none)",
+        "--coordinator", type=coordinator_list,
+        default=env_default("DFS_COORDINATOR", DEFAULT_COORDINATOR),
+        help="coordinators HOST:PORT[,HOST:PORT...]; the leader is followed",
     )
     parser.add_argument("--secret-file", default=os.environ.get("DFS_SECRET_FILE"))
     for name in ("cert", "key", "ca"):

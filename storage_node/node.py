@@ -23,7 +23,7 @@ from dfs.errors import Code, DfsError
 from dfs.metrics.http import start_metrics
 from dfs.metrics.node import NodeMetrics
 from dfs.metrics.rpc import service_ops
-from dfs.rpc import Peers, parse_address, serve
+from dfs.rpc import Peers, join_address, parse_address, serve
 from storage_node.compaction import Compactor
 from storage_node.maintenance import Scrubber
 from storage_node.participant import Participant
@@ -58,10 +58,6 @@ class NodeConfig:
     def tick(self) -> float:
         """How often timeouts are checked: often enough for short test timeouts."""
         return min(1.0, max(0.05, self.staged_timeout / 4))
-
-
-def join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class CoordinatorLink:

@@ -241,6 +241,7 @@ class TcpProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted: list[float] = []  # time.monotonic() of each connection accepted
         self._stopped = threading.Event()
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
@@ -276,6 +277,7 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            self.accepted.append(time.monotonic())
             try:
                 upstream = socket.create_connection(self.upstream)
             except OSError:  # nothing behind: accept, then close (a dead member)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 import xxhash
 from cluster import Cluster
+from etcd_harness import TcpProxy
+from local_up import LocalUp
 
-from dfs.cli.procs import DFS, Child
+from dfs.cli.procs import DFS, LISTENING, RESTART_MIN_S, Child, Supervisor
 
 MiB = 1024 * 1024
 
@@ -260,6 +263,88 @@ def test_local_up(tmp_path: Path) -> None:
             os.kill(pid, 0)
 
 
+def test_local_up_starts_a_killed_node_again(tmp_path: Path) -> None:
+    """kill -9 of one of `dfs local up`'s nodes does not take the cluster down: local up keeps
+    running, starts the node again, and the node serves again (issue 17)."""
+    env = {"DFS_COORDINATOR": f"127.0.0.1:{free_port()}"}
+    with LocalUp(tmp_path, "--nodes", "2", "--replicas", "2", env=env) as up:
+        old = up.pids()["node-1"]
+        os.kill(old, signal.SIGKILL)
+        up.wait_restarted("node-1", old)
+        node_log = up.dir / "node-1.log"
+        address = up.wait_until(lambda: (LISTENING.findall(node_log.read_bytes())[1:] or [b""])
+                                [-1].decode(), 30, "the restarted node listening")
+
+        def back() -> bool:
+            nodes = (up.status() or {}).get("nodes", [])
+            return {(n["address"], n["state"]) for n in nodes} >= {(address, "up")} and all(
+                n["state"] == "up" for n in nodes)
+
+        up.wait_until(back, 30, f"node-1 up again at {address}")
+        ok(up.dfs("put", "-", "/after", input=b"both replicas"))  # R=2: node-1 took its copy
+        assert ok(up.dfs("cat", "/after")) == b"both replicas"
+        assert b"node-1 (pid %d) was killed by SIGKILL" % old in up.child.log.read_bytes()
+        assert up.child.running()
+        assert up.stop() == 0, up.log()
+    assert up.leftovers() == []
+
+
+def test_supervisor_restarts_at_a_bounded_rate() -> None:
+    """A child that dies at once every time is started again after pauses that double (no
+    spin); one not to be restarted is reported once and left stopped."""
+    lines: list[tuple[float, str]] = []
+    supervisor = Supervisor(lambda line: lines.append((time.monotonic(), line)))
+    crashing = Child("crashing", [sys.executable, "-c", "raise SystemExit(3)"],
+                     Path(os.devnull))
+    once = Child("once", [sys.executable, "-c", "pass"], Path(os.devnull))
+    for child in (crashing, once):
+        child.start()
+    supervisor.watch(crashing)
+    supervisor.watch(once, restart=False, note=": see to it")
+    deadline = time.monotonic() + 60
+    while sum(line.startswith("crashing (pid") for _, line in lines) < 3:
+        assert time.monotonic() < deadline, lines
+        supervisor.check()
+        time.sleep(0.01)
+    crashing.stop()
+    died = [(t, line) for t, line in lines if line.startswith("crashing") and "exited" in line]
+    started = [t for t, line in lines if line.startswith("crashing started again")]
+    pauses = [float(re.search(r"again in ([\d.]+) s", line)[1]) for _, line in died]
+    assert pauses[:3] == [RESTART_MIN_S, 2 * RESTART_MIN_S, 4 * RESTART_MIN_S], lines
+    for (died_at, _), pause, started_at in zip(died, pauses, started, strict=False):
+        assert started_at - died_at >= pause, lines
+    assert [line for _, line in lines if line.startswith("once")] == [
+        f"once (pid {once.pid}) exited with status 0; not restarted: see to it "
+        f"(log {os.devnull})"]
+
+
+def test_address_options_are_one_line_usage_errors_before_anything_starts(
+        tmp_path: Path) -> None:
+    """Every HOST:PORT option goes through one parser: a list where one address is meant, a
+    bad port, an empty host or garbage is one line naming the option (or DFS_COORDINATOR),
+    exit status 2, and nothing has started (no data directory made; issue 17)."""
+    made = tmp_path / "made"
+    two = "127.0.0.1:7700,127.0.0.1:7701"
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["coordinator", "--data", str(made), "--listen", two], {}, "--listen"),
+        (["coordinator", "--data", str(made), "--meta", "etcd://127.0.0.1:2379,:2380"], {},
+         "--meta"),
+        (["meta", "migrate", "--data", str(made), "--to", "etcd://127.0.0.1:2379,2380"], {},
+         "--to"),
+        (["node", "--data", str(made), "--listen", "garbage"], {}, "--listen"),
+        (["node", "--data", str(made), "--advertise", "127.0.0.1:0"], {}, "--advertise"),
+        (["--coordinator", "127.0.0.1:7700,", "ls", "/"], {}, "--coordinator"),
+        (["ls", "/"], {"DFS_COORDINATOR": "127.0.0.1:7700,nohost:"}, "DFS_COORDINATOR"),
+        (["local", "up", "--dir", str(made)], {"DFS_COORDINATOR": ":7700"}, "DFS_COORDINATOR"),
+        (["local", "up", "--ha", "--dir", str(made), "--coordinator", "127.0.0.1:65535"], {},
+         "--coordinator"),
+    ]
+    for args, env, named in cases:
+        err = one_line_error(run_dfs(*args, env=env), 2)
+        assert named in err, (args, env, err)
+        assert not made.exists(), (args, env)
+
+
 PEAK_RSS = """
 import resource, subprocess, sys
 result = subprocess.run(sys.argv[1:])
@@ -296,26 +381,32 @@ def test_big_file_streams_in_bounded_memory(shared_cluster: Cluster, tmp_path: P
 def test_retry_for_bounds_how_long_a_command_waits_for_an_unreachable_cluster(
         tmp_path: Path) -> None:
     """A command rides out an unreachable coordinator (a failover, a restart) for
-    --retry-for seconds (env DFS_RETRY_FOR), then fails with one line."""
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    --retry-for seconds (env DFS_RETRY_FOR), then fails with one line: its last attempt is
+    made when those seconds are up, not a backoff pause before (issue 17)."""
+    retry_s = 3.5  # the pause a give-up before the deadline skips is then 1 s (BACKOFF_MAX)
+    slack_s = 0.25  # from the command's first attempt being timed to its reaching us
     secret = tmp_path / "secret"
     secret.write_text("ab" * 32 + "\n")
-    env = {**os.environ, "DFS_COORDINATOR": dead, "DFS_SECRET_FILE": str(secret)}
+    # Nothing behind the proxy: it accepts each connection and hangs up, so the handshake
+    # fails as at a dead port, and it notes when each attempt came: what the command tried,
+    # seen from the other end (the command's own start-up is no part of it).
+    with TcpProxy(f"127.0.0.1:{free_port()}") as cluster:
+        env = {**os.environ, "DFS_COORDINATOR": cluster.endpoint, "DFS_SECRET_FILE": str(secret)}
 
-    def ls(*args: str, **extra: str) -> tuple[subprocess.CompletedProcess[bytes], float]:
-        start = time.monotonic()
-        result = subprocess.run([*DFS, *args, "ls", "/"], env={**env, **extra},
-                                capture_output=True, timeout=60)
-        return result, time.monotonic() - start
+        def ls(*args: str, **extra: str) -> tuple[subprocess.CompletedProcess[bytes], list[float]]:
+            del cluster.accepted[:]
+            result = subprocess.run([*DFS, *args, "ls", "/"], env={**env, **extra},
+                                    capture_output=True, timeout=60)
+            return result, list(cluster.accepted)
 
-    quick, quick_s = ls("--retry-for", "0")
-    patient, patient_s = ls(DFS_RETRY_FOR="3")
+        quick, quick_attempts = ls("--retry-for", "0")
+        patient, patient_attempts = ls(DFS_RETRY_FOR=str(retry_s))
     for result in (quick, patient):
         assert result.returncode == 1 and result.stderr.count(b"\n") == 1, result.stderr
         assert b"UNAVAILABLE" in result.stderr, result.stderr
-    assert patient_s >= 3.0 and patient_s > quick_s + 2.0, (quick_s, patient_s)
+    assert len(quick_attempts) == 1, quick_attempts
+    span_s = patient_attempts[-1] - patient_attempts[0]
+    assert retry_s - slack_s <= span_s < retry_s + 2.0, (span_s, patient_attempts)
     bad = subprocess.run([*DFS, "--retry-for", "soon", "ls", "/"], env=env,
                          capture_output=True, timeout=60)
     assert bad.returncode == 2 and b"--retry-for" in bad.stderr

@@ -298,6 +298,39 @@ def test_local_up_ha_runs_etcd_and_two_coordinators(tmp_path: Path, tls: bool) -
     assert up.poll() is not None
 
 
+def test_local_up_ha_keeps_serving_and_restarts_a_killed_leader(tmp_path: Path) -> None:
+    """The first thing a user does to watch a failover: kill -9 the leading coordinator of
+    `dfs local up --ha`, started with the coordinators' list exported as DFS_COORDINATOR as
+    the README says. The standby takes over (a write through the CLI succeeds), local up
+    keeps running and starts the killed coordinator again, which answers again (issue 17)."""
+    from etcd_harness import free_port, require_etcd
+    from local_up import LocalUp
+
+    require_etcd()
+    listed = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"  # any two ports, as exported
+    with LocalUp(tmp_path, "--ha", "--nodes", "2", "--replicas", "2",
+                 env={"DFS_COORDINATOR": listed}) as up:
+        assert up.coordinators == listed
+
+        def roles() -> dict[str, str]:
+            return {c["address"]: c["role"] for c in (up.status() or {}).get("coordinators", [])}
+
+        leader = up.wait_until(lambda: next((a for a, r in roles().items() if r == "leader"),
+                                            None), 30, "a leader")
+        name = next(n for n, a in up.addresses().items() if a == leader)
+        old = up.pids()[name]
+        os.kill(old, signal.SIGKILL)
+        up.wait_until(lambda: up.dfs("put", "-", "/after", input=b"failover").returncode == 0,
+                      FAILOVER_LIMIT, "write after the leader was killed")
+        assert up.dfs("cat", "/after").stdout == b"failover"
+        up.wait_restarted(name, old)
+        up.wait_until(lambda: roles().get(leader) in ("leader", "standby"), 30,
+                      f"{name} answering at {leader} again")
+        assert up.child.running()
+        assert up.stop() == 0, up.log()
+    assert up.leftovers() == []
+
+
 def test_an_unreachable_etcd_is_one_clear_line_at_start(tmp_path: Path) -> None:
     from etcd_harness import free_port
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cluster import Cluster
+from local_up import alive
 
 from dfs import logs
 from dfs.cli.mount_helper import HelperUsage, translate
@@ -35,14 +36,6 @@ def wait_for(predicate, what: str, timeout: float = WAIT) -> None:  # noqa: ANN0
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def json_lines(path: Path) -> list[dict]:

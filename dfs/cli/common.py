@@ -49,8 +49,9 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
 
     parser.add_argument(
         "--coordinator",
+        type=coordinator_list,
         metavar="HOST:PORT[,...]",
-        default=default(os.environ.get("DFS_COORDINATOR") or DEFAULT_COORDINATOR),
+        default=default(env_default("DFS_COORDINATOR", DEFAULT_COORDINATOR)),
         help="the cluster's coordinators, comma-separated: the leader among them is found and "
              "followed (env DFS_COORDINATOR, default 127.0.0.1:7700)",
     )
@@ -103,6 +104,70 @@ def seconds_between(low: float, high: float) -> Callable[[str], float]:
 
 
 _seconds = seconds_between(0, 3600)
+
+
+class FromEnv(str):
+    """An option's default taken from an environment variable: a bad one is named as such
+    (the user typed no option)."""
+
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> FromEnv:
+        self = super().__new__(cls, value)
+        self.variable = variable
+        return self
+
+
+def env_default(variable: str, fallback: str) -> str:
+    """$variable if set and not empty, marked as coming from there (FromEnv), else fallback."""
+    value = os.environ.get(variable)
+    return FromEnv(value, variable) if value else fallback
+
+
+def option_source(value: str, option: str) -> str:
+    """How to name where a value came from in a message: the variable or the option."""
+    return value.variable if isinstance(value, FromEnv) else option
+
+
+def address_type(*, listen: bool = False, many: bool = False) -> Callable[[str], str]:
+    """An argparse type for every HOST:PORT option (--coordinator, --listen, --advertise,
+    --metrics, the endpoints of etcd_url): rpc.parse_address on each address, so a list where one
+    address is meant, a bad port, an empty host or garbage is a one-line usage error (exit 2)
+    naming the option, or the variable it came from, before anything starts. `listen`: port
+    0 allowed (the OS picks one); `many`: a comma-separated list. The value is kept as given."""
+
+    def parse(value: str) -> str:
+        from dfs.rpc import parse_address
+
+        try:
+            for address in value.split(",") if many else [value]:
+                if parse_address(address.strip())[1] == 0 and not listen:
+                    raise DfsError(Code.EINVAL, f"bad address {address!r}: port 0 is only "
+                                                "for listening (the OS picks one)")
+        except DfsError as e:
+            where = f" (from {value.variable})" if isinstance(value, FromEnv) else ""
+            raise argparse.ArgumentTypeError(e.msg + where) from None
+        return value
+
+    return parse
+
+
+listen_address = address_type(listen=True)
+peer_address = address_type()
+coordinator_list = address_type(many=True)
+
+
+def etcd_url(value: str) -> str:
+    """An argparse type: etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS), each endpoint
+    checked as every other address is (--meta, dfs meta migrate --to)."""
+    scheme = next((s for s in ("etcd://", "etcds://") if value.startswith(s)), None)
+    endpoints = value.removeprefix(scheme).split(",") if scheme else []
+    if not endpoints or not all(endpoints):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want etcd://HOST:PORT[,HOST:PORT...] (etcds://... for TLS)")
+    for endpoint in endpoints:
+        peer_address(endpoint)
+    return value
 
 
 def install_tls(args: argparse.Namespace) -> None:

@@ -2,10 +2,14 @@
 
 DIR/secret (32 random bytes, hex), DIR/coordinator and DIR/node-1 .. DIR/node-N as data dirs,
 DIR/*.log for each child's output. With `--ha`: three etcd members under DIR/etcd/ and two
-coordinators (DIR/coordinator-1, -2: caches of etcd) on the --coordinator port and the next
-one; nodes and the mount are given both (docs/coordinator.md, "Standby coordinators"). Ctrl-C or SIGTERM stops every child and exits 0; a child
-that dies on its own stops the rest and exits 1. The children die with it even when it is
-killed with SIGKILL (procs.die_with). `--log-format` reaches every child. With `--tls`:
+coordinators (DIR/coordinator-1, -2: caches of etcd) at the first two --coordinator addresses
+(one given: it and the next port); nodes and the mount are given both (docs/coordinator.md,
+"Standby coordinators"). Once up, a server child that dies is started again at a bounded
+rate (procs.Supervisor), so a killed leader leaves the standby serving, as in production; a
+mount that dies is reported only (a dead FUSE mount must be unmounted first: the user's
+call). A child that dies while the cluster starts stops the rest and exits 1. Ctrl-C or
+SIGTERM stops every child and exits 0; the children die with it even when it is killed
+with SIGKILL (procs.die_with). `--log-format` reaches every child. With `--tls`:
 a throwaway CA under DIR/tls/ (dfs/tls_local.py) and a certificate for every child and for
 the commands run against the cluster (DIR/tls/client.*, printed as DFS_TLS_* to export);
 with `--ha` the etcd members too (TLS client and peer links; the coordinators use etcds://).
@@ -22,15 +26,18 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from dfs import sdnotify
-from dfs.cli.common import command
+from dfs.cli.common import UsageError, command, option_source
 from dfs.cli.etcd_members import LocalEtcd, MemberTls
-from dfs.cli.procs import DFS, Child
+from dfs.cli.procs import DFS, RESTART_MAX_S, RESTART_MIN_S, STABLE_S, Child, Supervisor
+from dfs.client.leader import split_addresses
 from dfs.errors import Code, DfsError
-from dfs.rpc import parse_address
+from dfs.rpc import join_address, parse_address
 
 READY_TIMEOUT = 30.0
+POLL_S = 0.2  # how often the running cluster's children are looked at
 ETCD_MEMBERS = 3  # --ha: a majority survives one member's loss
 
 
@@ -127,7 +134,7 @@ class LocalTls:
 
 
 def _summary(args: argparse.Namespace, root: Path, secret: Path, children: list[Child],
-             tls: LocalTls | None = None) -> str:
+             tls: LocalTls | None = None, unused: str = "") -> str:
     lines = [f"dfs local cluster up in {root}/ (logs: {root}/*.log)"]
     for c in children:
         where = c.address or (str(Path(args.mount).resolve()) if c.name == "mount" else "")
@@ -137,19 +144,27 @@ def _summary(args: argparse.Namespace, root: Path, secret: Path, children: list[
         f"  export DFS_COORDINATOR={args.coordinator} DFS_SECRET_FILE={secret.resolve()}"
         + (tls.export() if tls else ""),
         "  dfs put ./some-file /some-file && dfs ls / && dfs cat /some-file && dfs status",
-        "Ctrl-C stops the cluster (its data stays in the directory).",
+        "A server that dies is started again; Ctrl-C stops the cluster (its data stays in "
+        "the directory).",
     ]
+    if unused:
+        lines.insert(1 + len(children), f"  ({unused})")
     return "\n".join(lines)
 
 
 def up(args: argparse.Namespace) -> int:
     if args.mount and not mount_available():
         raise DfsError(Code.UNAVAILABLE, "mount not available yet")
+    given = args.coordinator
+    listens, rest = _coordinator_addresses(given, 2 if args.ha else 1)
+    source = option_source(given, "--coordinator")
+    unused = f"not used: {','.join(rest)} of {source}" if rest else ""
+    args.coordinator = ",".join(listens)
+    # What the children are told, on their command lines and in their environment alike.
+    os.environ["DFS_COORDINATOR"] = args.coordinator
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     secret = ensure_secret(root)
-    listens = _coordinator_addresses(args.coordinator, 2 if args.ha else 1)
-    args.coordinator = ",".join(listens)
     common = ["--coordinator", args.coordinator, "--secret-file", str(secret.resolve()),
               "--log-format", getattr(args, "log_format", None) or "text"]
     local_tls = LocalTls(root, args.coordinator) if args.tls else None
@@ -162,6 +177,7 @@ def up(args: argparse.Namespace) -> int:
     notify_socket = os.environ.pop(sdnotify.ENV, None)
     signal.signal(signal.SIGTERM, _raise_stop)
     etcd: LocalEtcd | None = None
+    supervisor = Supervisor(_report)
     try:
         meta: list[str] = []
         if args.ha:
@@ -197,6 +213,8 @@ def up(args: argparse.Namespace) -> int:
         for node in nodes:
             node.wait_listening(READY_TIMEOUT)
         wait_nodes_up(args.coordinator, secret, args.nodes, children)
+        for child in children:
+            supervisor.watch(child)
         if args.mount:
             mountpoint = Path(args.mount).resolve()
             mountpoint.mkdir(parents=True, exist_ok=True)
@@ -209,38 +227,61 @@ def up(args: argparse.Namespace) -> int:
             children.append(mount)
             mount.start()
             _wait_mounted(mount, mountpoint)
-        print(_summary(args, root, secret, children, local_tls), flush=True)
+            supervisor.watch(mount, restart=False, note=(
+                f": `dfs mount {mountpoint}` mounts the cluster again (after `dfs umount "
+                f"{mountpoint}` if it still shows as mounted)"))
+        print(_summary(args, root, secret, children, local_tls, unused), flush=True)
         if notify_socket:
             os.environ[sdnotify.ENV] = notify_socket
             sdnotify.ready(f"cluster up in {root}")
-        while True:
-            for child in children:
-                status = child.poll()
-                if status is not None:
-                    raise DfsError(
-                        Code.UNAVAILABLE,
-                        f"{child.name} exited with status {status}: {child.log_tail(3)}",
-                    )
-            time.sleep(0.2)
+        _supervise(supervisor)
     except (Stop, KeyboardInterrupt):
         print("\nstopping the cluster", file=sys.stderr, flush=True)
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for child in reversed(children):
             child.stop()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _coordinator_addresses(first: str, count: int) -> list[str]:
-    """`count` coordinator addresses: the given one, then the ports after it."""
-    if count == 1:
-        return [first]
-    host, port = parse_address(first)
-    if port == 0:
-        raise DfsError(Code.EINVAL, "--ha needs a fixed --coordinator port: the nodes and "
-                                    "mounts are given every coordinator's address")
-    return [f"{host}:{port + i}" for i in range(count)]
+def _report(line: str) -> None:
+    print(f"dfs local: {line}", file=sys.stderr, flush=True)
+
+
+def _supervise(supervisor: Supervisor) -> NoReturn:
+    """Until SIGTERM or SIGINT (then Stop): the children that die are started again. Here
+    those signals only set a flag, so that a stop never cuts a restart short between the
+    fork and the noting of its pid: every child started is stopped by its pid."""
+    stop: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGINT, note)
+    while not stop:
+        supervisor.check()
+        time.sleep(POLL_S)
+    raise Stop()
+
+
+def _coordinator_addresses(given: str, count: int) -> tuple[list[str], list[str]]:
+    """The addresses of `count` coordinators, and those of `given` left unused: the given
+    ones in order (an exported DFS_COORDINATOR of an earlier `local up --ha` is such a
+    list), then the ports after the last one."""
+    addresses = split_addresses(given)  # each checked by the --coordinator parser
+    listens = addresses[:count]
+    host, port = parse_address(listens[-1])
+    while len(listens) < count:
+        port += 1
+        if port > 65535:
+            raise UsageError(f"{option_source(given, '--coordinator')}: {given}: no port "
+                             "after it for the next coordinator")
+        listens.append(join_address(host, port))
+    return listens, addresses[count:]
 
 
 def _wait_mounted(mount: Child, mountpoint: Path) -> None:
@@ -263,6 +304,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         local_commands, "up", up,
         "run a coordinator and N nodes here, in the foreground (Ctrl-C stops them)",
         subject="dir",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""\
+addresses:
+  The coordinator serves at the first address of --coordinator (or DFS_COORDINATOR;
+  default 127.0.0.1:7700); with --ha the second one at the second address, or at the
+  port after the first. Further addresses are not used. Every process started here is
+  given exactly these addresses, whatever the environment says.
+
+restarts:
+  A server that dies (an etcd member, a coordinator, a node) is started again after
+  {RESTART_MIN_S:g} s; the pause doubles up to {RESTART_MAX_S:g} s while it keeps dying soon
+  (within {STABLE_S:g} s) after its start. The others keep serving meanwhile (with --ha the
+  other coordinator takes over). A mount (--mount) that dies is reported, not restarted.
+  Each death and each restart is one line on stderr. Ctrl-C or SIGTERM stops every
+  child, by its pid.
+""",
     )
     p.add_argument("--dir", default=".dfs", help="data, logs and secret (default %(default)s)")
     p.add_argument("--nodes", type=int, default=3, help="storage nodes (default %(default)s)")

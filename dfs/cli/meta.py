@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dfs.cli.common import add_json, command, console, print_json
+from dfs.cli.common import add_json, command, console, etcd_url, print_json
 from dfs.errors import Code, DfsError
 
 
@@ -124,6 +124,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                 "move a coordinator's LMDB metadata into etcd (no coordinator may run)",
                 subject="data")
     p.add_argument("--data", required=True, metavar="DIR", help="the coordinator's --data dir")
-    p.add_argument("--to", required=True, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+    p.add_argument("--to", required=True, type=etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
                    help="the etcd cluster (empty of dfs metadata)")
     add_json(p)

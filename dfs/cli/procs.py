@@ -5,7 +5,8 @@ the children in order), writes stdout and stderr to a log file, and is stopped b
 SIGTERM, a grace period, then SIGKILL. A server is ready when it prints its
 "dfs ... listening on HOST:PORT" line, which is looked for in the log. A child started with
 `die_with_parent` gets SIGTERM from the kernel when its parent dies, however it dies (SIGKILL
-included): PR_SET_PDEATHSIG, so `dfs local up` never leaves servers behind.
+included): PR_SET_PDEATHSIG, so `dfs local up` never leaves servers behind. A `Supervisor`
+starts again the children that die, as a service manager would, at a bounded rate.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfs.errors import Code, DfsError
@@ -25,6 +27,11 @@ from dfs.errors import Code, DfsError
 LISTENING = re.compile(rb"^dfs [\w ]+ listening on (\S+)\s*$", re.MULTILINE)
 DFS = (sys.executable, "-m", "dfs.cli.main")
 PR_SET_PDEATHSIG = 1
+#: A child that died is started again after RESTART_MIN_S; the pause doubles, up to
+#: RESTART_MAX_S, each time it dies again within STABLE_S of its start.
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 30.0
 
 
 def die_with(parent: int) -> None:
@@ -143,3 +150,68 @@ class Child:
         if sig == signal.SIGKILL and self.proc is not None:
             return self.proc.wait()
         return None
+
+
+def exit_text(status: int) -> str:
+    """'exited with status N' or 'was killed by SIGKILL' (a negative Popen returncode)."""
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+@dataclass
+class _Watched:
+    child: Child
+    restart: bool
+    note: str  # what to do about it, when it is left stopped
+    started_s: float  # time.monotonic() of its last start
+    pause_s: float = RESTART_MIN_S  # before the next start, should it die
+    due_s: float | None = None  # dead: when it is started again (None: running or given up)
+    gone: bool = False  # dead and not to be restarted, and reported so
+
+
+class Supervisor:
+    """Started children kept running, as a service manager would keep services: one that
+    exits is started again after a pause (RESTART_MIN_S, doubling to RESTART_MAX_S while it
+    keeps dying within STABLE_S of its start), so a child that dies at once every time costs
+    a start every RESTART_MAX_S, not a spin; one watched with restart=False is reported and
+    left stopped. Each death and each start is one line to `report`. Not a thread: the owner
+    calls `check()` in its loop, so every start and stop happens in the owner's thread."""
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self.report = report
+        self._watched: list[_Watched] = []
+
+    def watch(self, child: Child, *, restart: bool = True, note: str = "") -> None:
+        """Look after `child` (started already) from now on; `note`: what the user may do
+        when it died and is not restarted."""
+        self._watched.append(_Watched(child, restart, note, time.monotonic()))
+
+    def check(self) -> None:
+        """Notice the children that died since the last check; start those that are due."""
+        now_s = time.monotonic()
+        for w in self._watched:
+            if w.gone:
+                continue
+            if w.due_s is not None:
+                if now_s >= w.due_s:
+                    w.child.start()
+                    w.started_s, w.due_s = now_s, None
+                    self.report(f"{w.child.name} started again: pid {w.child.pid}")
+                continue
+            status = w.child.poll()
+            if status is None:
+                continue
+            died = f"{w.child.name} (pid {w.child.pid}) {exit_text(status)}"
+            if not w.restart:
+                w.gone = True
+                self.report(f"{died}; not restarted{w.note} (log {w.child.log})")
+                continue
+            if now_s - w.started_s >= STABLE_S:
+                w.pause_s = RESTART_MIN_S  # it ran a good while: not a crash loop
+            w.due_s = now_s + w.pause_s
+            self.report(f"{died}; starting it again in {w.pause_s:g} s (log {w.child.log})")
+            w.pause_s = min(w.pause_s * 2, RESTART_MAX_S)

@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from dfs.errors import Code, DfsError, leader_of
-from dfs.rpc import NotSent, Peer, PeerUnavailable, parse_address
+from dfs.rpc import Backoff, NotSent, Peer, PeerUnavailable, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class LeaderLink:
         start = trio.current_time()
         retry_until = start + retry_for
         follow_until = start + max(retry_for, self.failover_for)
-        delay = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         unreached = 0  # addresses in a row whose connection could not be opened
         redirects = 0  # NOT_LEADER hops since the last pause (a loop of stale standbys)
         standby_seen = False  # the cluster answers: a leader is coming, unreached ones wait
@@ -190,9 +190,6 @@ class LeaderLink:
                     error, until = e, retry_until
                 else:
                     raise
-            now = trio.current_time()
-            if now + delay > until:
+            if not await backoff.wait(until):
                 raise error
-            await trio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
             unreached = redirects = 0

@@ -28,6 +28,7 @@ from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest, nchunks
 from dfs.client.attr import Attr
 from dfs.client.tasks import in_order
 from dfs.errors import Code, DfsError
+from dfs.rpc import Backoff
 
 if TYPE_CHECKING:
     from dfs.client.client import Client
@@ -114,7 +115,7 @@ async def read_chunk_from(client: Client, attr: Attr, index: int,
     if not order:
         raise DfsError(Code.UNAVAILABLE, f"inode {attr.ino} lists no replicas")
     deadline = trio.current_time() + (client.retry_for if retry_for is None else retry_for)
-    delay = 0.05
+    backoff = Backoff()
     while True:
         errors: list[str] = []
         codes: set[Code] = set()
@@ -133,12 +134,10 @@ async def read_chunk_from(client: Client, attr: Attr, index: int,
                 Code.ESTALE, f"version {attr.version} of inode {attr.ino} is gone (superseded)"
             )
         others = codes - {Code.ENOENT}
-        if others != {Code.UNAVAILABLE} or trio.current_time() + delay > deadline:
+        # Every replica unreachable: maybe they restarted on new addresses, maybe briefly.
+        if others != {Code.UNAVAILABLE} or not await backoff.wait(deadline):
             code = Code.CHECKSUM if others == {Code.CHECKSUM} else Code.UNAVAILABLE
             raise DfsError(code, f"chunk {index} of inode {attr.ino}: " + "; ".join(errors))
-        # Every replica was unreachable: maybe they restarted on new addresses, maybe briefly.
-        await trio.sleep(delay)
-        delay = min(delay * 2, 1.0)
         try:
             await client.refresh_nodes()
         except DfsError as e:

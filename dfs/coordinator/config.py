@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dfs.cli.common import env_default, etcd_url, listen_address
 from dfs.metrics.http import add_metrics_argument
 from dfs.rpc import parse_address
 
@@ -58,22 +58,14 @@ def _replicas(value: str) -> int:
     return int(value)
 
 
-def _address(value: str) -> str:
-    try:
-        parse_address(value)
-    except Exception as e:  # DfsError with a readable message
-        raise argparse.ArgumentTypeError(str(getattr(e, "msg", e))) from None
-    return value
-
-
 def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `dfs coordinator`; the CLI adds --secret-file globally."""
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
                         help="directory of the coordinator's LMDB environment")
-    single = os.environ.get("DFS_COORDINATOR", "")
-    parser.add_argument("--listen", type=_address, metavar="HOST:PORT",
-                        default=(single if single and "," not in single else DEFAULT_LISTEN),
-                        help="address to serve on (default: $DFS_COORDINATOR or %(default)s)")
+    parser.add_argument("--listen", type=listen_address, metavar="HOST:PORT",
+                        default=env_default("DFS_COORDINATOR", DEFAULT_LISTEN),
+                        help="address to serve on (default: $DFS_COORDINATOR, which must "
+                             f"then be one address, or {DEFAULT_LISTEN})")
     parser.add_argument("--replicas", type=_replicas, default=3, metavar="N",
                         help="replicas per file, fixed at the cluster's first start")
     parser.add_argument("--node-timeout", type=_positive, default=3.0, metavar="S",
@@ -95,7 +87,7 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
                              "0: none); a directory's xattr user.dfs.keep_versions overrides "
                              "it for its subtree")
     parser.add_argument("--snapshot-piece", type=int, default=4_000, help=argparse.SUPPRESS)
-    parser.add_argument("--meta", type=_etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+    parser.add_argument("--meta", type=etcd_url, metavar="etcd://HOST:PORT[,HOST:PORT...]",
                         help="keep the metadata in etcd; several coordinators may then run, "
                              "one leads (--data is then only its cache); etcds://... talks "
                              "TLS to etcd with the --tls-* files")
@@ -114,17 +106,6 @@ def _keep(value: str) -> int:
     if not value.isdigit() or int(value) > KEEP_VERSIONS_MAX:
         raise argparse.ArgumentTypeError(f"{value!r}: a number from 0 to {KEEP_VERSIONS_MAX}")
     return int(value)
-
-
-def _etcd_url(value: str) -> str:
-    scheme = next((s for s in ("etcd://", "etcds://") if value.startswith(s)), None)
-    endpoints = value.removeprefix(scheme).split(",") if scheme else []
-    if not endpoints or not all(endpoints):
-        raise argparse.ArgumentTypeError(
-            f"{value!r}: want etcd://HOST:PORT[,HOST:PORT...] (etcds://... for TLS)")
-    for endpoint in endpoints:
-        _address(endpoint)
-    return value
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:

@@ -19,13 +19,9 @@ import trio
 
 from dfs import rpc
 from dfs.errors import Code, DfsError, not_leader
-from dfs.rpc import Request
+from dfs.rpc import Request, join_address
 
 INFO_OP = "coordinator_info"
-
-
-def join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def info_reply(role: str, address: str | None, leader: str | None,

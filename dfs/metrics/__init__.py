@@ -15,7 +15,6 @@ from __future__ import annotations
 from dfs.metrics.http import (
     add_metrics_argument,
     bind_metrics,
-    metrics_address,
     serve_metrics,
     serve_metrics_on,
     start_metrics,
@@ -23,4 +22,4 @@ from dfs.metrics.http import (
 from dfs.metrics.rpc import LATENCY_BUCKETS, RpcMetrics
 
 __all__ = ["LATENCY_BUCKETS", "RpcMetrics", "add_metrics_argument", "bind_metrics",
-           "metrics_address", "serve_metrics", "serve_metrics_on", "start_metrics"]
+           "serve_metrics", "serve_metrics_on", "start_metrics"]

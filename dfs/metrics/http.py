@@ -17,8 +17,9 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from dfs.cli.common import listen_address
 from dfs.errors import Code, DfsError
-from dfs.rpc import parse_address
+from dfs.rpc import join_address, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +29,11 @@ MAX_CONNECTIONS = 16  # scrapes served at once; more are answered 503 at once
 PATHS = (b"/metrics", b"/")
 
 
-def metrics_address(value: str) -> str:
-    """argparse type of --metrics: HOST:PORT (port 0: the OS picks one)."""
-    try:
-        parse_address(value)
-    except DfsError as e:
-        raise argparse.ArgumentTypeError(e.msg) from None
-    return value
-
-
 def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--metrics", type=metrics_address, default=None, metavar="HOST:PORT",
+        "--metrics", type=listen_address, default=None, metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (port 0: the OS "
              "picks; the address is printed as 'metrics on HOST:PORT'). Default: off")
-
-
-def join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def start_metrics(nursery: trio.Nursery, registry: CollectorRegistry,
