@@ -27,9 +27,11 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     parser = argparse.ArgumentParser(
         prog="scripts/nemesis",
         description="a fault campaign on a real loopback cluster (coordinator + 4 nodes, R=3, "
-                    "a FUSE mount): writers and readers while processes are killed, paused, "
-                    "partitioned, slowed, filled up, bit-flipped, drained and removed, with "
-                    "repairs running; then heal, judge the first check, repair, check")
+                    "two FUSE mounts): writers and readers while processes are killed, paused, "
+                    "partitioned, slowed, filled up, bit-flipped, drained and removed, mounts "
+                    "and writers killed and stopped, with repairs running; then heal, judge "
+                    "the history and every version the mount writers left, judge the first "
+                    "check, repair, check")
     parser.add_argument("--duration", type=float, default=60.0, metavar="S",
                         help="seconds of faults and load (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
@@ -39,6 +41,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's data even when the campaign passes")
     parser.add_argument("--no-mount", action="store_true", help="no FUSE mount workers")
+    parser.add_argument("--shape-writers", type=int, default=2, metavar="N",
+                        help="workers writing every shape of writer on the mount, judged by "
+                             "the versions they leave, with a reader on a second mount "
+                             "(default 2; 0: none, and no second mount)")
     parser.add_argument("--ha", action="store_true",
                         help="metadata on three etcd members, two coordinators (standby "
                              "takeover); adds the leader and etcd faults")
@@ -61,11 +67,13 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.faults.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
-    if unknown or args.duration <= 0:
-        parser.error(f"unknown fault kinds {unknown}" if unknown else "--duration must be > 0")
+    if unknown or args.duration <= 0 or args.shape_writers < 0:
+        parser.error(f"unknown fault kinds {unknown}" if unknown else "--duration must be > 0"
+                     if args.duration <= 0 else "--shape-writers must be >= 0")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     root = args.dir or Path(tempfile.gettempdir()) / f"dfs-nemesis-{seed}-{os.getpid()}"
     return Options(duration=args.duration, seed=seed, root=root, mount=not args.no_mount,
+                   shape_writers=args.shape_writers,
                    kinds=kinds, max_faults=args.max_faults, lib_writers=args.writers,
                    lib_readers=args.readers, keep=args.keep, repairs=not args.no_repairs,
                    gc_grace=args.gc_grace, txn_retention=args.txn_retention,
@@ -95,6 +103,8 @@ def render(summary: Summary, console: Console) -> None:
         console.print(f"leader takeovers: {len(took)}, median {took[len(took) // 2]:.1f} s, "
                       f"worst {took[-1]:.1f} s")
     console.print(f"healed at the end: {', '.join(summary.healed) or 'nothing left to heal'}")
+    if summary.mount_writers:
+        console.print(f"mount writers, judged by their versions: {summary.mount_writers['line']}")
     if summary.repairs:
         console.print("found by the repairs under faults: " + ", ".join(
             f"{kind} {count}" for kind, count in summary.repairs.items()))

@@ -1,5 +1,7 @@
 """One fault campaign, start to finish: cluster up, workload and nemesis together for a bounded
-time, heal, settle, judge the first check against the nemesis's ledger, repair, judge again. Everything it starts it stops, by pid, and unmounts.
+time, heal, settle, judge the history and the versions the mount load left, judge the first
+check against the nemesis's ledger, repair, judge again. Everything it starts it stops, by
+pid, and unmounts.
 
 The result is a `Summary`: operations by kind and outcome, faults by kind, every violation (a
 campaign passes only with none), and where the history and the logs are.
@@ -29,6 +31,8 @@ from dfs.nemesis.final import (
     wait_no_orphans,
 )
 from dfs.nemesis.history import History
+from dfs.nemesis.mount_ends import MountEnds
+from dfs.nemesis.mount_load import JUDGED_BY_VERSIONS, WRITE_VIA, MountLoad
 from dfs.nemesis.proxy import Proxies
 from dfs.nemesis.workload import OP_TIMEOUT, Workload
 
@@ -48,6 +52,7 @@ class Options:
     lib_writers: int = 3
     lib_readers: int = 2
     mount: bool = True
+    shape_writers: int = 2  # the mount load's workers (0: no mount load, no second mount)
     max_faults: int = 2
     kinds: tuple[str, ...] = KINDS
     keep: bool = False
@@ -82,6 +87,7 @@ class Summary:
     error: str | None = None
     fault_errors: list[str] = field(default_factory=list)
     takeovers: list[float] = field(default_factory=list)  # HA: seconds until a new leader
+    mount_writers: dict[str, Any] = field(default_factory=dict)  # the mount load's figures
 
     @property
     def passed(self) -> bool:
@@ -99,7 +105,7 @@ class Summary:
             "unrepaired": self.unrepaired,
             "corrupted": self.corrupted, "files": self.files, "history": self.history,
             "dir": self.root, "error": self.error, "fault_errors": self.fault_errors,
-            "takeovers": self.takeovers,
+            "takeovers": self.takeovers, "mount_writers": self.mount_writers,
         }
 
 
@@ -117,7 +123,8 @@ async def campaign(opts: Options) -> Summary:
             await nursery.start(proxies.run)
             cluster = NemesisCluster(root, proxies, nodes=opts.nodes, replicas=opts.replicas,
                                      mount=opts.mount, gc_grace=opts.gc_grace,
-                                     txn_retention=opts.txn_retention, ha=opts.ha)
+                                     txn_retention=opts.txn_retention, ha=opts.ha,
+                                     reader_mount=opts.shape_writers > 0)
             try:
                 await _campaign(opts, cluster, history, rng, summary)
             finally:
@@ -136,7 +143,7 @@ async def campaign(opts: Options) -> Summary:
     _write_summary(summary, root)
     if summary.passed and not opts.keep:
         for path in root.iterdir():
-            if path.is_dir() and path.name != "mnt":
+            if path.is_dir() and path.name not in ("mnt", "mnt-r"):
                 shutil.rmtree(path, ignore_errors=True)
     return summary
 
@@ -148,16 +155,20 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
         workload = Workload(cluster, history, opts.seed,
                             files=[f"f{i}" for i in range(opts.files)],
                             cold=[f"cold{i}" for i in range(opts.cold_files)])
+        if opts.mount and opts.shape_writers > 0:
+            workload.shapes = MountLoad(cluster, history, opts.seed, writers=opts.shape_writers,
+                                        timeout=OP_TIMEOUT)
         await workload.setup()
     nemesis = Nemesis(cluster, history, rng, max_active=opts.max_faults, kinds=opts.kinds,
-                      mount=opts.mount, cover=opts.cover, strict_exits=opts.strict_exits)
+                      mount=opts.mount, cover=opts.cover, strict_exits=opts.strict_exits,
+                      load=workload.shapes)
     history.note("campaign start", duration=opts.duration, seed=opts.seed)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(workload.run, opts.lib_writers, opts.lib_readers, opts.mount,
                                opts.repairs)
             await nemesis.run(opts.duration)
-            workload.stopping = True  # in-flight ops finish within their own deadline
+            workload.stop()  # in-flight ops finish within their own deadline
             nursery.cancel_scope.deadline = trio.current_time() + OP_TIMEOUT + 15
     finally:
         summary.faults = nemesis.counts  # the same counters: the last bit flip adds to them
@@ -175,7 +186,15 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
             await nemesis.last_bitflip(await workload.current_blobs())
         summary.healed = await nemesis.heal_everything()
         await settle(cluster, workload, report)
-        summary.violations += check_history(history)
+        ends = MountEnds.read(cluster.mount_log(), history)
+        if opts.mount:  # which unfinished mount writes certainly did not commit
+            shapes = workload.shapes.inos if workload.shapes is not None else {}
+            ends.settle(history, frozenset({"mount", WRITE_VIA}), {**workload.inos, **shapes})
+        summary.violations += check_history(history, skip=JUDGED_BY_VERSIONS)
+        if workload.shapes is not None:
+            async with cluster.client(via="") as client:
+                found, summary.mount_writers = await workload.shapes.judge(client, ends)
+            summary.violations += found
         summary.violations += [
             Violation("unexpected-error", history.ops[op_id].file,
                       f"op {op_id} raised {trace.strip().splitlines()[-1]} (not a DfsError; "

@@ -4,6 +4,7 @@ Topology (each arrow is a `Proxy`, so the nemesis can cut or slow it):
 
     clients   --c-clients-->  coordinator        node-i --c-node-i--> coordinator
     mount     --c-mount---->  coordinator        anyone --n-i-------> node-i
+    mount-r   --c-mount-r-->  coordinator
 
 A node advertises its `n-i` proxy, so the coordinator, clients and the mount all reach it
 through that one link; cutting `n-i` and `c-node-i` isolates node-i completely. Addresses that
@@ -59,13 +60,26 @@ from dfs.nemesis.ha_cluster import (
 from dfs.nemesis.proxy import Proxies
 from dfs.rpc import load_secret
 
-MOUNT = "mount"
+MOUNT = "mount"  # the writers' mount: the nemesis pauses, kills and stops it
+READER_MOUNT = "mount-r"  # the readers' mount of the mount load (mount_load.py): another host
+MOUNT_STOP_TIMEOUT = 3.0  # the mounts' --stop-timeout: how long SIGTERM serves on for writers
 COORDINATOR_ARGS = ("--node-timeout", "1.5", "--vote-timeout", "2", "--txn-timeout", "10")
 NODE_ARGS = ("--heartbeat-interval", "0.2", "--outcome-after", "0.5", "--staged-timeout", "8")
 GC_GRACE = 2.0  # seconds: superseded blobs are purged mid-campaign
 TXN_RETENTION = 3.0  # seconds: ENDED transaction records are purged mid-campaign
 MAX_NODES = 24  # node processes ever started (fresh ones replace removed ones)
 MOUNT_READY = b"dfs mount ready at"
+
+
+@dataclass
+class Mount:
+    """One FUSE mount of the cluster: its name (also its coordinator link's), where, and its
+    process once started."""
+
+    name: str
+    path: Path
+    child: Child | None = None
+    ready: bool = False  # set once a start answers; cleared as a kill or stop begins
 
 
 @dataclass
@@ -82,11 +96,12 @@ class Proc:
 
 class NemesisCluster(HaMembers):
     """A coordinator (or, with `ha`, two over three etcd members), `nodes` storage nodes
-    (R=`replicas`) and one FUSE mount."""
+    (R=`replicas`), a FUSE mount and, with `reader_mount`, a second one."""
 
     def __init__(self, root: Path, proxies: Proxies, *, nodes: int = 4, replicas: int = 3,
                  mount: bool = True, gc_grace: float = GC_GRACE,
-                 txn_retention: float = TXN_RETENTION, ha: bool = False) -> None:
+                 txn_retention: float = TXN_RETENTION, ha: bool = False,
+                 reader_mount: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.proxies = proxies
@@ -103,8 +118,9 @@ class NemesisCluster(HaMembers):
             self.secret_file.write_text(os.urandom(32).hex() + "\n")
         self.secret = load_secret(self.secret_file)
         self.procs: dict[str, Proc] = {}
-        self.mount_path = self.root / "mnt"
-        self.mount_child: Child | None = None
+        self.mounts = {MOUNT: Mount(MOUNT, self.root / "mnt")}
+        if mount and reader_mount:
+            self.mounts[READER_MOUNT] = Mount(READER_MOUNT, self.root / "mnt-r")
         self.ha = ha
         self.coordinators = list(HA_COORDINATORS if ha else (COORDINATOR,))
         self.real: dict[str, str] = {}  # coordinator -> its real address
@@ -154,14 +170,15 @@ class NemesisCluster(HaMembers):
             await self.start_proc(coordinator)
             if self.ha and coordinator == self.coordinators[0]:
                 await self.wait_leader(coordinator)  # the first one leads, as in tests
-        for who in ("clients", "mount", *self.nodes):
+        for who in ("clients", *self.mounts, *self.nodes):
             await self.add_links(who)
         for node in self.nodes:
             await self.proxies.add(f"n-{node}", "127.0.0.1:1")  # retargeted once it listens
             await self.start_proc(node)
         await self.wait_nodes_up(len(self.nodes))
         if self.want_mount:
-            await self.mount_start()
+            for name in self.mounts:
+                await self.mount_start(name)
 
     def _argv(self, name: str, proc: Proc) -> list[str]:
         common = [*DFS, "--secret-file", str(self.secret_file)]
@@ -299,7 +316,8 @@ class NemesisCluster(HaMembers):
 
     async def stop_all(self) -> None:
         """Unmount, then stop every process (nodes first), each by its own pid."""
-        await self.mount_stop()
+        for name in self.mounts:
+            await self.mount_stop(name)
         for name in [*self.all_nodes, *self.coordinators, *self.etcd_members]:
             if name in self.procs and self.running(name):
                 await self.stop(name)
@@ -356,47 +374,92 @@ class NemesisCluster(HaMembers):
                 await trio.sleep(0.2)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
-        if name == MOUNT:
-            return self.mount_child.log_tail(lines) if self.mount_child else ""
+        if name in self.mounts:
+            child = self.mounts[name].child
+            return child.log_tail(lines) if child else ""
         return self.procs[name].child.log_tail(lines)
 
-    # ------------------------------------------------------------ the FUSE mount
+    # ------------------------------------------------------------ the FUSE mounts
 
-    def mount_running(self) -> bool:
-        return self.mount_child is not None and self.mount_child.running()
+    @property
+    def mount_path(self) -> Path:
+        """Where the writers' mount is."""
+        return self.mounts[MOUNT].path
 
-    async def mount_start(self) -> None:
+    @property
+    def mount_child(self) -> Child | None:
+        return self.mounts[MOUNT].child
+
+    def mount_log(self, name: str = MOUNT) -> Path:
+        """A mount's log, every start of it appended."""
+        return self.root / f"{name}.log"
+
+    def mount_running(self, name: str = MOUNT) -> bool:
+        child = self.mounts[name].child
+        return child is not None and child.running()
+
+    def mount_ready(self, name: str = MOUNT) -> bool:
+        """Whether the mount answers (started, and not being killed or stopped since)."""
+        return self.mounts[name].ready and self.mount_running(name)
+
+    async def mount_start(self, name: str = MOUNT) -> None:
         """`dfs mount --foreground`, through its own coordinator proxy; ready when it says so."""
-        self.mount_path.mkdir(parents=True, exist_ok=True)
-        argv = [*DFS, "mount", str(self.mount_path), "--foreground",
-                "--coordinator", self.coordinator_list("mount"),
+        mount = self.mounts[name]
+        mount.path.mkdir(parents=True, exist_ok=True)
+        argv = [*DFS, "mount", str(mount.path), "--foreground",
+                "--coordinator", self.coordinator_list(name),
                 "--secret-file", str(self.secret_file),
-                "--cache-dir", str(self.root / "mount-cache"), "--retry-timeout", "10"]
-        if self.mount_child is None:
-            self.mount_child = Child(MOUNT, argv, self.root / "mount.log")
-        child = self.mount_child
-        child.start({"DFS_LOG_LEVEL": "INFO"})
+                "--cache-dir", str(self.root / f"{name}-cache"), "--retry-timeout", "10",
+                "--stop-timeout", str(MOUNT_STOP_TIMEOUT)]
+        if mount.child is None:
+            mount.child = Child(name, argv, self.mount_log(name))
+        child = mount.child
+        child.start({"DFS_LOG_LEVEL": "INFO", "DFS_LOG_FORMAT": "text"})  # mount_ends.py reads it
         with trio.fail_after(START_TIMEOUT):
-            while not (MOUNT_READY in child.log_tail(200).encode() and _is_mounted(
-                    self.mount_path)):
+            while not (MOUNT_READY in child.log_tail(200).encode() and _is_mounted(mount.path)):
                 if child.poll() is not None:
-                    raise RuntimeError(f"mount exited with {child.poll()}: {child.log_tail()}")
+                    raise RuntimeError(f"{name} exited with {child.poll()}: {child.log_tail()}")
                 await trio.sleep(0.05)
+        mount.ready = True
 
-    async def mount_kill(self) -> None:
+    async def mount_kill(self, name: str = MOUNT) -> None:
         """The mount process dies without cleanup; the dead mount point is detached lazily."""
-        if self.mount_child is not None and self.mount_child.running():
-            await trio.to_thread.run_sync(self.mount_child.kill, signal.SIGKILL)
-        await _fusermount("-uz", self.mount_path)
+        mount = self.mounts[name]
+        mount.ready = False
+        if mount.child is not None and mount.child.running():
+            await trio.to_thread.run_sync(mount.child.kill, signal.SIGKILL)
+        await _fusermount("-uz", mount.path)
 
-    async def mount_stop(self) -> None:
+    async def mount_terminate(self, name: str = MOUNT) -> str:
+        """SIGTERM, as an operator's stop: the mount serves on for its --stop-timeout while
+        writes are open, then drops them and unmounts. Killed (by its pid) if it has not
+        exited a minute after that. What happened, in a few words."""
+        mount = self.mounts[name]
+        mount.ready = False
+        child = mount.child
+        if child is None or not child.running():
+            return "not running"
+        child.send_signal(signal.SIGTERM)
+        with trio.move_on_after(MOUNT_STOP_TIMEOUT + 60):
+            while child.running():
+                await trio.sleep(0.05)
+        how = "exited (status {}) after SIGTERM"
+        if child.running():
+            await trio.to_thread.run_sync(child.kill, signal.SIGKILL)
+            how = "killed a minute past its --stop-timeout (status {})"
+        await _fusermount("-uz", mount.path)
+        return how.format(child.poll())
+
+    async def mount_stop(self, name: str = MOUNT) -> None:
         """fusermount3 -u (lazily if busy), then make sure the process is gone, by its pid."""
-        child = self.mount_child
+        mount = self.mounts[name]
+        mount.ready = False
+        child = mount.child
         if child is None:
             return
         child.send_signal(signal.SIGCONT)
         for flag in ("-u", "-u", "-uz"):
-            if not _is_mounted(self.mount_path) or await _fusermount(flag, self.mount_path):
+            if not _is_mounted(mount.path) or await _fusermount(flag, mount.path):
                 break
             await trio.sleep(0.5)
         with trio.move_on_after(15):

@@ -10,9 +10,11 @@ Kinds (docs/design.md §8 and issue 5): kill (kill -9, then restart), pause (SIG
 the timeouts, then SIGCONT), partition-node and partition-coordinator (through the proxies,
 refusing or black-holing), slow (latency on a link), disk-full (a node restarted with a
 capacity it has already used up), bitflip (a byte of a stopped node's LMDB flipped), failpoint
-(a process restarted with a §8 failpoint armed: crash, error or delay), kill-mount, and the
-operator's drain and remove of a node (membership.py). With the metadata on etcd (`--ha`),
-also kill-leader, pause-leader, kill-etcd, etcd-majority and partition-leader-etcd
+(a process restarted with a §8 failpoint armed: crash, error or delay), kill-mount and
+stop-mount (the writers' mount killed, or stopped with SIGTERM, while the mount load's line
+writer is mid-write), kill-writer (that line writer killed by SIGKILL or SIGTERM mid-write),
+and the operator's drain and remove of a node (membership.py). With the metadata on etcd
+(`--ha`), also kill-leader, pause-leader, kill-etcd, etcd-majority and partition-leader-etcd
 (ha_faults.py); they are drawn only in that mode.
 
 Every bit flip goes into the `Ledger` (judge.py), with the nodes removed or left down: the
@@ -39,29 +41,35 @@ from dfs.nemesis.ha_faults import HA_KINDS, HaFaults
 from dfs.nemesis.history import History
 from dfs.nemesis.judge import Ledger
 from dfs.nemesis.membership import Membership
+from dfs.nemesis.mount_load import KILLED_FILE, STOPPED_FILE, MountLoad
 from dfs.nemesis.proxy import BLACKHOLE, REFUSE
 from dfs.rpc import Peer
 
 #: How long --cover may run past the campaign's duration to start every kind once.
 COVER_GRACE = 120.0
 KINDS = ("kill", "pause", "partition-node", "partition-coordinator", "slow", "disk-full",
-         "bitflip", "failpoint", "kill-mount", "drain", "remove", *HA_KINDS)
-WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1, 1, 1, 3, 2, 2, 1, 2)
+         "bitflip", "failpoint", "kill-mount", "stop-mount", "kill-writer", "drain", "remove",
+         *HA_KINDS)
+WEIGHTS = (3, 3, 3, 2, 2, 2, 2, 3, 1, 1, 1, 1, 1, 3, 2, 2, 1, 2)
+WRITER = "line-writer"  # kill-writer's target: the mount load's line writer
+MOUNT_WAIT = 30.0  # kill-writer waits this long at most for the writers' mount to answer
 
 
 class Nemesis(HaFaults):
     def __init__(self, cluster: NemesisCluster, history: History, rng: random.Random, *,
                  max_active: int = 2, interval: tuple[float, float] = (0.5, 3.0),
                  kinds: tuple[str, ...] = KINDS, mount: bool = True, cover: bool = False,
-                 strict_exits: bool = False) -> None:
+                 strict_exits: bool = False, load: MountLoad | None = None) -> None:
         self.cluster = cluster
         self.history = history
         self.rng = rng
         self.max_active = max_active
         self.interval = interval
-        self.kinds = [k for k in kinds if (mount or k != "kill-mount")
+        wanted = {"kill-mount": mount, "stop-mount": mount, "kill-writer": load is not None}
+        self.kinds = [k for k in kinds if wanted.get(k, True)
                       and (cluster.ha or k not in HA_KINDS)]
         self.mount = mount
+        self.load = load
         # cover: each kind once first (in order; one that finds no target now goes last)
         self.uncovered = list(self.kinds) if cover else []
         self.counts: Counter[str] = Counter()
@@ -130,6 +138,8 @@ class Nemesis(HaFaults):
             "bitflip": nodes,
             "failpoint": [*coordinators, *nodes],
             "kill-mount": [MOUNT],
+            "stop-mount": [MOUNT],
+            "kill-writer": [WRITER],
             "drain": self.membership.drain_targets(),
             "remove": self.membership.remove_targets(),
         }[kind]
@@ -356,12 +366,76 @@ class Nemesis(HaFaults):
 
     async def _kill_mount(self, target: str) -> dict[str, Any]:
         async with self._recorded("kill-mount", target):
-            await self.cluster.mount_kill()
             try:
+                await self._mid_write(self._mount_killed)
                 await self._hold(0.5, 3.0)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.cluster.mount_start()
+        return {}
+
+    async def _mount_killed(self) -> str:
+        await self.cluster.mount_kill()
+        return "its mount killed"
+
+    async def _stop_mount(self, target: str) -> dict[str, Any]:
+        """SIGTERM: the mount serves on for its --stop-timeout while the line writer (which
+        never closes) holds a write, then drops it, says so in its log, and exits."""
+        stopped: list[str] = []
+
+        async def stop() -> str:
+            stopped.append(await self.cluster.mount_terminate())
+            return f"its mount {stopped[-1]}"
+
+        async with self._recorded("stop-mount", target):
+            try:
+                how, written = await self._mid_write(stop)
+                self.details[f"stop-mount: {stopped[-1] if stopped else 'not stopped'}"] += 1
+                if stopped and stopped[-1].startswith("exited") and written:
+                    self._check_dropped(how, written)
+                await self._hold(0.5, 3.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.cluster.mount_start()
+        return {}
+
+    def _check_dropped(self, how: str, written: int) -> None:
+        """A mount stopped while a write was open says, in its log, that it dropped it."""
+        assert self.load is not None
+        file = "/" + self.load.file(STOPPED_FILE)
+        said = "dropped the uncommitted writes to " + file + " "
+        if not any(said in line for line in self.cluster.log_tail(MOUNT, 100_000).splitlines()):
+            self.findings.append(Violation(
+                "stop-unlogged", file, f"the mount stopped with SIGTERM while {file} held "
+                f"{written} line(s) never closed ({how}); its log does not say it dropped them"))
+
+    async def _mid_write(self, action: Callable[[], Awaitable[str]]) -> tuple[str, int]:
+        """`action` on the writers' mount while the mount load's line writer is mid-write
+        (without a load, just the action): what happened, and the lines it had written."""
+        if self.load is None:
+            return await action(), 0
+        return await self.load.interrupt_lines(STOPPED_FILE, lambda _: action(), self.rng)
+
+    async def _kill_writer(self, target: str) -> dict[str, Any]:
+        """The line writer killed mid-write by SIGKILL or SIGTERM (the default action: it
+        dies): the mount must commit nothing of it."""
+        sig = self.rng.choice([signal.SIGKILL, signal.SIGTERM])
+
+        async def kill(process: trio.Process) -> str:
+            process.send_signal(sig)
+            return f"killed by {sig.name}"
+
+        assert self.load is not None
+        with trio.move_on_after(MOUNT_WAIT):  # another fault may have it down a while
+            while not self.cluster.mount_ready() and not self._heal_now.is_set():
+                await trio.sleep(0.1)
+        if not self.cluster.mount_ready() or self._heal_now.is_set():
+            self.details["kill-writer skipped: the mount was down"] += 1
+            return {}
+        async with self._recorded("kill-writer", target, signal=sig.name):
+            _, written = await self.load.interrupt_lines(KILLED_FILE, kill, self.rng)
+            self.details[f"kill-writer {sig.name}" + ("" if written else
+                                                      ", before its first line")] += 1
         return {}
 
     # ------------------------------------------------------------ the end
@@ -403,9 +477,10 @@ class Nemesis(HaFaults):
         if self.cluster.ha:
             leader = await self.cluster.wait_leader()
             done.append(f"{leader or 'no coordinator'} leads")
-        if self.mount and not self.cluster.mount_running():
-            await self.cluster.mount_kill()
-            await self.cluster.mount_start()
-            done.append("remounted")
+        for name in self.cluster.mounts if self.mount else ():
+            if not self.cluster.mount_running(name):
+                await self.cluster.mount_kill(name)
+                await self.cluster.mount_start(name)
+                done.append(f"remounted {name}")
         self.ledger.down = {n for n in self.cluster.nodes if not self.cluster.running(n)}
         return done

@@ -11,7 +11,8 @@ In order (the judge comes before the repair, so a lost replica cannot be healed 
 4. file by file, over the wire: the content is exactly one write's (no mix), not a failed
    write's; no ok write is lost (I2); every listed replica, R distinct nodes, holds that
    version COMMITTED and its bytes verify chunk by chunk and as a whole (I1, I4);
-5. no blob on any node is left that no file references once GC had time (I3).
+5. no blob on any node is left that no file references (as its current version, or as a kept
+   one: the mount load's files keep theirs) once GC had time (I3).
 
 Without the checker installed, 2 and 3 are skipped, and a replica damaged by an injected bit
 flip is reported as unrepaired damage instead of a violation.
@@ -268,8 +269,8 @@ async def replica_problem(cluster: NemesisCluster, attr: Attr, address: str, dat
 
 async def wait_no_leftovers(cluster: NemesisCluster, workload: Workload, timeout: float
                             ) -> list[str]:
-    """Wait (bounded) until every blob on every live node is some file's current version,
-    COMMITTED and listed there; what is still left over at the end."""
+    """Wait (bounded) until every blob on every live node is some file's current or kept
+    version, COMMITTED and listed there; what is still left over at the end."""
     leftovers: list[str] = []
     with trio.move_on_after(timeout):
         while True:
@@ -285,18 +286,14 @@ async def wait_no_leftovers(cluster: NemesisCluster, workload: Workload, timeout
 
 async def wait_no_orphans(cluster: NemesisCluster, workload: Workload, report: FinalReport
                           ) -> None:
-    """I3: in time, every blob on every node is some file's current version, COMMITTED."""
+    """I3: in time, every blob on every node is some file's current or kept version, COMMITTED."""
     for item in await wait_no_leftovers(cluster, workload, LEFTOVER_TIMEOUT):
         report.violations.append(Violation("orphan", "*", item))
 
 
 async def _leftovers(cluster: NemesisCluster, workload: Workload) -> list[str]:
     async with cluster.client(via="") as client:
-        current: dict[int, set[int]] = {}
-        for file in workload.all_files:
-            attr = await client.getattr(workload.inos[file])
-            if attr.blob is not None:
-                current[attr.blob] = set(attr.replicas)
+        current = await workload.listed_blobs(client)
         nodes = await client.node_list()
     out: list[str] = []
     for node in nodes:
@@ -311,7 +308,7 @@ async def _leftovers(cluster: NemesisCluster, workload: Workload) -> list[str]:
             if blob not in current:
                 out.append(f"node {node['id']}: blob {blob} ({state}) belongs to no file")
             elif state != "COMMITTED":
-                out.append(f"node {node['id']}: current blob {blob} is {state}")
+                out.append(f"node {node['id']}: listed blob {blob} is {state}")
             elif node["id"] not in current[blob]:
                 out.append(f"node {node['id']}: holds blob {blob} but is not a listed replica")
     return out

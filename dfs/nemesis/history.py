@@ -23,10 +23,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from dfs.chunks import file_checksum
+from dfs.errors import Code, DfsError
 
 OK, FAIL, INFO = "ok", "fail", "info"
+# A write that failed with one of these was refused before any decision: it did not happen.
+DEFINITE = frozenset({Code.CONFLICT, Code.ENOSPC, Code.ENOENT, Code.EISDIR, Code.ENOTDIR,
+                      Code.EINVAL, Code.BAD_REQUEST, Code.EPERM, Code.AUTH, Code.CHECKSUM})
 HEADER = re.compile(rb"^dfs-nemesis op=(\d+) file=(\S+)\n")
 INITIAL = 0  # the op id "written" by file creation: empty content
+FOREIGN_IDS = 10**9  # op ids programs give their own writes start here (History.invoke)
 
 
 @dataclass
@@ -49,13 +54,26 @@ class Op:
     version_known: bool = False  # the returned attributes describe this write's own version
     saw: int | None = None  # reads: the op id whose content was read (INITIAL for empty)
     problem: str | None = None  # reads: why the content is not exactly one write's
-    torn: bool = False  # writes: a mount write killed mid-way (a prefix may be committed)
-    prefix: bool = False  # reads: saw a torn write's committed prefix
+    cut: bool = False  # mount writes: cut short (deadline, campaign's end), perhaps in a close
     error: str | None = None
     detail: str | None = None  # admin ops: the target, or what a repair found and fixed
 
     def done_by(self, t: float) -> bool:
         return self.complete is not None and self.complete < t
+
+
+def classify(error: BaseException, committed: bool = True) -> str:
+    """fail only when the write certainly did not happen; anything unclear is info."""
+    if not committed:
+        return FAIL  # no COMMIT was ever sent for it
+    if isinstance(error, DfsError):
+        if error.code in DEFINITE:
+            return FAIL
+        # Every attempt ended in a known abort (the client library says so in this message);
+        # "outcome ... still unknown" and lost connections are info.
+        if error.code is Code.UNAVAILABLE and "failed after" in error.msg:
+            return FAIL
+    return INFO
 
 
 def content_for(seed: int, op_id: int, file: str, body_size: int) -> bytes:
@@ -75,9 +93,9 @@ class History:
         self.path = Path(path)
         self.seed = seed
         self.start = time.monotonic()
+        self.wall_start = time.time()  # to place the processes' log lines on this clock
         self.ops: dict[int, Op] = {}
         self.faults: list[dict[str, Any]] = []
-        self.suspect: dict[int, bytes] = {}
         self._next = 1
         self._file: IO[str] = open(self.path, "w")  # noqa: SIM115 - closed by close()
 
@@ -93,9 +111,16 @@ class History:
 
     # ------------------------------------------------------------ operations
 
-    def invoke(self, process: str, f: str, file: str, via: str, **fields: Any) -> Op:
-        op = Op(self._next, process, f, file, via, self.now(), **fields)
-        self._next += 1
+    def invoke(self, process: str, f: str, file: str, via: str, *, op_id: int | None = None,
+               at: float | None = None, **fields: Any) -> Op:
+        """A new op, numbered in turn, or `op_id` when a program numbered it itself (the
+        fork loop's writes, from their own range: `FOREIGN_IDS` and up, recorded once the
+        program ended, invoked `at` when it started)."""
+        if op_id is None:
+            op_id = self._next
+            self._next += 1
+        assert op_id not in self.ops, f"op {op_id} twice"
+        op = Op(op_id, process, f, file, via, self.now() if at is None else at, **fields)
         self.ops[op.id] = op
         self._write({"type": "invoke", **_fields(op)})
         return op
@@ -114,16 +139,12 @@ class History:
     def attribute(self, op: Op, data: bytes) -> None:
         """Set op.saw to the write `data` came from, or op.problem to why it can't be one."""
         op.saw, op.problem = self.identify(op.file, data)
-        if op.problem is not None:
-            self.suspect[op.id] = data  # re-judged at the end: a torn write may explain it
-        op.prefix = op.problem is None and op.saw != INITIAL and len(data) != self.ops[
-            op.saw].size
 
     def identify(self, file: str, data: bytes) -> tuple[int | None, str | None]:
         """(the write `data` is the content of, None if no write's) and what is wrong if any.
 
-        A torn mount write (its writer was killed mid-way, and closing the file committed
-        what had been written, as any file system would) may show as a prefix of its content.
+        Only a write's whole content is one: a mount writer killed part-way commits nothing
+        (docs/design.md §7, "Which close commits"), so a prefix of its content is a mix too.
         """
         if not data:
             return INITIAL, None
@@ -135,11 +156,6 @@ class History:
             return None, f"header names op {match.group(1).decode()}, which is no write"
         if match.group(2).decode() != file:
             return writer.id, f"content of op {writer.id} for {match.group(2).decode()}"
-        if writer.torn and writer.size is not None and len(data) < writer.size:
-            header = len(match.group(0))
-            full = content_for(self.seed, writer.id, file, writer.size - header)
-            if full[: len(data)] == data:
-                return writer.id, None
         if len(data) != writer.size or digest(data) != writer.digest:
             return writer.id, (f"starts as op {writer.id} ({writer.size} bytes) but is "
                                f"{len(data)} bytes with another digest: a mix")
@@ -148,10 +164,17 @@ class History:
     # ------------------------------------------------------------ faults
 
     def fault(self, kind: str, phase: str, target: str, **details: Any) -> None:
+        """A fault's start or stop; the start record kept in `faults` gets its `stop` time."""
         record = {"type": "nemesis", "kind": kind, "phase": phase, "target": target,
                   "time": self.now(), **details}
         if phase == "start":
             self.faults.append(record)
+        else:
+            for started in reversed(self.faults):
+                if started["kind"] == kind and started["target"] == target \
+                        and "stop" not in started:
+                    started["stop"] = record["time"]
+                    break
         self._write(record)
 
     def note(self, what: str, **details: Any) -> None:

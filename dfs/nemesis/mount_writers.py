@@ -9,7 +9,8 @@ close), `rsync` (a temporary file renamed over the name; with --inplace the same
 truncated after the writes), `dd conv=fsync` (the end is an fsync), and a threaded program
 that forks a `cp` while another thread writes (the child inherits the writer's descriptor and
 closes it at exec: a FLUSH in the middle of the write). A shape only builds the command
-(`Command`): a test runs it with subprocess, the nemesis could with trio.run_process.
+(`Command`): a test runs it with subprocess, the campaign with trio.run_process
+(mount_load.py).
 
 Contents are history.content_for's: a header naming an op id and the file, then seeded bytes,
 so a version read back names the write it came from (finished.Target.explain).
@@ -26,7 +27,6 @@ import sys
 import tarfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +179,7 @@ def read_whole(file: str, path: Path) -> Read:
 FORK_SIZES = (4 * KiB, 1_500 * KiB, 3 * MB)
 CP_SIZES = (4 * KiB, 1 * MB)
 FAILED_PAUSE = 0.2  # after a failed write: a dead mount is not hammered
+FAILURES_MAX = 3  # failed writes in a row that stop a thread of the loop
 
 
 @dataclass
@@ -187,7 +188,8 @@ class ForkLoop:
     `cp` into `cp_file` through subprocess.run (fork and exec, the child closing the writer's
     inherited descriptor): issue 17's reproducer. Each write is printed as "+ OP SIZE PATH"
     before it begins and as "OP SIZE PATH" once its close (or cp) has returned; one that
-    fails (a campaign's faults) as "! OP SIZE PATH", and the loop goes on."""
+    fails (a campaign's faults) as "! OP SIZE PATH", and the loop goes on, unless
+    FAILURES_MAX fail in a row (its mount is gone): then that thread stops."""
 
     seed: int
     first_op: int
@@ -195,8 +197,10 @@ class ForkLoop:
     cp_file: Path
     scratch: Path
     seconds: float
+    max_size: int = 0  # sizes above are cut to it (0: none), to bound a campaign's disk use
     _ops: itertools.count[int] = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _failures: dict[str, int] = field(default_factory=dict)  # in a row, per thread
 
     def __post_init__(self) -> None:
         self._ops = itertools.count(self.first_op)
@@ -208,31 +212,41 @@ class ForkLoop:
     def _write(self, op: int, size: int, path: Path, write: Callable[..., object],
                *args: Any, **kwargs: Any) -> None:
         """One write, announced before and reported after; a failure is told on stderr."""
+        thread = threading.current_thread().name
         self._say("+", op, size, path)
         try:
             write(*args, **kwargs)
         except (OSError, subprocess.CalledProcessError) as e:
             self._say("!", op, size, path)
             print(f"op {op}: {e}", file=sys.stderr, flush=True)
+            self._failures[thread] = self._failures.get(thread, 0) + 1
             time.sleep(FAILED_PAUSE)
             return
+        self._failures[thread] = 0
         self._say(op, size, path)
+
+    def _size(self, sizes: tuple[int, ...], i: int) -> int:
+        return min(sizes[i % len(sizes)], self.max_size or sizes[i % len(sizes)])
+
+    def _going(self, until: float) -> bool:
+        return time.monotonic() < until and self._failures.get(
+            threading.current_thread().name, 0) < FAILURES_MAX
 
     def _writer(self, until: float) -> None:
         for i in itertools.count():
-            if time.monotonic() >= until:
+            if not self._going(until):
                 return
             path, op = self.files[i % len(self.files)], next(self._ops)
-            data = make(self.seed, op, str(path), FORK_SIZES[i % len(FORK_SIZES)])
+            data = make(self.seed, op, str(path), self._size(FORK_SIZES, i))
             self._write(op, len(data), path, path.write_bytes, data)
 
     def _forker(self, until: float) -> None:
         source = self.scratch / "cp-source"
         for i in itertools.count():
-            if time.monotonic() >= until:
+            if not self._going(until):
                 return
             op = next(self._ops)
-            data = make(self.seed, op, str(self.cp_file), CP_SIZES[i % len(CP_SIZES)])
+            data = make(self.seed, op, str(self.cp_file), self._size(CP_SIZES, i))
             source.write_bytes(data)
             self._write(op, len(data), self.cp_file, subprocess.run,
                         ["cp", str(source), str(self.cp_file)], check=True)
@@ -250,7 +264,7 @@ class ForkLoop:
         return [PY, "-m", "dfs.nemesis.mount_writers", "fork-loop", "--seed", str(self.seed),
                 "--first-op", str(self.first_op), "--seconds", str(self.seconds),
                 "--scratch", str(self.scratch), "--cp", str(self.cp_file),
-                *map(str, self.files)]
+                "--max-size", str(self.max_size), *map(str, self.files)]
 
 
 def finished_by(output: str) -> list[tuple[int, int, str]]:
@@ -259,30 +273,22 @@ def finished_by(output: str) -> list[tuple[int, int, str]]:
 
 
 @dataclass(frozen=True)
-class Unfinished:
-    """A ForkLoop write that began and never finished: it failed, or was cut short (its
-    loop killed) and may have been in its close; `after`: the writes to its path that had
-    finished before it began."""
+class Begun:
+    """A ForkLoop write as its output tells it: begun, then `finished`, `failed`, or `cut`
+    (neither: its loop was killed, perhaps while it was in its close)."""
 
     op: int
     size: int
     path: str
-    after: int
-    failed: bool
+    state: str
 
 
-def unfinished_by(output: str) -> list[Unfinished]:
-    """ForkLoop's writes that began and never finished, in the order they began."""
-    done: Counter[str] = Counter()
-    began: dict[int, Unfinished] = {}
+def begun_by(output: str) -> list[Begun]:
+    """Every write ForkLoop began, in the order it began them."""
+    began: dict[int, Begun] = {}
     for mark, (op, size, path) in _printed(output):
-        if mark == "+":
-            began[op] = Unfinished(op, size, path, done[path], failed=False)
-        elif mark == "!":
-            began[op] = Unfinished(op, size, path, began[op].after, failed=True)
-        else:
-            began.pop(op, None)
-            done[path] += 1
+        state = {"+": "cut", "!": "failed"}.get(mark, "finished")
+        began[op] = Begun(op, size, path, state)  # dicts keep the first insertion's place
     return list(began.values())
 
 
@@ -306,9 +312,11 @@ def main(argv: list[str] | None = None) -> None:
     loop.add_argument("--seconds", type=float, required=True)
     loop.add_argument("--scratch", type=Path, required=True)
     loop.add_argument("--cp", type=Path, required=True)
+    loop.add_argument("--max-size", type=int, default=0)
     loop.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args(argv)
-    ForkLoop(args.seed, args.first_op, args.files, args.cp, args.scratch, args.seconds).run()
+    ForkLoop(args.seed, args.first_op, args.files, args.cp, args.scratch, args.seconds,
+             args.max_size).run()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ starts and when it ends. Writes store unique content (history.content_for), some
 conditionally (if_version, the lost-update guard); reads attribute what they got to exactly
 one write, or record why they cannot. Mount operations run real programs (`cp`, `cat`, a small
 Python writer) in child processes with a deadline, so a stuck FUSE request can never hang the
-campaign: the child is killed, by its pid, and the operation is `info`.
+campaign: the child's session is killed, by its pid, and the operation is `info`. With a mount
+load (mount_load.py), writers of every shape also rewrite their own files on the mount while
+a second mount reads them; those are judged by the versions they leave.
 
 A repairer runs `dfs check --deep --repair` every few seconds under the faults: an `admin`
 op, ok when the check exited 0, fail when it could not run (exit 1), info when it left
@@ -33,18 +35,17 @@ from dfs.chunks import file_checksum
 from dfs.client import Attr, Client
 from dfs.errors import Code, DfsError
 from dfs.nemesis.cluster import NemesisCluster
-from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
+from dfs.nemesis.history import FAIL, INFO, OK, History, Op, classify, content_for, digest
+from dfs.nemesis.mount_load import MountLoad, failure_text, run_program
 
 OP_TIMEOUT = 45.0
 REPAIR_INTERVAL = (3.0, 10.0)  # seconds between two repair runs under the faults
 EVENTS_KEPT = 16  # COMMIT txids and outcome answers a client remembers for the history
 ABANDON = 0.04  # the share of library writes abandoned part-way
 DIR = "nemesis"
-# A write that failed with one of these was refused before any decision: it did not happen.
-DEFINITE = frozenset({Code.CONFLICT, Code.ENOSPC, Code.ENOENT, Code.EISDIR, Code.ENOTDIR,
-                      Code.EINVAL, Code.BAD_REQUEST, Code.EPERM, Code.AUTH, Code.CHECKSUM})
-
-# The mount writer: which step failed decides fail (open: nothing can commit) or info.
+# The mount writer: which step failed decides fail (open: nothing can commit) or info (a close
+# that failed may have failed after the decision; a writer killed part-way commits nothing, and
+# its content may show only whole: docs/nemesis.md).
 MOUNT_WRITE = """
 import os, sys
 path, data = sys.argv[1], sys.stdin.buffer.read()
@@ -92,20 +93,6 @@ class RecordingClient(Client):
         return state
 
 
-def classify(error: BaseException, committed: bool = True) -> str:
-    """fail only when the write certainly did not happen; anything unclear is info."""
-    if not committed:
-        return FAIL  # no COMMIT was ever sent for it
-    if isinstance(error, DfsError):
-        if error.code in DEFINITE:
-            return FAIL
-        # Every attempt ended in a known abort (the client library says so in this message);
-        # "outcome ... still unknown" and lost connections are info.
-        if error.code is Code.UNAVAILABLE and "failed after" in error.msg:
-            return FAIL
-    return INFO
-
-
 def body_size(rng: random.Random, *, small: bool = False) -> int:
     """Mostly small files, some medium, a few of several 1 MiB chunks (mixes are per chunk)."""
     roll = rng.random()
@@ -128,6 +115,7 @@ class Workload:
     unexpected: list[tuple[int, str]] = field(default_factory=list)  # (op id, traceback)
     counts: dict[str, int] = field(default_factory=dict)
     repair_found: Counter[str] = field(default_factory=Counter)  # finding kind -> count
+    shapes: MountLoad | None = None  # the mount load, run with the mount workers
 
     def rng(self, name: str) -> random.Random:
         return random.Random(f"{self.seed}/{name}")
@@ -135,6 +123,12 @@ class Workload:
     @property
     def all_files(self) -> list[str]:
         return [*self.files, *self.cold]
+
+    def stop(self) -> None:
+        """Every worker ends after its operation in flight."""
+        self.stopping = True
+        if self.shapes is not None:
+            self.shapes.stopping = True
 
     async def setup(self) -> None:
         """Create the directory and the files, and write the cold ones, before any fault
@@ -155,6 +149,20 @@ class Workload:
                 attr = await client.write_file(self.inos[file],
                                                io.BytesIO(content))
                 self.history.complete(op, OK, version=attr.version, version_known=True)
+            if self.shapes is not None:
+                await self.shapes.setup(client)
+
+    async def listed_blobs(self, client: Client) -> dict[int, set[int]]:
+        """Every blob a file holds (its current one; the mount load's kept ones too) and the
+        nodes it lists for it."""
+        listed: dict[int, set[int]] = {}
+        for file in self.all_files:
+            attr = await client.getattr(self.inos[file])
+            if attr.blob is not None:
+                listed[attr.blob] = set(attr.replicas)
+        if self.shapes is not None:
+            listed.update(await self.shapes.blobs(client))
+        return listed
 
     async def current_blobs(self) -> dict[str, frozenset[int]]:
         """Each node's listed copies of the files' current blobs (the load has stopped): a
@@ -182,6 +190,8 @@ class Workload:
             if mount:
                 nursery.start_soon(self._loop, "mount-writer", self.mount_write)
                 nursery.start_soon(self._loop, "mount-reader", self.mount_read)
+                if self.shapes is not None:
+                    nursery.start_soon(self.shapes.run)
 
     async def _loop(self, name: str,
                     step: Callable[[str, random.Random, Any], Awaitable[str]]) -> None:
@@ -317,38 +327,29 @@ class Workload:
             argv, stdin = ["cp", str(source), str(target)], b""
         else:
             argv, stdin = [sys.executable, "-c", MOUNT_WRITE, str(target)], content
-        status, out = await _run(argv, stdin)
+        status, out, err = await run_program(argv, stdin, timeout=OP_TIMEOUT)
         if status == 0:
             self.history.complete(op, OK)
             return OK
-        # Nothing can commit if open failed; after that, closing (also by the kernel, when
-        # the killed writer exits) may commit what was written so far.
+        # Nothing can commit if open failed. After that the close may have failed after the
+        # decision, or the deadline killed the writer in its close: it may show, but whole
+        # (mount_ends.py settles, at the end, which of these certainly did not commit).
         outcome = FAIL if out.startswith(b"open") else INFO
-        self.history.complete(op, outcome, torn=outcome == INFO,
-                              error=f"{argv[0]} exit {status}: {out[:200]!r}")
+        self.history.complete(op, outcome, cut=status is None,
+                              error=f"{argv[0]}: {failure_text(status, out + err)}")
         return outcome
 
     async def mount_read(self, name: str, rng: random.Random, client: Client) -> str:
         file = rng.choice(self.all_files)
         op = self.history.invoke(name, "read", file, "mount")
-        status, out = await _run(["cat", str(self.mount_file(file))], b"")
+        status, out, err = await run_program(["cat", str(self.mount_file(file))],
+                                             timeout=OP_TIMEOUT)
         if status != 0:
-            self.history.complete(op, FAIL, error=f"cat exit {status}: {out[-200:]!r}")
+            self.history.complete(op, FAIL, error=f"cat: {failure_text(status, err)}")
             return FAIL
         self.history.attribute(op, out)
         self.history.complete(op, OK)
         return OK
-
-
-async def _run(argv: list[str], stdin: bytes) -> tuple[int, bytes]:
-    """Run a program with a deadline: (exit status, its stdout, or stderr if it failed).
-    Killed (by pid) if late."""
-    with trio.move_on_after(OP_TIMEOUT):
-        result = await trio.run_process(
-            argv, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
-        return result.returncode, result.stdout if result.returncode == 0 else (
-            result.stdout + result.stderr)
-    return -9, b"timeout"
 
 
 EXPECTED = (DfsError, OSError, trio.TooSlowError)
