@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: How recent a lookup's attributes must be for open() to use them instead of asking again.
 OPEN_FRESH = 0.05
+#: How often the mount looks whether its unwritten files' leases are due for renewal.
+KEEP_TICK_S = 0.5
 #: Without --page-cache: direct_io, and no keep_cache (nothing page-cached to keep).
 DIRECT = Admission(cached=False, keep=False)
 
@@ -401,6 +403,23 @@ class FilesMixin:
             self.pages.release(handle)
         handle.close()
         self.table.remove_handle(handle)
+
+    async def keep_unwritten(self) -> None:
+        """Renew the leases of the files this mount's open handles created and have not
+        committed yet, so no other client takes their names (dfs/unwritten.py). Error policy:
+        a renewal that fails is logged; the next one tries again."""
+        renewed = trio.current_time()
+        while True:
+            await trio.sleep(KEEP_TICK_S)  # the lease is known only from a create's reply
+            if trio.current_time() - renewed < self.client.unwritten_lease_s / 4:
+                continue
+            renewed = trio.current_time()
+            inos = sorted({h.ino for h in self.files.values() if h.base.unwritten})
+            if inos:
+                try:
+                    await self.client.keep_unwritten(inos)
+                except DfsError as e:
+                    log.info("renewing %d unwritten file(s) failed: %s", len(inos), e)
 
     def unfinished(self) -> int:
         """Handles holding writes no close has committed yet."""

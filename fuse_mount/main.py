@@ -341,6 +341,7 @@ async def _run_mounted(ops: Operations, cache: ReadCache, mountpoint: Path, noti
 
             nursery.start_soon(on_signals)
             nursery.start_soon(ops.run_invalidator)
+            nursery.start_soon(ops.keep_unwritten)
             if ops.pages is not None:  # only page-cached reads come in read-ahead windows
                 nursery.start_soon(_after_init, ops, mountpoint)
             if ops.sizeback is not None:

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from cluster import Cluster
+from cluster import COORDINATOR_ARGS, Cluster
 
 from dfs.cli.procs import DFS, Child
 from fuse_mount.main import is_mounted
@@ -148,6 +148,26 @@ def mounted(cluster: Cluster, path: Path, **options: object) -> Iterator[Mount]:
         yield mount.start()
     finally:
         mount.stop()
+
+
+@contextlib.contextmanager
+def mount_cluster(root: Path, *coordinator_args: str) -> Iterator[Cluster]:
+    """A cluster for a module of mount tests (FUSE required), stopped on exit."""
+    require_fuse()
+    cluster = Cluster(root, coordinator_args=(*COORDINATOR_ARGS, *coordinator_args))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop_all()
+
+
+@contextlib.contextmanager
+def two_mounts(cluster: Cluster, root: Path, names: tuple[str, str] = ("m1", "m2")
+               ) -> Iterator[tuple[Mount, Mount]]:
+    """Two mounts of one cluster (a writer's and a reader's host), both stopped on exit."""
+    with mounted(cluster, root / names[0], name=names[0]) as m1, \
+            mounted(cluster, root / names[1], name=names[1]) as m2:
+        yield m1, m2
 
 
 def run(

@@ -33,8 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import COORDINATOR_ARGS, Cluster, run_trio
-from mount_harness import Mount, mounted, require_fuse, run
+from cluster import Cluster, run_trio
+from mount_harness import Mount, mount_cluster, mounted, run, two_mounts
 
 from dfs.meta.versions import KEEP_VERSIONS_MAX
 from dfs.nemesis.checker import Violation
@@ -75,23 +75,18 @@ OLD = b"old\n"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_fuse()
-    cluster = Cluster(tmp_path_factory.mktemp("writers-cluster"), coordinator_args=(
-        *COORDINATOR_ARGS, "--keep-versions", str(KEEP_VERSIONS_MAX)))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop_all()
+    with mount_cluster(tmp_path_factory.mktemp("writers-cluster"),
+                       "--keep-versions", str(KEEP_VERSIONS_MAX)) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def mounts(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[Mount, Mount]]:
     """M1 for the writers, M2 for the readers."""
-    root = tmp_path_factory.mktemp("writers")
-    with mounted(cluster, root / "m1", name="m1-writers") as m1, \
-            mounted(cluster, root / "m2", name="m2-readers") as m2:
-        yield m1, m2
+    with two_mounts(cluster, tmp_path_factory.mktemp("writers"),
+                    ("m1-writers", "m2-readers")) as both:
+        yield both
 
 
 def judged(cluster: Cluster, targets: list[Target]) -> tuple[int, list[Violation]]:

@@ -283,13 +283,14 @@ async def put(client: Client, args: argparse.Namespace) -> int:
         conditional = args.if_version is not None
         try:
             with progress_bar(path, size) as progress:
-                attr = await client.write_file(
-                    attr.ino,
-                    source,
-                    base_version=args.if_version if conditional else attr.version,
-                    if_version=conditional,
-                    progress=progress,
-                )
+                async with client.keeping_unwritten([attr.ino] if created else []):
+                    attr = await client.write_file(
+                        attr.ino,
+                        source,
+                        base_version=args.if_version if conditional else attr.version,
+                        if_version=conditional,
+                        progress=progress,
+                    )
         except BaseException:
             if created is not None:
                 await _unlink_unwritten(client, *created, attr.ino)

@@ -9,8 +9,10 @@ retry could apply them twice (a request a standby refused, or that never went ou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, BinaryIO
 
 import trio
@@ -21,6 +23,7 @@ from dfs.client.leader import FAILOVER_FOR, LeaderLink
 from dfs.client.transaction import Transaction, read_consistent
 from dfs.errors import Code, DfsError
 from dfs.rpc import Peer, Peers
+from dfs.unwritten import MAX_KEEP, UNWRITTEN_LEASE_S
 
 Progress = Callable[[int], Any]
 # How long a node table may be reused before an unknown node id forces a refresh anyway.
@@ -68,6 +71,8 @@ class Client:
         # §6, "A new file appears with its content"). One is forgotten at its first commit; a
         # creator with more than MAX_UNWRITTEN at once no longer sees its oldest.
         self._unwritten: dict[int, None] = {}
+        # The coordinator's lease on them (its create reply says): renewed every quarter.
+        self.unwritten_lease_s = UNWRITTEN_LEASE_S
 
     async def __aenter__(self) -> Client:
         return self
@@ -171,6 +176,7 @@ class Client:
         attr = Attr.from_wire(reply["attr"])
         if attr.unwritten:
             self._remember_unwritten(attr.ino)
+            self.unwritten_lease_s = float(reply.get("unwritten_lease_s", UNWRITTEN_LEASE_S))
         return attr
 
     def _remember_unwritten(self, ino: int) -> None:
@@ -303,6 +309,37 @@ class Client:
         )
         self.forget_unwritten(ino)
         return attr
+
+    async def keep_unwritten(self, inos: list[int] | None = None) -> None:
+        """Renew the leases of files this client created unwritten (all of them by default):
+        one a creator stops renewing counts as abandoned after the coordinator's
+        --unwritten-lease, and its name may be taken (dfs/unwritten.py)."""
+        inos = list(self._unwritten) if inos is None else inos
+        for start in range(0, len(inos), MAX_KEEP):
+            await self.query("keep_unwritten", inos=inos[start:start + MAX_KEEP])
+
+    @asynccontextmanager
+    async def keeping_unwritten(self, inos: list[int]) -> AsyncIterator[None]:
+        """Renew these unwritten files' leases while the block runs (a long first write).
+        Error policy: a renewal that fails is dropped; the write itself reports trouble."""
+
+        async def renew() -> None:
+            while True:
+                await trio.sleep(self.unwritten_lease_s / 4)
+                with contextlib.suppress(DfsError):
+                    await self.keep_unwritten(inos)
+
+        failed: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(renew)
+            try:
+                yield
+            except Exception as e:
+                failed = e  # raised as itself below, not inside an ExceptionGroup
+            finally:
+                nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
 
     def forget_unwritten(self, ino: int) -> None:
         """The file was written (everyone sees it now) or given up."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from dfs.cli.common import env_default, etcd_url, listen_address
 from dfs.metrics.http import add_metrics_argument
 from dfs.rpc import parse_address
+from dfs.unwritten import UNWRITTEN_LEASE_S
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 
@@ -36,6 +37,7 @@ class CoordinatorConfig:
     keep_versions: int = 0  # old versions a file keeps unless a directory says otherwise
     snapshot_piece: int = 4_000  # keys a snapshot writes per group commit (SNAPSHOT_PIECE)
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics at (dfs/metrics)
+    unwritten_lease: float = UNWRITTEN_LEASE_S  # an unwritten file nobody renews is given up
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -76,6 +78,11 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a superseded blob stays readable before deletion")
     parser.add_argument("--txn-timeout", type=_positive, default=120.0, metavar="S",
                         help="seconds of client silence before an open transaction aborts")
+    parser.add_argument("--unwritten-lease", type=_positive, default=UNWRITTEN_LEASE_S,
+                        metavar="S",
+                        help="seconds a new file's creator may go without renewing it before "
+                             "it counts as abandoned and its name may be taken (default "
+                             f"{UNWRITTEN_LEASE_S:.0f}; docs/design.md §6)")
     parser.add_argument("--txn-retention", type=_positive, default=60.0, metavar="S",
                         help="seconds an ended transaction record is kept before it is purged "
                              "(default 60)")
@@ -125,4 +132,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         keep_versions=getattr(args, "keep_versions", 0),
         snapshot_piece=max(1, getattr(args, "snapshot_piece", 4_000)),
         metrics=getattr(args, "metrics", None),
+        unwritten_lease=getattr(args, "unwritten_lease", UNWRITTEN_LEASE_S),
     )

@@ -8,21 +8,62 @@ before anything is written (I5).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import trio
+
 from dfs import runtime
+from dfs.errors import Code, DfsError
 from dfs.meta import MetaStore
 from dfs.rpc import Request
+from dfs.unwritten import MAX_KEEP, UnwrittenLeases
 
 Reply = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 class NamespaceOps:
     store: MetaStore
+    unwritten: UnwrittenLeases
 
     async def _write(self, fn: Any) -> Any:
         now = runtime.wall_ns()
         return await self.store.db.write(lambda txn: fn(txn, now))
+
+    async def _write_new(self, parent: int, name: bytes, fn: Any) -> Any:
+        """A change that makes `name` in `parent`: an abandoned unwritten file there gives the
+        name up first, in the same transaction (dfs/unwritten.py)."""
+        clock = trio.current_time()
+
+        def both(txn: Any, now: int) -> Any:
+            self._reclaim(txn, parent, name, now, clock)
+            return fn(txn, now)
+
+        return await self._write(both)
+
+    def _reclaim(self, txn: Any, parent: int, name: bytes, now_ns: int, clock: float) -> None:
+        ns = self.store.namespace
+        try:
+            entry = ns.entries.find(txn, parent, name)
+        except DfsError:
+            return  # a bad name: the change itself refuses it
+        inode = None if entry is None else ns.inodes.find(txn, entry.ino)
+        if inode is not None and inode.unwritten and self.unwritten.abandoned(inode.ino, clock):
+            ns.unlink(txn, parent, name, now_ns)
+            self.unwritten.forget(inode.ino)
+            log.info("unwritten inode %d under %r in directory %d: its creator renewed no lease "
+                     "for %.0f s; the name is taken over", inode.ino, name, parent,
+                     self.unwritten.lease_s)
+
+    async def op_keep_unwritten(self, req: Request) -> Reply:
+        """A creator renews the leases of its unwritten files (no metadata changes)."""
+        inos = req.list("inos", [])
+        if len(inos) > MAX_KEEP or not all(isinstance(i, int) and not isinstance(i, bool)
+                                           for i in inos):
+            raise DfsError(Code.BAD_REQUEST, f"keep_unwritten: at most {MAX_KEEP} inode numbers")
+        self.unwritten.renew(inos)
+        return {}
 
     def _read(self, fn: Any) -> Any:
         return self.store.db.read(fn)
@@ -86,7 +127,7 @@ class NamespaceOps:
         parent, name, mode = req.int("parent"), req.name(), req.int("mode")
         uid, gid = req.int("uid", 0), req.int("gid", 0)
         ns = self.store.namespace
-        return {"attr": await self._write(
+        return {"attr": await self._write_new(parent, name,
             lambda t, now: ns.mkdir(t, parent, name, mode, uid, gid, now))}
 
     async def op_create(self, req: Request) -> Reply:
@@ -94,28 +135,33 @@ class NamespaceOps:
         uid, gid = req.int("uid", 0), req.int("gid", 0)
         exclusive, unwritten = req.bool("exclusive", True), req.bool("unwritten", False)
         ns = self.store.namespace
-        return {"attr": await self._write(
-            lambda t, now: ns.create(t, parent, name, mode, uid, gid, now, exclusive,
-                                     unwritten))}
+        attr = await self._write_new(
+            parent, name,
+            lambda t, now: ns.create(t, parent, name, mode, uid, gid, now, exclusive, unwritten))
+        if not attr["unwritten"]:
+            return {"attr": attr}
+        self.unwritten.renew([attr["ino"]])  # its creator holds it from now
+        return {"attr": attr, "unwritten_lease_s": self.unwritten.lease_s}
 
     async def op_symlink(self, req: Request) -> Reply:
         parent, name, target = req.int("parent"), req.name(), req.bytes("target")
         uid, gid = req.int("uid", 0), req.int("gid", 0)
         ns = self.store.namespace
-        return {"attr": await self._write(
+        return {"attr": await self._write_new(parent, name,
             lambda t, now: ns.symlink(t, parent, name, target, uid, gid, now))}
 
     async def op_mknod(self, req: Request) -> Reply:
         parent, name, mode = req.int("parent"), req.name(), req.int("mode")
         rdev, uid, gid = req.int("rdev", 0), req.int("uid", 0), req.int("gid", 0)
         ns = self.store.namespace
-        return {"attr": await self._write(
+        return {"attr": await self._write_new(parent, name,
             lambda t, now: ns.mknod(t, parent, name, mode, rdev, uid, gid, now))}
 
     async def op_link(self, req: Request) -> Reply:
         ino, parent, name = req.int("ino"), req.int("parent"), req.name()
         ns = self.store.namespace
-        return {"attr": await self._write(lambda t, now: ns.link(t, ino, parent, name, now))}
+        return {"attr": await self._write_new(
+            parent, name, lambda t, now: ns.link(t, ino, parent, name, now))}
 
     async def op_unlink(self, req: Request) -> Reply:
         parent, name = req.int("parent"), req.name()

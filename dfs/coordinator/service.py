@@ -20,6 +20,7 @@ from dfs.metrics.coordinator import CoordinatorMetrics
 from dfs.metrics.rpc import service_ops
 from dfs.rpc import Peers, Request
 from dfs.txnops import MAX_TXN_OPS
+from dfs.unwritten import UnwrittenLeases
 
 from .check_ops import CheckOps
 from .commit import CommitDriver
@@ -67,6 +68,7 @@ class CoordinatorService(CheckOps, NamespaceOps, SnapshotOps, RefsOps, rpc.Servi
         self.driver.on_refused = self.repair_worker.refused_commit
         self.gc.file_locks = self.replicator.file_locks  # GC of a current blob vs its repair
         self.address: str | None = None  # HOST:PORT once serving (coordinator_info)
+        self.unwritten = UnwrittenLeases(config.unwritten_lease)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -44,6 +44,7 @@ class Timing:
     outcome_after: float = 1.0
     scrub_interval: float = 6.0
     keep_versions: int = 2  # every run keeps history: the GC counts kept copies too
+    unwritten_lease: float = 1.5  # a crashed churner's hidden file is taken over in a run
 
 
 class SimCoordinator(SimProcess):
@@ -63,7 +64,8 @@ class SimCoordinator(SimProcess):
             txn_timeout=t.txn_timeout, commit_retry_interval=t.commit_retry,
             gc_interval=t.gc_interval, txn_retention=t.txn_retention,
             rpc_timeout=t.rpc_timeout, txid_block=16, rereplicate_after=t.rereplicate_after,
-            keep_versions=t.keep_versions, snapshot_piece=8)
+            keep_versions=t.keep_versions, snapshot_piece=8,
+            unwritten_lease=t.unwritten_lease)
 
     async def run(self) -> None:
         config = self.config()

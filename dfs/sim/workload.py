@@ -250,7 +250,8 @@ class SimUser(SimProcess):
             if what == "create":
                 attr = await client.create(ROOT, a, 0o100644, 0, 0, exclusive=False,
                                            unwritten=True)
-                await client.write_file(attr.ino, io.BytesIO(self.content()))
+                async with client.keeping_unwritten([attr.ino] if attr.unwritten else []):
+                    await client.write_file(attr.ino, io.BytesIO(self.content()))
             elif what == "rename" and a != b:
                 await client.rename(ROOT, a, ROOT, b)
             else:
