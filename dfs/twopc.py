@@ -75,6 +75,9 @@ class CommitProtocol(RepairEvents, GroupEvents):
         self._txns: dict[int, Entry] = {}
         self._repairs: dict[int, Repair] = {}
         self._groups: dict[int, Group] = {}
+        # Nodes removed for good (forget_node): a decision written after a removal, of a
+        # transaction begun before it, owes them no ack either.
+        self._removed: set[int] = set()
 
     # -------------------------------------------------------------- queries
 
@@ -169,8 +172,7 @@ class CommitProtocol(RepairEvents, GroupEvents):
         """The commit point has passed: the write is durable; tell the client, then replicas."""
         txn = self._txns[txid]
         assert txn.phase is Phase.DECIDING
-        txn.phase = Phase.COMMITTING
-        return [ReplyOk(txid), *(SendCommit(n, txid) for n in txn.replicas)]
+        return [ReplyOk(txid), *self._committing(txn)]
 
     def decision_refused(self, txid: int, code: Code, msg: str) -> list[Action]:
         txn = self._txns[txid]
@@ -213,6 +215,7 @@ class CommitProtocol(RepairEvents, GroupEvents):
     def forget_node(self, node: int) -> list[Action]:
         """The node was removed for good (durably, in the node table): no decision lists it
         any more, so it owes no ack; entries whose other replicas all acked end."""
+        self._removed.add(node)
         actions: list[Action] = []
         for txn in list(self._txns.values()):
             if txn.phase is Phase.COMMITTING and node in txn.replicas \
@@ -247,6 +250,13 @@ class CommitProtocol(RepairEvents, GroupEvents):
         return self._maybe_end(txn)
 
     # -------------------------------------------------------------- helpers
+
+    def _committing(self, txn: Entry) -> list[Action]:
+        """A decision was written: COMMIT is owed to every replica not removed meanwhile
+        (re-replication makes the removed ones' copies elsewhere, as for forget_node)."""
+        txn.phase = Phase.COMMITTING
+        txn.replicas = tuple(n for n in txn.replicas if n not in self._removed)
+        return [*(SendCommit(n, txn.txid) for n in txn.replicas), *self._maybe_end(txn)]
 
     def _maybe_end(self, txn: Entry) -> list[Action]:
         """Every listed replica acked, and no repair decision of this blob is being written

@@ -32,7 +32,6 @@ from dfs.twopc_types import (
     ReplyError,
     ReplyOk,
     SendAbort,
-    SendCommit,
     SendPrepare,
     WriteGroupDecision,
 )
@@ -54,6 +53,7 @@ class GroupEvents:
     if TYPE_CHECKING:  # the machine's, in dfs.twopc
         def _abort(self, txn: Entry, code: Code, msg: str, failed: tuple[int, ...],
                    *, reply: bool = True) -> list[Action]: ...
+        def _committing(self, txn: Entry) -> list[Action]: ...
 
     # -------------------------------------------------------------- queries
 
@@ -103,9 +103,7 @@ class GroupEvents:
         assert group.phase is Phase.DECIDING
         actions: list[Action] = [ReplyOk(gid)]
         for t in group.members:
-            txn = self._txns[t]
-            txn.phase = Phase.COMMITTING
-            actions += [SendCommit(n, t) for n in txn.replicas]
+            actions += self._committing(self._txns[t])
         return actions
 
     def group_decision_refused(self, gid: int, code: Code, msg: str) -> list[Action]:

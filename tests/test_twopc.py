@@ -183,6 +183,18 @@ def test_a_removed_node_owes_no_ack() -> None:
     assert p.unacked(5) == (2,)
 
 
+def test_a_node_removed_while_a_decision_is_written_owes_no_ack() -> None:
+    """Found by the nemesis: a transaction whose replicas had all voted when node 3 was
+    removed was decided after it, and waited for node 3's ack for good."""
+    p = CommitProtocol()
+    p.begin(7, R)
+    assert p.request_commit(7, 1, b"c", 1, voted=R) == [WriteDecision(7)]
+    assert p.forget_node(3) == []  # DECIDING: nothing to drop yet
+    assert p.decision_written(7) == [ReplyOk(7), SendCommit(1, 7), SendCommit(2, 7)]
+    assert p.commit_acked(7, 1) == []
+    assert p.commit_acked(7, 2) == [WriteEnd(7)]
+
+
 # ---------------------------------------------------------------- the repair transaction
 
 
