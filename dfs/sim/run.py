@@ -170,6 +170,8 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
                       for i in range(GROUPERS)]
             operator = SimOperator(world, nodes, history, until,
                                    remove_one=n_nodes > replicas)
+            # Another client than the churner lists its files (seen before their content?).
+            users.append(SimUser(world, "lister", "lister", files, history, until))
             for process in (*users, operator):
                 world.add(process)
                 world.spawn(process.supervise)

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 ROOT = 1
 BIG_WRITE = 0.03  # share of writes bigger than one chunk (1 MiB)
 CHURN_NAMES = 4
-LIST_SHARE = 0.2  # of a reader's turns: list the churners' files instead of reading
 
 
 @dataclass
@@ -152,9 +151,6 @@ class SimUser(SimProcess):
         op.completed = trio.current_time()
 
     async def _reader(self, client: Client) -> None:
-        if self.rng.random() < LIST_SHARE:
-            await self._list_churn(client)
-            return
         ino = self.rng.choice(self.files)
         invoked = trio.current_time()
         attr = await client.getattr(ino)
@@ -224,7 +220,7 @@ class SimUser(SimProcess):
             seen[ino] = (attr.version, sink.getvalue())
         self.history.group_reads.append(GroupRead(self.name, invoked, seen))
 
-    async def _list_churn(self, client: Client) -> None:
+    async def _lister(self, client: Client) -> None:
         """The churners' files as another client sees them: each one that is there has the
         content its creator wrote (the creates are unwritten, as `dfs put` makes them)."""
         for name, _, attr in await client.readdir(ROOT):
