@@ -302,7 +302,7 @@ class FilesMixin:
         await self._size_back(handle)
         if not handle.writable:
             return
-        verdict, why = self._judge(handle)
+        verdict, why = await self._judge(handle)
         if verdict is Verdict.COMMIT:
             await self._commit(handle)
         elif verdict is Verdict.KILLED:
@@ -316,7 +316,7 @@ class FilesMixin:
         assert handle.writer is not None
         return handle.writer.pid, handle.writer.start
 
-    def _judge(self, handle: FileHandle) -> tuple[Verdict, str]:
+    async def _judge(self, handle: FileHandle) -> tuple[Verdict, str]:
         writer = handle.writer
         if writer is None:
             return Verdict.WAIT, "the opener could not be read in /proc"
@@ -325,7 +325,8 @@ class FilesMixin:
         own = sum(1 for other in self.table.handles(handle.ino)
                   if other is not handle and other.fh in self.files and other.writer is not None
                   and (other.writer.pid, other.writer.start) == self._writer_id(handle))
-        facts = self.closes.facts(writer, handle.ino, own)
+        # A few dozen small /proc reads: in a worker thread, as the rest of the mount's I/O.
+        facts = await trio.to_thread.run_sync(self.closes.facts, writer, handle.ino, own)
         verdict, why = judge(facts)
         if verdict is Verdict.KILLED:
             writer.killed_by = facts.opener.signal if facts.opener is not None and \
@@ -353,15 +354,9 @@ class FilesMixin:
                 other is not handle and other.fh in self.files
                 for other in self.table.handles(handle.ino)):
             return
-        try:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.remote.retry_for):
-                found = await self.client.lookup(node.parent, node.name)
-                if found.ino == handle.ino and found.unwritten:
-                    await self.client.unlink(node.parent, node.name)
-                    self.table.changed()
-        except DfsError as e:
-            log.info("unwritten inode %d was not removed: %s", handle.ino, e)
-        self.client.forget_unwritten(handle.ino)
+        if await self.client.remove_unwritten(node.parent, node.name, handle.ino,
+                                              self.remote.retry_for):
+            self.table.changed()
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -52,19 +52,6 @@ async def _create_file(client: Client, path: str) -> tuple[int, bytes, Attr]:
     return directory.ino, name, attr
 
 
-async def _unlink_unwritten(client: Client, parent: int, name: bytes, ino: int) -> None:
-    """A put that created the file and failed before its first commit leaves no name behind
-    (best effort: a leftover stays hidden from everyone)."""
-    with trio.CancelScope(shield=True), trio.move_on_after(client.timeout):
-        try:
-            found = await client.lookup(parent, name)
-            if found.ino == ino and found.unwritten:
-                await client.unlink(parent, name)
-        except DfsError:
-            pass
-    client.forget_unwritten(ino)
-
-
 async def _lookup(client: Client, path: str) -> Attr | None:
     try:
         return await client.resolve(path)
@@ -293,7 +280,7 @@ async def put(client: Client, args: argparse.Namespace) -> int:
                     )
         except BaseException:
             if created is not None:
-                await _unlink_unwritten(client, *created, attr.ino)
+                await client.remove_unwritten(*created, attr.ino, client.timeout)
             raise
     if args.json:
         print_json({"path": path, **attr.to_json()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, BinaryIO
@@ -27,6 +28,7 @@ from dfs.unwritten import MAX_KEEP, UNWRITTEN_LEASE_S
 
 Progress = Callable[[int], Any]
 # How long a node table may be reused before an unknown node id forces a refresh anyway.
+log = logging.getLogger(__name__)
 NODE_TABLE_MIN_AGE = 0.5
 #: Files created unwritten that one client remembers as its own (a few MB at most).
 MAX_UNWRITTEN = 65536
@@ -340,6 +342,23 @@ class Client:
                 nursery.cancel_scope.cancel()
         if failed is not None:
             raise failed
+
+    async def remove_unwritten(self, parent: int, name: bytes, ino: int,
+                               timeout_s: float) -> bool:
+        """A creator gives up the file it created unwritten: remove `name` if it still names
+        that inode and it never got content (best effort within timeout_s, shielded: a
+        leftover stays hidden and its lease frees the name). True if it was removed."""
+        removed = False
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+            try:
+                found = await self.lookup(parent, name)
+                if found.ino == ino and found.unwritten:
+                    await self.unlink(parent, name)
+                    removed = True
+            except DfsError as e:
+                log.info("unwritten inode %d was not removed: %s", ino, e)
+        self.forget_unwritten(ino)
+        return removed
 
     def forget_unwritten(self, ino: int) -> None:
         """The file was written (everyone sees it now) or given up."""
