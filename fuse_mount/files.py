@@ -306,7 +306,7 @@ class FilesMixin:
         if verdict is Verdict.COMMIT:
             await self._commit(handle)
         elif verdict is Verdict.KILLED:
-            await self._drop_writes(handle, why)
+            self._drop_writes(handle, why)
             if self.closes.alive(*self._writer_id(handle)) is not None:
                 raise pyfuse3.FUSEError(errno.EIO)  # a child of the writer died holding it
         else:
@@ -333,9 +333,9 @@ class FilesMixin:
                 facts.opener.signal else facts.killed_holder
         return verdict, why
 
-    async def _drop_writes(self, handle: FileHandle, why: str) -> None:
-        """Nothing of this handle is committed; say so once, naming the file. A file it
-        created that never got content goes again: nobody else has seen it."""
+    def _drop_writes(self, handle: FileHandle, why: str) -> None:
+        """Nothing of this handle is committed; say so once, naming the file. (A file it
+        created goes again when the handle does: _unlink_unwritten.)"""
         if handle.dirty:
             node = self.table.get(handle.ino)
             version = handle.base.version if node is None else node.attr.version
@@ -344,7 +344,6 @@ class FilesMixin:
             log.warning("dropped the uncommitted writes to %s (inode %d): %s; %s",
                         self.table.path(handle.ino), handle.ino, why, keeps)
         handle.drop_writes()
-        await self._unlink_unwritten(handle)
 
     async def _unlink_unwritten(self, handle: FileHandle) -> None:
         """Remove the file this handle created if it never got content, and no other handle
@@ -378,14 +377,14 @@ class FilesMixin:
         releasing.append(done)
         try:
             if handle.writer is not None and handle.writer.killed_by:
-                await self._drop_writes(handle, f"its writer was killed by signal "
-                                                f"{handle.writer.killed_by}")
+                self._drop_writes(handle, f"its writer was killed by signal "
+                                          f"{handle.writer.killed_by}")
             elif handle.dirty:
                 await self._commit(handle)
         except pyfuse3.FUSEError:
             pass  # already logged; nobody is waiting for a release's answer
         finally:
-            await self._unlink_unwritten(handle)  # its commit failed: it never got content
+            await self._unlink_unwritten(handle)  # dropped, or its commit failed: no content
             done.set()
             releasing.remove(done)
             if not releasing:
@@ -424,7 +423,9 @@ class FilesMixin:
         """The mount stops: a write still open is unfinished, so nothing of it is committed
         (the file keeps its last finished version); each one dropped is logged."""
         for handle in list(self.files.values()):
-            await self._drop_writes(handle, "the mount stopped before its writer closed it")
+            self.files.pop(handle.fh, None)
+            self._drop_writes(handle, "the mount stopped before its writer closed it")
+            await self._unlink_unwritten(handle)
             handle.close()
         self.files.clear()
         self.cache.close()
