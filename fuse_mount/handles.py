@@ -25,6 +25,7 @@ import trio
 from dfs.chunks import CHUNK_SIZE, nchunks
 from dfs.client import Client
 from dfs.client.attr import Attr
+from dfs.client.write import CommittedUnread
 from fuse_mount.cache import ReadCache, ReadState
 from fuse_mount.closes import Writer
 from fuse_mount.remote import Remote
@@ -209,14 +210,18 @@ class FileHandle:
         assert self.spool is not None
         reader = self.spool.reader()
         try:
-            return await self._s.remote.call(
-                self._s.client.write_file,
-                self.ino,
-                reader,
-                base_version=self.base.version,
-                if_version=conditional,
-                mtime_ns=self.mtime_ns,
-            )
+            try:
+                return await self._s.remote.call(
+                    self._s.client.write_file,
+                    self.ino,
+                    reader,
+                    base_version=self.base.version,
+                    if_version=conditional,
+                    mtime_ns=self.mtime_ns,
+                )
+            except CommittedUnread:
+                # It landed; only what it made is unknown yet (never written again).
+                return await self._s.remote.call(self._s.client.getattr, self.ino)
         except BaseException:
             if self.gen == gen:
                 self.dirty = False

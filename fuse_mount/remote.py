@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from dfs.client.write import CommittedUnread
 from dfs.errors import Code, DfsError
 from dfs.rpc import NotSent, PeerUnavailable
 
@@ -64,7 +65,8 @@ class Remote:
             except DfsError as e:
                 if lost and done_if is not None and e.code is done_if:
                     raise MaybeDone(str(e)) from None
-                if e.code not in TRANSIENT or trio.current_time() + delay > deadline:
+                if (e.code not in TRANSIENT or isinstance(e, CommittedUnread)
+                        or trio.current_time() + delay > deadline):
                     raise
                 error: Exception = e
                 # Never sent (NotSent) is not lost: a retry's EEXIST is then someone else's.

@@ -284,3 +284,65 @@ async def test_a_fetch_that_fails_is_an_error_reply_and_a_stuck_one_stops_no_hea
             raise AssertionError("the node's heartbeats stopped behind the stuck fetch")
         await peer.aclose()
         nursery.cancel_scope.cancel()
+
+
+class _LostAfterOutcome:
+    """The client's link to the coordinator, with the network's faults of seed 20183: the
+    commit's reply is lost (the request reached the coordinator), and right after OUTCOME
+    answers, the coordinator is unreachable for `down_s` (it crashed and came back)."""
+
+    def __init__(self, link: Any, down_s: float) -> None:
+        self.link = link
+        self.down_s = down_s
+        self.down_until = 0.0
+        self.sent: list[str] = []
+
+    async def call(self, op: str, **fields: Any) -> Any:
+        self.sent.append(op)
+        if trio.current_time() < self.down_until:
+            raise rpc.PeerUnavailable("coordinator: connection refused")
+        reply = await self.link.call(op, **fields)
+        if op in ("commit", "commit_txn"):
+            raise rpc.PeerUnavailable("coordinator: the reply was lost")
+        if op == "outcome":
+            self.down_until = trio.current_time() + self.down_s
+        return reply
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.link, name)
+
+
+@pytest.mark.parametrize("shape", ["write_file", "transaction"])
+async def test_a_write_outcome_said_committed_is_never_retried_or_reported_failed(
+        tmp_path: Path, shape: str) -> None:
+    """Seed 20183: a three-file transaction's commit reply was lost; OUTCOME said committed;
+    the coordinator then crashed, so reading the files back failed, and that failure was
+    taken for the transaction's: it was retried, and in the end reported "failed after 4
+    attempts" while its files had landed. Once OUTCOME says committed the write succeeded;
+    reading back what it made is asked again while the coordinator comes back."""
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        await start_nodes(nursery, coord, 3, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=0.0, commit_timeout=10.0) as client:
+            root = await client.resolve("/")
+            a = await client.create(root.ino, b"a", 0o100644, 0, 0)
+            await client.create(root.ino, b"b", 0o100644, 0, 0)
+            faulty = _LostAfterOutcome(client.coordinator, down_s=1.0)
+            client.coordinator = faulty
+            if shape == "write_file":
+                attr = await client.write_file(a.ino, io.BytesIO(b"new a"), base_version=0,
+                                               if_version=True)
+                assert (attr.version, attr.size) == (1, 5)
+            else:
+                t = client.transaction()
+                t.write("/a", b"new a", if_version=0)
+                t.write("/b", b"new b", if_version=0)
+                attrs = await t.commit()
+                assert t.settled_by_outcome
+                assert {p: a.version for p, a in attrs.items()} == {"/a": 1, "/b": 1}
+            assert faulty.sent.count("begin") == (1 if shape == "write_file" else 2), \
+                f"the write was sent again: {faulty.sent}"
+            client.coordinator = faulty.link
+            for name in ("/a", "/b")[: 1 if shape == "write_file" else 2]:
+                assert (await client.resolve(name)).version == 1
+        nursery.cancel_scope.cancel()

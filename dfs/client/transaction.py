@@ -89,7 +89,9 @@ class Transaction:
         #: After a commit: each written or created path's new attributes.
         self.attrs: dict[str, Attr] = {}
         # The commit's reply was lost and OUTCOME said "committed": `attrs` are the files as
-        # they are now, which may be later versions than the ones this transaction made.
+        # they are now, which may be later versions than the ones this transaction made, and
+        # leave out paths renamed or removed since, or all of them when the coordinator could
+        # not be asked again within commit_timeout (the transaction committed all the same).
         self.settled_by_outcome = False
 
     # ------------------------------------------------------------ recording
@@ -275,11 +277,17 @@ class Transaction:
                                      f"{e.msg}") from None
             if state != "committed":
                 raise
-            # One decision: a member committed, so all did. Their attrs as they are now.
+            # One decision: a member committed, so all did. From here nothing may fail the
+            # transaction (a failure would be retried, or reported, although it landed).
             for w in writes:
                 w.txid = 0  # nothing to abort
             self.settled_by_outcome = True
-            return {w.path: await client.resolve(w.path) for w in writes}
+            try:
+                self.attrs = await write.read_committed(client, lambda: self._attrs_now(writes))
+            except write.CommittedUnread as e:
+                log.warning("transaction: %s", e.msg)
+                self.attrs = {}
+            return self.attrs
         for w in writes:
             w.txid = 0  # decided: nothing to abort
         attrs = {}
@@ -288,6 +296,19 @@ class Transaction:
                 attrs[op["path"]] = Attr.from_wire(attr)
         self.attrs = attrs
         return attrs
+
+
+    async def _attrs_now(self, writes: list[_Write]) -> dict[str, Attr]:
+        """The written paths' attributes as they are now, leaving out any renamed or removed
+        since (by this transaction's own later operations, or by others)."""
+        out: dict[str, Attr] = {}
+        for w in writes:
+            try:
+                out[w.path] = await self.client.resolve(w.path)
+            except DfsError as e:
+                if e.code is Code.UNAVAILABLE:
+                    raise
+        return out
 
 
 async def read_consistent(client: Client, paths: list[str]) -> dict[str, bytes]:

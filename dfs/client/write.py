@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import trio
 
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 BACKOFF = 0.1
 MAX_BACKOFF = 2.0
 OUTCOME_POLL = 0.2
@@ -47,6 +49,12 @@ REPLICA_FAULTS = frozenset({Code.UNAVAILABLE, Code.ENOSPC, Code.INTERNAL})
 
 class TransactionLost(DfsError):
     """The coordinator no longer knows the transaction (it expired it, or restarted)."""
+
+
+class CommittedUnread(DfsError):
+    """The write committed (OUTCOME said so after its reply was lost), but what it made could
+    not be read back within commit_timeout. Never retried and never reported as failed: the
+    write landed; only its new attributes are unknown to the caller."""
 
 
 class ReplicaFailed(Exception):
@@ -229,6 +237,25 @@ async def _settle(client: Client, txid: int) -> str:
     raise DfsError(Code.UNAVAILABLE, f"the outcome of transaction {txid} is still unknown")
 
 
+async def read_committed(client: Client, read: Callable[[], Awaitable[T]]) -> T:
+    """`read()` after OUTCOME said a write whose reply was lost committed. The coordinator that
+    answered may go at once, so a failure here is asked again until commit_timeout, and in the
+    end is CommittedUnread: never the write's failure, which would be retried or reported as
+    failed although it landed (simulator seed 20183)."""
+    last = "no reply"
+    with trio.move_on_after(client.commit_timeout):
+        while True:
+            try:
+                return await read()
+            except DfsError as e:
+                if e.code is not Code.UNAVAILABLE:
+                    raise CommittedUnread(e.code, f"committed, but reading it back failed: "
+                                                  f"{e.msg}") from None
+                last = e.msg
+            await trio.sleep(OUTCOME_POLL)
+    raise CommittedUnread(Code.UNAVAILABLE, f"committed, but reading it back failed: {last}")
+
+
 async def write_file(
     client: Client,
     ino: int,
@@ -283,7 +310,7 @@ async def write_file(
         except PeerUnavailable as e:
             # The reply was lost (the leader may have died): ask the leader there is now.
             if await _settle(client, txid) == "committed":
-                return await client.getattr(ino)
+                return await read_committed(client, lambda: client.getattr(ino))
             last = e
         except DfsError as e:
             failed = [int(n) for n in e.details.get("failed") or ()]

@@ -19,6 +19,7 @@ import trio
 
 from dfs.checker.run import run_check
 from dfs.client import Attr, Client
+from dfs.client.write import CommittedUnread
 from dfs.errors import Code, DfsError
 from dfs.sim.processes import COORDINATOR, SECRET
 from dfs.sim.world import SimProcess, World
@@ -137,6 +138,10 @@ class SimUser(SimProcess):
             result = await client.write_file(ino, io.BytesIO(op.content),
                                              base_version=attr.version,
                                              if_version=op.conditional)
+        except CommittedUnread as e:
+            # Committed (OUTCOME said so), at a version the client could not read back.
+            op.outcome, op.blob, op.detail = "ok", None, e.msg
+            self.world.log(f"{self.name} write ino={ino} ok: {e.msg}")
         except DfsError as e:
             op.outcome = "failed" if _definitely_failed(e) else "info"
             op.detail = f"{e.code.value}: {e.msg}"
@@ -197,12 +202,12 @@ class SimUser(SimProcess):
             raise
         else:
             for op in members:
-                attr = attrs[paths[op.ino]]
                 if t.settled_by_outcome:
                     # Settled by OUTCOME: committed, at versions the client does not know
                     # (the attrs are the files' versions now, maybe later writes').
                     op.outcome, op.blob = "ok", None
                     continue
+                attr = attrs[paths[op.ino]]
                 op.outcome, op.version, op.blob = "ok", attr.version, attr.blob
             self.world.log(f"{self.name} group {gid} ok: {len(members)} files")
         now = trio.current_time()
