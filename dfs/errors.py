@@ -75,6 +75,14 @@ class DfsError(Exception):
         return {**self.details, "ok": False, "error": self.code.value, "msg": self.msg}
 
 
+class InDoubt(DfsError):
+    """A change the server cannot tell landed or not: the reply of its durable write (an etcd
+    txn) was lost. Answering it with an error would tell the client it failed when it may have
+    landed, so the request gets no reply at all (its connection is closed, as if the server
+    had crashed) and the server stops deciding (the HA leader steps down): the client settles
+    it as a lost reply, with whoever leads next, which reads the truth from etcd."""
+
+
 def raise_for_reply(reply: dict) -> dict:
     """Return a successful reply unchanged, raise DfsError for an error reply."""
     if reply.get("ok"):

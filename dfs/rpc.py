@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import trio
 
 from dfs import tls as tls_
-from dfs.errors import Code, DfsError, raise_for_reply
+from dfs.errors import Code, DfsError, InDoubt, raise_for_reply
 from dfs.mux import Connection
 from dfs.tls import TlsConfig
 from dfs.wire import (
@@ -266,7 +266,11 @@ async def _serve_requests(frames: FrameStream, service: Service, peer: str, limi
 async def _serve_one(frames: FrameStream, body: bytes, service: Service, peer: str,
                      slots: trio.Semaphore) -> None:
     try:
-        await _send_reply(frames, await _answer(body, service, peer))
+        reply = await _answer(body, service, peer)
+        if reply is None:  # InDoubt: no answer is the true one; the client sees a lost reply
+            await frames.aclose()
+            return
+        await _send_reply(frames, reply)
     finally:
         slots.release()
 
@@ -285,7 +289,8 @@ async def _send_reply(frames: FrameStream, reply: dict[str, Any]) -> None:
         pass  # the client is gone; its other replies meet the same
 
 
-async def _answer(body: bytes | bytearray, service: Service, peer: str) -> dict[str, Any]:
+async def _answer(body: bytes | bytearray, service: Service, peer: str
+                  ) -> dict[str, Any] | None:
     rid = op = None
     started = time.perf_counter()
     try:
@@ -297,6 +302,9 @@ async def _answer(body: bytes | bytearray, service: Service, peer: str) -> dict[
         reply = {"ok": True}
         if result:
             reply.update(result)
+    except InDoubt as e:
+        log.warning("request %r from %s left unanswered: %s", op, peer, e.msg)
+        return None
     except DfsError as e:
         reply = e.to_reply()
     except Exception:

@@ -227,7 +227,10 @@ class TcpProxy:
     - "pass": both ways as they come;
     - "drop": requests reach etcd, replies are thrown away (a reply lost on the way back);
     - "hold": requests are kept back until `release()` (a request that arrives late, after
-      its sender gave up on it; the connection to etcd stays open, so it is served then).
+      its sender gave up on it; the connection to etcd stays open, so it is served then);
+    - "drop-txn": as "drop", for the replies to KV txns only (the JSON gateway's HTTP/1.1
+      requests one at a time per connection): a leader's writes land unanswered while its
+      lease keepalives go on.
     Threads with blocking sockets: usable from sync code and from trio tests alike.
     """
 
@@ -287,12 +290,15 @@ class TcpProxy:
                 s.settimeout(0.1)
             with self._lock:
                 self._sockets += [client, upstream]
+            last_request: list[bytes] = [b""]  # this connection's latest request line
             for src, dst, way in ((client, upstream, "up"), (upstream, client, "down")):
-                t = threading.Thread(target=self._pump, args=(src, dst, way), daemon=True)
+                t = threading.Thread(target=self._pump, args=(src, dst, way, last_request),
+                                     daemon=True)
                 self._threads.append(t)
                 t.start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, way: str) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, way: str,
+              last_request: list[bytes]) -> None:
         while not self._stopped.is_set():
             try:
                 data = src.recv(65536)
@@ -306,7 +312,10 @@ class TcpProxy:
                 with self._lock:
                     self._held.append((dst, data))
                 continue
-            if way == "down" and self.mode == "drop":
+            if way == "up" and data[:5] == b"POST ":
+                last_request[0] = data.split(b"\r\n", 1)[0]
+            if way == "down" and (self.mode == "drop" or (
+                    self.mode == "drop-txn" and b" /v3/kv/txn " in last_request[0])):
                 continue
             with contextlib.suppress(OSError):
                 dst.sendall(data)

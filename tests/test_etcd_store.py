@@ -18,7 +18,7 @@ from etcd_meta_helpers import etcd_dump
 from meta_helpers import GRACE, dump
 
 from dfs.db import Database
-from dfs.errors import Code, DfsError
+from dfs.errors import Code, DfsError, InDoubt
 from dfs.etcd.client import EtcdClient, EtcdError
 from dfs.etcd.election import Election, Leadership, LostLeadership
 from dfs.etcd.mirror import EtcdMirror, load, subdb_prefix
@@ -195,21 +195,21 @@ async def test_unreachable_etcd_is_unavailable_within_the_timeout(
         etcd.pause(0)  # accepts connections, answers nothing: the worst case for a client
         try:
             started = trio.current_time()
-            with pytest.raises(DfsError) as info:
+            with pytest.raises(InDoubt) as info:
                 await mkdir(store, ROOT_INO, b"during")
             took = trio.current_time() - started
             assert dump(store) == local  # nothing visible locally
         finally:
             etcd.resume(0)
         assert info.value.code is Code.UNAVAILABLE and took < 1.5, (info.value, took)
-        lead.renewed_at = time.monotonic()  # (no keepalive task in this test)
-        # Back: the next batch settles whether the lost txn landed; cache and etcd agree.
-        await mkdir(store, ROOT_INO, b"after")
+        # It may have landed: this leader never writes again; the next one reads etcd.
+        with pytest.raises(LostLeadership):
+            await mkdir(store, ROOT_INO, b"after")
         nursery.cancel_scope.cancel()
-    names = {k[8:] for k, _ in dump(store)["dentries"]}
-    assert b"after" in names
-    assert etcd_dump(client, prefix) == dump(store)
     store.close()
+    other = await next_leader(client, prefix, lead, tmp_path / "b")
+    assert etcd_dump(client, prefix) == dump(other)
+    other.close()
 
     # Nothing listening at all: a clear error at start, at once.
     dead = EtcdClient([f"127.0.0.1:{free_port()}"], timeout=0.5)
@@ -224,8 +224,19 @@ def names(store: MetaStore) -> set[bytes]:
     return {k[8:] for k, _ in dump(store)["dentries"]}
 
 
-async def test_a_lost_reply_whose_txn_landed_is_replayed_into_the_cache(
+async def next_leader(client: EtcdClient, prefix: str, old: Leadership,
+                      path: Path) -> MetaStore:
+    """What a coordinator in doubt leads to: it resigns, the next leader loads etcd."""
+    await election(client, prefix).resign(old)
+    return open_mirrored(path, client, prefix,
+                         await election(client, prefix).campaign("coord-b"))
+
+
+async def test_a_lost_reply_is_in_doubt_and_the_next_leader_has_what_landed(
         etcd: EtcdCluster, prefix: str, tmp_path: Path) -> None:
+    """A txn etcd applied whose answer never came back: the request gets InDoubt (the
+    coordinator leaves it unanswered), never a plain failure; this store writes no more; the
+    next leader has it."""
     direct = etcd.client()
     e = election(direct, prefix)
     lead = await e.campaign("coord-a")
@@ -236,21 +247,25 @@ async def test_a_lost_reply_whose_txn_landed_is_replayed_into_the_cache(
             nursery.start_soon(e.keep_alive, lead)
             await nursery.start(store.db.run_writer)
             proxy.mode = "drop"  # etcd applies it; the answer never comes back
-            with pytest.raises(DfsError) as info:
+            with pytest.raises(InDoubt):
                 await mkdir(store, ROOT_INO, b"landed")
-            assert info.value.code is Code.UNAVAILABLE
             assert b"landed" not in names(store)
             assert b"landed" in {k[8:] for k, _ in etcd_dump(direct, prefix)["dentries"]}
             proxy.mode = "pass"
-            await mkdir(store, ROOT_INO, b"next")  # finds out it landed, replays it first
+            with pytest.raises(LostLeadership):
+                await mkdir(store, ROOT_INO, b"next")
             nursery.cancel_scope.cancel()
-    assert {b"landed", b"next"} <= names(store)
-    assert etcd_dump(direct, prefix) == dump(store)
     store.close()
+    other = await next_leader(direct, prefix, lead, tmp_path / "b")
+    assert b"landed" in names(other) and b"next" not in names(other)
+    assert etcd_dump(direct, prefix) == dump(other)
+    other.close()
 
 
-async def test_a_late_copy_of_a_lost_txn_never_lands(etcd: EtcdCluster, prefix: str,
-                                                    tmp_path: Path) -> None:
+async def test_a_late_copy_of_a_write_in_doubt_never_lands(etcd: EtcdCluster, prefix: str,
+                                                          tmp_path: Path) -> None:
+    """The txn in doubt is stuck on its way to etcd: once the leader in doubt resigned (as
+    the HA coordinator does), a late copy of it is fenced off."""
     direct = etcd.client()
     e = election(direct, prefix)
     lead = await e.campaign("coord-a")
@@ -261,17 +276,17 @@ async def test_a_late_copy_of_a_lost_txn_never_lands(etcd: EtcdCluster, prefix: 
             nursery.start_soon(e.keep_alive, lead)
             await nursery.start(store.db.run_writer)
             proxy.mode = "hold"  # the request is stuck on the way to etcd
-            with pytest.raises(DfsError) as info:
+            with pytest.raises(InDoubt):
                 await mkdir(store, ROOT_INO, b"stuck")
-            assert info.value.code is Code.UNAVAILABLE
             proxy.mode = "pass"
-            await mkdir(store, ROOT_INO, b"next")
-            proxy.release()  # the old request reaches etcd now, still under a valid lease
-            await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
-    assert b"stuck" not in names(store) and b"next" in names(store)
-    assert etcd_dump(direct, prefix) == dump(store)
-    store.close()
+        store.close()
+        other = await next_leader(direct, prefix, lead, tmp_path / "b")
+        proxy.release()  # the old request reaches etcd now
+        await trio.sleep(0.5)
+    assert b"stuck" not in {k[8:] for k, _ in etcd_dump(direct, prefix)["dentries"]}
+    assert etcd_dump(direct, prefix) == dump(other)
+    other.close()
 
 
 async def test_one_leader_of_two_and_the_other_takes_over(etcd: EtcdCluster,

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -172,6 +173,38 @@ def test_leader_cut_off_from_etcd_cannot_decide(tmp_path: Path) -> None:
         assert "stepping down" in cluster.log("coordinator-1", 400)
         assert cluster.leader() == "coordinator-2"
         _assert_no_write_lost(cluster, ledger, inos)
+
+
+def test_a_decision_whose_etcd_reply_is_lost_is_neither_failed_nor_aborted(
+        tmp_path: Path) -> None:
+    """HA nemesis seed 9: the leader wrote a decision to etcd and the reply was lost. It told
+    the writer UNAVAILABLE (the writer retried, and reported "failed" a write that the next
+    leader then committed) and its nodes abort (a version decided with no copy anywhere).
+    Now it leaves the commit unanswered and steps down: the writer asks the next leader,
+    which says committed, and the file's version is that write, once, on every replica."""
+    with HaCluster(tmp_path / "ha", proxied=["coordinator-1"],
+                   node_args=("--heartbeat-interval", "0.2", "--outcome-after", "1")
+                   ).start() as cluster:
+        assert cluster.leader() == "coordinator-1"
+
+        async def write() -> Any:
+            async with cluster.client(retry_for=30) as client:
+                root = await client.resolve("/")
+                ino = (await client.create(root.ino, b"f", 0o100644, 0, 0)).ino
+                await client.write_file(ino, io.BytesIO(b"first"))
+                for proxy in cluster.proxies["coordinator-1"]:
+                    proxy.mode = "drop-txn"  # its etcd writes land; their replies are lost
+                attr = await client.write_file(ino, io.BytesIO(b"second"))
+                sink = io.BytesIO()
+                await client.read_file(await client.getattr(ino), sink)
+                return attr, sink.getvalue()
+
+        attr, data = trio.run(write)
+        assert (attr.version, data) == (2, b"second"), (attr, data)
+        status, doc = check(cluster, "--deep")
+        assert status == 0 and doc["findings"] == [], doc["findings"]
+        assert "in doubt" in cluster.log("coordinator-1", 400)
+        assert cluster.wait_leader(other_than="coordinator-1") == "coordinator-2"
 
 
 def test_a_takeover_that_outlasts_the_lease_still_leads(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import trio
 
 from dfs import runtime
 from dfs.chunks import nchunks as expected_nchunks
-from dfs.errors import Code, DfsError
+from dfs.errors import Code, DfsError, InDoubt
 from dfs.failpoints import failpoint
 from dfs.meta import MetaStore, TxnRecord, TxnState
 from dfs.meta.attrs import check_regular
@@ -255,6 +255,11 @@ class CommitDriver(Delivery, GroupCommit):
             record = TxnRecord(txid, TxnState.COMMITTED, txn.ino, txn.replicas, txn.size,
                                txn.checksum, txn.base_version, decided_ns=now)
             attr = await self.store.db.write(lambda t: self._write_decision(t, txn, record, now))
+        except InDoubt as e:
+            # Maybe written: neither an abort nor a failure may be said. The client gets no
+            # reply and this leader steps down; the next one reads the truth (rule 4).
+            txn.settle(e)
+            return
         except DfsError as e:
             await self._apply(self.protocol.decision_refused(txid, e.code, e.msg))
             return

@@ -23,7 +23,7 @@ import trio
 
 from dfs import runtime
 from dfs.chunks import nchunks as expected_nchunks
-from dfs.errors import Code, DfsError
+from dfs.errors import Code, DfsError, InDoubt
 from dfs.failpoints import failpoint
 from dfs.meta import TxnRecord, TxnState
 from dfs.metrics.coordinator import abort_reason
@@ -193,6 +193,9 @@ class GroupCommit:
         group = self.groups[gid]
         try:
             attrs = await self._force_group_decision(group)
+        except InDoubt as e:
+            group.settle(e)  # maybe written: no reply, no abort (see CommitDriver._decide)
+            return
         except DfsError as e:
             await self._apply(self.protocol.group_decision_refused(gid, e.code, e.msg))
             return

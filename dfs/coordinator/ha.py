@@ -177,6 +177,10 @@ class HaCoordinator:
                 await nursery.start(service.run)
         except* LostLeadership as group:
             log.warning("stepping down: %s", group.exceptions[0])
+            if mirror.in_doubt:
+                # The lease may still be good: revoke it, so that no late copy of the write
+                # in doubt can land, and the next leader is elected at once.
+                await self.election.resign(leadership)
         except* DfsError as group:
             # The metadata store failed under the leader (etcd unreachable or without a
             # quorum), or could not be loaded: stand by again rather than exit; whoever can
@@ -216,10 +220,11 @@ class HaCoordinator:
 
     @staticmethod
     async def _watch_fence(mirror: EtcdMirror) -> None:
-        """A fenced write refused (another leader's key): step down now, not at the TTL."""
+        """A fenced write refused (another leader's key), or one in doubt: step down now, not
+        at the TTL."""
         while not mirror.deposed:
             await trio.sleep(DEPOSED_POLL)
-        raise LostLeadership("a fenced etcd write was refused: another coordinator leads")
+        raise LostLeadership(mirror.deposed_why)
 
     async def _compact(self) -> None:
         """Compaction is configured, not left to chance: etcd keeps COMPACT_KEEP revisions."""

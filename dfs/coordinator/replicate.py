@@ -39,7 +39,7 @@ import trio
 
 from dfs import runtime
 from dfs.chunks import nchunks
-from dfs.errors import Code, DfsError
+from dfs.errors import Code, DfsError, InDoubt
 from dfs.failpoints import failpoint
 from dfs.locks import KeyedLocks
 from dfs.meta import MetaStore, TxnRecord, TxnState
@@ -201,6 +201,8 @@ class Replicator:
             try:
                 with trio.CancelScope(shield=True):  # the machine must hear how it went
                     await self._decide(inode, plan, replicas, ok)
+            except InDoubt:
+                raise  # maybe written: no abort to its targets; this leader steps down
             except BaseException as e:
                 with trio.CancelScope(shield=True):  # it may end the blob's record (WriteEnd)
                     await driver._apply(protocol.repair_decision_refused(blob))

@@ -15,13 +15,17 @@ LMDB commit, writes the successful requests' changes to etcd:
   (dfs/etcd/election.py). A failed compare means this process was deposed: the batch fails
   with LostLeadership and every later batch too, without asking etcd again.
 - Chain: every etcd txn also compares the marker's mod_revision with the one this process
-  last wrote, and rewrites the marker. A txn whose reply was lost (timeout) is "unknown":
-  before the next batch, one txn that compares the same revision either bumps the marker
-  (the lost txn had not landed, and now never can, however late it arrives) or fails
-  (it landed: its changes are replayed into LMDB). So the cache and etcd never drift apart.
-- An etcd failure fails the whole batch (UNAVAILABLE) and aborts the outer LMDB
-  transaction: nothing is visible locally. etcd txns of the batch that did land are
-  replayed into LMDB at the start of the next batch, before any request runs.
+  last wrote, and rewrites the marker: a write by anyone else under the prefix stops this
+  leader too.
+- In doubt: an etcd txn that fails in transit (no reply: it may have landed) leaves every
+  request of its batch unanswered (`InDoubt`, dfs/errors.py) and deposes this leader, which
+  revokes its lease (so a late copy of the txn can no longer land) and steps down: a crash
+  right after the write, in effect. Clients settle their lost replies with the next leader,
+  which loads what etcd holds. Answering "failed" instead told a client its write failed
+  while the next leader committed it, and an abort sent to the nodes lost it (nemesis).
+- A refused or failed batch aborts the outer LMDB transaction: nothing is visible locally.
+  etcd txns of a batch that landed while the LMDB commit failed are replayed into LMDB at the
+  start of the next batch, before any request runs.
 
 `load` rebuilds a Database from etcd at one revision; a leader always starts from it, which
 is why the local LMDB needs no fsync at all (dfs/db.py opens it with sync=False): etcd has
@@ -40,7 +44,7 @@ from typing import Any
 import lmdb
 
 from dfs.db import Database
-from dfs.errors import Code, DfsError
+from dfs.errors import Code, DfsError, InDoubt
 from dfs.etcd.client import (
     MAX_REQUEST_BYTES,
     MAX_TXN_OPS,
@@ -54,7 +58,6 @@ from dfs.etcd.client import (
     op_put,
     op_range,
     prefix_end,
-    unb64,
 )
 from dfs.etcd.election import RENEWALS_PER_TTL, Leadership, LostLeadership
 
@@ -166,6 +169,7 @@ class EtcdMirror:
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self.deposed = False
+        self.deposed_why = "a fenced etcd write was refused: another coordinator leads"
         self.txns_sent = 0  # etcd txns that landed (tests and `dfs status` read it)
         self._marker_key = f"{self.prefix}/{MARKER}".encode()
         self._marker_rev: int | None = None  # the marker's mod_revision as this leader left it
@@ -175,8 +179,7 @@ class EtcdMirror:
         self._admitted: list[Changes] = []
         self._landed: list[Changes] = []  # this batch's etcd txns that landed
         self._unapplied: list[Changes] = []  # landed in etcd, not yet in LMDB (replay them)
-        self._unknown: tuple[int, Changes] | None = None  # sent, reply lost
-        self._settle_tokens: set[bytes] = set()  # markers written only to settle an unknown
+        self.in_doubt = False  # an etcd txn was sent and its reply lost: see _send
 
     # -- setting up a cache -------------------------------------------------------------------
 
@@ -222,8 +225,8 @@ class EtcdMirror:
     # -- the Database's batch protocol (dfs/db.py Mirror) -------------------------------------
 
     def begin(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
-        """A batch starts: refuse if deposed; settle a lost reply; replay what etcd has and
-        LMDB lacks into the outer transaction."""
+        """A batch starts: refuse if deposed (or in doubt); replay what etcd has and LMDB
+        lacks into the outer transaction."""
         if self.deposed:
             raise LostLeadership()
         self.leadership.check()
@@ -234,8 +237,6 @@ class EtcdMirror:
         if self._marker_rev is None:
             kv = self.client.get(self._marker_key)
             self._marker_rev = kv.mod_revision if kv is not None else 0
-        if self._unknown is not None:
-            self._settle()
         for changes in self._unapplied:
             self._apply(txn, changes)
 
@@ -333,39 +334,19 @@ class EtcdMirror:
         try:
             result = self.client.txn(self._compares(), ops,
                                      [op_range(self.leadership.key), op_range(self._marker_key)])
-        except EtcdError:
-            self._unknown = (self._seq, group)
-            raise
+        except EtcdError as e:
+            # Sent or not, landed or not: nobody here can say. Every request of the batch is
+            # left unanswered and this leader stops (InDoubt), as if it had crashed after the
+            # write: an error reply would tell a client "failed" of a decision that may have
+            # landed, and an abort sent to its nodes would contradict it (nemesis, HA seed 9).
+            self.in_doubt = self.deposed = True
+            self.deposed_why = f"an etcd write is in doubt: {e.msg}"
+            raise InDoubt(Code.UNAVAILABLE, self.deposed_why) from None
         if not result.succeeded:
             self._refused(result.responses)
         self._marker_rev = result.revision
         self._landed.append(group)
         self.txns_sent += 1
-
-    def _settle(self) -> None:
-        """Find out whether the etcd txn whose reply was lost landed, and make sure a late
-        copy of it never can: bump the marker if it has not moved since."""
-        assert self._unknown is not None
-        seq, group = self._unknown
-        token = self._token()
-        self._settle_tokens.add(token)
-        result = self.client.txn(self._compares(), [op_put(self._marker_key, token)],
-                                 [op_range(self.leadership.key), op_range(self._marker_key)])
-        if result.succeeded:  # it had not landed, and now cannot
-            self._unknown = None
-            self._marker_rev = result.revision
-            return
-        leader, marker = _kv(result.responses, 0), _kv(result.responses, 1)
-        value = unb64(marker.get("value"))
-        if leader.get("create_revision") != str(self.leadership.create_revision):
-            self._refused(result.responses)
-        if value == f"{self.leadership.create_revision}:{seq}".encode():
-            self._unapplied.append(group)  # it landed: LMDB gets it now
-            self.txns_sent += 1
-        elif value not in self._settle_tokens:  # an earlier settle whose reply was lost landed
-            self._refused(result.responses)
-        self._unknown = None
-        self._marker_rev = int(marker["mod_revision"])
 
     def _refused(self, responses: list[dict]) -> None:
         """A compare failed: another leader (fence) or another writer (chain). Either way

@@ -135,7 +135,10 @@ class SimNetwork:
         async def handle() -> None:
             world.enter(dst)
             try:
-                answer.append(await rpc._answer(body, listener.service, src.name))
+                answered_with = await rpc._answer(body, listener.service, src.name)
+                if answered_with is None:  # InDoubt: left unanswered, as a crash would
+                    return
+                answer.append(answered_with)
                 if self.watcher is not None:
                     self.watcher.on_reply(src.name, dst.name, wire.decode(body), answer[0])
                 if self.verbose:
