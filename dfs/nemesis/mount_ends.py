@@ -110,13 +110,16 @@ class MountEnds:
             start <= t <= end and (at is None or ino is None or at == ino)
             for t, at in self.unknown)
 
-    def settle(self, history: History, vias: frozenset[str], inos: dict[str, int | None]
-               ) -> int:
+    def settle(self, history: History, vias: frozenset[str], inos: dict[str, int | None],
+               after_close: frozenset[str] = frozenset()) -> int:
         """Every `ok` write `via` the writers' mount whose close failed unreported becomes
         `info`; then every `info` one that cannot have committed becomes `fail` (both noted
-        in the history). How many became `fail`."""
+        in the history), but for the programs named in `after_close`, whose failure may come
+        after their close committed (tar failing to set an owner). How many became `fail`."""
         settled = 0
         for op in history.ops.values():
+            if op.process in after_close:
+                continue
             error = self.unreported(op, inos.get(op.file)) if op.outcome == OK else None
             if op.f == "write" and op.via in vias and error is not None:
                 op.outcome = INFO

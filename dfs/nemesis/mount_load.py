@@ -72,6 +72,8 @@ CUT_SHORT = "cut short by the campaign's end"
 WRITE_VIA, READ_VIA = "shapes", "mount-r"
 #: Ops judged by the versions they leave (MountLoad.judge), which check_history skips.
 JUDGED_BY_VERSIONS = frozenset({WRITE_VIA, READ_VIA})
+#: The processes whose failure may come after their close committed (Shape.fails_after_close).
+AFTER_CLOSE = frozenset(f"shape-{s.name}" for s in SHAPES if s.fails_after_close)
 
 
 async def run_program(argv: list[str], stdin: bytes = b"", *, timeout: float,

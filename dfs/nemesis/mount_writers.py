@@ -144,12 +144,16 @@ class Shape:
     """One way programs write a file. `command(target, content, scratch)` builds the program
     that writes `content` to `target` (scratch: a local directory of this writer's own, for
     its source files); `sizes` are the content sizes a loop of it cycles through; `in_place`:
-    it rewrites the target's inode (tar and rsync put a new inode under the name)."""
+    it rewrites the target's inode (tar and rsync put a new inode under the name);
+    `fails_after_close`: its program goes on after the file's content is written and may
+    fail on that alone (tar sets the owner, mode and times; rsync the attributes and the
+    rename), so its failure does not say that its close, the commit, failed."""
 
     name: str
     sizes: tuple[int, ...]
     command: Callable[[Path, bytes, Path], Command]
     in_place: bool = True
+    fails_after_close: bool = False
 
 
 SHAPES: tuple[Shape, ...] = (
@@ -158,9 +162,9 @@ SHAPES: tuple[Shape, ...] = (
     Shape("cp", (4 * KiB, 1_500 * KiB), _cp),
     Shape("redirect", (4 * KiB, 1 * MB), _redirect),
     Shape("echo", (0,), _echo),
-    Shape("tar", (4 * KiB, 600 * KiB), _tar, in_place=False),
-    Shape("rsync", (4 * KiB, 1_500 * KiB), _rsync(), in_place=False),
-    Shape("rsync-inplace", (4 * KiB, 1 * MB), _rsync("--inplace")),
+    Shape("tar", (4 * KiB, 600 * KiB), _tar, in_place=False, fails_after_close=True),
+    Shape("rsync", (4 * KiB, 1_500 * KiB), _rsync(), in_place=False, fails_after_close=True),
+    Shape("rsync-inplace", (4 * KiB, 1 * MB), _rsync("--inplace"), fails_after_close=True),
     Shape("dd-fsync", (4 * KiB, 2 * MB), _dd),
 )
 
