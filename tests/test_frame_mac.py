@@ -221,7 +221,8 @@ class FlippingProxy(TcpProxy):
 
     flipped = 0
 
-    def _pump(self, src: socket.socket, dst: socket.socket, way: str) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, way: str,
+              last_request: list[bytes]) -> None:
         while not self._stopped.is_set():
             try:
                 data = src.recv(65536)
