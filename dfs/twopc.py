@@ -21,7 +21,9 @@ voted, goes from STAGING through PREPARING straight to DECIDING (docs/design.md 
 Presumed abort: nothing is written for an abort, so a txid the machine forgot and the log never
 recorded is aborted. The driver answers OUTCOME from the machine first (`is_committed`, then
 `is_in_flight`, repairs included), then the log and the blob index (committed), then "unknown"
-to a writer asking about a txid at or below the purge mark, else aborted.
+to a writer asking about a txid at or below the purge mark, else aborted. A participant asking
+about its own copy hears "inflight" while a write or repair of the blob is undecided, then
+"committed" only while the namespace lists that copy (CommitDriver.outcome).
 
 The one obligation of presumed abort: a commit decision lives until every replica it lists has
 durably acked COMMITTED. Nothing else ends it. A replica that refuses the COMMIT is not an ack:

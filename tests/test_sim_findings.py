@@ -346,3 +346,30 @@ async def test_a_write_outcome_said_committed_is_never_retried_or_reported_faile
             for name in ("/a", "/b")[: 1 if shape == "write_file" else 2]:
                 assert (await client.resolve(name)).version == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_copy_of_a_superseded_blob_is_aborted_whatever_its_record_says(
+        tmp_path: Path) -> None:
+    """HA nemesis seeds 5, 23 and 25: a repair re-made a copy on a node of the blob's
+    decision (the node had refused its COMMIT), the file moved on and GC deleted the listed
+    copies, then the repair's copy was PREPARED there and its node asked OUTCOME: the
+    decision's record still listed the node, the answer was "committed", and the node kept a
+    blob no file names, for ever. A participant's copy is committed only while the namespace
+    lists it."""
+    async with running_coordinator(tmp_path / "coord") as coord, \
+            trio.open_nursery() as nursery:
+        await start_nodes(nursery, coord, 3, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            root = await client.resolve("/")
+            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+            first = await client.write_file(attr.ino, io.BytesIO(b"first"))
+            assert first.blob is not None
+            driver, node = coord.service.driver, first.replicas[0]
+            assert driver.outcome(first.blob, node=node) == "committed"
+            await client.write_file(attr.ino, io.BytesIO(b"second"))
+            store = coord.store
+            record = store.db.read(lambda t: store.txnlog.get(t, first.blob))
+            assert record is not None and node in record.replicas  # it still names the node
+            assert driver.outcome(first.blob, node=node) == "aborted"
+            assert driver.outcome(first.blob) == "committed"  # to its writer: it did commit
+        nursery.cancel_scope.cancel()

@@ -160,11 +160,16 @@ class CommitDriver(Delivery, GroupCommit):
         sent the commit asks (see below).
 
         `node`: the participant asking about its own PREPARED copy. A repair shares the blob's
-        txid, so "the txid committed" does not say that copy did: "committed" only if a
-        decision lists the node (the machine's entry, the log's record, the inode's replicas);
-        an undecided repair is "inflight"; a copy nothing lists is presumed aborted (a repair
-        whose decision was lost), else it would be committed where no file and no GC entry
-        names it."""
+        txid, so "the txid committed" does not say that copy did: a write or repair of the
+        blob undecided is "inflight"; otherwise "committed" only while the namespace lists
+        that copy now (a file's current blob, a retained version, a snapshot: what GC and
+        `dfs check` count), else presumed aborted. Not the decision's record or the machine:
+        they list the node for the decision's own copy, but a repair re-making a copy there
+        (after the node refused COMMIT) may PREPARE it after the blob was superseded and GC
+        deleted what the namespace listed, and then committed it where nothing names it: an
+        orphan for ever (HA nemesis seeds 5, 23). Every decision switches the namespace in
+        its own transaction, so a copy a decision made is listed from the moment it is
+        decided until a later decision lets it go, and then aborting it is what GC would do."""
         if node:
             return self._outcome_for(txid, node)
         if self.protocol.is_committed(txid):
@@ -189,20 +194,11 @@ class CommitDriver(Delivery, GroupCommit):
 
     def _outcome_for(self, txid: int, node: int) -> str:
         """OUTCOME for participant `node`'s copy of txid (see `outcome`)."""
-        protocol = self.protocol
-        if protocol.is_committed(txid) and node in protocol.replicas(txid):
-            return "committed"
-        if protocol.is_in_flight(txid):
+        if self.protocol.is_in_flight(txid):
             return "inflight"
-        store = self.store
-
-        def listed(txn: lmdb.Transaction) -> bool:
-            record = store.txnlog.get(txn, txid)
-            if record is not None and node in record.replicas:
-                return True
-            return store.namespace.inodes.lists(txn, txid, node)
-
-        return "committed" if store.db.read(listed) else "aborted"
+        inodes = self.store.namespace.inodes
+        listed = self.store.db.read(lambda t: inodes.lists(t, txid, node))
+        return "committed" if listed else "aborted"
 
     # ------------------------------------------------------------ the commit
 
