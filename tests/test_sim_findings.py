@@ -5,7 +5,8 @@ servers: a real CoordinatorService and real storage nodes in this process, over 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +52,35 @@ async def _ended_and_purged(coord, txid: int) -> None:
             await trio.sleep(0.05)
 
 
+@asynccontextmanager
+async def _three_nodes(tmp_path: Path, **overrides: Any
+                       ) -> AsyncIterator[tuple[Any, list[RunningNode], Client]]:
+    """A real coordinator (with `overrides` of its config), three real nodes and a client."""
+    async with running_coordinator(tmp_path / "coord", **overrides) as coord, \
+            trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, coord, 3, capacity=1 << 30)
+        async with Client(coord.address, SECRET, retry_for=10.0) as client:
+            yield coord, nodes, client
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_writer_asking_after_the_retention_hears_unknown_not_aborted(
         tmp_path: Path) -> None:
     """Seeds 2, 4, 5 and 8: a writer whose commit reply was lost (the coordinator crashed
     after its decision) asked OUTCOME after the record's retention, heard "aborted", reported
     the write as failed and wrote it again, while the first one had landed. Below the purge
     mark, "no record" proves nothing to a writer; a participant may still presume abort."""
-    async with running_coordinator(tmp_path / "coord", txn_retention=RETENTION) as coord, \
-            trio.open_nursery() as nursery:
-        await start_nodes(nursery, coord, 3, capacity=1 << 30)
-        async with Client(coord.address, SECRET, retry_for=10.0) as client:
-            root = await client.resolve("/")
-            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
-            first = await client.write_file(attr.ino, io.BytesIO(b"first"))
-            await client.write_file(attr.ino, io.BytesIO(b"second"))  # first is not current
-            await _ended_and_purged(coord, first.blob)
-            assert await client.outcome(first.blob) == "unknown"
-            driver = coord.service.driver
-            assert driver.outcome(first.blob) == "aborted"  # a participant's question
-            never = await driver.txids.allocate()  # above the mark: certainly no commit
-            assert await client.outcome(never) == "aborted"
-        nursery.cancel_scope.cancel()
+    async with _three_nodes(tmp_path, txn_retention=RETENTION) as (coord, _, client):
+        root = await client.resolve("/")
+        attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+        first = await client.write_file(attr.ino, io.BytesIO(b"first"))
+        await client.write_file(attr.ino, io.BytesIO(b"second"))  # first is not current
+        await _ended_and_purged(coord, first.blob)
+        assert await client.outcome(first.blob) == "unknown"
+        driver = coord.service.driver
+        assert driver.outcome(first.blob) == "aborted"  # a participant's question
+        never = await driver.txids.allocate()  # above the mark: certainly no commit
+        assert await client.outcome(never) == "aborted"
 
 
 async def test_a_register_sent_again_after_a_lost_reply_keeps_one_id(tmp_path: Path) -> None:
@@ -356,20 +365,16 @@ async def test_a_copy_of_a_superseded_blob_is_aborted_whatever_its_record_says(
     decision's record still listed the node, the answer was "committed", and the node kept a
     blob no file names, for ever. A participant's copy is committed only while the namespace
     lists it."""
-    async with running_coordinator(tmp_path / "coord") as coord, \
-            trio.open_nursery() as nursery:
-        await start_nodes(nursery, coord, 3, capacity=1 << 30)
-        async with Client(coord.address, SECRET, retry_for=10.0) as client:
-            root = await client.resolve("/")
-            attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
-            first = await client.write_file(attr.ino, io.BytesIO(b"first"))
-            assert first.blob is not None
-            driver, node = coord.service.driver, first.replicas[0]
-            assert driver.outcome(first.blob, node=node) == "committed"
-            await client.write_file(attr.ino, io.BytesIO(b"second"))
-            store = coord.store
-            record = store.db.read(lambda t: store.txnlog.get(t, first.blob))
-            assert record is not None and node in record.replicas  # it still names the node
-            assert driver.outcome(first.blob, node=node) == "aborted"
-            assert driver.outcome(first.blob) == "committed"  # to its writer: it did commit
-        nursery.cancel_scope.cancel()
+    async with _three_nodes(tmp_path) as (coord, _, client):
+        root = await client.resolve("/")
+        attr = await client.create(root.ino, b"f", 0o100644, 0, 0)
+        first = await client.write_file(attr.ino, io.BytesIO(b"first"))
+        assert first.blob is not None
+        driver, node = coord.service.driver, first.replicas[0]
+        assert driver.outcome(first.blob, node=node) == "committed"
+        await client.write_file(attr.ino, io.BytesIO(b"second"))
+        store = coord.store
+        record = store.db.read(lambda t: store.txnlog.get(t, first.blob))
+        assert record is not None and node in record.replicas  # it still names the node
+        assert driver.outcome(first.blob, node=node) == "aborted"
+        assert driver.outcome(first.blob) == "committed"  # to its writer: it did commit
