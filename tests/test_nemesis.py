@@ -35,7 +35,7 @@ from dfs.nemesis.ha_faults import HA_KINDS
 from dfs.nemesis.history import FAIL, INFO, OK, History, Op, content_for, digest
 from dfs.nemesis.judge import Ledger, attribute
 from dfs.nemesis.mount_ends import MountEnds, certain
-from dfs.nemesis.mount_load import AFTER_CLOSE
+from dfs.nemesis.mount_load import AFTER_CLOSE, CLOSE_UNREPORTED
 from dfs.nemesis.mount_writers import begun_by, finished_by, make
 from dfs.nemesis.proxy import BLACKHOLE, REFUSE, Proxies, Proxy
 from dfs.rpc import frame_keys
@@ -184,17 +184,21 @@ def test_mount_ends_say_which_unfinished_writes_may_have_committed(tmp_path: Pat
     """mount_ends.py: an unfinished mount write stays `info` only if, while it ran, the mount
     logged an error that leaves a commit's outcome unknown (a failed commit of its inode, or
     any retry), or was killed or stopped, or the write was cut short; else it is `fail`. An
-    `ok` one whose commit failed while it ran (bash's `echo x > f` ignores that) is not
-    finished: settled the same way."""
+    `ok` one whose commit failed while it ran (bash's `echo x > f` ignores that), or an `ok`
+    echo while the mount was killed (which logs nothing), is not finished: settled the same
+    way."""
     history = History(tmp_path / "h.jsonl", seed=7)
     ops = {}
     for name, t0, t1 in [("definite", 10, 11), ("unknown", 20, 21), ("retried", 30, 31),
                          ("other-inode", 40, 41), ("killed-mount", 50, 51), ("cut", 60, 61),
                          ("finished", 70, 71), ("ignored", 80, 81), ("ignored-unknown", 90, 91),
-                         ("tar-chown", 100, 101)]:
-        op = ops[name] = history.invoke("shape-tar" if name == "tar-chown" else "w", "write",
-                                        name, "shapes")
-        history.complete(op, OK if name in ("finished", "ignored", "ignored-unknown") else INFO,
+                         ("tar-chown", 100, 101), ("echo-mount-killed", 51, 51.2),
+                         ("echo-mount-up", 60, 61)]:
+        process = {"tar-chown": "shape-tar", "echo-mount-killed": "shape-echo",
+                   "echo-mount-up": "shape-echo"}.get(name, "w")
+        op = ops[name] = history.invoke(process, "write", name, "shapes")
+        history.complete(op, OK if name in ("finished", "ignored", "ignored-unknown",
+                                            "echo-mount-killed", "echo-mount-up") else INFO,
                          cut=name == "cut")
         op.invoke, op.complete = t0, t1
     history.fault("kill-mount", "start", "mount")
@@ -222,11 +226,13 @@ def test_mount_ends_say_which_unfinished_writes_may_have_committed(tmp_path: Pat
     ends = MountEnds.read(log, history)
     assert ends.retries == 1
     # tar failed after its close (it could not set the owner): that says nothing of the commit
-    assert ends.settle(history, frozenset({"shapes"}), inos, AFTER_CLOSE) == 3
+    # bash's echo exits 0 whatever its close did, and a killed mount logs nothing
+    assert ends.settle(history, frozenset({"shapes"}), inos, AFTER_CLOSE, CLOSE_UNREPORTED) == 3
     assert {name: op.outcome for name, op in ops.items()} == {
         "definite": FAIL, "unknown": INFO, "retried": INFO, "other-inode": FAIL,
         "killed-mount": INFO, "cut": INFO, "finished": OK, "ignored": FAIL,
-        "ignored-unknown": INFO, "tar-chown": INFO}
+        "ignored-unknown": INFO, "tar-chown": INFO, "echo-mount-killed": INFO,
+        "echo-mount-up": OK}
     assert not certain("TooSlowError: ") and certain("ENOSPC: write of inode 4 failed "
                                                      "after 5 attempts: node full")
 

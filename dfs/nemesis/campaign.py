@@ -32,7 +32,13 @@ from dfs.nemesis.final import (
 )
 from dfs.nemesis.history import History
 from dfs.nemesis.mount_ends import MountEnds
-from dfs.nemesis.mount_load import AFTER_CLOSE, JUDGED_BY_VERSIONS, WRITE_VIA, MountLoad
+from dfs.nemesis.mount_load import (
+    AFTER_CLOSE,
+    CLOSE_UNREPORTED,
+    JUDGED_BY_VERSIONS,
+    WRITE_VIA,
+    MountLoad,
+)
 from dfs.nemesis.proxy import Proxies
 from dfs.nemesis.workload import OP_TIMEOUT, Workload
 
@@ -190,7 +196,7 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
         if opts.mount:  # which unfinished mount writes certainly did not commit
             shapes = workload.shapes.inos if workload.shapes is not None else {}
             ends.settle(history, frozenset({"mount", WRITE_VIA}), {**workload.inos, **shapes},
-                        AFTER_CLOSE)
+                        AFTER_CLOSE, CLOSE_UNREPORTED)
         summary.violations += check_history(history, skip=JUDGED_BY_VERSIONS)
         if workload.shapes is not None:
             async with cluster.client(via="") as client:

@@ -20,7 +20,9 @@ certainly did not commit: `settle` makes its op `fail`, and then nothing of it m
 Not every program reports its close: bash ignores the error of the close that ends a
 redirect of a builtin (`echo x > f` exits 0 when that close, the commit, failed). So first an
 `ok` write of a known inode whose commit the mount logged as failed while it ran becomes
-`info`: it did not finish, whatever its exit status said. (Not the fork loop's writes: they
+`info`: it did not finish, whatever its exit status said; so does such a program's `ok` write
+while the mount was killed or stopped, which may have logged nothing (CI, nemesis seed 17:
+`echo` exited 0 as its mount was killed under the close). (Not the fork loop's writes: they
 are timed by their whole round, and Python and cp report their closes.)
 """
 
@@ -104,23 +106,38 @@ class MountEnds:
         inode, None when each write makes a new one (tar, rsync)."""
         if op.cut:
             return True
-        start = op.invoke - SLACK
-        end = (math.inf if op.complete is None else op.complete) + SLACK
-        return any(a <= end and b >= start for a, b in self.down) or any(
+        start, end = self._span(op)
+        return self.down_under(op) or any(
             start <= t <= end and (at is None or ino is None or at == ino)
             for t, at in self.unknown)
 
+    def down_under(self, op: Op) -> bool:
+        """Whether the writers' mount was killed or stopped while `op` ran."""
+        start, end = self._span(op)
+        return any(a <= end and b >= start for a, b in self.down)
+
+    @staticmethod
+    def _span(op: Op) -> tuple[float, float]:
+        return op.invoke - SLACK, (math.inf if op.complete is None else op.complete) + SLACK
+
     def settle(self, history: History, vias: frozenset[str], inos: dict[str, int | None],
-               after_close: frozenset[str] = frozenset()) -> int:
+               after_close: frozenset[str] = frozenset(),
+               close_unreported: frozenset[str] = frozenset()) -> int:
         """Every `ok` write `via` the writers' mount whose close failed unreported becomes
         `info`; then every `info` one that cannot have committed becomes `fail` (both noted
         in the history), but for the programs named in `after_close`, whose failure may come
-        after their close committed (tar failing to set an owner). How many became `fail`."""
+        after their close committed (tar failing to set an owner). A program named in
+        `close_unreported` exits 0 whatever its close did, and a mount killed under that close
+        logs nothing: its `ok` write while the mount was down is `info` too. How many became
+        `fail`."""
         settled = 0
         for op in history.ops.values():
             if op.process in after_close:
                 continue
             error = self.unreported(op, inos.get(op.file)) if op.outcome == OK else None
+            if error is None and op.outcome == OK and op.process in close_unreported \
+                    and self.down_under(op):
+                error = "the mount was killed or stopped under it"
             if op.f == "write" and op.via in vias and error is not None:
                 op.outcome = INFO
                 op.error = f"{UNREPORTED}: {error}"

@@ -74,6 +74,8 @@ WRITE_VIA, READ_VIA = "shapes", "mount-r"
 JUDGED_BY_VERSIONS = frozenset({WRITE_VIA, READ_VIA})
 #: The processes whose failure may come after their close committed (Shape.fails_after_close).
 AFTER_CLOSE = frozenset(f"shape-{s.name}" for s in SHAPES if s.fails_after_close)
+#: The processes that exit 0 when their close failed (Shape.reports_close).
+CLOSE_UNREPORTED = frozenset(f"shape-{s.name}" for s in SHAPES if not s.reports_close)
 
 
 async def run_program(argv: list[str], stdin: bytes = b"", *, timeout: float,
