@@ -9,7 +9,10 @@ from __future__ import annotations
 import pytest
 
 from dfs import failpoints
+from dfs.checker.findings import Finding, Kind
+from dfs.checker.run import Report
 from dfs.sim.bugs import BUGS, faults_for
+from dfs.sim.invariants import destroyed, judge
 from dfs.sim.run import simulate
 from dfs.sim.world import NO_FAULTS
 
@@ -58,13 +61,34 @@ def test_many_more_seeds_keep_every_invariant() -> None:
 # 8232 and 8345 left a removed node's copy unrepaired to the end: a repair target's fetch
 # waited the peers' 30 s on a crashed source while holding the blob's lock, so every retry
 # of the repair timed out behind it (fetch's `within_ms`, storage_node/maintenance.py).
-FOUND_SEEDS = (1012, 14, 5475, 5538, 8232, 8345)
+# 40475 lost a snapshot's blob to the world itself (a rot, a node removed mid-drain, a rot of
+# the last copy while its node was down): the judge counts such a loss as the faults' doing
+# only when R copies were destroyed (invariants.destroyed, tested below).
+FOUND_SEEDS = (1012, 14, 5475, 5538, 8232, 8345, 40475)
 
 
 @pytest.mark.parametrize("seed", FOUND_SEEDS)
 def test_seeds_that_once_failed_keep_every_invariant(seed: int) -> None:
     result = simulate(seed)
     assert result.ok, f"seed {seed}: {result.violations[:5]} (replay: scripts/simulate --seed {seed})"
+
+
+def test_a_loss_is_the_worlds_doing_only_when_it_destroyed_r_copies() -> None:
+    """Blob 7 listed on nodes 1, 2, 3 and lost: rotted on 1 and 2, and 3 removed, is the
+    faults' doing (R=3 copies destroyed); with 3 removed but only 1 rotted, the copy on 2 went
+    bad by no fault of the world's (a bug), and every finding about it is reported."""
+    def report(*findings: Finding) -> Report:
+        return Report(path="/", deep=True, repair=False, findings=list(findings))
+
+    lost = Finding(Kind.LOST, ino=4, blob=7)
+    gone = Finding(Kind.MISSING, ino=4, node=3, blob=7, detail="node 3 is removed")
+    bad = Finding(Kind.CORRUPT, ino=4, node=2, blob=7)
+    assert destroyed(report(lost, gone, bad), {(1, 7), (2, 7)}, {3}, 3) == {7}
+    assert judge(report(lost, gone, bad), {(1, 7), (2, 7)}, {7}) == []
+    assert destroyed(report(lost, gone, bad), {(1, 7)}, {3}, 3) == set()
+    kept = judge(report(lost, gone, bad), {(1, 7)}, set())
+    assert [v.split()[2] for v in kept] == ["lost_file", "missing_replica", "corrupt_chunk"]
+    assert destroyed(report(gone, bad), {(1, 7), (2, 7)}, {3}, 3) == set()  # not lost
 
 
 def test_same_seed_same_trace_byte_for_byte() -> None:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from dfs.checker.findings import Kind
@@ -30,30 +31,56 @@ if TYPE_CHECKING:
 ROTTED = frozenset({Kind.CORRUPT, Kind.CHECKSUM})
 
 
-def judge(report: Report, rotted: set[tuple[int, int]]) -> list[str]:
-    """Findings of the first check that no injected fault explains."""
+def destroyed(report: Report, rotted: set[tuple[int, int]], removed: set[int],
+              r: int) -> set[int]:
+    """Blobs the world itself destroyed: lost (the check found no good copy) with R or more
+    of their listed copies rotted by it or on nodes removed (a removed node is killed and its
+    disk wiped). R copies survive R-1 such losses, not R (seed 40475: a rot, the operator's
+    removal of a node mid-drain, then a rot on the last copy while its node was down, all
+    within 6 s). Fewer than R is a file that was short of copies: a bug, not explained."""
+    gone: dict[int, set[int]] = {}
+    for node, blob in rotted:
+        gone.setdefault(blob, set()).add(node)
+    for f in report.findings:
+        if f.kind is Kind.MISSING and f.node in removed and f.blob is not None:
+            gone.setdefault(f.blob, set()).add(f.node)
+    return {f.blob for f in report.findings if f.kind is Kind.LOST and f.blob is not None
+            and len(gone.get(f.blob, ())) >= r}
+
+
+def judge(report: Report, rotted: set[tuple[int, int]], lost: AbstractSet[int]) -> list[str]:
+    """Findings of the first check that no injected fault explains (`lost`: see destroyed)."""
     out = []
     for f in report.findings:
-        if f.kind in ROTTED and (f.node, f.blob) in rotted:
+        if f.kind in ROTTED and (f.node, f.blob) in rotted or f.blob in lost:
             continue
         out.append(f"judge: unexplained {f.kind.value} ino={f.ino} node={f.node} "
                    f"blob={f.blob} ({f.detail})")
     return out
 
 
-def check_state(coord: SimCoordinator, nodes: list[SimNode], r: int) -> list[str]:
-    """I1, I3, I4 read straight off the stores of the running processes."""
+def removed_nodes(coord: SimCoordinator) -> set[int]:
+    """Removed as the coordinator's node table says, not as the operator heard: a `node
+    remove` whose reply was lost did remove the node, and what a removed node still holds on
+    its disk is no longer the cluster's (it is refused; the operator wipes it)."""
+    service = coord.service
+    if service is None:
+        return set()
+    return {node_id for node_id, record in service.membership.nodes.items()
+            if record.state is NodeState.REMOVED}
+
+
+def check_state(coord: SimCoordinator, nodes: list[SimNode], r: int,
+                lost: AbstractSet[int] = frozenset()) -> list[str]:
+    """I1, I3, I4 read straight off the stores of the running processes; the copies of a blob
+    the world destroyed (`lost`, see destroyed) are not judged, only still accounted for."""
     out: list[str] = []
     service = coord.service
     if service is None:
         return ["state: the coordinator is not running at the end"]
     store = service.store
     inodes = store.db.read(lambda t: store.scan.inodes(t, 0, 1 << 30))
-    # Removed as the coordinator's node table says, not as the operator heard: a `node remove`
-    # whose reply was lost did remove the node, and what a removed node still holds on its
-    # disk is no longer the cluster's (it is refused; the operator wipes it).
-    removed = {node_id for node_id, record in service.membership.nodes.items()
-               if record.state is NodeState.REMOVED}
+    removed = removed_nodes(coord)
     live = {n.node_id: n for n in nodes
             if n.node is not None and not n.removed and n.node_id not in removed}
     wanted: dict[int, set[int]] = {node_id: set() for node_id in live}
@@ -65,6 +92,10 @@ def check_state(coord: SimCoordinator, nodes: list[SimNode], r: int) -> list[str
         lambda t: store.namespace.snapshots.files(t, b"", 1 << 30)[0])]
     for what, held in holders:
         replicas = list(held.replicas)
+        if held.blob in lost:
+            for node_id in replicas:
+                wanted.get(node_id, set()).add(held.blob)
+            continue
         if len(set(replicas)) < r:
             out.append(f"I4: {what}ino={held.ino} has replicas {replicas}, fewer than R={r}")
         for node_id in replicas:

@@ -23,7 +23,7 @@ from dfs.client import Client
 from dfs.errors import DfsError
 from dfs.sim import bugs as planted
 from dfs.sim.disks import WorldDisks
-from dfs.sim.invariants import check_history, check_state, judge
+from dfs.sim.invariants import check_history, check_state, destroyed, judge, removed_nodes
 from dfs.sim.network import SimNetwork
 from dfs.sim.processes import COORDINATOR, SECRET, SimCoordinator, SimNode, Timing
 from dfs.sim.watch import Watcher
@@ -179,14 +179,17 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
             world.quiesce()
             await trio.sleep(SETTLE)
             first = await run_check(client, deep=True, repair=False)
-            for v in judge(first, disks.rotted):
+            lost = destroyed(first, disks.rotted, removed_nodes(coord), replicas)
+            if lost:
+                world.log(f"DESTROYED by the world's faults: blobs {sorted(lost)}")
+            for v in judge(first, disks.rotted, lost):
                 world.violation(v)
             repaired = await run_check(client, deep=True, repair=True)
             for f in repaired.findings:
                 world.log(f"repair: {f.kind.value} ino={f.ino} node={f.node} blob={f.blob}: "
                           f"fixed={f.fixed} {f.fix}")
             await trio.sleep(timing.gc_grace + 4 * timing.gc_interval + 2.0)
-            for v in check_state(coord, nodes, replicas):
+            for v in check_state(coord, nodes, replicas, lost):
                 world.violation(v)
             final = {ino: await _content(client, ino) for ino in files}
             for v in check_history(history, final):
