@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from dfs.chunks import CHUNK_SIZE, file_checksum
+from dfs.chunks import CHUNK_SIZE, chunk_length, file_checksum, nchunks
 from dfs.client.attr import Attr
 from dfs.errors import Code, DfsError
 from fuse_mount.spool import INLINE_IO, clear_directory
@@ -51,10 +51,6 @@ class ReadState:
 
     def __init__(self) -> None:
         self.next_chunk = 0
-
-
-def chunk_length(attr: Attr, index: int) -> int:
-    return max(0, min(CHUNK_SIZE, attr.size - index * CHUNK_SIZE))
 
 
 class ReadCache:
@@ -138,7 +134,7 @@ class ReadCache:
         if hot is not None:
             return hot
         if key in self._present:
-            data = await self._load(key, 0, chunk_length(attr, index))
+            data = await self._load(key, 0, chunk_length(attr.size, index))
             if data is not None:
                 return data
         return await self._fetch_chunk(attr, index)
@@ -151,7 +147,7 @@ class ReadCache:
         for attempt in range(3):
             node = (await self.verifier.verified(attr)).node_for(index)
             if attempt and key in self._present:
-                data = await self._load(key, 0, chunk_length(attr, index))
+                data = await self._load(key, 0, chunk_length(attr.size, index))
                 if data is not None:
                     return data
             if node != ADOPTED:
@@ -190,7 +186,7 @@ class ReadCache:
                     if small is not None:
                         return small, fetched
                     continue
-                data = await self._load(key, 0, chunk_length(attr, index))
+                data = await self._load(key, 0, chunk_length(attr.size, index))
                 if data is not None:
                     self._make_hot(key, data)
                     return memoryview(data)[lo : lo + n], fetched
@@ -256,7 +252,7 @@ class ReadCache:
     def _read_ahead(self, attr: Attr, start: int) -> None:
         if self._nursery is None:
             return
-        stop = min(start + self.readahead, (attr.size + CHUNK_SIZE - 1) // CHUNK_SIZE)
+        stop = min(start + self.readahead, nchunks(attr.size))
         for index in range(start, stop):
             key = (attr.ino, attr.version, index)
             if key not in self._present and key not in self._inflight:
@@ -288,7 +284,7 @@ class ReadCache:
             os.close(fd)
         if len(data) != attr.size or file_checksum(data) != attr.checksum:
             return  # the spool moved on after the commit: not this version's bytes
-        for index in range((attr.size + CHUNK_SIZE - 1) // CHUNK_SIZE):
+        for index in range(nchunks(attr.size)):
             key = (attr.ino, attr.version, index)
             if key not in self._present:
                 await self._store(key, data[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE])
@@ -303,7 +299,7 @@ class ReadCache:
         ident = (attr.ino, attr.version)
         self._keep[ident] += 1
         if self._keep[ident] == 1 and self._nursery is not None:
-            for index in range((attr.size + CHUNK_SIZE - 1) // CHUNK_SIZE):
+            for index in range(nchunks(attr.size)):
                 if (attr.ino, attr.version, index) not in self._present:
                     self._nursery.start_soon(self._background_fill, attr, index)
 

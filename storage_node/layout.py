@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from dfs.chunks import CHECKSUM_LEN, DIGEST_LEN  # noqa: F401 - the layout's, named once
 from dfs.db import Database
 from dfs.errors import Code, DfsError
 
@@ -31,8 +32,6 @@ COMPACT_DIR = "compact.tmp"  # an online compaction's copy, beside data.mdb (com
 FORMAT_VERSION = 1
 MAX_BLOB_ID = 2**64 - 1
 MAX_INDEX = 2**32 - 1
-DIGEST_LEN = 8
-CHECKSUM_LEN = 16
 
 _BLOB = struct.Struct(">Q")
 _CHUNK = struct.Struct(">QI")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from dfs import runtime
-from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest
+from dfs.chunks import FileHasher, chunk_length, chunk_problem
 from dfs.errors import Code, DfsError
 from dfs.locks import KeyedLocks
 from dfs.rpc import Peers, Request
@@ -91,8 +91,7 @@ def verify_blob(store: BlobStore, blob: int) -> Verdict:
             verdict.bad_chunks.extend(range(expected, index))  # missing chunks
             value = cursor.value()
             data = value[DIGEST_LEN:]
-            want = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-            if len(data) != want or chunk_digest(data) != bytes(value[:DIGEST_LEN]):
+            if chunk_problem(data, bytes(value[:DIGEST_LEN]), chunk_length(size, index)):
                 verdict.bad_chunks.append(index)
             hasher.update(data)
             expected = index + 1
@@ -194,7 +193,7 @@ class MaintenanceOps:
     async def _chunk_from(self, blob: int, index: int, size: int, sources: list[str],
                           bad: set[str], failures: list[str], wait: float | None) -> bytes:
         assert self.peers is not None
-        want = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+        want = chunk_length(size, index)
         for address in sources:
             try:
                 reply = await self.peers[address].call("read", timeout=wait, blob=blob,
@@ -205,11 +204,11 @@ class MaintenanceOps:
                 failures.append(f"{address}: {e.msg}")
                 continue
             data = reply.get("data")
-            if (not isinstance(data, bytes) or len(data) != want
-                    or chunk_digest(data) != reply.get("digest")):
+            if problem := chunk_problem(data, reply.get("digest"), want):
                 bad.add(address)
-                failures.append(f"{address}: chunk {index} fails its digest")
+                failures.append(f"{address}: chunk {index} {problem}")
                 continue
+            assert isinstance(data, bytes)
             return data
         code = Code.CHECKSUM if bad and bad >= set(sources) else Code.UNAVAILABLE
         raise DfsError(code, f"fetch of blob {blob} chunk {index}: " + "; ".join(failures[-3:]),

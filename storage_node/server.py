@@ -18,13 +18,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from dfs import runtime
-from dfs.chunks import CHUNK_SIZE
+from dfs.chunks import CHUNK_SIZE, shape_problem
 from dfs.errors import Code, DfsError
 from dfs.failpoints import failpoint
 from dfs.locks import KeyedLocks
 from dfs.rpc import Request, Service
 from storage_node.compaction import Compactor
-from storage_node.layout import CHECKSUM_LEN, MAX_BLOB_ID, MAX_INDEX, BlobState
+from storage_node.layout import MAX_BLOB_ID, MAX_INDEX, BlobState
 from storage_node.maintenance import MaintenanceOps
 from storage_node.participant import (
     OUTCOMES,
@@ -178,8 +178,8 @@ class NodeService(MaintenanceOps, Service):
     @staticmethod
     def _prepare_fields(req: Request) -> tuple[int, bytes, int]:
         size, checksum, nchunks = req.int("size"), req.bytes("checksum"), req.int("nchunks")
-        if len(checksum) != CHECKSUM_LEN:
-            raise DfsError(Code.BAD_REQUEST, f"{req.op}: checksum must be {CHECKSUM_LEN} bytes")
+        if problem := shape_problem(size, checksum, nchunks):
+            raise DfsError(Code.BAD_REQUEST, f"{req.op}: {problem}")
         return size, checksum, nchunks
 
     async def _vote(self, txid: int, force: Awaitable[Any]) -> None:

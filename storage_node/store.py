@@ -22,13 +22,18 @@ from typing import TypeVar
 import lmdb
 
 from dfs import runtime
-from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest
-from dfs.chunks import nchunks as chunk_count
+from dfs.chunks import (
+    CHUNK_SIZE,
+    DIGEST_LEN,
+    FileHasher,
+    chunk_digest,
+    chunk_length,
+    chunk_problem,
+    shape_problem,
+)
 from dfs.db import Database
 from dfs.errors import Code, DfsError
 from storage_node.layout import (
-    CHECKSUM_LEN,
-    DIGEST_LEN,
     MAX_BLOB_ID,
     MAX_INDEX,
     META_CLUSTER,
@@ -228,10 +233,8 @@ class BlobStore:
         size/nchunks) or CONFLICT (prepared with other content). Idempotent.
         """
         check_blob_id(blob)
-        if len(checksum) != CHECKSUM_LEN:
-            raise DfsError(Code.EINVAL, f"checksum must be {CHECKSUM_LEN} bytes")
-        if nchunks != chunk_count(size):
-            raise DfsError(Code.EINVAL, f"{nchunks} chunks cannot hold {size} bytes")
+        if problem := shape_problem(size, checksum, nchunks):
+            raise DfsError(Code.EINVAL, problem)
         info = self.stat(blob)
         if info is not None and info.state != BlobState.STAGED:
             return _same_content(info, size, checksum, nchunks)
@@ -271,15 +274,13 @@ class BlobStore:
         `stage` and `prepare` (a NO vote); a PREPARED/COMMITTED blob is checked for the same
         content, as `prepare` does. Idempotent."""
         check_blob_id(blob)
-        if len(checksum) != CHECKSUM_LEN:
-            raise DfsError(Code.EINVAL, f"checksum must be {CHECKSUM_LEN} bytes")
-        if nchunks != chunk_count(size) or not nchunks:
-            raise DfsError(Code.EINVAL, f"{nchunks} chunks cannot hold {size} bytes")
-        if index != nchunks - 1:
+        if problem := shape_problem(size, checksum, nchunks):
+            raise DfsError(Code.EINVAL, problem)
+        if index != nchunks - 1:  # also: an empty blob has no chunk to stage
             raise DfsError(Code.EINVAL, f"chunk {index} is not the last of {nchunks}")
-        if len(data) != size - index * CHUNK_SIZE:
+        if len(data) != chunk_length(size, index):
             raise DfsError(Code.EINVAL, f"blob {blob}: chunk {index} has {len(data)} bytes, "
-                                        f"want {size - index * CHUNK_SIZE}")
+                                        f"want {chunk_length(size, index)}")
         info = self.stat(blob)
         if info is not None and info.state != BlobState.STAGED:
             return _same_content(info, size, checksum, nchunks)
@@ -352,15 +353,12 @@ class BlobStore:
                         raise DfsError(Code.ENOENT, f"blob {blob}: chunk {expected} missing")
                     if index >= nchunks:
                         raise DfsError(Code.EINVAL, f"blob {blob}: chunk {index} beyond {nchunks}")
-                    data = value[DIGEST_LEN:]
-                    want = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-                    if len(data) != want:
-                        raise DfsError(
-                            Code.EINVAL,
-                            f"blob {blob}: chunk {index} has {len(data)} bytes, want {want}",
-                        )
-                    if chunk_digest(data) != value[:DIGEST_LEN]:
-                        raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is corrupt")
+                    data, want = value[DIGEST_LEN:], chunk_length(size, index)
+                    if problem := chunk_problem(data, value[:DIGEST_LEN], want):
+                        # A chunk of the wrong length was staged so (the writer's error);
+                        # one failing its digest went bad here.
+                        code = Code.EINVAL if len(data) != want else Code.CHECKSUM
+                        raise DfsError(code, f"blob {blob}: chunk {index} {problem}")
                     hasher.update(data)
                     expected += 1
             if expected != stored_upto:
@@ -531,9 +529,9 @@ class BlobStore:
             if value is None or len(value) < DIGEST_LEN:
                 raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is missing")
             digest, data = bytes(value[:DIGEST_LEN]), bytes(value[DIGEST_LEN:])
-        if chunk_digest(data) != digest:
-            log.error("blob %d chunk %d fails its checksum", blob, index)
-            raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is corrupt")
+        if problem := chunk_problem(data, digest, chunk_length(info.size or 0, index)):
+            log.error("blob %d chunk %d %s", blob, index, problem)
+            raise DfsError(Code.CHECKSUM, f"blob {blob}: chunk {index} is corrupt ({problem})")
         return data, digest
 
     def list(self, after: int = 0, limit: int = 1000) -> list[BlobInfo]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import trio
 
 from dfs import runtime
-from dfs.chunks import CHUNK_SIZE, FileHasher, chunk_digest, nchunks
+from dfs.chunks import FileHasher, chunk_length, chunk_problem, nchunks
 from dfs.client.attr import Attr
 from dfs.client.tasks import in_order
 from dfs.errors import Code, DfsError
@@ -81,19 +81,14 @@ async def report(client: Client, attr: Attr, node_id: int, reason: str) -> None:
             log.debug("report_bad for node %d failed: %s", node_id, e)
 
 
-def chunk_length(attr: Attr, index: int) -> int:
-    return min(CHUNK_SIZE, attr.size - index * CHUNK_SIZE)
-
-
 async def _from_replica(client: Client, attr: Attr, node_id: int, index: int) -> bytes:
     """One replica's copy of a chunk, verified; CHECKSUM if its bytes are bad."""
     peer = await client.node(node_id)
     reply = await peer.call("read", blob=attr.blob, index=index)
-    data, digest = reply.get("data"), reply.get("digest")
-    if not isinstance(data, bytes) or len(data) != chunk_length(attr, index):
-        raise DfsError(Code.CHECKSUM, f"chunk {index} of blob {attr.blob} has the wrong length")
-    if digest != chunk_digest(data):
-        raise DfsError(Code.CHECKSUM, f"chunk {index} of blob {attr.blob} fails its digest")
+    data = reply.get("data")
+    if problem := chunk_problem(data, reply.get("digest"), chunk_length(attr.size, index)):
+        raise DfsError(Code.CHECKSUM, f"chunk {index} of blob {attr.blob} {problem}")
+    assert isinstance(data, bytes)
     return data
 
 

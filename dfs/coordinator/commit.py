@@ -21,7 +21,7 @@ import lmdb
 import trio
 
 from dfs import runtime
-from dfs.chunks import nchunks as expected_nchunks
+from dfs.chunks import shape_problem
 from dfs.errors import Code, DfsError, InDoubt
 from dfs.failpoints import failpoint
 from dfs.meta import MetaStore, TxnRecord, TxnState
@@ -122,12 +122,9 @@ class CommitDriver(Delivery, GroupCommit):
             raise DfsError(Code.UNAVAILABLE, f"transaction {txid} is unknown or was aborted")
         txn.touch()
         if not txn.committing:
-            if len(checksum) != 16:
-                raise DfsError(Code.BAD_REQUEST, "commit: checksum must be 16 bytes (xxh3_128)")
-            if nchunks != expected_nchunks(size):
-                raise DfsError(Code.BAD_REQUEST,
-                               f"commit: {size} bytes are {expected_nchunks(size)} chunks, "
-                               f"not {nchunks}")
+            problem = shape_problem(size, checksum, nchunks)
+            if problem:
+                raise DfsError(Code.BAD_REQUEST, f"commit: {problem}")
             txn.size, txn.checksum, txn.nchunks, txn.mtime_ns = size, checksum, nchunks, mtime_ns
             txn.committing = True
             txn.commit_asked = trio.current_time()

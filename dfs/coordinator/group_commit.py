@@ -22,7 +22,7 @@ import lmdb
 import trio
 
 from dfs import runtime
-from dfs.chunks import nchunks as expected_nchunks
+from dfs.chunks import shape_problem
 from dfs.errors import Code, DfsError, InDoubt
 from dfs.failpoints import failpoint
 from dfs.meta import TxnRecord, TxnState
@@ -83,11 +83,9 @@ def check_ops(ops: list[Any]) -> list[dict[str, Any]]:
             for key in ("txid", "size", "nchunks"):
                 if not isinstance(op.get(key), int) or isinstance(op.get(key), bool):
                     raise DfsError(Code.BAD_REQUEST, f"commit_txn: a write needs int {key!r}")
-            if not isinstance(op.get("checksum"), bytes) or len(op["checksum"]) != 16:
-                raise DfsError(Code.BAD_REQUEST, "commit_txn: checksum must be 16 bytes")
-            if op["nchunks"] != expected_nchunks(op["size"]):
-                raise DfsError(Code.BAD_REQUEST, f"commit_txn: {op['size']} bytes are "
-                                                 f"{expected_nchunks(op['size'])} chunks")
+            problem = shape_problem(op["size"], op.get("checksum"), op["nchunks"])
+            if problem:
+                raise DfsError(Code.BAD_REQUEST, f"commit_txn: {problem}")
             total += op["size"]
     if total > MAX_TXN_BYTES:
         raise DfsError(Code.TOO_BIG, f"a transaction writes at most {MAX_TXN_BYTES} bytes "

@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from dfs.chunks import chunk_digest, file_checksum, nchunks
+from dfs.chunks import chunk_length, chunk_problem, file_checksum, nchunks
 from dfs.client import Attr
 from dfs.errors import DfsError
 from dfs.nemesis.checker import Violation, check_recency
@@ -254,8 +254,9 @@ async def replica_problem(cluster: NemesisCluster, attr: Attr, address: str, dat
         parts = []
         for index in range(nchunks(attr.size)):
             reply = await peer.call("read", blob=attr.blob, index=index, retry_for=10)
-            if reply["digest"] != chunk_digest(reply["data"]):
-                return f"chunk {index} fails its digest"
+            if problem := chunk_problem(reply.get("data"), reply.get("digest"),
+                                        chunk_length(attr.size, index)):
+                return f"chunk {index} {problem}"
             parts.append(reply["data"])
         got = b"".join(parts)
         if got != data or file_checksum(got) != attr.checksum:
