@@ -25,7 +25,7 @@ from dfs.chunks import shape_problem
 from dfs.errors import Code, DfsError, InDoubt
 from dfs.failpoints import failpoint
 from dfs.meta import MetaStore, TxnRecord, TxnState
-from dfs.meta.attrs import check_regular
+from dfs.meta.attrs import check_regular, moved_on
 from dfs.metrics.coordinator import CLIENT_ABORT, CoordinatorMetrics, abort_reason
 from dfs.rpc import Peers
 from dfs.twopc import (
@@ -207,9 +207,9 @@ class CommitDriver(Delivery, GroupCommit):
             if inode is None:
                 raise DfsError(Code.ENOENT, f"file {txn.ino} was deleted during the write")
             self._check_writable(inode)
-            if txn.if_version and inode.version != txn.base_version:
-                raise DfsError(Code.CONFLICT, f"file {txn.ino} is at version {inode.version}, "
-                                              f"the write was based on {txn.base_version}")
+            if conflict := moved_on(f"file {txn.ino}", inode.version, txn.base_version,
+                                    txn.if_version):
+                raise conflict
             await failpoint("coordinator.before_prepare")
         except DfsError as e:
             self.open.pop(txn.txid, None)

@@ -26,12 +26,16 @@ from dfs.chunks import shape_problem
 from dfs.errors import Code, DfsError, InDoubt
 from dfs.failpoints import failpoint
 from dfs.meta import TxnRecord, TxnState
+from dfs.meta.attrs import moved_on
 from dfs.metrics.coordinator import abort_reason
 from dfs.twopc import MemberCommit, SendCommit
 from dfs.txnops import MAX_TXN_BYTES, MAX_TXN_FILES, MAX_TXN_OPS, OPS, split_path
 
 if TYPE_CHECKING:
+    from dfs.meta.inode import Inode
+
     from .commit import CommitDriver
+    from .transactions import OpenTxn
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +173,7 @@ class GroupCommit:
                 continue  # its directory may be made by this transaction: the decision says
             if inode is not None:
                 self._check_writable(inode)
-            if txn.if_version:
-                version = inode.version if inode is not None else 0
-                if version != txn.base_version:
-                    raise _conflict(op["path"], version, txn.base_version)
+            _check_base(op["path"], inode, txn)
 
     def _member_inode(self: CommitDriver, t: lmdb.Transaction, ino: int, path: str) -> Any:
         """The file a write member replaces: its inode from BEGIN, or for a member begun
@@ -281,10 +282,7 @@ class GroupCommit:
         txn = self.open[op["txid"]]
         path = op["path"]
         inode = self._member_inode(t, txn.ino, path)
-        if txn.if_version:
-            version = inode.version if inode is not None else 0
-            if version != txn.base_version:
-                raise _conflict(path, version, txn.base_version)
+        _check_base(path, inode, txn)
         if inode is None:  # a new file: created here, in the decision
             parent, name = split_path(path)
             ino = ns.create(t, ns.resolve(t, parent)["ino"], name,
@@ -302,6 +300,9 @@ class GroupCommit:
         return attr
 
 
-def _conflict(path: str, version: int, base: int | None) -> DfsError:
-    return DfsError(Code.CONFLICT, f"{path} is at version {version}, the transaction was "
-                                   f"based on version {base}", path=path, version=version)
+def _check_base(path: str, inode: Inode | None, txn: OpenTxn) -> None:
+    """A member's file (None: still free, version 0) under its write's if_version."""
+    version = inode.version if inode is not None else 0
+    if conflict := moved_on(path, version, txn.base_version, txn.if_version,
+                            path=path, version=version):
+        raise conflict

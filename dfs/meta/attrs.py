@@ -44,6 +44,17 @@ def killed_privs(mode: int) -> int:
     return mode
 
 
+def moved_on(what: str, current: int, base_version: int | None, if_version: bool,
+             **details: Any) -> DfsError | None:
+    """Rule 7 (docs/design.md §5), written once: under if_version a write lands only on the
+    version it was based on. The CONFLICT a write of `what`, now at version `current`,
+    meets; or None."""
+    if not if_version or current == base_version:
+        return None
+    return DfsError(Code.CONFLICT, f"{what} is at version {current}, the write was based on "
+                                   f"version {base_version}", **details)
+
+
 def check_regular(inode: Inode) -> None:
     """Only a regular file takes a new version (a write, a restore)."""
     if not inode.is_reg:
@@ -150,9 +161,8 @@ class AttrOps:
         if inode is None:
             raise DfsError(Code.ENOENT, f"file {ino} was deleted during the write")
         check_regular(inode)
-        if if_version and base_version != inode.version:
-            raise DfsError(Code.CONFLICT, f"file {ino} is at version {inode.version}, "
-                                          f"the write was based on version {base_version}")
+        if conflict := moved_on(f"file {ino}", inode.version, base_version, if_version):
+            raise conflict
         self.inodes.supersede(txn, inode, self.keep_for(txn, inode), now_ns)
         inode.blob = txid
         inode.size = size
