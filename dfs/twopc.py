@@ -155,6 +155,7 @@ class CommitProtocol(RepairEvents, GroupEvents):
         if not yes:
             return self._abort(txn, code, f"replica {node} voted no: {msg or code.value}", (node,))
         txn.yes.add(node)
+        txn.check()
         if len(txn.yes) == len(txn.replicas):
             txn.phase = Phase.DECIDING
             return [WriteDecision(txid)]
@@ -196,6 +197,7 @@ class CommitProtocol(RepairEvents, GroupEvents):
                 or node in txn.acked or node in txn.refused:
             return []
         txn.refused.add(node)
+        txn.check()
         return [MarkBad(txid, node, f"refused COMMIT: {msg or code.value}")]
 
     def commit_retry(self, txid: int) -> list[Action]:
@@ -262,7 +264,9 @@ class CommitProtocol(RepairEvents, GroupEvents):
 
     def _maybe_end(self, txn: Entry) -> list[Action]:
         """Every listed replica acked, and no repair decision of this blob is being written
-        (it may list more replicas): the record may end."""
+        (it may list more replicas): the record may end. Every change of a decided
+        entry's lists passes here, so its invariants are asserted here."""
+        txn.check()
         if txn.phase is not Phase.COMMITTING or any(n not in txn.acked for n in txn.replicas):
             return []
         if self._repair_deciding(txn.txid):

@@ -101,6 +101,8 @@ class GroupEvents:
         """The commit point of every member has passed, at once."""
         group = self._groups.pop(gid)
         assert group.phase is Phase.DECIDING
+        assert all(self._txns[t].phase is Phase.DECIDING for t in group.members), \
+            f"group {gid}: a member decided apart from it"
         actions: list[Action] = [ReplyOk(gid)]
         for t in group.members:
             actions += self._committing(self._txns[t])
@@ -133,6 +135,8 @@ class GroupEvents:
 
     def _group_maybe_decide(self, group: Group) -> list[Action]:
         members = [self._txns[t] for t in group.members]
+        assert all(m.phase is group.phase and m.group == group.gid for m in members), \
+            f"group {group.gid}: members out of its phase {group.phase}"
         if group.phase is not Phase.PREPARING or any(len(m.yes) < len(m.replicas)
                                                      for m in members):
             return []

@@ -123,6 +123,17 @@ class Entry:
     refused: set[int] = field(default_factory=set)  # owed, but COMMIT is not re-sent (MarkBad)
     group: int = 0  # the multi-file transaction this write is a member of (0: none)
 
+    def check(self) -> None:
+        """What must hold after every transition: votes (until the decision: it may drop a
+        removed node after), acks and refusals come from listed replicas only, and no replica
+        both acked and refused."""
+        listed = set(self.replicas)
+        assert self.phase not in (Phase.STAGING, Phase.PREPARING) or self.yes <= listed, \
+            f"txid {self.txid}: votes {self.yes} beyond {listed}"
+        assert self.acked <= listed, f"txid {self.txid}: acks {self.acked} beyond {listed}"
+        assert self.refused <= listed, f"txid {self.txid}: refusals beyond {listed}"
+        assert not self.acked & self.refused, f"txid {self.txid}: acked and refused"
+
 
 @dataclass(frozen=True)
 class MemberCommit:
