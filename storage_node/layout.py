@@ -10,7 +10,6 @@ and a migration.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ import msgpack
 from dfs.chunks import CHECKSUM_LEN, DIGEST_LEN  # noqa: F401 - the layout's, named once
 from dfs.db import Database
 from dfs.errors import Code, DfsError
+from storage_node.participant import BlobState  # the states the participant rules over
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ META_NODE_ID = b"node_id"
 META_CLUSTER = b"cluster"
 META_FORMAT = b"format"
 META_TOKEN = b"token"  # random, made at creation: registration is idempotent by it
-
-
-class BlobState(enum.StrEnum):
-    STAGED = "STAGED"
-    PREPARED = "PREPARED"
-    COMMITTED = "COMMITTED"
 
 
 @dataclass(frozen=True, slots=True)

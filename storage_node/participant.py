@@ -39,23 +39,25 @@ from dataclasses import dataclass, field
 from dfs.errors import Code, DfsError
 
 
-class TxState(enum.StrEnum):
+class BlobState(enum.StrEnum):
+    """A blob's state in the node's store (storage_node/layout.py records it), and the only
+    states these rules know; an abort leaves no record (`Participant.aborted` remembers it)."""
+
     STAGED = "STAGED"
     PREPARED = "PREPARED"
     COMMITTED = "COMMITTED"
-    ABORTED = "ABORTED"
 
 
 #: Stored states (None: no record yet) a chunk may be staged into: staging stops at PREPARED.
-STAGEABLE: frozenset[str | None] = frozenset({None, TxState.STAGED})
+STAGEABLE: frozenset[str | None] = frozenset({None, BlobState.STAGED})
 #: Stored states a COMMIT moves to COMMITTED (a COMMITTED blob is acked again, unchanged).
-COMMITTABLE: frozenset[str | None] = frozenset({TxState.PREPARED})
+COMMITTABLE: frozenset[str | None] = frozenset({BlobState.PREPARED})
 #: Stored states a drop may take. Never COMMITTED: only GC deletes a committed blob.
-DROPPABLE: frozenset[str | None] = frozenset({None, TxState.STAGED, TxState.PREPARED})
+DROPPABLE: frozenset[str | None] = frozenset({None, BlobState.STAGED, BlobState.PREPARED})
 #: Stored states a reader may be served from (rule 6: PREPARED too; never STAGED).
-SERVABLE: frozenset[str | None] = frozenset({TxState.PREPARED, TxState.COMMITTED})
+SERVABLE: frozenset[str | None] = frozenset({BlobState.PREPARED, BlobState.COMMITTED})
 #: A presumed-abort drop takes only a STAGED blob (a PREPARED one waits for OUTCOME).
-UNPREPARED: frozenset[str | None] = frozenset({None, TxState.STAGED})
+UNPREPARED: frozenset[str | None] = frozenset({None, BlobState.STAGED})
 
 #: STAGED txids idle this long are named in heartbeats (seconds).
 LEFTOVER_AGE = 2.0
@@ -144,7 +146,7 @@ OUTCOMES = ("committed", "aborted", "inflight")
 
 @dataclass(slots=True)
 class _Tx:
-    state: TxState  # STAGED or PREPARED
+    state: BlobState  # STAGED or PREPARED
     active: float  # STAGED: last stage; PREPARED: when it became prepared
     preparing: bool = False
     next_ask: float = float("inf")
@@ -181,14 +183,18 @@ class Participant:
 
     # ------------------------------------------------------------ views
 
-    def state(self, txid: int) -> TxState | None:
-        """What this participant remembers of txid (None: nothing; ask the store)."""
-        if txid in self._aborted:
-            return TxState.ABORTED
+    def state(self, txid: int) -> BlobState | None:
+        """The state of a txid in flight here, STAGED or PREPARED (None: nothing in flight,
+        or aborted; COMMITTED is final and the store answers for it)."""
         tx = self._txns.get(txid)
         return tx.state if tx else None
 
-    def in_flight(self) -> dict[int, TxState]:
+    def aborted(self, txid: int) -> bool:
+        """Whether this participant remembers txid as aborted (a late STAGE or PREPARE of it
+        is refused)."""
+        return txid in self._aborted
+
+    def in_flight(self) -> dict[int, BlobState]:
         return {txid: tx.state for txid, tx in self._txns.items()}
 
     def idle(self, txid: int, now: float) -> float | None:
@@ -199,7 +205,7 @@ class Participant:
     def cleanup_horizon(self, state: str, heartbeat: float) -> float:
         """How long a leftover in `state` may be idle here, with the coordinator reachable,
         before this participant has resolved it (the checker's "cleanup in progress")."""
-        if state == TxState.STAGED:
+        if state == BlobState.STAGED:
             return self.leftover_age + LEFTOVER_REASK + 4 * heartbeat
         return self.outcome_after + self.outcome_retry_max + 4 * heartbeat
 
@@ -208,11 +214,11 @@ class Participant:
     def restore(self, txid: int, stored: str, created: float, now: float) -> None:
         """A blob found in the store at start: STAGED ages from `created`; PREPARED is asked
         about at once (rule 4)."""
-        if stored == TxState.STAGED:
+        if stored == BlobState.STAGED:
             # Named at the first beat: the coordinator may have restarted meanwhile too.
-            self._txns[txid] = _Tx(TxState.STAGED, active=created, suspect=True)
-        elif stored == TxState.PREPARED:
-            self._txns[txid] = _Tx(TxState.PREPARED, active=now, next_ask=now, retry=0.5)
+            self._txns[txid] = _Tx(BlobState.STAGED, active=created, suspect=True)
+        elif stored == BlobState.PREPARED:
+            self._txns[txid] = _Tx(BlobState.PREPARED, active=now, next_ask=now, retry=0.5)
 
     # ------------------------------------------------------------ STAGE
 
@@ -223,7 +229,7 @@ class Participant:
             return Refuse(Code.CONFLICT, f"blob {txid} is {stored}; staging refused")
         tx = self._txns.get(txid)
         if tx is None:
-            self._txns[txid] = _Tx(TxState.STAGED, active=now)
+            self._txns[txid] = _Tx(BlobState.STAGED, active=now)
         elif tx.preparing:
             return Refuse(Code.CONFLICT, f"blob {txid} is being prepared; staging refused")
         else:
@@ -239,13 +245,13 @@ class Participant:
     def on_prepare(self, txid: int, stored: str | None, nchunks: int) -> ForcePrepared | Refuse:
         """YES again for PREPARED/COMMITTED (the store checks the content matches); NO for
         aborted or unknown txids (an empty blob, nchunks 0, needs nothing staged)."""
-        if stored in (TxState.PREPARED, TxState.COMMITTED):
+        if stored in (BlobState.PREPARED, BlobState.COMMITTED):
             return ForcePrepared(txid)
         if txid in self._aborted:
             return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
         if stored is None and nchunks:
             return Refuse(Code.ENOENT, f"blob {txid}: nothing staged")
-        tx = self._txns.setdefault(txid, _Tx(TxState.STAGED, active=0.0))
+        tx = self._txns.setdefault(txid, _Tx(BlobState.STAGED, active=0.0))
         tx.preparing = True
         return ForcePrepared(txid)
 
@@ -257,7 +263,7 @@ class Participant:
         matches); otherwise the chunk is taken or refused as STAGE would, and the blob is
         being prepared from then on, as after PREPARE. The outcome is reported as for PREPARE
         (`on_prepared`: YES, and the OUTCOME timer starts; `on_prepare_failed`: NO)."""
-        if stored in (TxState.PREPARED, TxState.COMMITTED):
+        if stored in (BlobState.PREPARED, BlobState.COMMITTED):
             return self.on_prepare(txid, stored, nchunks)
         action = self.on_stage(txid, stored, now)
         if isinstance(action, Refuse):
@@ -270,8 +276,8 @@ class Participant:
         tx = self._txns.get(txid)
         if tx is not None:
             tx.preparing = False
-            if tx.state == TxState.STAGED:
-                tx.state = TxState.PREPARED
+            if tx.state == BlobState.STAGED:
+                tx.state = BlobState.PREPARED
                 tx.active = now
                 tx.next_ask = now + self.outcome_after
                 tx.retry = 1.0
@@ -293,10 +299,10 @@ class Participant:
         releases it when the namespace no longer lists it (docs/design.md §5, rule 5)."""
         if stored in COMMITTABLE:
             return ForceCommitted(txid)
-        if stored == TxState.COMMITTED:
+        if stored == BlobState.COMMITTED:
             self._txns.pop(txid, None)
             return Reply()
-        if stored == TxState.STAGED:
+        if stored == BlobState.STAGED:
             return Refuse(Code.CONFLICT, f"blob {txid} is not prepared")
         if txid in self._aborted:
             return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
@@ -350,7 +356,7 @@ class Participant:
                 self._redrop[txid] = (allowed, float("inf"), backoff)  # until reported
                 actions.append(Drop(txid, allowed))
         for txid, tx in list(self._txns.items()):
-            if tx.state == TxState.STAGED:
+            if tx.state == BlobState.STAGED:
                 if not tx.preparing and now - tx.active > self.staged_timeout:
                     self._forget_as_aborted(txid)
                     actions.append(Drop(txid, UNPREPARED))
@@ -362,7 +368,7 @@ class Participant:
     def on_outcome(self, txid: int, outcome: str, now: float) -> ForceCommitted | Drop | None:
         """The coordinator's answer: committed -> commit; aborted -> drop; else ask later."""
         tx = self._txns.get(txid)
-        if tx is None or tx.state != TxState.PREPARED:
+        if tx is None or tx.state != BlobState.PREPARED:
             return None  # resolved meanwhile by a COMMIT or ABORT
         if outcome == "committed":
             return ForceCommitted(txid)
@@ -375,7 +381,7 @@ class Participant:
     def on_outcome_failed(self, txid: int, now: float) -> None:
         """No answer (coordinator unreachable) or still in flight: ask again later."""
         tx = self._txns.get(txid)
-        if tx is not None and tx.state == TxState.PREPARED:
+        if tx is not None and tx.state == BlobState.PREPARED:
             tx.next_ask = now + tx.retry
             tx.retry = min(max(tx.retry, 0.25) * 2, self.outcome_retry_max)
 
@@ -389,7 +395,7 @@ class Participant:
             return False
         self.incarnation = incarnation
         for tx in self._txns.values():
-            if tx.state == TxState.STAGED:
+            if tx.state == BlobState.STAGED:
                 tx.suspect, tx.next_name = True, 0.0
             elif tx.next_ask != float("inf"):  # not being asked right now
                 tx.next_ask, tx.retry = now, 0.5
@@ -402,7 +408,7 @@ class Participant:
         for txid, tx in self._txns.items():
             if len(self._named) >= self.leftover_batch:
                 break
-            if tx.state != TxState.STAGED or tx.preparing or now < tx.next_name:
+            if tx.state != BlobState.STAGED or tx.preparing or now < tx.next_name:
                 continue
             if tx.suspect or now - tx.active >= self.leftover_age:
                 tx.next_name = now + LEFTOVER_REASK
@@ -414,7 +420,7 @@ class Participant:
         Only the STAGED record that was named: one re-staged since (a repair's fetch starts
         afresh) or being prepared is kept."""
         tx = self._txns.get(txid)
-        if tx is None or tx is not self._named.get(txid) or tx.state != TxState.STAGED \
+        if tx is None or tx is not self._named.get(txid) or tx.state != BlobState.STAGED \
                 or tx.preparing:
             return None
         self._named.pop(txid, None)

@@ -9,6 +9,7 @@ import pytest
 from dfs.errors import Code
 from storage_node.participant import (
     AskOutcome,
+    BlobState,
     Drop,
     ForceCommitted,
     ForcePrepared,
@@ -17,7 +18,6 @@ from storage_node.participant import (
     Reply,
     StageAndPrepare,
     StoreChunk,
-    TxState,
 )
 
 STAGED, PREPARED, COMMITTED = "STAGED", "PREPARED", "COMMITTED"
@@ -33,7 +33,7 @@ def prepared(p: Participant, txid: int, now: float = 0.0) -> None:
 def test_stage_then_prepare_then_commit() -> None:
     p = Participant()
     prepared(p, 1)
-    assert p.state(1) == TxState.PREPARED
+    assert p.state(1) == BlobState.PREPARED
     assert p.on_commit(1, PREPARED) == ForceCommitted(1)
     assert p.on_committed(1) == Reply()
     assert p.state(1) is None  # COMMITTED is final: the store answers for it
@@ -63,7 +63,7 @@ def test_empty_blob_prepares_with_nothing_staged() -> None:
     p = Participant()
     assert p.on_prepare(8, None, 0) == ForcePrepared(8)
     p.on_prepared(8, 0.0)
-    assert p.state(8) == TxState.PREPARED
+    assert p.state(8) == BlobState.PREPARED
 
 
 def test_failed_prepare_leaves_blob_staged_and_stageable() -> None:
@@ -73,7 +73,7 @@ def test_failed_prepare_leaves_blob_staged_and_stageable() -> None:
     refused = p.on_stage(1, STAGED, 0.5)  # no staging while the blob is being verified
     assert isinstance(refused, Refuse) and refused.code == Code.CONFLICT
     p.on_prepare_failed(1, 1.0)
-    assert p.state(1) == TxState.STAGED
+    assert p.state(1) == BlobState.STAGED
     assert p.on_stage(1, STAGED, 1.5) == StoreChunk(1)
 
 
@@ -86,7 +86,7 @@ def test_stage_carrying_prepare_stores_and_votes_in_one_forced_write() -> None:
     refused = p.on_stage(1, STAGED, 0.1)  # no staging while it is being verified
     assert isinstance(refused, Refuse) and refused.code == Code.CONFLICT
     assert p.on_prepared(1, 0.5) == Reply()
-    assert p.state(1) == TxState.PREPARED
+    assert p.state(1) == BlobState.PREPARED
     assert p.leftovers_to_name(100.0) == []  # PREPARED: never presumed aborted by heartbeat
     assert p.on_tick(10.0) == []
     assert p.on_tick(10.6) == [AskOutcome(1)]
@@ -112,7 +112,7 @@ def test_stage_carrying_prepare_follows_the_stage_and_prepare_rules() -> None:
     assert p.on_stage_prepare(5, STAGED, 2, 0.0) == StageAndPrepare(5)
     # A failure is a NO that leaves the blob STAGED and stageable again.
     p.on_prepare_failed(5, 1.0)
-    assert p.state(5) == TxState.STAGED
+    assert p.state(5) == BlobState.STAGED
     assert p.on_stage(5, STAGED, 1.5) == StoreChunk(5)
 
 
@@ -177,7 +177,7 @@ def test_idle_staged_blob_is_dropped_after_timeout() -> None:
     p.on_stage(1, STAGED, 8.0)  # activity resets the clock
     assert p.on_tick(15.0) == []
     assert p.on_tick(18.5) == [Drop(1)]
-    assert p.state(1) == TxState.ABORTED
+    assert p.aborted(1) and p.state(1) is None
     assert isinstance(p.on_prepare(1, STAGED, 1), Refuse)  # a late PREPARE votes NO
     assert p.on_tick(100.0) == []
 
@@ -188,7 +188,7 @@ def test_blob_being_prepared_is_not_timed_out() -> None:
     p.on_prepare(1, STAGED, 1)
     assert p.on_tick(50.0) == []
     p.on_prepared(1, 50.0)
-    assert p.state(1) == TxState.PREPARED
+    assert p.state(1) == BlobState.PREPARED
 
 
 def test_restart_asks_outcome_of_prepared_and_ages_staged() -> None:
@@ -200,7 +200,7 @@ def test_restart_asks_outcome_of_prepared_and_ages_staged() -> None:
     actions = p.on_tick(1000.0)
     assert set(actions) == {AskOutcome(1), Drop(2)}
     assert p.on_tick(1000.1) == []  # not asked again while the question is out
-    assert p.in_flight() == {1: TxState.PREPARED, 3: TxState.STAGED}
+    assert p.in_flight() == {1: BlobState.PREPARED, 3: BlobState.STAGED}
 
 
 def test_outcome_committed_commits() -> None:
@@ -217,7 +217,7 @@ def test_outcome_aborted_drops_and_remembers() -> None:
     p.restore(1, PREPARED, created=0.0, now=0.0)
     p.on_tick(0.0)
     assert p.on_outcome(1, "aborted", 0.1) == Drop(1)
-    assert p.state(1) == TxState.ABORTED
+    assert p.aborted(1) and p.state(1) is None
     assert isinstance(p.on_prepare(1, None, 1), Refuse)
 
 
@@ -281,9 +281,9 @@ def test_leftovers_are_named_when_idle_and_dropped_when_unknown() -> None:
     assert p.on_presumed_aborted(2) is None  # not named in that beat: kept
     drop = p.on_presumed_aborted(1)
     assert drop == Drop(1) and drop.allowed == frozenset({None, STAGED})
-    assert p.state(1) == TxState.ABORTED  # a late STAGE is refused
+    assert p.aborted(1) and p.state(1) is None  # a late STAGE is refused
     assert isinstance(p.on_stage(1, None, 3.0), Refuse)
-    assert p.state(2) == TxState.STAGED
+    assert p.state(2) == BlobState.STAGED
     assert p.leftovers_to_name(3.6) == [2]
     assert p.leftovers_to_name(3.7) == []  # named once a second at most
 
@@ -310,7 +310,7 @@ def test_presumed_abort_spares_a_re_staged_or_preparing_blob() -> None:
     p.on_stage(1, None, 5.1)
     assert p.on_prepare(2, STAGED, 1) == ForcePrepared(2)  # a PREPARE raced the answer
     assert p.on_presumed_aborted(1) is None and p.on_presumed_aborted(2) is None
-    assert p.state(1) == TxState.STAGED
+    assert p.state(1) == BlobState.STAGED
 
 
 def test_actions_name_the_states_the_store_may_change() -> None:
@@ -327,7 +327,7 @@ def test_aborted_memory_is_bounded() -> None:
     p = Participant(remember_aborted=100)
     for txid in range(1000):
         p.on_abort(txid, None)
-    assert p.state(999) == TxState.ABORTED and p.state(0) is None
+    assert p.aborted(999) and p.state(999) is None and p.state(0) is None
     assert len(p._aborted) == 100
 
 

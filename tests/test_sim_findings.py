@@ -20,7 +20,6 @@ from dfs.client import Client
 from dfs.db import install_environments
 from dfs.errors import Code, DfsError
 from dfs.sim.lmdb_model import SimDisks
-from storage_node.participant import TxState
 
 RETENTION = 0.2
 
@@ -127,8 +126,8 @@ async def test_a_drop_that_failed_on_a_full_disk_is_tried_again(
             await peer.aclose()
         participant, store = node.node.participant, node.node.store
         model_disks.set_full(str(node.node.config.data), True)
-        await _until(lambda: participant.state(staged) == participant.state(prepared)
-                     == TxState.ABORTED, 10, "the node decides to drop both")
+        await _until(lambda: participant.aborted(staged) and participant.aborted(prepared),
+                     10, "the node decides to drop both")
         assert store.stat(staged) is not None and store.stat(prepared) is not None
         model_disks.set_full(str(node.node.config.data), False)
         await _until(lambda: store.stat(staged) is None and store.stat(prepared) is None, 5,
