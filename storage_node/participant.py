@@ -142,6 +142,8 @@ Action = (Reply | Refuse | StoreChunk | StageAndPrepare | ForcePrepared | ForceC
           | AskOutcome)
 
 OUTCOMES = ("committed", "aborted", "inflight")
+#: What a PREPARE asks a blob to hold, and what a prepared one holds: (size, checksum, nchunks).
+Shape = tuple[int, bytes, int]
 
 
 @dataclass(slots=True)
@@ -242,11 +244,17 @@ class Participant:
 
     # ------------------------------------------------------------ PREPARE
 
-    def on_prepare(self, txid: int, stored: str | None, nchunks: int) -> ForcePrepared | Refuse:
-        """YES again for PREPARED/COMMITTED (the store checks the content matches); NO for
-        aborted or unknown txids (an empty blob, nchunks 0, needs nothing staged)."""
+    def on_prepare(self, txid: int, stored: str | None, nchunks: int, *,
+                   held: Shape | None = None, wanted: Shape | None = None
+                   ) -> ForcePrepared | Reply | Refuse:
+        """A PREPARED/COMMITTED blob votes YES again, with nothing to force, if the content it
+        holds (`held`: its size, checksum, nchunks) is the content asked for (`wanted`), and
+        NO if not; an aborted or unknown txid votes NO (an empty blob, nchunks 0, needs
+        nothing staged); a STAGED one is verified and forced."""
         if stored in (BlobState.PREPARED, BlobState.COMMITTED):
-            return ForcePrepared(txid)
+            if held != wanted:
+                return Refuse(Code.CONFLICT, f"blob {txid} is {stored} with other content")
+            return Reply()
         if txid in self._aborted:
             return Refuse(Code.CONFLICT, f"transaction {txid} was aborted")
         if stored is None and nchunks:
@@ -255,16 +263,16 @@ class Participant:
         tx.preparing = True
         return ForcePrepared(txid)
 
-    def on_stage_prepare(self, txid: int, stored: str | None, nchunks: int,
-                         now: float) -> StageAndPrepare | ForcePrepared | Refuse:
+    def on_stage_prepare(self, txid: int, stored: str | None, nchunks: int, now: float, *,
+                         held: Shape | None = None, wanted: Shape | None = None
+                         ) -> StageAndPrepare | ForcePrepared | Reply | Refuse:
         """A STAGE of a blob's last chunk that carries the prepare fields (docs/design.md §5,
         rule 2): the chunk and the vote in one forced write. Nothing new is ruled here: a blob
-        already PREPARED/COMMITTED votes again as PREPARE would (the store checks the content
-        matches); otherwise the chunk is taken or refused as STAGE would, and the blob is
+        already PREPARED/COMMITTED votes again as PREPARE would; otherwise the chunk is taken or refused as STAGE would, and the blob is
         being prepared from then on, as after PREPARE. The outcome is reported as for PREPARE
         (`on_prepared`: YES, and the OUTCOME timer starts; `on_prepare_failed`: NO)."""
         if stored in (BlobState.PREPARED, BlobState.COMMITTED):
-            return self.on_prepare(txid, stored, nchunks)
+            return self.on_prepare(txid, stored, nchunks, held=held, wanted=wanted)
         action = self.on_stage(txid, stored, now)
         if isinstance(action, Refuse):
             return action
@@ -365,11 +373,16 @@ class Participant:
                 actions.append(AskOutcome(txid))
         return actions
 
-    def on_outcome(self, txid: int, outcome: str, now: float) -> ForceCommitted | Drop | None:
-        """The coordinator's answer: committed -> commit; aborted -> drop; else ask later."""
+    def on_outcome(self, txid: int, outcome: str, now: float, stored: str | None = None
+                   ) -> ForceCommitted | Drop | None:
+        """The coordinator's answer: committed -> commit; aborted -> drop; else ask later.
+        Nothing for a blob no longer PREPARED here (`stored`, None: not asked)."""
         tx = self._txns.get(txid)
         if tx is None or tx.state != BlobState.PREPARED:
             return None  # resolved meanwhile by a COMMIT or ABORT
+        if stored is not None and stored != BlobState.PREPARED:
+            self._txns.pop(txid, None)  # COMMITTED is final: the store answers for it
+            return None
         if outcome == "committed":
             return ForceCommitted(txid)
         if outcome == "aborted":

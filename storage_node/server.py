@@ -32,8 +32,10 @@ from storage_node.participant import (
     AskOutcome,
     Drop,
     ForceCommitted,
+    ForcePrepared,
     Participant,
     Refuse,
+    Shape,
     StageAndPrepare,
 )
 from storage_node.store import BlobStore
@@ -117,6 +119,15 @@ class NodeService(MaintenanceOps, Service):
         info = self.store.stat(txid)
         return info.state.value if info else None
 
+    def _held(self, txid: int) -> tuple[str | None, Shape | None]:
+        """The blob's stored state and, once prepared, the content it holds."""
+        info = self.store.stat(txid)
+        if info is None:
+            return None, None
+        if info.size is None or info.checksum is None or info.nchunks is None:
+            return info.state.value, None
+        return info.state.value, (info.size, info.checksum, info.nchunks)
+
     # ------------------------------------------------------------ 2PC ops
 
     async def op_stage(self, req: Request) -> dict[str, Any]:
@@ -147,18 +158,19 @@ class NodeService(MaintenanceOps, Service):
         txid's lock, as PREPARE is. Both failpoints fire after the force, before the reply."""
         size, checksum, nchunks = self._prepare_fields(req)
         async with self._txn_locks.hold(txid):
+            stored, held = self._held(txid)
             action = self.participant.on_stage_prepare(
-                txid, self._stored(txid), nchunks, self.clock())
+                txid, stored, nchunks, self.clock(), held=held, wanted=(size, checksum, nchunks))
             if isinstance(action, Refuse):
                 log.info("stage+prepare %d: vote NO (%s)", txid, action.msg,
                          extra={"txid": txid})
                 raise action.error()
             if isinstance(action, StageAndPrepare):
-                store_it = self.store.stage_prepared(txid, index, data, size, checksum, nchunks,
-                                                     allowed=action.allowed)
-            else:  # already PREPARED/COMMITTED: a YES again if the content matches
-                store_it = self.store.prepare(txid, size, checksum, nchunks)
-            await self._vote(txid, store_it)
+                await self._vote(txid, self.store.stage_prepared(
+                    txid, index, data, size, checksum, nchunks, allowed=action.allowed))
+            elif isinstance(action, ForcePrepared):
+                await self._vote(txid, self.store.prepare(txid, size, checksum, nchunks))
+            # else: already prepared with this content, a YES again with nothing to force
         await failpoint("node.after_stage")
         await failpoint("node.before_vote")
         return {}
@@ -167,11 +179,14 @@ class NodeService(MaintenanceOps, Service):
         txid = _blob_id(req, "txid")
         size, checksum, nchunks = self._prepare_fields(req)
         async with self._txn_locks.hold(txid):
-            action = self.participant.on_prepare(txid, self._stored(txid), nchunks)
+            stored, held = self._held(txid)
+            action = self.participant.on_prepare(txid, stored, nchunks, held=held,
+                                                 wanted=(size, checksum, nchunks))
             if isinstance(action, Refuse):
                 log.info("prepare %d: vote NO (%s)", txid, action.msg, extra={"txid": txid})
                 raise action.error()
-            await self._vote(txid, self.store.prepare(txid, size, checksum, nchunks))
+            if isinstance(action, ForcePrepared):
+                await self._vote(txid, self.store.prepare(txid, size, checksum, nchunks))
         await failpoint("node.before_vote")
         return {}
 
@@ -409,7 +424,8 @@ class NodeService(MaintenanceOps, Service):
     async def resolve(self, txid: int, outcome: str) -> None:
         """The coordinator told us txid's outcome; commit or drop as the participant says."""
         async with self._txn_locks.hold(txid):
-            action = self.participant.on_outcome(txid, outcome, self.clock())
+            action = self.participant.on_outcome(txid, outcome, self.clock(),
+                                                 self._stored(txid))
             if isinstance(action, ForceCommitted):
                 await self.store.commit(txid, allowed=action.allowed)
                 self.participant.on_committed(txid)

@@ -230,14 +230,15 @@ class BlobStore:
         """Verify every chunk and the whole-blob checksum, then force PREPARED (the YES vote).
 
         Raises ENOENT (missing chunks), CHECKSUM (bad bytes), EINVAL (chunks that don't fit
-        size/nchunks) or CONFLICT (prepared with other content). Idempotent.
+        size/nchunks) or CONFLICT (no longer STAGED: whether a prepared blob votes again is
+        the participant's rule, storage_node/participant.py).
         """
         check_blob_id(blob)
         if problem := shape_problem(size, checksum, nchunks):
             raise DfsError(Code.EINVAL, problem)
         info = self.stat(blob)
         if info is not None and info.state != BlobState.STAGED:
-            return _same_content(info, size, checksum, nchunks)
+            raise DfsError(Code.CONFLICT, f"blob {blob} is {info.state}, not staged")
         if size <= INLINE_VERIFY_MAX:  # microseconds of hashing: cheaper than a thread hop
             created = self._verify(blob, size, checksum, nchunks)
         else:  # reading and hashing a large blob is long work: off the trio thread
@@ -253,7 +254,7 @@ class BlobStore:
             else:
                 cur = unpack_info(blob, raw)
                 if cur.state != BlobState.STAGED:
-                    return _same_content(cur, size, checksum, nchunks)
+                    raise DfsError(Code.CONFLICT, f"blob {blob} is {cur.state}, not staged")
                 # Chunks never change once staged and go only with their record; the same
                 # record (same created stamp) therefore still holds the bytes just verified.
                 if cur.created != created:
@@ -271,8 +272,8 @@ class BlobStore:
         """Store the blob's last chunk AND verify the whole blob and force PREPARED, in ONE
         durable write (a STAGE carrying the prepare fields, docs/design.md §5 rule 2): the
         chunks before it must be staged already, exactly as PREPARE requires. Errors as
-        `stage` and `prepare` (a NO vote); a PREPARED/COMMITTED blob is checked for the same
-        content, as `prepare` does. Idempotent."""
+        `stage` and `prepare` (a NO vote), CONFLICT for a blob no longer STAGED (as
+        `prepare`)."""
         check_blob_id(blob)
         if problem := shape_problem(size, checksum, nchunks):
             raise DfsError(Code.EINVAL, problem)
@@ -283,7 +284,7 @@ class BlobStore:
                                         f"want {chunk_length(size, index)}")
         info = self.stat(blob)
         if info is not None and info.state != BlobState.STAGED:
-            return _same_content(info, size, checksum, nchunks)
+            raise DfsError(Code.CONFLICT, f"blob {blob} is {info.state}, not staged")
         need = len(data) + DIGEST_LEN
         if self.capacity_override is not None:
             if self.used() + self._reserved + need > self.capacity_override:
@@ -300,8 +301,6 @@ class BlobStore:
         def fn(txn: lmdb.Transaction) -> BlobInfo:
             raw = txn.get(bkey, db=self.db["blobs"])
             cur = None if raw is None else unpack_info(blob, raw)
-            if cur is not None and cur.state in (BlobState.PREPARED, BlobState.COMMITTED):
-                return _same_content(cur, size, checksum, nchunks)
             state = None if cur is None else cur.state.value
             if state not in allowed:
                 raise DfsError(Code.CONFLICT, f"blob {blob} is {state}; staging refused")
@@ -397,8 +396,6 @@ class BlobStore:
         if raw is None:
             return DfsError(Code.ENOENT, f"blob {blob} not here")
         info = unpack_info(blob, raw)
-        if info.state == BlobState.COMMITTED:
-            return info
         if info.state.value not in allowed:
             return DfsError(Code.CONFLICT, f"blob {blob} is {info.state}, not prepared")
         info = BlobInfo(
@@ -564,9 +561,3 @@ class BlobStore:
             return out
 
         return self.db.read(fn)
-
-
-def _same_content(info: BlobInfo, size: int, checksum: bytes, nchunks: int) -> BlobInfo:
-    if (info.size, info.checksum, info.nchunks) != (size, checksum, nchunks):
-        raise DfsError(Code.CONFLICT, f"blob {info.blob} is {info.state} with other content")
-    return info

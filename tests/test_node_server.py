@@ -203,8 +203,13 @@ async def test_prepare_idempotent_and_late_messages(node: NodeUnderTest) -> None
     await node.stage_all(4, data)
     await node.prepare(4, data)
     await node.prepare(4, data)  # duplicate PREPARE: YES again
+    with raises(Code.CONFLICT):
+        await node.prepare(4, data + b"x")  # ... but NO for other content
     await node.peer.call("commit", txid=4)
-    await node.prepare(4, data)  # even after COMMIT
+    await node.peer.call("commit", txid=4)  # duplicate COMMIT: acked again
+    await node.prepare(4, data)  # YES even after COMMIT
+    with raises(Code.CONFLICT):
+        await node.prepare(4, data[:50])
     with raises(Code.CONFLICT):
         await node.peer.call("abort", txid=4)  # a committed blob is never aborted
     assert node.store.read_chunk(4, 0)[0] == data

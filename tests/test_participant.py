@@ -41,10 +41,12 @@ def test_stage_then_prepare_then_commit() -> None:
 
 
 @pytest.mark.parametrize("stored", [PREPARED, COMMITTED])
-def test_prepare_again_votes_yes_again(stored: str) -> None:
+def test_prepare_again_votes_yes_again_for_the_same_content_only(stored: str) -> None:
     p = Participant()
-    assert p.on_prepare(5, stored, 3) == ForcePrepared(5)
-    assert p.on_prepared(5, 0.0) == Reply()
+    held = (3_000_000, b"c" * 16, 3)
+    assert p.on_prepare(5, stored, 3, held=held, wanted=held) == Reply()  # nothing to force
+    no = p.on_prepare(5, stored, 3, held=held, wanted=(3_000_000, b"d" * 16, 3))
+    assert isinstance(no, Refuse) and no.code is Code.CONFLICT
 
 
 def test_prepare_of_unknown_or_aborted_votes_no() -> None:
@@ -98,11 +100,25 @@ def test_stage_carrying_prepare_stores_and_votes_in_one_forced_write() -> None:
     assert isinstance(late, Refuse) and late.code == Code.CONFLICT
 
 
+def test_an_outcome_for_a_blob_committed_meanwhile_changes_nothing() -> None:
+    """COMMITTED is final: an OUTCOME answer that finds the store already committed (the
+    COMMIT won the race) forces nothing, and the txid is no longer asked about."""
+    p = Participant(outcome_after=1)
+    p.on_stage(1, None, 0.0)
+    p.on_prepare(1, STAGED, 1)
+    p.on_prepared(1, 0.0)
+    assert p.on_outcome(1, "committed", 2.0, COMMITTED) is None
+    assert p.state(1) is None and p.on_tick(100.0) == []
+
+
 def test_stage_carrying_prepare_follows_the_stage_and_prepare_rules() -> None:
     p = Participant()
     # Already PREPARED or COMMITTED (a re-sent message): a YES again if the content matches.
-    assert p.on_stage_prepare(2, PREPARED, 1, 0.0) == ForcePrepared(2)
-    assert p.on_stage_prepare(3, COMMITTED, 1, 0.0) == ForcePrepared(3)
+    held = (10, b"c" * 16, 1)
+    assert p.on_stage_prepare(2, PREPARED, 1, 0.0, held=held, wanted=held) == Reply()
+    assert p.on_stage_prepare(3, COMMITTED, 1, 0.0, held=held, wanted=held) == Reply()
+    assert isinstance(p.on_stage_prepare(3, COMMITTED, 1, 0.0, held=held,
+                                         wanted=(11, b"c" * 16, 1)), Refuse)
     # Aborted: NO, as both STAGE and PREPARE say.
     p.on_stage(4, None, 0.0)
     assert p.on_abort(4, STAGED) == Drop(4)

@@ -196,15 +196,22 @@ async def test_corrupt_chunk_is_caught_at_prepare(store: BlobStore) -> None:
     assert store.stat(12).state == BlobState.STAGED
 
 
-async def test_prepare_is_idempotent_but_not_for_other_content(store: BlobStore) -> None:
+async def test_the_store_prepares_and_commits_only_from_the_states_asked(
+        store: BlobStore) -> None:
+    """Whether a prepared blob votes again, or a committed one acks again, is the
+    participant's rule (test_participant.py, test_node_server.py); the store applies a
+    transition only from a state the participant allowed."""
     data = blob_bytes(5000)
     await stage_all(store, 1, data)
-    first = await store.prepare(1, len(data), file_checksum(data), 1)
-    assert await store.prepare(1, len(data), file_checksum(data), 1) == first
-    await store.commit(1)
-    assert (await store.prepare(1, len(data), file_checksum(data), 1)).state == BlobState.COMMITTED
+    await store.prepare(1, len(data), file_checksum(data), 1)
     with raises(Code.CONFLICT):
-        await store.prepare(1, len(data), file_checksum(b"other"), 1)
+        await store.prepare(1, len(data), file_checksum(data), 1)
+    await store.commit(1)
+    with raises(Code.CONFLICT):
+        await store.commit(1)
+    with raises(Code.CONFLICT):
+        await store.prepare(1, len(data), file_checksum(data), 1)
+    assert store.stat(1).state == BlobState.COMMITTED
 
 
 async def test_empty_blob_needs_no_chunks(store: BlobStore) -> None:
@@ -239,8 +246,7 @@ async def test_commit_rules(store: BlobStore) -> None:
     with raises(Code.CONFLICT):
         await store.commit(5)  # never prepared
     await prepare(store, 5, b"abc")
-    await store.commit(5)
-    assert (await store.commit(5)).state == BlobState.COMMITTED  # duplicate COMMIT
+    assert (await store.commit(5)).state == BlobState.COMMITTED
 
 
 async def test_abort_drops_staged_and_prepared_never_committed(store: BlobStore) -> None:
