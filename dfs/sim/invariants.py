@@ -150,7 +150,10 @@ def _copy_problem(node: SimNode, blob: int, size: int, checksum: bytes) -> str:
     return "" if hasher.digest() == checksum else "bytes hash wrong"
 
 
-def check_history(history: History, final: dict[int, bytes]) -> list[str]:
+def check_history(history: History, final: dict[int, bytes],
+                  destroyed_files: AbstractSet[int] = frozenset()) -> list[str]:
+    """3. above; a file whose current blob the world destroyed (`destroyed_files`) has no
+    last content to judge."""
     out: list[str] = []
     writes_of: dict[int, list] = {}
     for op in history.writes:
@@ -185,6 +188,8 @@ def check_history(history: History, final: dict[int, bytes]) -> list[str]:
             if op.outcome == "failed" and final.get(ino) == op.content:
                 out.append(f"ino={ino} ends with the content of a failed write ({op.detail})")
         last = _must_be_last(ops)
+        if ino in destroyed_files:
+            continue  # its current blob was destroyed by the world (see destroyed): unreadable
         if last is not None and final.get(ino) != last.content:
             out.append(f"I2: ino={ino}: the acknowledged write of {last.client} at "
                        f"{last.completed:.3f} is lost (nothing could land after it)")

@@ -191,8 +191,10 @@ async def _scenario(world: World, network: SimNetwork, disks: WorldDisks, durati
             await trio.sleep(timing.gc_grace + 4 * timing.gc_interval + 2.0)
             for v in check_state(coord, nodes, replicas, lost):
                 world.violation(v)
-            final = {ino: await _content(client, ino) for ino in files}
-            for v in check_history(history, final):
+            read = {ino: await _content(client, ino) for ino in files}
+            final = {ino: data for ino, (_, data) in read.items()}
+            gone = {ino for ino, (blob, _) in read.items() if blob in lost}
+            for v in check_history(history, final, gone):
                 world.violation(v)
         world.summary = {**describe(history), "watched": watcher.checks}
         world.sim_seconds = trio.current_time()
@@ -223,11 +225,14 @@ async def _setup(client: Client, n_nodes: int) -> list[int]:
     return files
 
 
-async def _content(client: Client, ino: int) -> bytes:
+async def _content(client: Client, ino: int) -> tuple[int | None, bytes]:
+    """A file's current blob and its bytes (or what made them unreadable)."""
+    blob = None
     try:
         attr = await client.getattr(ino)
+        blob = attr.blob
         sink = io.BytesIO()
         await client.read_file(attr, sink)
-        return sink.getvalue()
+        return blob, sink.getvalue()
     except DfsError as e:
-        return f"<unreadable: {e.code.value}>".encode()
+        return blob, f"<unreadable: {e.code.value}>".encode()
