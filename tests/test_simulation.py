@@ -75,20 +75,24 @@ def test_seeds_that_once_failed_keep_every_invariant(seed: int) -> None:
 
 def test_a_loss_is_the_worlds_doing_only_when_it_destroyed_r_copies() -> None:
     """Blob 7 listed on nodes 1, 2, 3 and lost: rotted on 1 and 2, and 3 removed, is the
-    faults' doing (R=3 copies destroyed); with 3 removed but only 1 rotted, the copy on 2 went
-    bad by no fault of the world's (a bug), and every finding about it is reported."""
+    faults' doing (R=3 copies destroyed, each found bad by the check); with 3 removed but only
+    1 rotted, the copy on 2 went bad by no fault of the world's (a bug), and every finding
+    about it is reported."""
     def report(*findings: Finding) -> Report:
         return Report(path="/", deep=True, repair=False, findings=list(findings))
 
     lost = Finding(Kind.LOST, ino=4, blob=7)
     gone = Finding(Kind.MISSING, ino=4, node=3, blob=7, detail="node 3 is removed")
-    bad = Finding(Kind.CORRUPT, ino=4, node=2, blob=7)
-    assert destroyed(report(lost, gone, bad), {(1, 7), (2, 7)}, {3}, 3) == {7}
-    assert judge(report(lost, gone, bad), {(1, 7), (2, 7)}, {7}) == []
-    assert destroyed(report(lost, gone, bad), {(1, 7)}, {3}, 3) == set()
-    kept = judge(report(lost, gone, bad), {(1, 7)}, set())
+    bad1, bad2 = Finding(Kind.CORRUPT, ino=4, node=1, blob=7), \
+        Finding(Kind.CORRUPT, ino=4, node=2, blob=7)
+    assert destroyed(report(lost, gone, bad1, bad2), {(1, 7), (2, 7)}, {3}, 3) == {7}
+    assert judge(report(lost, gone, bad1, bad2), {(1, 7), (2, 7)}, {7}) == []
+    assert destroyed(report(lost, gone, bad1, bad2), {(1, 7)}, {3}, 3) == set()
+    kept = judge(report(lost, gone, bad1, bad2), {(1, 7)}, set())
     assert [v.split()[2] for v in kept] == ["lost_file", "missing_replica", "corrupt_chunk"]
-    assert destroyed(report(gone, bad), {(1, 7), (2, 7)}, {3}, 3) == set()  # not lost
+    assert destroyed(report(gone, bad1, bad2), {(1, 7), (2, 7)}, {3}, 3) == set()  # not lost
+    # A rot the world made on a copy no longer listed (repaired away) is not counted.
+    assert destroyed(report(lost, gone, bad2), {(1, 7), (2, 7)}, {3}, 3) == set()
 
 
 def test_same_seed_same_trace_byte_for_byte() -> None:

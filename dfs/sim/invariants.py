@@ -37,12 +37,15 @@ def destroyed(report: Report, rotted: set[tuple[int, int]], removed: set[int],
     of their listed copies rotted by it or on nodes removed (a removed node is killed and its
     disk wiped). R copies survive R-1 such losses, not R (seed 40475: a rot, the operator's
     removal of a node mid-drain, then a rot on the last copy while its node was down, all
-    within 6 s). Fewer than R is a file that was short of copies: a bug, not explained."""
+    within 6 s). A copy counts only where the check itself found it bad (a listed copy the
+    world rotted, or one listed on a removed node). Fewer than R is a file that was short of
+    copies: a bug, not explained."""
     gone: dict[int, set[int]] = {}
-    for node, blob in rotted:
-        gone.setdefault(blob, set()).add(node)
     for f in report.findings:
-        if f.kind is Kind.MISSING and f.node in removed and f.blob is not None:
+        if f.blob is None or f.node is None:
+            continue
+        if (f.kind in ROTTED and (f.node, f.blob) in rotted
+                or f.kind is Kind.MISSING and f.node in removed):
             gone.setdefault(f.blob, set()).add(f.node)
     return {f.blob for f in report.findings if f.kind is Kind.LOST and f.blob is not None
             and len(gone.get(f.blob, ())) >= r}
