@@ -7,7 +7,7 @@ receiver), and a send cancelled part-way through a frame marks the stream `send_
 no later frame could follow it intact.
 
 Without TLS, every frame after the handshake also carries a tag (`FrameMac`, docs/protocol.md
-"Frame MAC"): `length | body | HMAC-SHA256(key, seq | length | body)`, the key one of the two
+"Handshake, TLS and the frame MAC"): `length | body | HMAC-SHA256(key, seq | length | body)`, the key one of the two
 the handshake derived (one per direction), seq the frame's number in its direction. A frame
 whose tag does not match (altered, replayed, reordered, injected) is `FrameTampered`: the
 connection ends there and the frame is never acted on.

@@ -5,7 +5,7 @@ the process, so a crash never leaves a live-looking file). Two files can name it
 `--pid-file` the operator asked for, and one in the run dir keyed by the mount's device number
 (`fuse-MAJ-MIN.pid`), which `dfs umount` and `umount.dfs` find from the mount table alone and
 wait on: an unmount returns only once the process has committed what open files held and
-exited (docs/mount.md, "Unmounting").
+exited (docs/operations.md, "Unmounting waits for the mount process").
 """
 
 from __future__ import annotations

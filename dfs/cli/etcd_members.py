@@ -3,7 +3,7 @@
 Ports are picked once, by binding port 0, and kept in DIR/etcd/members.json: a member's peer
 URL is part of the cluster's stored membership, so a restarted `dfs local up --ha` must bring
 each member back on the same ports. Compaction and the backend quota are set here, not left to
-etcd's defaults (docs/operations.md, "Metadata on etcd").
+etcd's defaults (docs/coordinator.md, "Metadata on etcd").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 DIR/secret (32 random bytes, hex), DIR/coordinator and DIR/node-1 .. DIR/node-N as data dirs,
 DIR/*.log for each child's output. With `--ha`: three etcd members under DIR/etcd/ and two
 coordinators (DIR/coordinator-1, -2: caches of etcd) at the first two --coordinator addresses
-(one given: it and the next port); nodes and the mount are given both (docs/coordinator.md,
+(one given: it and the next port); nodes and the mount are given both (docs/operations.md,
 "Standby coordinators"). Once up, a server child that dies is started again at a bounded
 rate (procs.Supervisor), so a killed leader leaves the standby serving, as in production; a
 mount that dies is reported only (a dead FUSE mount must be unmounted first: the user's

@@ -1,6 +1,6 @@
 """`dfs coordinator --meta etcd://...`: a standby until elected, the leader until its lease goes.
 
-docs/coordinator.md, "Standby coordinators". One process, two roles on one address:
+docs/operations.md, "Standby coordinators". One process, two roles on one address:
 - Standby: serves `dfs.coordinator.standby.Standby` (every request answered NOT_LEADER with
   the leader's address, which it polls from etcd) and campaigns (dfs/etcd/election.py).
 - Warm cache: from the moment a term as standby begins, the LMDB cache is loaded from etcd

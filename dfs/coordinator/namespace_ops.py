@@ -99,7 +99,7 @@ class NamespaceOps:
         return {"value": self._read(lambda t: ns.getxattr(t, ino, name))}
 
     async def op_versions(self, req: Request) -> Reply:
-        """The file's retained versions, newest first (docs/protocol.md, "Versions")."""
+        """The file's retained versions, newest first (docs/protocol.md, "Coordinator ops")."""
         ino = req.int("ino")
         ns = self.store.namespace
         return {"versions": [v.to_json() for v in self._read(lambda t: ns.versions(t, ino))]}

@@ -1,4 +1,4 @@
-"""Snapshot op handlers (docs/protocol.md, "Snapshots"; docs/coordinator.md, "Snapshots").
+"""Snapshot op handlers (docs/protocol.md, "Coordinator ops"; docs/coordinator.md, "Snapshots").
 
 Creating a snapshot of 10^5 files must not stall every writer for the seconds a copy takes,
 so it is not one write transaction: the subtree is read in ONE read transaction (LMDB's MVCC
