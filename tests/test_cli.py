@@ -163,6 +163,12 @@ def test_failures_are_one_line_with_status_1(shared_cluster: Cluster, tmp_path: 
     ok(c.dfs("mkdir", "/exists"))
     assert "EEXIST" in one_line_error(c.dfs("mkdir", "/exists"))
     assert "EISDIR" in one_line_error(c.dfs("cat", "/exists"))
+    # Names read as text, never as a Python bytes repr (issue 21).
+    ok(c.dfs("put", "-", "/exists/f", input=b"x"))
+    err = one_line_error(c.dfs("rmdir", "/exists"))
+    assert err.strip() == 'dfs: /exists: "exists" is not empty (ENOTEMPTY)', err
+    err = one_line_error(c.dfs("rm", "/exists"))
+    assert '"exists" is a directory' in err and "b'" not in err, err
 
 
 def test_bad_usage_is_status_2(shared_cluster: Cluster) -> None:

@@ -11,6 +11,7 @@ import lmdb
 
 from dfs.errors import Code, DfsError
 from dfs.meta.inode import NAME_MAX, XATTR_VALUE_MAX, Inode, InodeTable
+from dfs.meta.record import shown
 from dfs.meta.snapshots import is_snap_ino
 from dfs.meta.snapview import SnapshotView
 from dfs.meta.versions import Version, validate_keep
@@ -64,7 +65,7 @@ def check_regular(inode: Inode) -> None:
 
 def _xattr_name(name: bytes) -> bytes:
     if not isinstance(name, bytes) or not name or b"\0" in name:
-        raise DfsError(Code.EINVAL, f"invalid xattr name {name!r}")
+        raise DfsError(Code.EINVAL, f"invalid xattr name {shown(name)}")
     if len(name) > NAME_MAX:
         raise DfsError(Code.ENAMETOOLONG, f"xattr name of {len(name)} bytes (limit {NAME_MAX})")
     return name
@@ -232,7 +233,7 @@ class AttrOps:
     def getxattr(self, txn: lmdb.Transaction, ino: int, name: bytes) -> bytes:
         value = self._readable(txn, ino).xattrs.get(_xattr_name(name))
         if value is None:
-            raise DfsError(Code.ENODATA, f"no xattr {name!r}")
+            raise DfsError(Code.ENODATA, f"no xattr {shown(name)}")
         return value
 
     def getxattr_inherited(self, txn: lmdb.Transaction, ino: int, name: bytes) -> bytes:
@@ -240,7 +241,7 @@ class AttrOps:
         are inherited); ENODATA if none has. ino is a directory (a file has no parent here)."""
         _xattr_name(name)
         if is_snap_ino(ino):  # a snapshot inherits nothing: nothing is written there
-            raise DfsError(Code.ENODATA, f"no xattr {name!r} in a snapshot")
+            raise DfsError(Code.ENODATA, f"no xattr {shown(name)} in a snapshot")
         for _ in range(INHERIT_DEPTH_MAX):
             inode = self.inodes.get(txn, ino)
             value = inode.xattrs.get(name)
@@ -249,7 +250,7 @@ class AttrOps:
             if not inode.is_dir or inode.parent in (0, ino):
                 break
             ino = inode.parent
-        raise DfsError(Code.ENODATA, f"no xattr {name!r} on {ino} or above")
+        raise DfsError(Code.ENODATA, f"no xattr {shown(name)} on {ino} or above")
 
     def listxattr(self, txn: lmdb.Transaction, ino: int) -> list[bytes]:
         return sorted(self._readable(txn, ino).xattrs)
@@ -258,7 +259,7 @@ class AttrOps:
                  now_ns: int) -> None:
         _xattr_name(name)
         if name.startswith(RESERVED_XATTR_PREFIX) and name not in POLICY_XATTRS:
-            raise DfsError(Code.EPERM, f"{name!r} is reserved for dfs")
+            raise DfsError(Code.EPERM, f"{shown(name)} is reserved for dfs")
         if flags not in (0, XATTR_CREATE, XATTR_REPLACE):
             raise DfsError(Code.EINVAL, f"bad xattr flags {flags}")
         if not isinstance(value, bytes):
@@ -271,9 +272,9 @@ class AttrOps:
             _check_policy(inode, name, value)
         exists = name in inode.xattrs
         if flags == XATTR_CREATE and exists:
-            raise DfsError(Code.EEXIST, f"xattr {name!r} exists")
+            raise DfsError(Code.EEXIST, f"xattr {shown(name)} exists")
         if flags == XATTR_REPLACE and not exists:
-            raise DfsError(Code.ENODATA, f"no xattr {name!r}")
+            raise DfsError(Code.ENODATA, f"no xattr {shown(name)}")
         inode.xattrs[name] = value
         if sum(len(k) + len(v) for k, v in inode.xattrs.items()) > XATTR_TOTAL_MAX:
             raise DfsError(Code.ENOSPC, f"xattrs of inode {ino} over {XATTR_TOTAL_MAX} bytes")
@@ -283,9 +284,9 @@ class AttrOps:
     def removexattr(self, txn: lmdb.Transaction, ino: int, name: bytes, now_ns: int) -> None:
         _xattr_name(name)
         if name.startswith(RESERVED_XATTR_PREFIX) and name not in POLICY_XATTRS:
-            raise DfsError(Code.EPERM, f"{name!r} is reserved for dfs")
+            raise DfsError(Code.EPERM, f"{shown(name)} is reserved for dfs")
         inode = self.inodes.get(txn, ino)
         if inode.xattrs.pop(name, None) is None:
-            raise DfsError(Code.ENODATA, f"no xattr {name!r}")
+            raise DfsError(Code.ENODATA, f"no xattr {shown(name)}")
         inode.ctime_ns = now_ns
         self.inodes.put(txn, inode)

@@ -30,6 +30,7 @@ from dfs.meta.inode import (
     validate_name,
     validate_new_name,
 )
+from dfs.meta.record import shown
 from dfs.meta.snapshots import SNAPSHOTS_DIR, is_snap_ino
 from dfs.meta.snapview import SnapshotView
 
@@ -144,10 +145,10 @@ class Namespace(AttrOps):
         existing = self.entries.find(txn, parent, name)
         if existing is not None:
             if exclusive:
-                raise DfsError(Code.EEXIST, f"{name!r} exists")
+                raise DfsError(Code.EEXIST, f"{shown(name)} exists")
             inode = self.inodes.get(txn, existing.ino)
             if inode.is_dir:
-                raise DfsError(Code.EISDIR, f"{name!r} is a directory")
+                raise DfsError(Code.EISDIR, f"{shown(name)} is a directory")
             return inode.attr()
         child = self.inodes.allocate(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, now_ns,
                                      parent=parent, unwritten=unwritten)
@@ -197,7 +198,7 @@ class Namespace(AttrOps):
         entry = self._entry(txn, directory, name)
         inode = self.inodes.get(txn, entry.ino)
         if inode.is_dir:
-            raise DfsError(Code.EISDIR, f"{name!r} is a directory")
+            raise DfsError(Code.EISDIR, f"{shown(name)} is a directory")
         self.entries.remove(txn, entry)
         self.inodes.drop_link(txn, inode, now_ns)
         self._touch(directory, now_ns)
@@ -208,9 +209,9 @@ class Namespace(AttrOps):
         entry = self._entry(txn, directory, name)
         inode = self.inodes.get(txn, entry.ino)
         if not inode.is_dir:
-            raise DfsError(Code.ENOTDIR, f"{name!r} is not a directory")
+            raise DfsError(Code.ENOTDIR, f"{shown(name)} is not a directory")
         if not self.entries.is_empty(txn, inode.ino):
-            raise DfsError(Code.ENOTEMPTY, f"{name!r} is not empty")
+            raise DfsError(Code.ENOTEMPTY, f"{shown(name)} is not empty")
         self.entries.remove(txn, entry)
         self.inodes.delete_dir(txn, inode)
         directory.nlink -= 1
@@ -232,9 +233,9 @@ class Namespace(AttrOps):
         src_entry = self._entry(txn, src_dir, name)
         dst_entry = self.entries.find(txn, new_parent, new_name)
         if flags == RENAME_EXCHANGE and dst_entry is None:
-            raise DfsError(Code.ENOENT, f"{new_name!r} does not exist to exchange with")
+            raise DfsError(Code.ENOENT, f"{shown(new_name)} does not exist to exchange with")
         if flags == RENAME_NOREPLACE and dst_entry is not None:
-            raise DfsError(Code.EEXIST, f"{new_name!r} exists")
+            raise DfsError(Code.EEXIST, f"{shown(new_name)} exists")
         if dst_entry is not None and dst_entry.ino == src_entry.ino:
             return  # both names already are the same file: POSIX says do nothing
         src = self.inodes.get(txn, src_entry.ino)
@@ -272,11 +273,11 @@ class Namespace(AttrOps):
                         dst_entry: Entry, now_ns: int) -> None:
         dst = self.inodes.get(txn, dst_entry.ino)
         if src.is_dir and not dst.is_dir:
-            raise DfsError(Code.ENOTDIR, f"{dst_entry.name!r} is not a directory")
+            raise DfsError(Code.ENOTDIR, f"{shown(dst_entry.name)} is not a directory")
         if not src.is_dir and dst.is_dir:
-            raise DfsError(Code.EISDIR, f"{dst_entry.name!r} is a directory")
+            raise DfsError(Code.EISDIR, f"{shown(dst_entry.name)} is a directory")
         if dst.is_dir and not self.entries.is_empty(txn, dst.ino):
-            raise DfsError(Code.ENOTEMPTY, f"{dst_entry.name!r} is not empty")
+            raise DfsError(Code.ENOTEMPTY, f"{shown(dst_entry.name)} is not empty")
         self.entries.remove(txn, dst_entry)
         if dst.is_dir:
             self.inodes.delete_dir(txn, dst)
@@ -310,14 +311,14 @@ class Namespace(AttrOps):
     def _entry(self, txn: lmdb.Transaction, directory: Inode, name: bytes) -> Entry:
         entry = self.entries.find(txn, directory.ino, validate_name(name))
         if entry is None:
-            raise DfsError(Code.ENOENT, f"no entry {name!r} in directory {directory.ino}")
+            raise DfsError(Code.ENOENT, f"no entry {shown(name)} in directory {directory.ino}")
         return entry
 
     def _vacant(self, txn: lmdb.Transaction, parent: int, name: bytes) -> Inode:
         """The parent directory, after checking `name` is valid and free in it."""
         directory = self.inodes.get_dir(txn, parent)
         if self.entries.find(txn, parent, validate_new_name(name)) is not None:
-            raise DfsError(Code.EEXIST, f"{name!r} exists")
+            raise DfsError(Code.EEXIST, f"{shown(name)} exists")
         return directory
 
     def _link_new(self, txn: lmdb.Transaction, directory: Inode, name: bytes, inode: Inode,

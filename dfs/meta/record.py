@@ -37,6 +37,13 @@ def validate_new_name(name: bytes) -> bytes:
     return name
 
 
+def shown(name: bytes | str) -> str:
+    """A name as a user reads it in a message: its text in double quotes, never a bytes repr
+    (undecodable bytes as \\x escapes)."""
+    text = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name
+    return f'"{text}"'
+
+
 def validate_name(name: bytes) -> bytes:
     """A directory entry name (docs/design.md §3): 1-255 bytes, no '/', no NUL, not '.' or '..'."""
     if not isinstance(name, bytes):
@@ -44,7 +51,7 @@ def validate_name(name: bytes) -> bytes:
     if len(name) > NAME_MAX:
         raise DfsError(Code.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise DfsError(Code.EINVAL, f"invalid name {name!r}")
+        raise DfsError(Code.EINVAL, f"invalid name {shown(name)}")
     return name
 
 

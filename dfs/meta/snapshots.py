@@ -31,7 +31,7 @@ from dfs.errors import Code, DfsError
 from dfs.meta.cluster import ClusterMeta
 from dfs.meta.codec import U64x2, U64x3, held_by, k64, pack, unk64, unpack
 from dfs.meta.gcqueue import GcQueue
-from dfs.meta.record import Inode, validate_name
+from dfs.meta.record import Inode, shown, validate_name
 
 SNAP_BIT = 1 << 63
 SNAP_SHIFT = 40  # live inode numbers stay below 2^40 (a counter: 10^12 files)
@@ -169,7 +169,7 @@ class SnapshotTable:
             raise DfsError(Code.ENOTDIR, f"{path} is not a directory: snapshots are of subtrees")
         validate_name(name)
         if txn.get(k64(root.ino) + name, db=self._dbs["snapnames"]) is not None:
-            raise DfsError(Code.EEXIST, f"{path} has a snapshot named {name.decode()!r}")
+            raise DfsError(Code.EEXIST, f"{path} has a snapshot named {shown(name)}")
         snap = self._meta.next_counter(txn, NEXT_SNAPSHOT, 1)
         if snap > SNAP_ID_MAX:
             raise DfsError(Code.TOO_BIG, f"snapshot ids are used up ({SNAP_ID_MAX})")
@@ -241,7 +241,7 @@ class SnapshotTable:
         raw = txn.get(k64(root) + name, db=self._dbs["snapnames"])
         snapshot = None if raw is None else self.get(txn, unk64(raw))
         if snapshot is None:
-            raise DfsError(Code.ENOENT, f"no snapshot named {name.decode()!r} there")
+            raise DfsError(Code.ENOENT, f"no snapshot named {shown(name)} there")
         txn.delete(k64(root) + name, db=self._dbs["snapnames"])
         snapshot.state = DELETING
         txn.put(k64(snapshot.id), snapshot.encode(), db=self._dbs["snapshots"])

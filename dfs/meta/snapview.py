@@ -15,6 +15,7 @@ import lmdb
 
 from dfs.errors import Code, DfsError
 from dfs.meta.inode import FIRST_COOKIE, Inode, InodeTable, validate_name
+from dfs.meta.record import shown
 from dfs.meta.snapshots import (
     SNAPSHOTS_DIR,
     SnapshotTable,
@@ -63,13 +64,13 @@ class SnapshotView:
             self.inodes.get_dir(txn, original)
             found = self.snapshots.find(txn, original, name)
             if found is None:
-                raise DfsError(Code.ENOENT, f"no snapshot {name!r}")
+                raise DfsError(Code.ENOENT, f"no snapshot {shown(name)}")
             return read_only(found.id, self._inode(txn, found.id, original))
         if not self._inode(txn, snap, original).is_dir:
             raise DfsError(Code.ENOTDIR, f"inode {parent} is not a directory")
         child = self.snapshots.entry(txn, snap, original, name)
         if child is None:
-            raise DfsError(Code.ENOENT, f"no entry {name!r} in that snapshot directory")
+            raise DfsError(Code.ENOENT, f"no entry {shown(name)} in that snapshot directory")
         return read_only(snap, self._inode(txn, snap, child))
 
     def parent(self, txn: lmdb.Transaction, ino: int) -> int:
