@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MAX_IDS_PER_REQUEST = 10_000
 MAX_LIST = 10_000
 #: At most this many txids in one batched COMMIT or ABORT (the coordinator sends up to
-#: dfs.coordinator.delivery.MAX_COMMIT_BATCH).
+#: dfs.coordinator.outbox.MAX_COMMIT_BATCH).
 MAX_TXIDS_PER_COMMIT = 1024
 
 OutcomeAsker = Callable[[int], Awaitable[str]]
