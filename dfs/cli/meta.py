@@ -1,7 +1,7 @@
 """`dfs meta migrate`: move a coordinator's LMDB metadata into etcd, once, with no coordinator up.
 
 Every sub-database's keys go to etcd under the layout the coordinator's mirror uses
-(dfs/etcd/mirror.py: `/dfs/<sub-db>/<key>`), in etcd transactions of at most MAX_TXN_OPS
+(dfs/etcd/mirror.py: `/dfs/<sub-db>/<key>`), in etcd transactions of at most ETCD_MAX_TXN_OPS
 operations. A migration is not one etcd transaction (a cluster's metadata is bigger than one
 may be), so it first writes a `migrating` marker and deletes it with its last batch: a
 coordinator refuses to lead over a marked etcd (dfs/coordinator/ha.py), and a migration that
@@ -85,7 +85,7 @@ def _copy(db: Any, client: Any, subdbs: list[str], *, show: bool) -> dict[str, i
     from rich.progress import Progress
 
     from dfs.coordinator.ha import META_PREFIX, MIGRATING
-    from dfs.etcd.client import MAX_REQUEST_BYTES, MAX_TXN_OPS, OP_OVERHEAD, op_delete, op_put
+    from dfs.etcd.client import ETCD_MAX_TXN_OPS, MAX_REQUEST_BYTES, OP_OVERHEAD, op_delete, op_put
     from dfs.etcd.mirror import subdb_prefix
 
     counts = {name: db.read(lambda t, n=name: t.stat(db[n])["entries"]) for name in subdbs}
@@ -108,7 +108,7 @@ def _copy(db: Any, client: Any, subdbs: list[str], *, show: bool) -> dict[str, i
             for key, value in txn.cursor(db=db[name]):
                 k = base + bytes(key)
                 cost = len(k) + len(value) + OP_OVERHEAD
-                if len(batch) + 2 > MAX_TXN_OPS or size + cost > MAX_REQUEST_BYTES - 4096:
+                if len(batch) + 2 > ETCD_MAX_TXN_OPS or size + cost > MAX_REQUEST_BYTES - 4096:
                     send()
                 batch.append(op_put(k, bytes(value)))
                 size += cost

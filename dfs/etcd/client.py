@@ -30,7 +30,7 @@ from dfs.errors import Code, DfsError
 
 # etcd's defaults (--max-txn-ops 128, --max-request-bytes 1.5 MiB). A request's protobuf
 # carries a few bytes of framing per operation on top of keys and values: the margin covers it.
-MAX_TXN_OPS = 128
+ETCD_MAX_TXN_OPS = 128
 MAX_REQUEST_BYTES = 1536 * 1024 - 64 * 1024
 OP_OVERHEAD = 32  # bytes budgeted per operation for protobuf framing
 DEFAULT_TIMEOUT = 2.0

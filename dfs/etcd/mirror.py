@@ -7,7 +7,7 @@ LMDB commit, writes the successful requests' changes to etcd:
 
 - Key layout: `<prefix>/<sub-db>/<raw LMDB key>` -> the LMDB value, byte for byte; plus
   `<prefix>/_mirror`, the chain marker below.
-- Whole requests are packed into one etcd txn up to MAX_TXN_OPS operations and
+- Whole requests are packed into one etcd txn up to ETCD_MAX_TXN_OPS operations and
   MAX_REQUEST_BYTES (group commit stays); one request's changes are always in one etcd txn,
   so each request is atomic in etcd as in LMDB. A request too big for one etcd txn fails
   alone with TOO_BIG (its nested transaction rolls back).
@@ -46,8 +46,8 @@ import lmdb
 from dfs.db import Database
 from dfs.errors import Code, DfsError, InDoubt
 from dfs.etcd.client import (
+    ETCD_MAX_TXN_OPS,
     MAX_REQUEST_BYTES,
-    MAX_TXN_OPS,
     OP_OVERHEAD,
     Compacted,
     EtcdClient,
@@ -72,7 +72,7 @@ RESERVED_OPS = 1
 RESERVED_BYTES = 4096
 # The most keys one request (one db.write) may change on etcd: callers that touch many keys
 # (GC sweeps, purges, bulk repair queueing) chunk their writes by it.
-MAX_REQUEST_KEYS = MAX_TXN_OPS - RESERVED_OPS
+MAX_REQUEST_KEYS = ETCD_MAX_TXN_OPS - RESERVED_OPS
 LOAD_PAGE = 2000  # keys per range call while loading
 LOAD_ATTEMPTS = 3  # a load that meets a compaction starts over at a newer revision
 CACHE_TAG = "ETCD_CACHE"  # marks an LMDB directory as a disposable cache of etcd
@@ -162,7 +162,7 @@ class EtcdMirror:
     """
 
     def __init__(self, client: EtcdClient, prefix: str, leadership: Leadership, *,
-                 max_ops: int = MAX_TXN_OPS, max_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_ops: int = ETCD_MAX_TXN_OPS, max_bytes: int = MAX_REQUEST_BYTES) -> None:
         self.client = client
         self.prefix = prefix.rstrip("/")
         self.leadership = leadership
