@@ -40,7 +40,7 @@ from fuse_mount.sizeback import SizeBack
 log = logging.getLogger(__name__)
 
 #: How recent a lookup's attributes must be for open() to use them instead of asking again.
-OPEN_FRESH = 0.05
+OPEN_FRESH_S = 0.05
 #: How often the mount looks whether its unwritten files' leases are due for renewal.
 KEEP_TICK_S = 0.5
 #: Without --page-cache: direct_io, and no keep_cache (nothing page-cached to keep).
@@ -106,7 +106,7 @@ class FilesMixin:
         for done in list(self._releasing.get(inode, ())):
             await done.wait()  # close-to-open here too: a commit at release lands first
         recent = self._recent.pop(inode, None)
-        if recent is not None and time.monotonic() - recent[0] < OPEN_FRESH and \
+        if recent is not None and time.monotonic() - recent[0] < OPEN_FRESH_S and \
                 not self._knows_newer(recent[1]):
             attr = recent[1]
         else:

@@ -80,6 +80,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--staged-timeout",
+        dest="staged_timeout_s",
         type=_positive_float,
         default=300.0,
         help="seconds after which an idle unprepared blob is dropped (default 300)",
@@ -92,6 +93,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--outcome-after",
+        dest="outcome_after_s",
         type=_positive_float,
         default=10.0,
         help="seconds a prepared blob waits for its decision before asking (default 10)",
@@ -154,9 +156,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         advertise=args.advertise,
         coordinator=coordinator,
         capacity=args.capacity,
-        staged_timeout=args.staged_timeout,
+        staged_timeout_s=args.staged_timeout_s,
         heartbeat=getattr(args, "heartbeat_interval", 0.5),
-        outcome_after=getattr(args, "outcome_after", 10.0),
+        outcome_after_s=getattr(args, "outcome_after_s", 10.0),
         scrub_rate=getattr(args, "scrub_rate", 8.0),
         scrub_interval=getattr(args, "scrub_interval", 86400.0),
         space_interval=getattr(args, "space_interval", 10.0),

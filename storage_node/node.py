@@ -44,9 +44,9 @@ class NodeConfig:
     advertise: str | None = None
     coordinator: str | None = None  # HOST:PORT, or "A,B,C": the leader among them is followed
     capacity: int | None = None
-    staged_timeout: float = 300.0
+    staged_timeout_s: float = 300.0
     heartbeat: float = 0.5
-    outcome_after: float = 10.0
+    outcome_after_s: float = 10.0
     scrub_rate: float = 8.0  # MB/s of background verification; 0 turns the scrubber off
     scrub_interval: float = 86400.0  # seconds between the starts of two scrub passes
     space_interval: float = 10.0  # seconds between measures of live and on-disk bytes
@@ -57,7 +57,7 @@ class NodeConfig:
     @property
     def tick(self) -> float:
         """How often timeouts are checked: often enough for short test timeouts."""
-        return min(1.0, max(0.05, self.staged_timeout / 4))
+        return min(1.0, max(0.05, self.staged_timeout_s / 4))
 
 
 class CoordinatorLink:
@@ -198,7 +198,7 @@ class Node:
         self.config = config
         self.store = store
         self.participant = Participant(
-            staged_timeout=config.staged_timeout, outcome_after=config.outcome_after
+            staged_timeout_s=config.staged_timeout_s, outcome_after_s=config.outcome_after_s
         )
         self.service = NodeService(store, self.participant, heartbeat=config.heartbeat)
         self.service.peers = Peers(config.secret, timeout=30.0)

@@ -8,7 +8,7 @@ the store holds (`stored`) with every event, so the two can never disagree. The 
 keeps what the store doesn't: which txids were aborted (so a late PREPARE votes NO and a late
 STAGE is refused), when each STAGED txid was last active (to drop abandoned ones), which txid
 is being prepared right now, and when to ask the coordinator about a PREPARED txid whose
-outcome hasn't arrived (after a restart at once; otherwise after `outcome_after` seconds).
+outcome hasn't arrived (after a restart at once; otherwise after `outcome_after_s` seconds).
 COMMITTED is final and needs no memory: the store answers for it.
 
 The participant is the only owner of the node's state rules: which stored states may take a
@@ -19,10 +19,10 @@ still in a state the action allows (the decision was taken on a read just before
 
 Presumed abort of leftovers: a STAGED blob whose txid the coordinator no longer knows (not open,
 not being committed or repaired, no decision logged) can never commit. The node names its
-STAGED txids idle for `leftover_age` seconds (all of them, at once, after it learns that the
+STAGED txids idle for `leftover_age_s` seconds (all of them, at once, after it learns that the
 coordinator restarted: a new incarnation) in its heartbeats, at most `leftover_batch` per beat;
 the txids the coordinator answers unknown are dropped right away (`on_presumed_aborted`),
-without waiting for `staged_timeout`. PREPARED blobs are asked about (OUTCOME) at once after a
+without waiting for `staged_timeout_s`. PREPARED blobs are asked about (OUTCOME) at once after a
 coordinator restart.
 
 A drop the store could not carry out (a full disk) is not forgotten: the participant already
@@ -60,12 +60,12 @@ SERVABLE: frozenset[str | None] = frozenset({BlobState.PREPARED, BlobState.COMMI
 UNPREPARED: frozenset[str | None] = frozenset({None, BlobState.STAGED})
 
 #: STAGED txids idle this long are named in heartbeats (seconds).
-LEFTOVER_AGE = 2.0
+LEFTOVER_AGE_S = 2.0
 #: At most this many txids per heartbeat.
 LEFTOVER_BATCH = 256
 #: Seconds before the same txid is named again.
-LEFTOVER_REASK = 1.0
-#: First wait before a failed drop is tried again (doubling up to outcome_retry_max).
+LEFTOVER_REASK_S = 1.0
+#: First wait before a failed drop is tried again (doubling up to outcome_retry_max_s).
 DROP_RETRY = 0.5
 
 
@@ -163,18 +163,18 @@ class Participant:
     def __init__(
         self,
         *,
-        staged_timeout: float = 300.0,
-        outcome_after: float = 10.0,
-        outcome_retry_max: float = 10.0,
+        staged_timeout_s: float = 300.0,
+        outcome_after_s: float = 10.0,
+        outcome_retry_max_s: float = 10.0,
         remember_aborted: int = 100_000,
-        leftover_age: float = LEFTOVER_AGE,
+        leftover_age_s: float = LEFTOVER_AGE_S,
         leftover_batch: int = LEFTOVER_BATCH,
     ) -> None:
-        self.staged_timeout = staged_timeout
-        self.outcome_after = outcome_after
-        self.outcome_retry_max = outcome_retry_max
+        self.staged_timeout_s = staged_timeout_s
+        self.outcome_after_s = outcome_after_s
+        self.outcome_retry_max_s = outcome_retry_max_s
         self.remember_aborted = remember_aborted
-        self.leftover_age = leftover_age
+        self.leftover_age_s = leftover_age_s
         self.leftover_batch = leftover_batch
         self.incarnation: int | None = None  # the coordinator's, as last heard
         self._txns: dict[int, _Tx] = {}
@@ -208,8 +208,8 @@ class Participant:
         """How long a leftover in `state` may be idle here, with the coordinator reachable,
         before this participant has resolved it (the checker's "cleanup in progress")."""
         if state == BlobState.STAGED:
-            return self.leftover_age + LEFTOVER_REASK + 4 * heartbeat
-        return self.outcome_after + self.outcome_retry_max + 4 * heartbeat
+            return self.leftover_age_s + LEFTOVER_REASK_S + 4 * heartbeat
+        return self.outcome_after_s + self.outcome_retry_max_s + 4 * heartbeat
 
     # ------------------------------------------------------------ restart
 
@@ -287,7 +287,7 @@ class Participant:
             if tx.state == BlobState.STAGED:
                 tx.state = BlobState.PREPARED
                 tx.active = now
-                tx.next_ask = now + self.outcome_after
+                tx.next_ask = now + self.outcome_after_s
                 tx.retry = 1.0
         return Reply()
 
@@ -350,13 +350,13 @@ class Participant:
         """The store could not carry out a Drop (disk full, I/O error): try it again later.
         The txid stays aborted, so a late STAGE or PREPARE is still refused meanwhile."""
         _, _, backoff = self._redrop.get(action.txid, (action.allowed, 0.0, DROP_RETRY / 2))
-        backoff = min(backoff * 2, self.outcome_retry_max)
+        backoff = min(backoff * 2, self.outcome_retry_max_s)
         self._redrop[action.txid] = (action.allowed, now + backoff, backoff)
 
     # ------------------------------------------------------------ time and recovery
 
     def on_tick(self, now: float) -> list[Drop | AskOutcome]:
-        """Drop STAGED txids idle for staged_timeout; ask about PREPARED ones that are due;
+        """Drop STAGED txids idle for staged_timeout_s; ask about PREPARED ones that are due;
         try failed drops again when due."""
         actions: list[Drop | AskOutcome] = []
         for txid, (allowed, due, backoff) in self._redrop.items():
@@ -365,7 +365,7 @@ class Participant:
                 actions.append(Drop(txid, allowed))
         for txid, tx in list(self._txns.items()):
             if tx.state == BlobState.STAGED:
-                if not tx.preparing and now - tx.active > self.staged_timeout:
+                if not tx.preparing and now - tx.active > self.staged_timeout_s:
                     self._forget_as_aborted(txid)
                     actions.append(Drop(txid, UNPREPARED))
             elif now >= tx.next_ask:
@@ -396,7 +396,7 @@ class Participant:
         tx = self._txns.get(txid)
         if tx is not None and tx.state == BlobState.PREPARED:
             tx.next_ask = now + tx.retry
-            tx.retry = min(max(tx.retry, 0.25) * 2, self.outcome_retry_max)
+            tx.retry = min(max(tx.retry, 0.25) * 2, self.outcome_retry_max_s)
 
     # ------------------------------------------------------------ presumed abort of leftovers
 
@@ -423,8 +423,8 @@ class Participant:
                 break
             if tx.state != BlobState.STAGED or tx.preparing or now < tx.next_name:
                 continue
-            if tx.suspect or now - tx.active >= self.leftover_age:
-                tx.next_name = now + LEFTOVER_REASK
+            if tx.suspect or now - tx.active >= self.leftover_age_s:
+                tx.next_name = now + LEFTOVER_REASK_S
                 self._named[txid] = tx
         return list(self._named)
 

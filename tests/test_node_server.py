@@ -480,8 +480,8 @@ async def test_restart_resolves_prepared_blobs_and_drops_stale_staged(
         data=tmp_path / "n",
         secret=secret,
         coordinator=f"127.0.0.1:{port}",
-        staged_timeout=0.3,
-        outcome_after=0.1,
+        staged_timeout_s=0.3,
+        outcome_after_s=0.1,
     )
     await nursery.start(Node(config, store).run)
     await wait_for(lambda: store.stat(1) and store.stat(1).state == BlobState.COMMITTED)

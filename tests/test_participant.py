@@ -83,7 +83,7 @@ def test_stage_carrying_prepare_stores_and_votes_in_one_forced_write() -> None:
     """docs/design.md §5, rule 2: a one-chunk blob staged and prepared in one message is
     PREPARED from then on, and its OUTCOME timer runs as after PREPARE (a client that dies
     before COMMIT leaves a copy that must be asked about, never kept forever)."""
-    p = Participant(outcome_after=10.0)
+    p = Participant(outcome_after_s=10.0)
     assert p.on_stage_prepare(1, None, 1, 0.0) == StageAndPrepare(1)
     refused = p.on_stage(1, STAGED, 0.1)  # no staging while it is being verified
     assert isinstance(refused, Refuse) and refused.code == Code.CONFLICT
@@ -103,7 +103,7 @@ def test_stage_carrying_prepare_stores_and_votes_in_one_forced_write() -> None:
 def test_an_outcome_for_a_blob_committed_meanwhile_changes_nothing() -> None:
     """COMMITTED is final: an OUTCOME answer that finds the store already committed (the
     COMMIT won the race) forces nothing, and the txid is no longer asked about."""
-    p = Participant(outcome_after=1)
+    p = Participant(outcome_after_s=1)
     p.on_stage(1, None, 0.0)
     p.on_prepare(1, STAGED, 1)
     p.on_prepared(1, 0.0)
@@ -168,7 +168,7 @@ def test_commit_of_a_blob_the_node_does_not_have_is_refused() -> None:
     """An ack would end the decision while this node holds nothing: a PREPARED copy that was
     lost, or one GC deleted once a later write superseded it (the coordinator then releases
     the refusal). Either way ENOENT, and nothing is left to ask OUTCOME about."""
-    p = Participant(outcome_after=1)
+    p = Participant(outcome_after_s=1)
     prepared(p, 2)
     action = p.on_commit(2, None)  # the store lost the PREPARED copy
     assert isinstance(action, Refuse) and action.code is Code.ENOENT
@@ -188,7 +188,7 @@ def test_commit_of_a_committed_blob_acks_again() -> None:
 
 
 def test_idle_staged_blob_is_dropped_after_timeout() -> None:
-    p = Participant(staged_timeout=10)
+    p = Participant(staged_timeout_s=10)
     p.on_stage(1, None, 0.0)
     p.on_stage(1, STAGED, 8.0)  # activity resets the clock
     assert p.on_tick(15.0) == []
@@ -199,7 +199,7 @@ def test_idle_staged_blob_is_dropped_after_timeout() -> None:
 
 
 def test_blob_being_prepared_is_not_timed_out() -> None:
-    p = Participant(staged_timeout=1)
+    p = Participant(staged_timeout_s=1)
     p.on_stage(1, None, 0.0)
     p.on_prepare(1, STAGED, 1)
     assert p.on_tick(50.0) == []
@@ -208,7 +208,7 @@ def test_blob_being_prepared_is_not_timed_out() -> None:
 
 
 def test_restart_asks_outcome_of_prepared_and_ages_staged() -> None:
-    p = Participant(staged_timeout=300)
+    p = Participant(staged_timeout_s=300)
     p.restore(1, PREPARED, created=0.0, now=1000.0)
     p.restore(2, STAGED, created=500.0, now=1000.0)  # old: dropped at once
     p.restore(3, STAGED, created=990.0, now=1000.0)  # recent: kept for now
@@ -238,7 +238,7 @@ def test_outcome_aborted_drops_and_remembers() -> None:
 
 
 def test_a_failed_drop_is_tried_again_with_backoff_until_it_is_done() -> None:
-    p = Participant(outcome_retry_max=2.0)
+    p = Participant(outcome_retry_max_s=2.0)
     assert p.on_abort(1, STAGED) == Drop(1)
     p.on_drop_failed(Drop(1), 10.0)  # the disk was full
     assert p.on_tick(10.4) == []
@@ -252,7 +252,7 @@ def test_a_failed_drop_is_tried_again_with_backoff_until_it_is_done() -> None:
 
 
 def test_inflight_or_unreachable_asks_again_with_backoff() -> None:
-    p = Participant(outcome_retry_max=4)
+    p = Participant(outcome_retry_max_s=4)
     p.restore(1, PREPARED, created=0.0, now=0.0)
     asked_at = []
     now = 0.0
@@ -271,7 +271,7 @@ def test_inflight_or_unreachable_asks_again_with_backoff() -> None:
 
 
 def test_prepared_in_normal_run_asks_only_after_outcome_after() -> None:
-    p = Participant(outcome_after=10)
+    p = Participant(outcome_after_s=10)
     prepared(p, 1, now=100.0)
     assert p.on_tick(105.0) == []
     assert p.on_tick(110.0) == [AskOutcome(1)]
@@ -287,7 +287,7 @@ def test_outcome_after_resolution_is_ignored() -> None:
 
 
 def test_leftovers_are_named_when_idle_and_dropped_when_unknown() -> None:
-    p = Participant(leftover_age=2.0)
+    p = Participant(leftover_age_s=2.0)
     p.on_stage(1, None, 0.0)
     p.on_stage(2, None, 0.0)
     p.incarnation = 7
@@ -305,7 +305,7 @@ def test_leftovers_are_named_when_idle_and_dropped_when_unknown() -> None:
 
 
 def test_a_coordinator_restart_names_every_staged_and_asks_every_prepared() -> None:
-    p = Participant(leftover_age=60.0, outcome_after=100.0)
+    p = Participant(leftover_age_s=60.0, outcome_after_s=100.0)
     prepared(p, 1)
     p.on_stage(2, None, 0.0)
     assert p.on_incarnation(1, 0.5)  # first heard: counts as a change
@@ -313,12 +313,12 @@ def test_a_coordinator_restart_names_every_staged_and_asks_every_prepared() -> N
     p.on_incarnation(1, 0.6)
     assert not p.on_incarnation(1, 0.7)
     assert p.on_incarnation(2, 1.0)  # restarted
-    assert p.on_tick(1.0) == [AskOutcome(1)]  # not after outcome_after: at once
+    assert p.on_tick(1.0) == [AskOutcome(1)]  # not after outcome_after_s: at once
     assert p.leftovers_to_name(2.0) == [2]
 
 
 def test_presumed_abort_spares_a_re_staged_or_preparing_blob() -> None:
-    p = Participant(leftover_age=1.0)
+    p = Participant(leftover_age_s=1.0)
     p.on_stage(1, None, 0.0)
     p.on_stage(2, None, 0.0)
     assert p.leftovers_to_name(5.0) == [1, 2]
@@ -330,7 +330,7 @@ def test_presumed_abort_spares_a_re_staged_or_preparing_blob() -> None:
 
 
 def test_actions_name_the_states_the_store_may_change() -> None:
-    p = Participant(staged_timeout=1.0)
+    p = Participant(staged_timeout_s=1.0)
     assert p.on_stage(1, None, 0.0).allowed == frozenset({None, STAGED})
     prepared(p, 2)
     assert p.on_commit(2, PREPARED).allowed == frozenset({PREPARED})
@@ -356,7 +356,7 @@ def _run_one(seed: int) -> None:
     an aborted one never becomes COMMITTED, and a YES-voted blob is dropped only after an abort.
     """
     rnd = random.Random(seed)
-    p = Participant(staged_timeout=5, outcome_after=3)
+    p = Participant(staged_timeout_s=5, outcome_after_s=3)
     store: dict[int, str] = {}
     decision: dict[int, str] = {}
     voted_yes: set[int] = set()
@@ -410,7 +410,7 @@ def _run_one(seed: int) -> None:
                 else:
                     execute(action, action.txid)
         elif event == "restart":
-            p = Participant(staged_timeout=5, outcome_after=3)
+            p = Participant(staged_timeout_s=5, outcome_after_s=3)
             for t, state in store.items():
                 p.restore(t, state, created=now - 1, now=now)
     # Deliver every decision once more (the coordinator re-sends COMMIT until acked).

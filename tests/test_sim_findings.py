@@ -114,7 +114,7 @@ async def test_a_drop_that_failed_on_a_full_disk_is_tried_again(
     async with running_coordinator(tmp_path / "coord") as coord, \
             trio.open_nursery() as nursery:
         node: RunningNode = (await start_nodes(nursery, coord, 1, capacity=1 << 30,
-                                               outcome_after=0.2))[0]
+                                               outcome_after_s=0.2))[0]
         staged, prepared = 1_000_001, 1_000_002  # txids this coordinator never opened
         peer = rpc.Peer(node.address, SECRET)
         try:
@@ -145,7 +145,7 @@ async def test_a_repair_copy_whose_decision_was_lost_is_dropped_not_committed(
     data = b"the file's bytes"
     async with running_coordinator(tmp_path / "coord") as coord, \
             trio.open_nursery() as nursery:
-        nodes = await start_nodes(nursery, coord, 4, capacity=1 << 30, outcome_after=0.2)
+        nodes = await start_nodes(nursery, coord, 4, capacity=1 << 30, outcome_after_s=0.2)
         async with Client(coord.address, SECRET, retry_for=10.0) as client:
             root = await client.resolve("/")
             attr = await client.create(root.ino, b"f", 0o100644, 0, 0)

@@ -40,8 +40,8 @@ class Timing:
     rpc_timeout: float = 1.0
     rereplicate_after: float = 8.0
     heartbeat: float = 0.3
-    staged_timeout: float = 8.0
-    outcome_after: float = 1.0
+    staged_timeout_s: float = 8.0
+    outcome_after_s: float = 1.0
     scrub_interval: float = 6.0
     keep_versions: int = 2  # every run keeps history: the GC counts kept copies too
     unwritten_lease: float = 1.5  # a crashed churner's hidden file is taken over in a run
@@ -108,8 +108,8 @@ class SimNode(SimProcess):
         t = self.timing
         return NodeConfig(data=self.path, secret=SECRET, listen=self.address,
                           coordinator=COORDINATOR, capacity=NODE_CAPACITY,
-                          staged_timeout=t.staged_timeout, heartbeat=t.heartbeat,
-                          outcome_after=t.outcome_after, scrub_rate=50.0,
+                          staged_timeout_s=t.staged_timeout_s, heartbeat=t.heartbeat,
+                          outcome_after_s=t.outcome_after_s, scrub_rate=50.0,
                           scrub_interval=t.scrub_interval)
 
     async def run(self) -> None:
