@@ -10,7 +10,7 @@ import pytest
 from dfs.checker import scan
 from dfs.checker.findings import Kind
 from dfs.checker.scan import FileRow, NodeView, Paths, Snapshot
-from dfs.coordinator.copyplan import plan_copy, settle, verdict_without_source
+from dfs.coordinator.copyplan import new_replica_list, plan_copy, verdict_without_source
 
 UP, DRAINING, REMOVED = "up", "draining", "removed"
 REG, DIR = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
@@ -23,21 +23,21 @@ SUM = b"s" * 16
 def test_plan_replaces_a_removed_node_and_reuses_nothing_of_it() -> None:
     plan = plan_copy([1, 2, 9], 3, {1: UP, 2: UP, 9: REMOVED}, {1, 2}, [], evacuate_down=False)
     assert (plan.keep, plan.evacuate, plan.new, plan.sources) == ([1, 2], [9], 1, [1, 2])
-    assert settle(plan, 3, [4]) == [1, 2, 4]
-    assert settle(plan, 3, []) == [1, 2], "a removed node is dropped even unreplaced"
+    assert new_replica_list(plan, 3, [4]) == [1, 2, 4]
+    assert new_replica_list(plan, 3, []) == [1, 2], "a removed node is dropped even unreplaced"
 
 
 def test_plan_fixes_a_bad_copy_in_place_on_a_live_up_node() -> None:
     plan = plan_copy([1, 2, 3], 3, {1: UP, 2: UP, 3: UP}, {1, 2, 3}, [2], evacuate_down=False)
     assert (plan.keep, plan.in_place, plan.new, plan.sources) == ([1, 3], [2], 0, [1, 3])
-    assert settle(plan, 3, []) == [1, 2, 3], "order kept; a failed in-place copy stays listed"
+    assert new_replica_list(plan, 3, []) == [1, 2, 3], "order kept; a failed in-place copy stays listed"
 
 
 def test_plan_moves_a_bad_copy_off_a_down_node_and_keeps_it_if_nowhere_to_go() -> None:
     plan = plan_copy([1, 2, 3], 3, {1: UP, 2: UP, 3: UP}, {1, 2}, [3], evacuate_down=False)
     assert (plan.in_place, plan.evacuate, plan.new) == ([], [3], 1)
-    assert settle(plan, 3, [5]) == [1, 2, 5]
-    assert settle(plan, 3, []) == [1, 2, 3]
+    assert new_replica_list(plan, 3, [5]) == [1, 2, 5]
+    assert new_replica_list(plan, 3, []) == [1, 2, 3]
 
 
 def test_plan_down_nodes_are_evacuated_only_when_asked() -> None:
@@ -51,13 +51,13 @@ def test_plan_drains_with_the_draining_node_as_last_resort_source() -> None:
     plan = plan_copy([4, 1, 2], 3, {1: UP, 2: UP, 4: DRAINING}, {1, 2, 4}, [],
                      evacuate_down=False)
     assert (plan.keep, plan.evacuate, plan.sources, plan.new) == ([1, 2], [4], [1, 2, 4], 1)
-    assert settle(plan, 3, [7]) == [1, 2, 7]
-    assert settle(plan, 3, []) == [4, 1, 2], "an unreplaced draining copy stays listed"
+    assert new_replica_list(plan, 3, [7]) == [1, 2, 7]
+    assert new_replica_list(plan, 3, []) == [4, 1, 2], "an unreplaced draining copy stays listed"
 
 
 def test_plan_tops_up_an_under_replicated_file() -> None:
     plan = plan_copy([1], 3, {1: UP, 2: UP, 3: UP}, {1, 2, 3}, [], evacuate_down=False)
-    assert plan.new == 2 and settle(plan, 3, [2, 3]) == [1, 2, 3]
+    assert plan.new == 2 and new_replica_list(plan, 3, [2, 3]) == [1, 2, 3]
 
 
 @pytest.mark.parametrize(("live", "expect"), [({1, 2, 3}, "lost"), ({1, 2}, "unavailable")])

@@ -227,7 +227,7 @@ def test_mount_ends_say_which_unfinished_writes_may_have_committed(tmp_path: Pat
     assert ends.retries == 1
     # tar failed after its close (it could not set the owner): that says nothing of the commit
     # bash's echo exits 0 whatever its close did, and a killed mount logs nothing
-    assert ends.settle(history, frozenset({"shapes"}), inos, AFTER_CLOSE, CLOSE_UNREPORTED) == 3
+    assert ends.classify(history, frozenset({"shapes"}), inos, AFTER_CLOSE, CLOSE_UNREPORTED) == 3
     assert {name: op.outcome for name, op in ops.items()} == {
         "definite": FAIL, "unknown": INFO, "retried": INFO, "other-inode": FAIL,
         "killed-mount": INFO, "cut": INFO, "finished": OK, "ignored": FAIL,

@@ -269,7 +269,7 @@ class Transaction:
                 raise OutcomeUnknown(Code.UNAVAILABLE, "the transaction's reply was lost: "
                                      f"whether it was applied is unknown ({lost.msg})") from None
             try:
-                state = await write._settle(client, writes[0].txid)
+                state = await write._learn_outcome(client, writes[0].txid)
             except DfsError as e:
                 # Never retried: the first attempt may have landed (and a retry under
                 # if_version would conflict with it, or report it failed).

@@ -224,7 +224,7 @@ async def _abort_quietly(client: Client, txid: int) -> None:
             log.debug("abort of txid %d failed: %s", txid, e)
 
 
-async def _settle(client: Client, txid: int) -> str:
+async def _learn_outcome(client: Client, txid: int) -> str:
     """The outcome of a commit whose reply was lost: 'committed' or 'aborted'."""
     with trio.move_on_after(client.commit_timeout):
         while (state := await client.outcome(txid)) == "inflight":
@@ -309,7 +309,7 @@ async def write_file(
             last = e
         except PeerUnavailable as e:
             # The reply was lost (the leader may have died): ask the leader there is now.
-            if await _settle(client, txid) == "committed":
+            if await _learn_outcome(client, txid) == "committed":
                 return await read_committed(client, lambda: client.getattr(ino))
             last = e
         except DfsError as e:

@@ -137,7 +137,7 @@ class CommitDriver(Delivery, GroupCommit):
             return  # already settled, or too late: the commit's own outcome stands
         self.open.pop(txid, None)
         self.metrics.aborted(CLIENT_ABORT)
-        txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txid} was aborted by the client"))
+        txn.answer(DfsError(Code.UNAVAILABLE, f"transaction {txid} was aborted by the client"))
         await self._apply(self.protocol.abort(txid, "aborted by the client"))
 
     def touch(self, txid: int) -> None:
@@ -214,7 +214,7 @@ class CommitDriver(Delivery, GroupCommit):
         except DfsError as e:
             self.open.pop(txn.txid, None)
             self.metrics.aborted(abort_reason(e))
-            txn.settle(e)
+            txn.answer(e)
             await self._apply(self.protocol.abort(txn.txid, e.msg))
             return
         await self._apply(
@@ -251,7 +251,7 @@ class CommitDriver(Delivery, GroupCommit):
         except InDoubt as e:
             # Maybe written: neither an abort nor a failure may be said. The client gets no
             # reply and this leader steps down; the next one reads the truth (rule 4).
-            txn.settle(e)
+            txn.answer(e)
             return
         except DfsError as e:
             await self._apply(self.protocol.decision_refused(txid, e.code, e.msg))
@@ -268,9 +268,9 @@ class CommitDriver(Delivery, GroupCommit):
         self._delivering.add(txid)
         try:
             await failpoint("coordinator.after_decision")
-            txn.settle({"attr": attr})
+            txn.answer({"attr": attr})
         except DfsError as e:
-            txn.settle(e)  # like a lost reply: the write is durable all the same
+            txn.answer(e)  # like a lost reply: the write is durable all the same
         self.spawn(self.deliver, txid, nodes, True)
 
     def _write_decision(self, t: lmdb.Transaction, txn: OpenTxn, record: TxnRecord,
@@ -353,14 +353,14 @@ class CommitDriver(Delivery, GroupCommit):
                     member = self.open.pop(op["txid"], None)
                     if member is not None:
                         self.metrics.aborted(abort_reason(error))
-                        member.settle(error)
-                group.settle(error)
+                        member.answer(error)
+                group.answer(error)
             elif isinstance(action, ReplyError):
                 txn = self.open.pop(action.txid, None)
                 if txn is not None:
                     self.metrics.aborted(action.code.value.lower())
                     # `failed` lets the client retry with those replicas excluded.
-                    txn.settle(DfsError(action.code, action.msg, failed=list(action.failed)))
+                    txn.answer(DfsError(action.code, action.msg, failed=list(action.failed)))
             elif isinstance(action, ReplyOk):
                 raise AssertionError("ReplyOk is handled by _decide")
         for txid, nodes in commits.items():

@@ -1,8 +1,8 @@
 """Which replicas of a file stay, which are re-made in place, which move: sans-IO.
 
 A repair or a re-replication of one file is planned here from its replica list, the cluster's
-R, what the coordinator knows of each node, and which copies are known to be bad; `settle`
-turns the copies that actually succeeded into the new replica list. Pure functions, so every
+R, what the coordinator knows of each node, and which copies are known to be bad;
+`new_replica_list` turns the copies that actually succeeded into the new replica list. Pure functions, so every
 corner (a removed node, a bad copy on a draining node, too few spare nodes) is unit-tested
 without a cluster.
 """
@@ -72,7 +72,7 @@ def verdict_without_source(plan: CopyPlan, live: Collection[int]) -> str:
     return "unavailable" if waiting else "lost"
 
 
-def settle(plan: CopyPlan, r: int, new_nodes: Collection[int]) -> list[int]:
+def new_replica_list(plan: CopyPlan, r: int, new_nodes: Collection[int]) -> list[int]:
     """The replica list after the copies: kept and in-place replicas in their old order (an
     in-place copy that failed stays listed: no worse than before), then the new nodes;
     evacuated replicas are dropped only as far as new copies replace them (gone nodes always)."""

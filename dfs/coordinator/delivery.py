@@ -214,5 +214,5 @@ class Delivery:
                     extra={"txid": txn.txid})
         self.open.pop(txn.txid, None)
         self.metrics.aborted(EXPIRED)
-        txn.settle(DfsError(Code.UNAVAILABLE, f"transaction {txn.txid} expired: {reason}"))
+        txn.answer(DfsError(Code.UNAVAILABLE, f"transaction {txn.txid} expired: {reason}"))
         await self._apply(self.protocol.abort(txn.txid, reason))

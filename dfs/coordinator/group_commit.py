@@ -53,7 +53,7 @@ class OpenGroup:
     done: trio.Event = field(default_factory=trio.Event)
     result: dict[str, Any] | DfsError | None = None
 
-    def settle(self, result: dict[str, Any] | DfsError) -> None:
+    def answer(self, result: dict[str, Any] | DfsError) -> None:
         if not self.done.is_set():
             self.result = result
             self.done.set()
@@ -118,7 +118,7 @@ class GroupCommit:
         try:
             group.gid = await self.txids.allocate()
         except DfsError as e:
-            group.settle(e)
+            group.answer(e)
             raise
         self.groups[group.gid] = group
         self.spawn(self._run_group, group)
@@ -152,13 +152,13 @@ class GroupCommit:
     async def _fail_group(self: CommitDriver, group: OpenGroup, error: DfsError) -> None:
         """Refused before the machine heard of the group: abort every member."""
         self.groups.pop(group.gid, None)
-        group.settle(error)
+        group.answer(error)
         for op in group.writes:
             txn = self.open.get(op["txid"])
             if txn is not None and not txn.committing:
                 self.open.pop(txn.txid, None)
                 self.metrics.aborted(abort_reason(error))
-                txn.settle(error)
+                txn.answer(error)
                 await self._apply(self.protocol.abort(txn.txid, error.msg))
 
     def _check_members(self: CommitDriver, t: lmdb.Transaction, group: OpenGroup) -> None:
@@ -193,7 +193,7 @@ class GroupCommit:
         try:
             attrs = await self._force_group_decision(group)
         except InDoubt as e:
-            group.settle(e)  # maybe written: no reply, no abort (see CommitDriver._decide)
+            group.answer(e)  # maybe written: no reply, no abort (see CommitDriver._decide)
             return
         except DfsError as e:
             await self._apply(self.protocol.group_decision_refused(gid, e.code, e.msg))
@@ -210,7 +210,7 @@ class GroupCommit:
             txn = self.open.pop(t, None)
             if txn is not None:
                 self.metrics.committed(txn.size, trio.current_time() - txn.commit_asked)
-                txn.settle({"attr": None})
+                txn.answer({"attr": None})
         per_member: dict[int, list[int]] = {}
         for a in actions:
             if isinstance(a, SendCommit):
@@ -218,9 +218,9 @@ class GroupCommit:
         self._delivering.update(per_member)
         try:
             await failpoint("coordinator.after_decision")
-            group.settle({"attrs": attrs})
+            group.answer({"attrs": attrs})
         except DfsError as e:
-            group.settle(e)  # like a lost reply: the transaction is durable all the same
+            group.answer(e)  # like a lost reply: the transaction is durable all the same
         self.spawn(self._deliver_group, per_member)
 
     async def _force_group_decision(self: CommitDriver, group: OpenGroup

@@ -46,7 +46,7 @@ from dfs.meta import MetaStore, TxnRecord, TxnState
 from dfs.rpc import Peers
 
 from .config import CoordinatorConfig
-from .copyplan import CopyPlan, plan_copy, settle, verdict_without_source
+from .copyplan import CopyPlan, new_replica_list, plan_copy, verdict_without_source
 from .membership import Membership
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class Replicator:
                     await driver._apply(protocol.repair_decision_refused(blob) if go.is_set()
                                         else protocol.repair_abandoned(blob))
                 raise
-            replicas = settle(plan, self.store.replicas, [t for t in new_nodes if t in ok])
+            replicas = new_replica_list(plan, self.store.replicas, [t for t in new_nodes if t in ok])
             try:
                 with trio.CancelScope(shield=True):  # the machine must hear how it went
                     await self._decide(inode, plan, replicas, ok)

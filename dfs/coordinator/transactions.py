@@ -41,7 +41,7 @@ class OpenTxn:
     def touch(self) -> None:
         self.last_active = trio.current_time()
 
-    def settle(self, result: dict[str, Any] | DfsError) -> None:
+    def answer(self, result: dict[str, Any] | DfsError) -> None:
         if not self.done.is_set():
             self.result = result
             self.done.set()

@@ -195,7 +195,7 @@ async def _campaign(opts: Options, cluster: NemesisCluster, history: History,
         ends = MountEnds.read(cluster.mount_log(), history)
         if opts.mount:  # which unfinished mount writes certainly did not commit
             shapes = workload.shapes.inos if workload.shapes is not None else {}
-            ends.settle(history, frozenset({"mount", WRITE_VIA}), {**workload.inos, **shapes},
+            ends.classify(history, frozenset({"mount", WRITE_VIA}), {**workload.inos, **shapes},
                         AFTER_CLOSE, CLOSE_UNREPORTED)
         summary.violations += check_history(history, skip=JUDGED_BY_VERSIONS)
         if workload.shapes is not None:

@@ -15,7 +15,7 @@ So an `info` mount write (its program failed after its open may have succeeded) 
 committed only if, while it ran (SLACK either side, for the log's clock), the writers' mount
 logged an error that does not say the commit certainly failed (a failed commit of the write's
 inode, or any retry), or was killed or stopped, or the write was cut short. Every other one
-certainly did not commit: `settle` makes its op `fail`, and then nothing of it may show.
+certainly did not commit: `classify` makes its op `fail`, and then nothing of it may show.
 
 Not every program reports its close: bash ignores the error of the close that ends a
 redirect of a builtin (`echo x > f` exits 0 when that close, the commit, failed). So first an
@@ -58,7 +58,7 @@ def certain(error: str) -> bool:
 @dataclass
 class MountEnds:
     """What the writers' mount said and suffered, on the history's clock: `read` it once the
-    load has stopped, then `settle` the mount writes by it."""
+    load has stopped, then `classify` the mount writes by it."""
 
     #: (history time, inode or None for a retry) of each error that leaves an outcome unknown
     unknown: list[tuple[float, int | None]] = field(default_factory=list)
@@ -120,7 +120,7 @@ class MountEnds:
     def _span(op: Op) -> tuple[float, float]:
         return op.invoke - SLACK, (math.inf if op.complete is None else op.complete) + SLACK
 
-    def settle(self, history: History, vias: frozenset[str], inos: dict[str, int | None],
+    def classify(self, history: History, vias: frozenset[str], inos: dict[str, int | None],
                after_close: frozenset[str] = frozenset(),
                close_unreported: frozenset[str] = frozenset()) -> int:
         """Every `ok` write `via` the writers' mount whose close failed unreported becomes
