@@ -243,7 +243,7 @@ class CommitProtocol(RepairEvents, GroupEvents):
         self._txns[txid] = txn
         return self._maybe_end(txn) or self.commit_retry(txid)
 
-    def release(self, txid: int, node: int) -> list[Action]:
+    def excuse_ack(self, txid: int, node: int) -> list[Action]:
         """The namespace no longer lists `node` for this blob (a later decision superseded the
         blob or dropped the copy) and the node refused its COMMIT: it owes no ack any more."""
         txn = self._txns.get(txid)

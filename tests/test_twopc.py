@@ -171,8 +171,8 @@ def test_a_refused_replica_no_longer_listed_is_released() -> None:
     p = CommitProtocol()
     p.recover(5, R, acked=[1, 3])
     p.commit_refused(5, 2, Code.ENOSPC)
-    assert p.release(5, 1) == [], "only a refused replica is released this way"
-    assert p.release(5, 2) == [WriteEnd(5)]
+    assert p.excuse_ack(5, 1) == [], "only a refused replica is excused this way"
+    assert p.excuse_ack(5, 2) == [WriteEnd(5)]
 
 
 def test_a_removed_node_owes_no_ack() -> None:

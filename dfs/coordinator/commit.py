@@ -308,14 +308,14 @@ class CommitDriver(Delivery, GroupCommit):
         if self.on_refused is not None:
             await self.on_refused(node, txid, ino, reason)
 
-    async def release(self, txid: int, node: int) -> None:
+    async def excuse_ack(self, txid: int, node: int) -> None:
         """If the namespace no longer lists `node` for blob txid (a later decision superseded
         the blob or dropped the copy), a COMMIT the node refused is owed no more."""
         if node not in self.protocol.refused(txid):
             return
         inodes = self.store.namespace.inodes
         if not self.store.db.read(lambda t: inodes.lists(t, txid, node)):
-            await self._apply(self.protocol.release(txid, node))
+            await self._apply(self.protocol.excuse_ack(txid, node))
 
     # ------------------------------------------------------------ actions
 

@@ -66,7 +66,7 @@ class OpenGroup:
         return self.result
 
 
-def check_ops(ops: list[Any]) -> list[dict[str, Any]]:
+def validate_txn_ops(ops: list[Any]) -> list[dict[str, Any]]:
     """Validate a commit_txn request's shape and limits (BAD_REQUEST / TOO_BIG)."""
     if not ops:
         raise DfsError(Code.BAD_REQUEST, "commit_txn: no operations")
@@ -102,7 +102,7 @@ class GroupCommit:
 
     async def commit_txn(self: CommitDriver, ops: list[Any]) -> dict[str, Any]:
         """Commit every operation or none; returns {"attrs": [attr or None per op]}."""
-        ops = check_ops(ops)
+        ops = validate_txn_ops(ops)
         writes = [op for op in ops if op["op"] == "write"]
         txids = [op["txid"] for op in writes]
         if len(set(txids)) != len(txids):

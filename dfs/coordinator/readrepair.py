@@ -157,7 +157,7 @@ class RepairWorker:
         if inode is None or e.node not in inode.replicas:
             await self.store.db.write(lambda t: queue.remove(t, e.node, e.blob), durable=False)
             # No longer listed (a later decision): a COMMIT the node refused is owed no more.
-            await self.replicator.driver.release(e.blob, e.node)
+            await self.replicator.driver.excuse_ack(e.blob, e.node)
             return 1
         if not self.membership.is_live(e.node):
             e.not_before_ns = runtime.wall_ns() + int(DOWN_RETRY_S * 1e9)
@@ -173,7 +173,7 @@ class RepairWorker:
                 log.info("read repair: node %d's copy of ino %d: %s", e.node, e.ino,
                          result.status)
             await self.store.db.write(lambda t: queue.remove(t, e.node, e.blob), durable=False)
-            await self.replicator.driver.release(e.blob, e.node)  # if the file moved on
+            await self.replicator.driver.excuse_ack(e.blob, e.node)  # if the file moved on
             return 1
         e.attempts += 1
         e.not_before_ns = runtime.wall_ns() + int(min(MAX_BACKOFF_S, 2.0 ** e.attempts) * 1e9)
