@@ -23,7 +23,7 @@ import msgpack
 from dfs.chunks import CHECKSUM_LEN, DIGEST_LEN  # noqa: F401 - the layout's, named once
 from dfs.db import Database
 from dfs.errors import Code, DfsError
-from storage_node.participant import BlobState  # the states the participant rules over
+from storage_node.participant import BlobState, Shape  # what the participant rules over
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ class BlobInfo:
     checksum: bytes | None
     nchunks: int | None
     created: float
+
+    @property
+    def shape(self) -> Shape | None:
+        """The content it holds once prepared (size, checksum, nchunks), else None."""
+        if self.size is None or self.checksum is None or self.nchunks is None:
+            return None
+        return (self.size, self.checksum, self.nchunks)
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -116,17 +116,12 @@ class NodeService(MaintenanceOps, Service):
         self.metrics_address: str | None = None  # where --metrics serves (node_info)
 
     def _stored(self, txid: int) -> str | None:
-        info = self.store.stat(txid)
-        return info.state.value if info else None
+        return self._held(txid)[0]
 
     def _held(self, txid: int) -> tuple[str | None, Shape | None]:
         """The blob's stored state and, once prepared, the content it holds."""
         info = self.store.stat(txid)
-        if info is None:
-            return None, None
-        if info.size is None or info.checksum is None or info.nchunks is None:
-            return info.state.value, None
-        return info.state.value, (info.size, info.checksum, info.nchunks)
+        return (info.state.value, info.shape) if info else (None, None)
 
     # ------------------------------------------------------------ 2PC ops
 
