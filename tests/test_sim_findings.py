@@ -161,9 +161,9 @@ async def test_a_repair_copy_whose_decision_was_lost_is_dropped_not_committed(
         finally:
             await peer.aclose()
         store = spare.node.store
-        await _until(lambda: store.stat(attr.blob) is None or
-                     str(store.stat(attr.blob).state) == "COMMITTED",  # type: ignore[union-attr]
-                     10, "the new node settles its copy")
+        # One read per look: the node may drop the copy between two (CI: None.state).
+        await _until(lambda: (info := store.stat(attr.blob)) is None or
+                     str(info.state) == "COMMITTED", 10, "the new node settles its copy")
         assert store.stat(attr.blob) is None, "an unlisted copy was committed: an orphan"
         driver = coord.service.driver
         assert driver.outcome(attr.blob, node=attr.replicas[0]) == "committed"
